@@ -1,0 +1,12 @@
+"""`python -m pipeline import-precomp`: not yet available (issue #4)."""
+
+import sys
+
+
+def add_arguments(p):
+    p.add_argument("args", nargs="*", help="not yet available")
+
+
+def main(args) -> int:
+    print("pipeline import-precomp: not yet available (issue #4)", file=sys.stderr)
+    return 2
