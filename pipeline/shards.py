@@ -29,7 +29,7 @@ from pipeline import __version__
 
 FEATURE_DIM = 2048
 INDEX_NAME = "shards.json"
-KINDS = ("images", "captions", "boxes", "regions", "grid", "graphs", "vocab")
+KINDS = ("images", "captions", "boxes", "hard_negatives", "regions", "grid", "graphs", "vocab")
 
 
 class ShardError(RuntimeError):
@@ -403,6 +403,12 @@ BOXES_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("boxes", pa.list_(pa.float32())), ("labels", pa.list_(pa.string())),
 ])
 
+# Pairs of images that differ only in attribute binding or relation direction (demo dataset):
+# the hard-negative evaluation asks whether a model tells the two apart.
+HARD_NEGATIVES_SCHEMA = pa.schema([
+    ("image_id", pa.int64()), ("partner_id", pa.int64()), ("kind", pa.string()),
+])
+
 GRAPHS_SCHEMA = pa.schema([
     ("caption_id", pa.int64()),
     ("tokens", pa.list_(pa.string())),
@@ -415,7 +421,7 @@ GRAPHS_SCHEMA = pa.schema([
 ])
 
 SCHEMAS = {"captions": CAPTIONS_SCHEMA, "images": IMAGES_SCHEMA, "boxes": BOXES_SCHEMA,
-           "graphs": GRAPHS_SCHEMA}
+           "hard_negatives": HARD_NEGATIVES_SCHEMA, "graphs": GRAPHS_SCHEMA}
 
 
 def write_table(path, table: pa.Table | dict | list, kind: str, metadata: dict | None = None) -> Path:
@@ -681,6 +687,10 @@ class Layout:
     @property
     def boxes(self) -> Path:
         return self.dir / "boxes.parquet"
+
+    @property
+    def hard_negatives(self) -> Path:
+        return self.dir / "hard_negatives.parquet"
 
     @property
     def vocab(self) -> Path:
