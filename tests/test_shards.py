@@ -1,0 +1,226 @@
+"""Round trips, atomicity, corruption detection and multi-process reads of pipeline/shards.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import shards
+from pipeline.shards import (GridShard, RegionShard, Regions, ShardError, ShardIndex, Vocabulary,
+                             read_table, read_vocab, write_grid, write_regions, write_table,
+                             write_vocab)
+
+
+def make_regions(rng, counts, dim=2048):
+    out = []
+    for i, n in enumerate(counts):
+        xy = rng.uniform(0, 50, (n, 2)).astype(np.float32)
+        out.append(Regions(
+            image_id=1000 + i, image_hw=(120 + i, 160 + i),
+            features=rng.standard_normal((n, dim)).astype(np.float16),
+            boxes=np.concatenate([xy, xy + rng.uniform(1, 50, (n, 2))], 1).astype(np.float32),
+            obj_labels=rng.integers(0, 1600, n), obj_scores=rng.random(n),
+            attr_labels=rng.integers(0, 400, n), attr_scores=rng.random(n)))
+    return out
+
+
+def assert_same(a: Regions, b: Regions):
+    assert a.image_id == b.image_id and tuple(a.image_hw) == tuple(b.image_hw)
+    for name in shards.REGION_FIELDS:
+        np.testing.assert_array_equal(a.column(name), b.column(name))
+
+
+@pytest.mark.parametrize("counts,chunk", [([0, 100, 3, 0, 57], 100), ([36] * 7, 36)])
+def test_region_round_trip(tmp_path, counts, chunk):
+    images = make_regions(np.random.default_rng(0), counts)
+    path = write_regions(tmp_path / "r.h5", images, boxes_per_chunk=chunk, attrs={"config": {"k": 1}})
+    shard = RegionShard(path)
+    assert len(shard) == len(counts)
+    np.testing.assert_array_equal(shard.box_counts(), counts)
+    for i, want in enumerate(images):
+        assert_same(shard.get(i), want)
+    assert shard.attrs["config"] == {"k": 1}
+    assert "created" in shard.attrs and "software" in shard.attrs
+    assert not (tmp_path / "r.h5.tmp").exists()
+
+
+def test_fixed_k_reads_touch_one_chunk(tmp_path):
+    path = write_regions(tmp_path / "r.h5", make_regions(np.random.default_rng(1), [36] * 4))
+    f = RegionShard(path).file
+    assert f["features"].chunks == (36, 2048)
+    off = RegionShard(path).index[2]
+    assert all(off[i] % 36 == 0 for i in range(len(off)))
+
+
+def test_unknown_labels_and_boxes(tmp_path):
+    r = Regions(7, (10, 10), np.ones((36, 2048), np.float16), np.full((36, 4), np.nan, np.float32))
+    got = RegionShard(write_regions(tmp_path / "p.h5", [r])).get(0)
+    assert np.isnan(got.boxes).all() and (got.obj_labels == -1).all() and np.isnan(got.attr_scores).all()
+
+
+def test_region_writer_rejects_bad_shapes(tmp_path):
+    bad = Regions(1, (5, 5), np.zeros((3, 100), np.float16), np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="image 1"):
+        write_regions(tmp_path / "bad.h5", [bad])
+    assert not (tmp_path / "bad.h5").exists() and not (tmp_path / "bad.h5.tmp").exists()
+
+
+def test_grid_round_trip(tmp_path):
+    feats = np.random.default_rng(2).standard_normal((3, 49, 64)).astype(np.float16)
+    g = GridShard(write_grid(tmp_path / "g.h5", [5, 6, 7], feats, (7, 7), attrs={"note": "x"}))
+    assert g.grid_hw == (7, 7) and list(g.image_ids) == [5, 6, 7]
+    np.testing.assert_array_equal(g.get(1), feats[1])
+    with pytest.raises(ValueError, match="grid"):
+        write_grid(tmp_path / "h.h5", [1], feats, (7, 7))
+
+
+def test_tables_round_trip(tmp_path):
+    caps = {"caption_id": [1, 2], "image_id": [9, 9], "split": ["train", "train"], "text": ["a b", "é ☃"]}
+    write_table(tmp_path / "c.parquet", caps, "captions")
+    assert read_table(tmp_path / "c.parquet", "captions").to_pydict() == caps
+    graph = [{"caption_id": 1, "tokens": ["a", "man", "on", "a", "horse"], "lemmas": ["a", "man", "on", "a", "horse"],
+              "objects": [{"head": "man", "span": "a man", "token_index": 1},
+                          {"head": "horse", "span": "a horse", "token_index": 4}],
+              "attributes": [{"object": 0, "attribute": "tall"}],
+              "relations": [{"subject": 0, "predicate": "on", "object": 1}]},
+             {"caption_id": 2, "tokens": [], "lemmas": [], "objects": [], "attributes": [], "relations": []}]
+    write_table(tmp_path / "g.parquet", graph, "graphs")
+    assert read_table(tmp_path / "g.parquet", "graphs").to_pylist() == graph
+    with pytest.raises(ShardError, match="not a graphs table"):
+        read_table(tmp_path / "c.parquet", "graphs")
+    with pytest.raises(ValueError, match="lacks column"):
+        write_table(tmp_path / "x.parquet", {"caption_id": [1]}, "captions")
+
+
+def test_vocab_round_trip_and_encode(tmp_path):
+    vocab = {"words": [[s, 0] for s in shards.VOCAB_SPECIALS] + [["dog", 5], ["man", 3]],
+             "min_count": 2, "predicates": [["on", 4]], "attributes": [["red", 2]]}
+    write_vocab(tmp_path / "v.json", vocab)
+    v = Vocabulary.load(tmp_path / "v.json")
+    assert v.encode(["Dog", "cat"]) == [1, 4, 3, 2]
+    assert v.decode([1, 4, 5, 2]) == ["dog", "man"]
+    assert v.predicate_id("on") == 1 and v.predicate_id("under") == 0 and v.attribute_id("RED") == 1
+    assert read_vocab(tmp_path / "v.json")["min_count"] == 2
+    with pytest.raises(ValueError, match="must start with"):
+        write_vocab(tmp_path / "w.json", dict(vocab, words=[["dog", 1]]))
+
+
+def test_truncated_files_name_the_file(tmp_path):
+    path = write_regions(tmp_path / "r.h5", make_regions(np.random.default_rng(3), [36] * 20))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match="r.h5"):
+        RegionShard(path).get(19)
+    t = write_table(tmp_path / "c.parquet", {"caption_id": [1], "image_id": [1], "split": ["a"], "text": ["b"]}, "captions")
+    t.write_bytes(t.read_bytes()[:-20])
+    with pytest.raises(ShardError, match="c.parquet"):
+        read_table(t)
+    (tmp_path / "v.json").write_text('{"words": [["<pad>", 0]')
+    with pytest.raises(ShardError, match="v.json"):
+        read_vocab(tmp_path / "v.json")
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from pipeline.shards import RegionShardWriter, Regions
+    w = RegionShardWriter(sys.argv[1])
+    for i in range(10_000):
+        w.append(Regions(i, (10, 10), np.ones((36, 2048), np.float16), np.zeros((36, 4), np.float32)))
+        if i == 20:
+            print("writing", flush=True)
+    w.close()
+""")
+
+
+def test_killed_writer_leaves_previous_file_intact(tmp_path):
+    path = write_regions(tmp_path / "r.h5", make_regions(np.random.default_rng(4), [5, 6]))
+    before = shards.sha256_file(path)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert shards.sha256_file(path) == before
+    assert len(RegionShard(path)) == 2
+    # the next writer replaces the stale temporary file
+    write_regions(path, make_regions(np.random.default_rng(5), [1]))
+    assert len(RegionShard(path)) == 1 and not (tmp_path / "r.h5.tmp").exists()
+
+
+def test_index_register_valid_stale_and_verify(tmp_path):
+    ds = tmp_path / "demo"
+    a = write_regions(ds / "regions" / "a.h5", make_regions(np.random.default_rng(6), [2, 3]))
+    b = write_regions(ds / "regions" / "b.h5", make_regions(np.random.default_rng(7), [4]))
+    index = ShardIndex(ds)
+    index.register("regions", a, rows=2, config_hash="c1", inputs_hash="i1")
+    index.register("regions", "regions/b.h5", rows=1, config_hash="c2")
+    assert index.is_valid("regions", a, "c1", "i1")
+    assert not index.is_valid("regions", a, "c1", "other-inputs")
+    assert not index.is_valid("regions", a, "c9", "i1")
+    assert [e.path for e in index.stale("regions", "c1")] == ["regions/b.h5"]
+    with pytest.raises(ShardError, match="another config"):
+        index.files("regions", config_hash="c1")
+    assert index.files("regions") == [a, b]
+    assert index.verify() == []
+
+    raw = bytearray(a.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    a.write_bytes(bytes(raw))
+    b.write_bytes(b.read_bytes()[:-100])
+    problems = index.verify()
+    assert any("a.h5" in p and "sha256" in p for p in problems)
+    assert any("b.h5" in p and "truncated" in p for p in problems)
+    assert not index.is_valid("regions", b, "c2")
+
+    from pipeline.__main__ import main
+    assert main(["verify", str(ds)]) == 1
+    b.unlink()
+    assert any("missing" in p for p in index.verify())
+    with pytest.raises(ValueError, match="unknown shard kind"):
+        index.register("nope", a, rows=1, config_hash="x")
+
+
+def test_concurrent_registration(tmp_path):
+    ds = tmp_path / "demo"
+    for i in range(8):
+        (ds / f"f{i}.bin").parent.mkdir(parents=True, exist_ok=True)
+        (ds / f"f{i}.bin").write_bytes(bytes([i]) * 10)
+    code = ("import sys; from pipeline.shards import ShardIndex; "
+            "ShardIndex(sys.argv[1]).register('graphs', 'f' + sys.argv[2] + '.bin', rows=1, config_hash='h')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ds), str(i)]) for i in range(8)]
+    assert all(p.wait() == 0 for p in procs)
+    assert sorted(e.path for e in ShardIndex(ds).entries("graphs")) == [f"f{i}.bin" for i in range(8)]
+
+
+class _Reads(torch.utils.data.Dataset):
+    def __init__(self, shard):
+        self.shard = shard
+
+    def __len__(self):
+        return len(self.shard)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.shard.get(i).features.astype(np.float32)).sum(0)
+
+
+def test_multi_worker_reads_match(tmp_path):
+    path = write_regions(tmp_path / "r.h5", make_regions(np.random.default_rng(8), [36] * 24))
+    shard = RegionShard(path)
+    direct = torch.stack([_Reads(shard)[i] for i in range(len(shard))])  # opens in this process first
+    loader = torch.utils.data.DataLoader(_Reads(shard), batch_size=4, num_workers=2,
+                                         multiprocessing_context="fork")
+    assert torch.equal(torch.cat(list(loader)), direct)
+
+
+def test_describe_and_cli(tmp_path, capsys):
+    path = write_regions(tmp_path / "r.h5", make_regions(np.random.default_rng(9), [2, 0]))
+    from pipeline.__main__ import main
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "features" in out and "(2, 2048)" in out and "boxes/image  min 0" in out
+    assert main(["inspect", str(tmp_path / "missing.h5")]) == 1
