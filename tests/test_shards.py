@@ -49,6 +49,15 @@ def test_region_round_trip(tmp_path, counts, chunk):
     assert not (tmp_path / "r.h5.tmp").exists()
 
 
+@pytest.mark.parametrize("compression", ["gzip", "lzf"])
+def test_compressed_region_round_trip(tmp_path, compression):
+    images = make_regions(np.random.default_rng(10), [36, 36, 0, 36])
+    shard = RegionShard(write_regions(tmp_path / "r.h5", images, compression=compression))
+    assert shard.file["features"].compression == compression
+    for i, want in enumerate(images):
+        assert_same(shard.get(i), want)
+
+
 def test_fixed_k_reads_touch_one_chunk(tmp_path):
     path = write_regions(tmp_path / "r.h5", make_regions(np.random.default_rng(1), [36] * 4))
     f = RegionShard(path).file
