@@ -1,0 +1,1 @@
+"""itmkit training: data loading from shards, models, losses, evaluation, checkpoints."""

@@ -1,0 +1,412 @@
+"""Batches, and the datasets that read them lazily from a dataset's shards.
+
+Batch format (the contract every model codes against; see docs/training.md "Model interface"):
+
+* ``ImageBatch``: region features [B, R, D] float32 padded with zeros, ``region_mask`` [B, R]
+  (True = a real region), ``boxes`` [B, R, 4] (x1, y1, x2, y2) divided by the image width/height
+  and clipped to [0, 1], ``boxes_known`` [B] (False for imported precomp features, whose boxes
+  are NaN on disk: their boxes are given as the whole image [0, 0, 1, 1]), ``image_hw`` [B, 2]
+  (height, width in pixels), ``image_ids`` [B], and, when asked for, ``grid`` [B, G, C] with
+  ``grid_hw`` = (H, W), G = H * W in row-major order, same images in the same order.
+* ``TextBatch``: ``tokens`` [B, L] word ids ``<start> w1 .. wn <end>`` padded with ``<pad>`` = 0,
+  ``lengths`` [B] (counting both specials), ``mask`` [B, L]; the caption's scene graph as index
+  tensors padded with 0 and masked, each at least 1 wide so that no tensor has a zero dimension:
+  objects ``obj_index`` [B, O] (position of the head in ``tokens``, i.e. the graph's token_index
+  + 1 for ``<start>``), ``obj_word`` [B, O] (word id of the head); attributes ``attr_object``
+  [B, A] (index into the objects), ``attr_id`` (``Vocabulary.attribute_id``), ``attr_word`` (word
+  id); relations ``rel_subject``, ``rel_predicate`` (``Vocabulary.predicate_id``), ``rel_object``
+  [B, E]; masks ``obj_mask``, ``attr_mask``, ``rel_mask``.
+* ``Batch``: an ``ImageBatch`` and a ``TextBatch`` of the same length B where caption i belongs
+  to image i (training pairs); ``positives()`` marks every pair with the same image id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from pipeline import shards
+from pipeline.shards import GridShard, Layout, RegionShard, ShardError, Vocabulary
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+class _TensorBatch:
+    def to(self, device, non_blocking: bool = False):
+        return dataclasses.replace(self, **{
+            f.name: v.to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)})
+
+    def pin_memory(self):
+        return dataclasses.replace(self, **{
+            f.name: v.pin_memory()
+            for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)})
+
+
+@dataclass
+class ImageBatch(_TensorBatch):
+    regions: torch.Tensor        # [B, R, D] float32
+    boxes: torch.Tensor          # [B, R, 4] float32 in [0, 1]
+    region_mask: torch.Tensor    # [B, R] bool
+    boxes_known: torch.Tensor    # [B] bool
+    image_hw: torch.Tensor       # [B, 2] int64 (height, width)
+    image_ids: torch.Tensor      # [B] int64
+    grid: torch.Tensor | None = None          # [B, G, C] float32
+    grid_hw: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+@dataclass
+class TextBatch(_TensorBatch):
+    tokens: torch.Tensor         # [B, L] int64
+    lengths: torch.Tensor        # [B] int64
+    mask: torch.Tensor           # [B, L] bool
+    caption_ids: torch.Tensor    # [B] int64
+    image_ids: torch.Tensor      # [B] int64
+    obj_index: torch.Tensor      # [B, O] position in tokens
+    obj_word: torch.Tensor       # [B, O] word id of the head
+    obj_mask: torch.Tensor       # [B, O]
+    attr_object: torch.Tensor    # [B, A] index into objects
+    attr_id: torch.Tensor        # [B, A] attribute id
+    attr_word: torch.Tensor      # [B, A] word id of the attribute
+    attr_mask: torch.Tensor      # [B, A]
+    rel_subject: torch.Tensor    # [B, E] index into objects
+    rel_predicate: torch.Tensor  # [B, E] predicate id
+    rel_object: torch.Tensor     # [B, E] index into objects
+    rel_mask: torch.Tensor       # [B, E]
+
+    def __len__(self) -> int:
+        return len(self.caption_ids)
+
+
+@dataclass
+class Batch:
+    image: ImageBatch
+    text: TextBatch
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(self.image.to(device, non_blocking), self.text.to(device, non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.image.pin_memory(), self.text.pin_memory())
+
+    def positives(self) -> torch.Tensor:
+        """[B, B] bool: image i and caption j match (same image id)."""
+        return self.image.image_ids[:, None] == self.text.image_ids[None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# collate
+
+def _pad(seqs: list[np.ndarray], min_width: int = 0, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    width = max([len(s) for s in seqs] + [min_width])
+    out = np.zeros((len(seqs), width) + seqs[0].shape[1:], dtype=dtype)
+    mask = np.zeros((len(seqs), width), dtype=bool)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+        mask[i, :len(s)] = True
+    return out, mask
+
+
+def collate_images(items: list[dict]) -> ImageBatch:
+    feats, mask = _pad([it["features"] for it in items], 1, np.float16)
+    boxes, _ = _pad([it["boxes"] for it in items], 1, np.float32)
+    grid = grid_hw = None
+    if items[0].get("grid") is not None:
+        grid = torch.from_numpy(np.stack([it["grid"] for it in items])).float()
+        grid_hw = items[0]["grid_hw"]
+    return ImageBatch(
+        regions=torch.from_numpy(feats).float(), boxes=torch.from_numpy(boxes),
+        region_mask=torch.from_numpy(mask),
+        boxes_known=torch.tensor([it["boxes_known"] for it in items]),
+        image_hw=torch.tensor(np.array([it["image_hw"] for it in items], dtype=np.int64)),
+        image_ids=torch.tensor([it["image_id"] for it in items], dtype=torch.int64),
+        grid=grid, grid_hw=grid_hw)
+
+
+def collate_text(items: list[dict]) -> TextBatch:
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    tokens, mask = _pad([it["tokens"] for it in items], 1)
+    obj_index, obj_mask = _pad([it["obj_index"] for it in items], 1)
+    obj_word, _ = _pad([it["obj_word"] for it in items], 1)
+    attr_object, attr_mask = _pad([it["attr_object"] for it in items], 1)
+    attr_id, _ = _pad([it["attr_id"] for it in items], 1)
+    attr_word, _ = _pad([it["attr_word"] for it in items], 1)
+    rel_subject, rel_mask = _pad([it["rel_subject"] for it in items], 1)
+    rel_predicate, _ = _pad([it["rel_predicate"] for it in items], 1)
+    rel_object, _ = _pad([it["rel_object"] for it in items], 1)
+    return TextBatch(
+        tokens=t(tokens), lengths=t(mask.sum(1)), mask=t(mask),
+        caption_ids=torch.tensor([it["caption_id"] for it in items], dtype=torch.int64),
+        image_ids=torch.tensor([it["image_id"] for it in items], dtype=torch.int64),
+        obj_index=t(obj_index), obj_word=t(obj_word), obj_mask=t(obj_mask),
+        attr_object=t(attr_object), attr_id=t(attr_id), attr_word=t(attr_word), attr_mask=t(attr_mask),
+        rel_subject=t(rel_subject), rel_predicate=t(rel_predicate), rel_object=t(rel_object),
+        rel_mask=t(rel_mask))
+
+
+def collate_pairs(items: list[tuple[dict, dict]]) -> Batch:
+    return Batch(collate_images([a for a, _ in items]), collate_text([b for _, b in items]))
+
+
+# ---------------------------------------------------------------------------------------------
+# shard selection
+
+def split_files(layout: Layout, kind: str, split: str, config_hash: str | None = None) -> tuple[list[Path], str]:
+    """The registered ``kind`` files (regions or grid) of one split, in chunk order, and their
+    config hash. Files of several configs are refused unless ``config_hash`` picks one."""
+    pattern = re.compile(rf"(^|/){kind}-{re.escape(split)}-\d+\.h5$")
+    entries = sorted((e for e in layout.index.entries(kind) if pattern.search(e.path)),
+                     key=lambda e: e.path)
+    if not entries:
+        raise ShardError(f"{layout.index.path}: no {kind} shards registered for split '{split}'")
+    hashes = sorted({e.config_hash for e in entries})
+    if config_hash is not None:
+        if hashes != [config_hash]:
+            raise ShardError(f"{layout.index.path}: the run expects {kind} shards of config "
+                             f"{config_hash}, but split '{split}' has configs {hashes}; "
+                             f"re-extract with the run's config or start a new run")
+    elif len(hashes) > 1:
+        raise ShardError(f"{layout.index.path}: {kind} shards of split '{split}' were written with "
+                         f"several configs {hashes}; remove the stale ones or rerun extraction")
+    return [layout.dir / e.path for e in entries], hashes[0]
+
+
+def text_hash(layout: Layout, kind: str, config_hash: str | None = None) -> str:
+    hashes = sorted({e.config_hash for e in layout.index.entries(kind)})
+    if not hashes:
+        raise ShardError(f"{layout.index.path}: no {kind} registered")
+    if config_hash is not None and hashes != [config_hash]:
+        raise ShardError(f"{layout.index.path}: the run expects {kind} of config {config_hash}, "
+                         f"found {hashes}; rerun that step with the run's config or start a new run")
+    if len(hashes) > 1:
+        raise ShardError(f"{layout.index.path}: {kind} written with several configs {hashes}")
+    return hashes[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# text: every caption of the split encoded once into flat int32 arrays
+
+class _Ragged:
+    """Rows of varying length stored as one flat array + offsets (compact, fork-friendly)."""
+
+    def __init__(self, rows: list[list], width: int = 1):
+        lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        self.offsets = np.concatenate([[0], np.cumsum(lens)])
+        flat = [v for r in rows for v in r]
+        self.values = np.asarray(flat, dtype=np.int32).reshape(-1, width) if width > 1 else \
+            np.asarray(flat, dtype=np.int32)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+
+def encode_graph(row: dict, vocab: Vocabulary, max_len: int) -> tuple[list, list, list, list]:
+    """One graph-table row -> (token ids, objects, attributes, relations) as the batch wants them.
+    Tokens are cut to ``max_len`` (specials included); objects whose head falls beyond the cut
+    are dropped together with their attributes and relations."""
+    words = row["tokens"][:max_len - 2]
+    ids = vocab.encode(words)
+    keep, objects = {}, []
+    for k, o in enumerate(row["objects"] or []):
+        pos = o["token_index"] + 1  # + 1 for <start>
+        if 0 <= o["token_index"] < len(words):
+            keep[k] = len(objects)
+            objects.append((pos, vocab.stoi.get((o["head"] or "").lower(), Vocabulary.UNK)))
+    attrs = [(keep[a["object"]], vocab.attribute_id(a["attribute"] or ""),
+              vocab.stoi.get((a["attribute"] or "").lower(), Vocabulary.UNK))
+             for a in row["attributes"] or [] if a["object"] in keep]
+    rels = [(keep[r["subject"]], vocab.predicate_id(r["predicate"] or ""), keep[r["object"]])
+            for r in row["relations"] or [] if r["subject"] in keep and r["object"] in keep]
+    return ids, objects, attrs, rels
+
+
+class TextStore:
+    def __init__(self, caption_ids: np.ndarray, image_ids: np.ndarray, graph_files: list[Path],
+                 vocab: Vocabulary, max_len: int = 64):
+        self.caption_ids, self.image_ids = caption_ids, image_ids
+        pos = {int(c): i for i, c in enumerate(caption_ids)}
+        encoded: list = [None] * len(caption_ids)
+        wanted = pa.array(caption_ids, pa.int64())
+        for path in graph_files:
+            table = shards.read_table(path, "graphs")
+            table = table.filter(pc.is_in(table["caption_id"], wanted))
+            for row in table.to_pylist():
+                encoded[pos[row["caption_id"]]] = encode_graph(row, vocab, max_len)
+        missing = [int(caption_ids[i]) for i, e in enumerate(encoded) if e is None]
+        if missing:
+            raise ShardError(f"{len(missing)} caption(s) have no row in the graph tables "
+                             f"(first: caption_id {missing[:5]}); rerun python -m pipeline parse")
+        self.tokens = _Ragged([e[0] for e in encoded])
+        self.objects = _Ragged([e[1] for e in encoded], 2)
+        self.attributes = _Ragged([e[2] for e in encoded], 3)
+        self.relations = _Ragged([e[3] for e in encoded], 3)
+
+    def __len__(self) -> int:
+        return len(self.caption_ids)
+
+    def get(self, i: int) -> dict:
+        o, a, r = self.objects[i], self.attributes[i], self.relations[i]
+        return {"caption_id": int(self.caption_ids[i]), "image_id": int(self.image_ids[i]),
+                "tokens": self.tokens[i], "obj_index": o[:, 0], "obj_word": o[:, 1],
+                "attr_object": a[:, 0], "attr_id": a[:, 1], "attr_word": a[:, 2],
+                "rel_subject": r[:, 0], "rel_predicate": r[:, 1], "rel_object": r[:, 2]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the split of a dataset: images in region-shard order, their first captions by caption_id
+
+@dataclass
+class DataConfig:
+    split: str = "train"
+    captions_per_image: int = 5
+    max_len: int = 64            # tokens per caption, <start> and <end> included
+    grid: bool = False
+    max_images: int | None = None  # first N images of the split (quick runs and tests)
+
+
+class ShardData:
+    """Everything one split needs, opened lazily: region (and grid) shards are HDF5 handles
+    opened per process on first read; captions are encoded once into compact arrays."""
+
+    def __init__(self, root, name: str, vocab: Vocabulary, cfg: DataConfig,
+                 hashes: dict[str, str] | None = None):
+        self.layout, self.cfg, self.vocab = Layout(Path(root), name), cfg, vocab
+        hashes = dict(hashes or {})
+        files, hashes["regions"] = split_files(self.layout, "regions", cfg.split, hashes.get("regions"))
+        self.shards = [RegionShard(p) for p in files]
+        ids = [s.image_ids for s in self.shards]
+        self.image_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        self.loc = np.concatenate([np.stack([np.full(len(a), k), np.arange(len(a))], 1)
+                                   for k, a in enumerate(ids)]) if ids else np.zeros((0, 2), np.int64)
+        if cfg.max_images is not None:
+            self.image_ids, self.loc = self.image_ids[:cfg.max_images], self.loc[:cfg.max_images]
+        if len(np.unique(self.image_ids)) != len(self.image_ids):
+            raise ShardError(f"{self.layout.dir}/regions: split '{cfg.split}' lists an image twice")
+
+        self.grid_shards, self.grid_loc, self.grid_hw = [], None, None
+        if cfg.grid:
+            self._open_grid(hashes)
+
+        # captions: the first captions_per_image of each image, by caption_id, image-major
+        hashes["captions"] = text_hash(self.layout, "captions", hashes.get("captions"))
+        hashes["graphs"] = text_hash(self.layout, "graphs", hashes.get("graphs"))
+        cap = shards.read_table(self.layout.captions, "captions", ["caption_id", "image_id", "split"])
+        cap = cap.filter(pc.equal(cap["split"], cfg.split))
+        cid, iid = cap["caption_id"].to_numpy(), cap["image_id"].to_numpy()
+        order = np.lexsort((cid, iid))
+        cid, iid = cid[order], iid[order]
+        starts = np.searchsorted(iid, self.image_ids, "left")
+        counts = np.searchsorted(iid, self.image_ids, "right") - starts
+        k = cfg.captions_per_image
+        short = np.flatnonzero(counts < k)
+        if len(short):
+            raise ShardError(f"{self.layout.captions}: image_id {int(self.image_ids[short[0]])} of split "
+                             f"'{cfg.split}' has {int(counts[short[0]])} caption(s), need "
+                             f"{k} ({len(short)} image(s) short)")
+        take = (starts[:, None] + np.arange(k)[None, :]).reshape(-1)
+        self.text = TextStore(cid[take], iid[take], self.layout.index.files("graphs"), vocab, cfg.max_len)
+        self.hashes = hashes
+
+    def _open_grid(self, hashes: dict) -> None:
+        if not self.layout.index.entries("grid"):
+            raise ShardError(f"{self.layout.dir}: the model needs grid features but the dataset has "
+                             f"no grid shards; run python -m features extract --dataset "
+                             f"{self.layout.name} --kind grid")
+        files, hashes["grid"] = split_files(self.layout, "grid", self.cfg.split, hashes.get("grid"))
+        self.grid_shards = [GridShard(p) for p in files]
+        where = {int(i): (k, r) for k, s in enumerate(self.grid_shards) for r, i in enumerate(s.image_ids)}
+        missing = [int(i) for i in self.image_ids if int(i) not in where]
+        if missing:
+            raise ShardError(f"{self.layout.dir}/grid: no grid features for {len(missing)} image(s) of "
+                             f"split '{self.cfg.split}' (first: {missing[:5]})")
+        self.grid_loc = np.array([where[int(i)] for i in self.image_ids], dtype=np.int64).reshape(-1, 2)
+        sizes = {s.grid_hw for s in self.grid_shards}
+        if len(sizes) != 1:
+            raise ShardError(f"{self.layout.dir}/grid: shards of split '{self.cfg.split}' have grid sizes {sizes}")
+        self.grid_hw = sizes.pop()
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    def image(self, i: int) -> dict:
+        k, row = self.loc[i]
+        shard = self.shards[k]
+        r = shard.get(int(row), ("features", "boxes"))
+        h, w = r.image_hw
+        boxes = r.boxes / np.array([w, h, w, h], dtype=np.float32)
+        known = not np.isnan(boxes).any()
+        boxes = np.clip(boxes, 0.0, 1.0) if known else np.tile(np.float32([0, 0, 1, 1]), (len(boxes), 1))
+        item = {"image_id": r.image_id, "image_hw": (h, w), "features": r.features,
+                "boxes": boxes, "boxes_known": known}
+        if self.grid_loc is not None:
+            gk, grow = self.grid_loc[i]
+            item["grid"], item["grid_hw"] = self.grid_shards[gk].get(int(grow)), self.grid_hw
+        return item
+
+    def caption(self, j: int) -> dict:
+        return self.text.get(j)
+
+
+class PairDataset(Dataset):
+    """Training samples: every (image, caption) pair, caption-major: item j is caption j and
+    its image j // captions_per_image."""
+
+    def __init__(self, data: ShardData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.text)
+
+    def __getitem__(self, j: int):
+        return self.data.image(j // self.data.cfg.captions_per_image), self.data.caption(j)
+
+
+class ImageDataset(Dataset):
+    def __init__(self, data: ShardData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.n_images
+
+    def __getitem__(self, i: int) -> dict:
+        return self.data.image(i)
+
+
+class CaptionDataset(Dataset):
+    def __init__(self, data: ShardData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.text)
+
+    def __getitem__(self, j: int) -> dict:
+        return self.data.caption(j)
+
+
+def make_loader(dataset: Dataset, collate, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose order depends only on (seed, epoch): call ``loader.sampler.set_epoch``
+    before each epoch. Under DDP each rank reads its own 1/world_size of the samples."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                 seed=seed, drop_last=drop_last) if (shuffle or world_size > 1) else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,165 @@
+"""Model registry and the interface every image-text matching model implements.
+
+    @register("vsepp")
+    class VSEPP(ITMModel):
+        config_class = VSEPPConfig
+        two_tower = True
+        ...
+
+    model = build("vsepp", cfg, vocab)        # cfg: a config object, a dict of overrides or None
+    names()                                   # ["cimn", ..., "vsepp"]: the --model choices
+
+A model file defines its ``@dataclass`` config (a subclass of ``ModelConfig``, which carries the
+optimiser and schedule defaults as well), optional per-dataset overrides in
+``DATASET_DEFAULTS``, and the model class. Adding a model touches that one file and nothing else:
+model modules listed in ``MODULES`` are imported lazily the first time the registry is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from training import losses
+
+# every module in this package that registers models; a missing one (not written yet) is skipped
+MODULES = ("vsepp", "cimn", "dsrln", "kidrr", "resg")
+
+_REGISTRY: dict[str, type["ITMModel"]] = {}
+
+
+@dataclass
+class ModelConfig:
+    """Fields every model has: the training recipe. Model files subclass this and add their own
+    hyper-parameters; ``train.py`` exposes every field as ``--set name=value`` and saves the
+    resolved config in the run's config.json."""
+
+    embed_dim: int = 1024
+    # optimisation (papers: Adam, lr 2e-4, decayed x0.1 after 15 epochs, clip 2.0)
+    optimizer: str = "adam"          # adam | adamw
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    epochs: int = 30
+    lr_decay_epochs: tuple[int, ...] = (15,)   # step decay: lr *= lr_decay at each listed epoch
+    lr_decay: float = 0.1
+    batch_size: int = 128
+    grad_clip: float = 2.0
+    # hinge triplet loss (VSE++): sum over negatives for the first warmup epochs, then hardest
+    margin: float = 0.2
+    max_violation: bool = True
+    warmup_epochs: int = 0
+
+
+class ITMModel(nn.Module):
+    """Base class. Subclasses set the class attributes and implement the three encoders.
+
+    ``two_tower``: True when ``encode_image``/``encode_text`` return one L2-normalised embedding
+    per item ([B, D] tensors) and ``similarity`` is their dot product; evaluation then scores all
+    images against all captions with one matrix product. False for cross-attention models:
+    evaluation keeps the per-batch encodings and calls ``similarity`` on every (image batch,
+    caption batch) block, so memory stays bounded by the evaluation batch sizes.
+
+    ``needs_grid``: the model reads ``ImageBatch.grid``; the dataset must have grid shards.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    DATASET_DEFAULTS: ClassVar[dict[str, dict]] = {}
+    two_tower: ClassVar[bool] = True
+    needs_grid: ClassVar[bool] = False
+
+    def __init__(self, cfg: ModelConfig, vocab):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = len(vocab)
+
+    def encode_image(self, img) -> Any:
+        """``img`` is a ``training.data.ImageBatch``; returns a tensor, or a tuple/dict of
+        tensors whose first dimension is the batch."""
+        raise NotImplementedError
+
+    def encode_text(self, txt) -> Any:
+        """``txt`` is a ``training.data.TextBatch``; same return convention as encode_image."""
+        raise NotImplementedError
+
+    def similarity(self, img_enc, txt_enc) -> torch.Tensor:
+        """Scores [n_img, n_txt] of every image against every caption (higher = better match)."""
+        return img_enc @ txt_enc.t()
+
+    def loss(self, img_enc, txt_enc, batch, epoch: int) -> torch.Tensor | dict:
+        """Training loss of a batch of matching pairs (image i goes with caption i; other pairs
+        with the same image id are positives too and never used as negatives). Returns a scalar,
+        or a dict with the total under ``"loss"`` and the parts to log beside it."""
+        sims = self.similarity(img_enc, txt_enc)
+        hardest = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
+        return losses.triplet_loss(sims, margin=self.cfg.margin, max_violation=hardest,
+                                   positives=batch.positives())
+
+
+def register(name: str):
+    def wrap(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"model '{name}' registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def _load_all() -> None:
+    for mod in MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":  # the module exists but an import inside it failed
+                raise
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[ITMModel]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model '{name}'; known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def default_config(name: str, dataset: str | None = None, **overrides) -> ModelConfig:
+    """The model's defaults, then its per-dataset defaults (``coco``, ``f30k``), then overrides."""
+    cls = get(name)
+    values = dict(cls.DATASET_DEFAULTS.get(dataset or "", {}), **overrides)
+    return make_config(cls.config_class, values)
+
+
+def make_config(config_class: type[ModelConfig], values: dict) -> ModelConfig:
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field(s) {unknown}; "
+                         f"fields: {', '.join(fields)}")
+    defaults = config_class()
+    out = {}
+    for k, v in values.items():  # JSON turns tuples into lists; keep the declared type
+        if isinstance(getattr(defaults, k), tuple) and isinstance(v, list):
+            v = tuple(v)
+        out[k] = v
+    return dataclasses.replace(defaults, **out)
+
+
+def build(name: str, cfg: ModelConfig | dict | None = None, vocab=None) -> ITMModel:
+    """Construct a registered model. ``cfg`` may be a config object, a dict of overrides of the
+    defaults, or None; ``vocab`` is a ``pipeline.shards.Vocabulary``."""
+    cls = get(name)
+    if not isinstance(cfg, ModelConfig):
+        cfg = default_config(name, **(cfg or {}))
+    if vocab is None:
+        raise ValueError(f"build('{name}') needs the vocabulary (pipeline.shards.Vocabulary)")
+    return cls(cfg, vocab)
