@@ -1,20 +1,249 @@
-"""Train an image-text matching model on itmkit shards (not yet available, issue #8)."""
+"""Train an image-text matching model on a dataset's cached shards.
+
+    python training/train.py --model vsepp --dataset demo --root data --out runs/demo-vsepp
+    python training/train.py ... --resume                       # continue from <out>/last.pt
+    torchrun --nproc_per_node 2 training/train.py ...           # DDP (nccl on CUDA, gloo on CPU)
+
+Config, data, model, optimiser, loop, validation, checkpoint, in that order. The run folder gets
+config.json, last.pt, best.pt (best validation rSum), metrics.csv and TensorBoard logs in tb/.
+"""
+
+from __future__ import annotations
 
 import argparse
+import csv
+import math
+import os
 import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline import shards
+from pipeline.config import add_root_argument, resolve_root
+from pipeline.shards import Layout, ShardError, Vocabulary
+from training import checkpoint, models
+from training.checkpoint import CheckpointError
+from training.config import RunConfig, dataset_key, parse_overrides
+from training.data import (CaptionDataset, DataConfig, ImageDataset, PairDataset, ShardData,
+                           collate_images, collate_pairs, collate_text, make_loader)
+from training.evaluation import compute_sims, recall_metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=models.names())
+    p.add_argument("--dataset", required=True)
+    add_root_argument(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config field (lr, epochs, batch_size, margin, ...)")
+    p.add_argument("--epochs", type=int, default=None, help="shortcut for --set epochs=N")
+    p.add_argument("--batch-size", type=int, default=None, help="shortcut for --set batch_size=N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--val-split", default="", help="validation split (default: val, else dev)")
+    p.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after N epochs of this invocation (resume later with --resume)")
+    return p
+
+
+def lr_at(cfg: models.ModelConfig, epoch: int) -> float:
+    return cfg.lr * cfg.lr_decay ** sum(epoch >= e for e in cfg.lr_decay_epochs)
+
+
+def pick_val_split(layout: Layout, wanted: str) -> str:
+    if wanted:
+        return wanted
+    paths = [e.path for e in layout.index.entries("regions")]
+    for split in ("val", "dev"):
+        if any(f"regions-{split}-" in p for p in paths):
+            return split
+    raise ShardError(f"{layout.index.path}: no val or dev region shards; pass --val-split")
+
+
+def make_run(args, root: Path, out: Path) -> RunConfig:
+    """A new run's config, or the saved one when resuming (checked against the arguments)."""
+    if args.resume:
+        run = RunConfig.load(out)
+        if run.model != args.model:
+            raise CheckpointError(f"{out}: run dir of model '{run.model}', not '{args.model}'")
+        if run.dataset != args.dataset:
+            raise CheckpointError(f"{out}: run dir of dataset '{run.dataset}', not '{args.dataset}'")
+        return run
+    if (out / "config.json").exists():
+        raise CheckpointError(f"{out}: already holds a run; pass --resume to continue it or "
+                              "choose another --out")
+    cls = models.get(args.model)
+    overrides = parse_overrides(args.set, cls.config_class)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    cfg = models.default_config(args.model, dataset_key(args.dataset), **overrides)
+    return RunConfig(model=args.model, dataset=args.dataset, root=str(root), seed=args.seed,
+                     workers=args.workers, val_split=args.val_split, max_images=args.max_images,
+                     model_config=models.dataclasses.asdict(cfg))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--root", default=None)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--resume", action="store_true")
-    parser.parse_args(argv)
-    print("train: not yet available (issue #8)", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = torch.device(args.device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    master = rank == 0
+    root, out = resolve_root(args.root), Path(args.out)
+
+    # config
+    run = make_run(args, root, out)
+    cfg = run.model_cfg()
+    layout = Layout(root, run.dataset)
+    vocab = Vocabulary.load(layout.vocab)
+    if run.vocab_fingerprint and run.vocab_fingerprint != vocab.fingerprint:
+        raise CheckpointError(f"{out}: the run was trained with another vocabulary than {layout.vocab}")
+    torch.manual_seed(run.seed)
+
+    # data
+    cls = models.get(run.model)
+    hashes = run.shard_hashes or None
+    train_data = ShardData(root, run.dataset, vocab, DataConfig(
+        split=run.train_split, max_len=run.max_len, grid=cls.needs_grid, max_images=run.max_images), hashes)
+    run.val_split = pick_val_split(layout, run.val_split)
+    val_data = ShardData(root, run.dataset, vocab, DataConfig(
+        split=run.val_split, max_len=run.max_len, grid=cls.needs_grid), train_data.hashes)
+    run.shard_hashes, run.vocab_fingerprint = val_data.hashes, vocab.fingerprint
+    pin = device.type == "cuda"
+    train_loader = make_loader(PairDataset(train_data), collate_pairs, cfg.batch_size // world,
+                               shuffle=True, seed=run.seed, workers=run.workers, rank=rank,
+                               world_size=world, drop_last=True, pin_memory=pin)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_loader.dataset)} training pairs make no full batch of "
+                         f"{cfg.batch_size // world}; lower --batch-size")
+    val_images = make_loader(ImageDataset(val_data), collate_images, run.eval_batch_size, workers=run.workers)
+    val_texts = make_loader(CaptionDataset(val_data), collate_text, run.eval_batch_size * 5, workers=run.workers)
+
+    # model and optimiser
+    model = models.build(run.model, cfg, vocab).to(device)
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, step, best_rsum = 0, 0, -math.inf
+    if args.resume:
+        ckpt = checkpoint.load(out / "last.pt")
+        checkpoint.check(ckpt, out / "last.pt", model=run.model, vocab_fingerprint=vocab.fingerprint,
+                         shard_hashes=run.shard_hashes)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best_rsum = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_rsum"]
+        checkpoint.set_rng_state(ckpt["rng"])
+    elif master:
+        out.mkdir(parents=True, exist_ok=True)
+        run.save(out)
+    train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
+
+    writer = None
+    if master:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"), purge_step=step)
+    meta = {"model": run.model, "vocab_fingerprint": vocab.fingerprint, "shard_hashes": run.shard_hashes,
+            "dataset": run.dataset}
+
+    # loop
+    last_epoch = cfg.epochs if args.stop_after is None else min(cfg.epochs, start_epoch + args.stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        t0 = time.time()
+        train_loader.sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        train_model.train()
+        total, count = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master, leave=False)
+        for batch in bar:
+            batch = batch.to(device, non_blocking=pin)
+            with torch.autocast(device.type, enabled=use_amp):
+                result = train_model(batch, epoch)
+            parts = result if isinstance(result, dict) else {"loss": result}
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(parts["loss"]).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss = parts["loss"].item()
+            total, count = total + loss, count + 1
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if writer is not None:
+                for k, v in parts.items():
+                    writer.add_scalar(f"train/{k}", float(v.detach() if torch.is_tensor(v) else v), step)
+
+        # validation on the first process; the others wait
+        if master:
+            sims = compute_sims(model, val_images, val_texts, device, progress=False)
+            metrics = recall_metrics(sims, val_data.cfg.captions_per_image)
+            row = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, epoch),
+                   "train_loss": total / max(count, 1), **metrics, "seconds": time.time() - t0}
+            is_best = metrics["rsum"] > best_rsum
+            best_rsum = max(best_rsum, metrics["rsum"])
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                     "best_rsum": best_rsum, "rng": checkpoint.rng_state(), "meta": meta,
+                     "config": run.model_config}
+            checkpoint.save(out / "last.pt", state)
+            if is_best:
+                checkpoint.save(out / "best.pt", state)
+            append_metrics(out / "metrics.csv", row)
+            for k, v in row.items():
+                writer.add_scalar(f"val/{k}" if k in metrics else f"epoch/{k}", v, step)
+            writer.flush()
+            print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} rsum {metrics['rsum']:.1f} "
+                  f"(R@1 i2t {metrics['i2t_r1']:.1f} t2i {metrics['t2i_r1']:.1f})"
+                  f"{' best' if is_best else ''}", file=sys.stderr)
+        if ddp:
+            dist.barrier()
+
+    if master:
+        writer.close()
+        done = last_epoch - start_epoch
+        print(f"train: {run.model} on {run.dataset}: {done} epoch(s) run "
+              f"({start_epoch} done before), best val rSum {best_rsum:.1f}; wrote {out}/last.pt, "
+              f"best.pt, metrics.csv, tb/" + ("" if done else " (nothing to do: run already complete)"))
+    if ddp:
+        dist.destroy_process_group()
+    return 0
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    """Rewrite metrics.csv atomically with the rows of earlier epochs and this one (so a resumed
+    run replaces the rows of epochs it repeats)."""
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
+    rows.append(row)
+    with shards.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        w.writeheader()
+        w.writerows(rows)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ShardError, CheckpointError, ValueError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -91,6 +91,10 @@ class ITMModel(nn.Module):
         """Scores [n_img, n_txt] of every image against every caption (higher = better match)."""
         return img_enc @ txt_enc.t()
 
+    def forward(self, batch, epoch: int = 0):
+        """The training step's loss on a ``Batch`` of pairs (what DDP wraps)."""
+        return self.loss(self.encode_image(batch.image), self.encode_text(batch.text), batch, epoch)
+
     def loss(self, img_enc, txt_enc, batch, epoch: int) -> torch.Tensor | dict:
         """Training loss of a batch of matching pairs (image i goes with caption i; other pairs
         with the same image id are positives too and never used as negatives). Returns a scalar,

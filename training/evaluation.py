@@ -1,0 +1,148 @@
+"""The evaluation protocol of SCAN / VSE++: recalls, ranks, the 1K / 5K / 5-fold protocols,
+similarity matrices computed in bounded-memory blocks, and the hard-negative pair test.
+
+Ranks are 1-based and ties count against the model: an item ranks below every other item with
+the same score, so a scorer that returns a constant has the worst rank, not the best.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
+               "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum")
+PROTOCOLS = ("f30k-1k", "coco-5k", "coco-1k")
+
+
+def i2t_ranks(sims: np.ndarray, per: int = 5, chunk: int = 256) -> np.ndarray:
+    """For each image: 1 + number of wrong captions scoring at least its best caption."""
+    n = sims.shape[0]
+    ranks = np.empty(n, dtype=np.int64)
+    for s in range(0, n, chunk):
+        rows = sims[s:s + chunk]
+        idx = np.arange(s, s + len(rows))
+        own = rows.reshape(len(rows), -1, per)[np.arange(len(rows)), idx]   # [c, per]
+        best = own.max(1, keepdims=True)
+        ranks[s:s + len(rows)] = 1 + (rows >= best).sum(1) - (own >= best).sum(1)
+    return ranks
+
+
+def t2i_ranks(sims: np.ndarray, per: int = 5, chunk: int = 1024) -> np.ndarray:
+    """For each caption: 1 + number of other images scoring at least its own image."""
+    m = sims.shape[1]
+    ranks = np.empty(m, dtype=np.int64)
+    for s in range(0, m, chunk):
+        cols = sims[:, s:s + chunk]
+        j = np.arange(s, s + cols.shape[1])
+        own = sims[j // per, j]
+        ranks[s:s + cols.shape[1]] = (cols >= own[None, :]).sum(0)
+    return ranks
+
+
+def recall_metrics(sims: np.ndarray, captions_per_image: int = 5) -> dict:
+    """Metrics of a [N images, 5N captions] similarity matrix where caption j belongs to image
+    j // 5: R@1/5/10 (percent), median and mean rank both ways, rSum."""
+    sims = np.asarray(sims)
+    n, m = sims.shape
+    if m != captions_per_image * n:
+        raise ValueError(f"similarity matrix is {n}x{m}; expected {captions_per_image} captions per "
+                         f"image, i.e. {n}x{captions_per_image * n}")
+    out = {}
+    for name, ranks in (("i2t", i2t_ranks(sims, captions_per_image)),
+                        ("t2i", t2i_ranks(sims, captions_per_image))):
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * float(np.mean(ranks <= k))
+        out[f"{name}_medr"] = float(np.floor(np.median(ranks - 1)) + 1)  # SCAN's medr
+        out[f"{name}_meanr"] = float(ranks.mean())
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return {k: out[k] for k in METRIC_KEYS}
+
+
+def evaluate_protocol(sims: np.ndarray, protocol: str, fold_size: int = 1000,
+                      captions_per_image: int = 5) -> dict:
+    """``f30k-1k`` and ``coco-5k`` score the whole matrix; ``coco-1k`` is the mean over 5
+    consecutive folds of ``fold_size`` images (fewer folds when the split is smaller)."""
+    if protocol in ("f30k-1k", "coco-5k"):
+        return recall_metrics(sims, captions_per_image)
+    if protocol != "coco-1k":
+        raise ValueError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
+    folds = min(5, sims.shape[0] // fold_size)
+    if folds == 0:
+        raise ValueError(f"coco-1k needs at least {fold_size} images, the split has {sims.shape[0]}")
+    per = captions_per_image
+    results = [recall_metrics(sims[f * fold_size:(f + 1) * fold_size,
+                                   f * fold_size * per:(f + 1) * fold_size * per], per)
+               for f in range(folds)]
+    out = {k: float(np.mean([r[k] for r in results])) for k in METRIC_KEYS}
+    out["folds"] = folds
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# similarity of a model over a split
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+@torch.no_grad()
+def encode(fn, loader, device, progress: str | None = None) -> list:
+    """Per-batch encodings, kept on the CPU."""
+    return [_to(fn(batch.to(device)), "cpu") for batch in tqdm(loader, desc=progress, leave=False,
+                                                                 disable=progress is None)]
+
+
+@torch.no_grad()
+def compute_sims(model, image_loader, text_loader, device="cpu", progress: bool = True) -> np.ndarray:
+    """[n_images, n_captions] float32. Two-tower models: one matrix product per block of image
+    rows; cross-attention models: ``similarity`` on every (image batch, caption batch) block."""
+    was_training = model.training
+    model.eval()
+    img = encode(model.encode_image, image_loader, device, "encode images" if progress else None)
+    txt = encode(model.encode_text, text_loader, device, "encode captions" if progress else None)
+    if model.two_tower:
+        img, txt = [torch.cat(img)], [torch.cat(txt)]
+    rows = []
+    for ie in tqdm(img, desc="similarity", leave=False, disable=not progress or len(img) == 1):
+        ie = _to(ie, device)
+        rows.append(torch.cat([model.similarity(ie, _to(te, device)).float().cpu() for te in txt], 1))
+    model.train(was_training)
+    return torch.cat(rows).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# hard negatives: pairs of images that differ only in attribute binding or relation direction
+
+def hard_negative_accuracy(sims: np.ndarray, image_ids: np.ndarray, pairs: list[dict],
+                           captions_per_image: int = 5) -> dict:
+    """Per kind: ``i2t_acc`` = % of (image, own caption, partner caption) triples where the
+    image scores its own caption higher; ``t2i_acc`` = % of captions that score their image
+    higher than the partner image. Both images of a pair are tested. Ties are failures."""
+    pos = {int(i): k for k, i in enumerate(image_ids)}
+    per = captions_per_image
+    acc: dict[str, dict] = {}
+    skipped = 0
+    for p in pairs:
+        a, b = pos.get(int(p["image_id"])), pos.get(int(p["partner_id"]))
+        if a is None or b is None:
+            skipped += 1
+            continue
+        r = acc.setdefault(p["kind"], {"pairs": 0, "i2t": [], "t2i": []})
+        r["pairs"] += 1
+        for x, y in ((a, b), (b, a)):
+            own, other = sims[x, x * per:(x + 1) * per], sims[x, y * per:(y + 1) * per]
+            r["i2t"].append((own[:, None] > other[None, :]).mean())
+            r["t2i"].append((sims[x, x * per:(x + 1) * per] > sims[y, x * per:(x + 1) * per]).mean())
+    out = {kind: {"pairs": r["pairs"], "i2t_acc": 100.0 * float(np.mean(r["i2t"])),
+                  "t2i_acc": 100.0 * float(np.mean(r["t2i"]))} for kind, r in sorted(acc.items())}
+    if skipped:
+        out["skipped_pairs"] = skipped
+    return out
