@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--compressions", default="none,lzf,gzip")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # as inside a DataLoader worker
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
