@@ -1,0 +1,386 @@
+"""``python -m features extract``: images.parquet -> region and/or grid shards, chunk by chunk.
+
+Chunk k of a split holds that split's images k*shard_size ... in images.parquet order. A chunk
+whose shard is registered in shards.json with the same config hash and inputs is skipped, so a
+rerun after a kill redoes only the unfinished chunk, and a second run does nothing."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from features.config import ExtractorConfig
+from features.rcnn import BottomUpRCNN
+from features.transforms import BadImage, load_image, to_network_input
+from features.weights import RANDOM, WeightsError, load_weights, weights_info
+from pipeline import shards
+from pipeline.config import add_root_argument, resolve_root
+
+KIND_CHOICES = {"regions": ("regions",), "grid": ("grid",), "both": ("regions", "grid")}
+
+
+# ---------------------------------------------------------------------------------------------
+# what to do
+
+@dataclass
+class Chunk:
+    split: str
+    index: int
+    rows: np.ndarray                 # positions in images.parquet
+    ids: list                        # their image ids
+    inputs_hash: str
+    kinds: list = field(default_factory=list)   # kinds whose shard must be (re)written
+
+
+def plan_chunks(images, shard_size: int, given: dict | None, split=None, chunk=None) -> list[Chunk]:
+    splits = np.asarray(images["split"].to_pylist(), dtype=object)
+    ids, paths = images["image_id"].to_numpy(), images["path"].to_pylist()
+    names = [split] if split else list(dict.fromkeys(splits.tolist()))
+    if split and split not in set(splits.tolist()):
+        raise SystemExit(f"features extract: no images of split {split!r} in images.parquet")
+    chunks = []
+    for name in names:
+        rows = np.flatnonzero(splits == name)
+        for k in range(max(1, -(-len(rows) // shard_size))):
+            if chunk is not None and k != chunk:
+                continue
+            part = rows[k * shard_size:(k + 1) * shard_size]
+            inputs = {"ids": ids[part].tolist(), "paths": [paths[i] for i in part]}
+            if given is not None:
+                inputs["boxes"] = [given.get(int(ids[i]), np.zeros((0, 4))).tolist() for i in part]
+            chunks.append(Chunk(name, k, part, inputs["ids"], shards.config_hash(inputs)))
+    if chunk is not None and not chunks:
+        raise SystemExit(f"features extract: chunk {chunk} does not exist at --shard-size {shard_size}")
+    return chunks
+
+
+def read_given_boxes(layout: shards.Layout, images) -> dict[int, np.ndarray]:
+    table = shards.read_table(layout.boxes, "boxes")
+    sizes = dict(zip(images["image_id"].to_pylist(), zip(images["width"].to_pylist(), images["height"].to_pylist())))
+    out = {}
+    for row, (image_id, flat) in enumerate(zip(table["image_id"].to_pylist(), table["boxes"].to_pylist())):
+        flat = np.asarray(flat or [], dtype=np.float32)
+        where = f"{layout.boxes}: row {row} (image {image_id})"
+        if len(flat) % 4:
+            raise ValueError(f"{where}: {len(flat)} box numbers, not a multiple of 4")
+        b = flat.reshape(-1, 4)
+        if not np.isfinite(b).all() or np.any(b[:, 2] <= b[:, 0]) or np.any(b[:, 3] <= b[:, 1]):
+            raise ValueError(f"{where}: boxes must be finite x1,y1,x2,y2 with x2 > x1 and y2 > y1")
+        w, h = sizes.get(image_id, (None, None))
+        if w and (b.min(initial=0) < 0 or np.any(b[:, 2] > w) or np.any(b[:, 3] > h)):
+            raise ValueError(f"{where}: boxes {b.tolist()} leave the {w}x{h} image")
+        out[int(image_id)] = b
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding in DataLoader workers
+
+class ImageDataset(Dataset):
+    def __init__(self, paths: list[str], cfg: ExtractorConfig):
+        self.paths, self.cfg = paths, cfg
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, row):
+        cfg = self.cfg
+        try:
+            im, note = load_image(self.paths[row], cfg.max_pixels, cfg.min_image_side)
+        except BadImage as e:
+            return {"row": row, "image": None, "error": str(e)}
+        return {"row": row, "image": to_network_input(im, cfg.min_size, cfg.max_size),
+                "orig_hw": (im.height, im.width), "note": note, "error": None}
+
+
+class ChunkBatches:
+    """Batches of rows that never cross a chunk boundary (a resumed chunk sees the same batches)."""
+
+    def __init__(self, chunks: list[Chunk], batch_size: int):
+        self.batches = [c.rows[i:i + batch_size].tolist() for c in chunks for i in range(0, len(c.rows), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# one output file per kind and chunk
+
+class RegionsOutput:
+    def __init__(self, path, attrs, boxes_per_chunk):
+        self.writer = shards.RegionShardWriter(path, boxes_per_chunk=boxes_per_chunk, attrs=attrs)
+
+    def add(self, image_id, hw, result):
+        self.writer.append(shards.Regions(
+            image_id, hw, result["features"].cpu().numpy().astype(np.float16),
+            **{k: result[k].cpu().numpy() for k in ("boxes", "obj_labels", "obj_scores", "attr_labels", "attr_scores")}))
+
+    def close(self) -> int:
+        self.writer.close()
+        return len(self.writer._ids)
+
+    def abort(self):
+        self.writer.abort()
+
+
+class GridOutput:
+    def __init__(self, path, attrs, grid_size):
+        self.path, self.attrs, self.grid_size = path, attrs, grid_size
+        self.ids, self.features = [], []
+
+    def add(self, image_id, hw, result):
+        self.ids.append(image_id)
+        self.features.append(result["grid"].cpu().numpy().astype(np.float16))
+
+    def close(self) -> int:
+        feats = (np.stack(self.features) if self.features else
+                 np.zeros((0, self.grid_size[0] * self.grid_size[1], shards.FEATURE_DIM), np.float16))
+        shards.write_grid(self.path, np.asarray(self.ids, np.int64), feats, self.grid_size, attrs=self.attrs)
+        return len(self.ids)
+
+    def abort(self):
+        pass
+
+
+def output_path(layout, kind, split, k) -> Path:
+    return {"regions": layout.regions, "grid": layout.grid}[kind](split, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+@dataclass
+class Report:
+    written: dict = field(default_factory=lambda: {"regions": 0, "grid": 0})
+    reused: int = 0
+    images: int = 0
+    bad: list = field(default_factory=list)          # (image_id, path, split, action, reason)
+    removed: list = field(default_factory=list)
+    bad_path: Path | None = None
+
+
+def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = RANDOM, seed: int = 0,
+            device: str = "cpu", shard_size: int = 1000, batch_size: int = 2, workers: int = 2,
+            split: str | None = None, chunk: int | None = None, progress: bool = True) -> Report:
+    index = layout.index
+    images = shards.read_table(layout.images, "images")
+    given = read_given_boxes(layout, images) if cfg.boxes == "given" else None
+    info = weights_info(weights, seed)
+    cfg_hash = shards.config_hash({"extractor": cfg.to_dict(), "weights": info.sha256})
+    chunks = plan_chunks(images, shard_size, given, split, chunk)
+    report = Report()
+    for c in chunks:
+        c.kinds = [k for k in kinds if not index.is_valid(k, output_path(layout, k, c.split, c.index),
+                                                           cfg_hash, c.inputs_hash)]
+        report.reused += len(kinds) - len(c.kinds)
+    for kind in kinds:
+        stale = index.stale(kind, cfg_hash)
+        if stale:
+            print(f"features extract: {len(stale)} {kind} shard(s) were written with another config "
+                  f"({sorted({e.config_hash for e in stale})}); those in this run are replaced", file=sys.stderr)
+    todo = [c for c in chunks if c.kinds]
+    ids, paths = images["image_id"].to_numpy(), images["path"].to_pylist()
+    attrs = {"extractor": cfg.to_dict(), "config_hash": cfg_hash, "weights": info.description,
+             "weights_sha256": info.sha256, "dataset": layout.name}
+    model = None
+    if todo:  # building and filling the model costs seconds: only when there is work
+        model = BottomUpRCNN(cfg)
+        load_weights(model, weights, seed)
+        model.to(device)
+        if info.is_random:
+            print(f"features extract: weights {info.description}", file=sys.stderr)
+    loader = DataLoader(ImageDataset(paths, cfg), batch_sampler=ChunkBatches(todo, batch_size),
+                        num_workers=workers, collate_fn=list)
+    owner = {int(r): c for c in todo for r in c.rows}
+    outputs, done, current = {}, 0, None
+    bar = tqdm(total=sum(len(c.rows) for c in todo), unit="img", desc=f"extract {layout.name}",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            c = owner[batch[0]["row"]]
+            if c is not current:
+                current = c
+                outputs = _open_outputs(layout, c, attrs, cfg, given, ids)
+            _run_batch(model, batch, c, outputs, given, ids, paths, report)
+            done += len(batch)
+            bar.update(len(batch))
+            if batch[-1]["row"] == int(c.rows[-1]):
+                _finish(index, layout, c, outputs, cfg_hash, report)
+                outputs = {}
+        for c in todo:  # chunks with no rows at all (an empty split)
+            if len(c.rows) == 0:
+                _finish(index, layout, c, _open_outputs(layout, c, attrs, cfg, given, ids), cfg_hash, report)
+    except BaseException:
+        for out in outputs.values():
+            out.abort()
+        raise
+    finally:
+        bar.close()
+    if chunk is None:
+        report.removed = _remove_leftovers(index, layout, kinds, chunks, split)
+    _write_bad_report(layout, kinds, report)
+    report.images = done
+    return report
+
+
+def _open_outputs(layout, c: Chunk, attrs, cfg, given, ids) -> dict:
+    a = dict(attrs, split=c.split, chunk=c.index)
+    outs = {}
+    for kind in c.kinds:
+        path = output_path(layout, kind, c.split, c.index)
+        if kind == "regions":
+            per = cfg.fixed_boxes or (max([len(given.get(int(ids[r]), ())) for r in c.rows], default=1)
+                                      if given is not None else cfg.max_boxes)
+            outs[kind] = RegionsOutput(path, a, max(1, per))
+        else:
+            outs[kind] = GridOutput(path, a, cfg.grid_size)
+    return outs
+
+
+def _run_batch(model, batch, c: Chunk, outputs, given, ids, paths, report):
+    good = []
+    for item in batch:
+        image_id, path = int(ids[item["row"]]), paths[item["row"]]
+        if item["error"] is None and given is not None and image_id not in given:
+            item["error"] = "no boxes for this image in boxes.parquet"
+        if item["error"] is not None:
+            report.bad.append((image_id, path, c.split, "skipped", item["error"]))
+            continue
+        if item["note"]:
+            report.bad.append((image_id, path, c.split, "converted", item["note"]))
+        good.append(item)
+    if not good:
+        return
+    boxes = None if given is None else [torch.from_numpy(given[int(ids[it["row"]])]) for it in good]
+    results = model([it["image"] for it in good], [it["orig_hw"] for it in good], boxes,
+                    regions="regions" in outputs, grid="grid" in outputs)
+    for it, res in zip(good, results):
+        for out in outputs.values():
+            out.add(int(ids[it["row"]]), it["orig_hw"], res)
+
+
+def _finish(index, layout, c: Chunk, outputs, cfg_hash, report):
+    chunk_ids = set(c.ids)
+    skipped = sorted({b[0] for b in report.bad if b[3] == "skipped" and b[0] in chunk_ids})
+    for kind, out in outputs.items():
+        rows = out.close()
+        index.register(kind, output_path(layout, kind, c.split, c.index), rows=rows, config_hash=cfg_hash,
+                       inputs_hash=c.inputs_hash, extra={"skipped_images": skipped} if skipped else None)
+        report.written[kind] += 1
+
+
+def _remove_leftovers(index, layout, kinds, chunks, split) -> list[str]:
+    """After a whole-split run, shards of that split outside the plan (e.g. from a larger
+    shard count) are unregistered and deleted, so old chunks never mix with new ones."""
+    planned = {index._rel(output_path(layout, k, c.split, c.index)) for k in kinds for c in chunks}
+    splits = {c.split for c in chunks}
+    removed = []
+    for kind in kinds:
+        for e in index.entries(kind):
+            s = e.path.rsplit("/", 1)[-1][len(kind) + 1:].rsplit("-", 1)[0]
+            if s in splits and e.path not in planned:
+                index.unregister(kind, [e.path])
+                (index.dir / e.path).unlink(missing_ok=True)
+                removed.append(e.path)
+    return removed
+
+
+def _write_bad_report(layout, kinds, report) -> Path | None:
+    if not report.bad:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    path = layout.dir / kinds[0] / f"bad-images-{stamp}-{os.getpid()}.tsv"
+    with shards.atomic_path(path) as tmp:
+        lines = ["image_id\tpath\tsplit\taction\treason"]
+        lines += ["\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in b) for b in report.bad]
+        tmp.write_text("\n".join(lines) + "\n")
+    report.bad_path = path
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def parse_boxes(value: str) -> str:
+    ExtractorConfig(boxes=value)  # validates
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = ExtractorConfig()
+    p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
+    add_root_argument(p)
+    p.add_argument("--kind", choices=list(KIND_CHOICES), default="both",
+                   help="region features, grid features, or both from one backbone pass (default both)")
+    p.add_argument("--weights", default=RANDOM,
+                   help="detectron2 pickle or torch state dict, or 'random' (seeded; features not meaningful)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model (--weights random)")
+    p.add_argument("--boxes", type=parse_boxes, default="adaptive",
+                   help="adaptive (score >= --conf-thresh, 10..100 boxes), fixed:K, or given (boxes.parquet)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0: in-process)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--split", default=None, help="only this split")
+    p.add_argument("--chunk", type=int, default=None, help="only this chunk of each split (for scattering jobs)")
+    p.add_argument("--min-size", type=int, default=d.min_size, help="short side after resize (default 600)")
+    p.add_argument("--max-size", type=int, default=d.max_size, help="long side limit (default 1000)")
+    p.add_argument("--proposals", type=int, default=d.rpn_post_nms_topk, help="RPN proposals per image (default 300)")
+    p.add_argument("--conf-thresh", type=float, default=d.conf_thresh)
+    p.add_argument("--min-boxes", type=int, default=d.min_boxes)
+    p.add_argument("--max-boxes", type=int, default=d.max_boxes)
+    p.add_argument("--grid", type=int, nargs=2, default=list(d.grid_size), metavar=("H", "W"))
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args) -> ExtractorConfig:
+    return ExtractorConfig(min_size=args.min_size, max_size=args.max_size, boxes=args.boxes,
+                           rpn_post_nms_topk=args.proposals, conf_thresh=args.conf_thresh,
+                           min_boxes=args.min_boxes, max_boxes=args.max_boxes, grid_size=tuple(args.grid),
+                           amp=args.amp)
+
+
+def main(args) -> int:
+    layout = shards.Layout(resolve_root(args.root).resolve(), args.dataset)
+    if not layout.images.exists():
+        print(f"features extract: {layout.images} not found; run `python -m pipeline ingest` "
+              f"(or `demo`) first", file=sys.stderr)
+        return 2
+    if args.shard_size < 1 or args.batch_size < 1:
+        print("features extract: --shard-size and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    kinds = KIND_CHOICES[args.kind]
+    t0 = time.time()
+    try:
+        r = extract(layout, config_from_args(args), kinds, args.weights, args.seed, args.device,
+                    args.shard_size, args.batch_size, args.workers, args.split, args.chunk,
+                    progress=not args.no_progress)
+    except (shards.ShardError, WeightsError, ValueError, RuntimeError) as e:
+        print(f"features extract: error: {e}", file=sys.stderr)
+        return 1
+    secs = time.time() - t0
+    skipped = sum(1 for b in r.bad if b[3] == "skipped")
+    converted = sum(1 for b in r.bad if b[3] == "converted")
+    parts = [f"wrote {r.written['regions']} regions + {r.written['grid']} grid shard(s) for {r.images} image(s) "
+             f"in {secs:.1f}s ({r.images / max(secs, 1e-9):.2f} img/s)",
+             f"reused {r.reused} current shard(s)"]
+    if skipped or converted:
+        parts.append(f"{skipped} bad image(s) skipped, {converted} converted (see {r.bad_path})")
+    if r.removed:
+        parts.append(f"removed {len(r.removed)} leftover shard(s) of an older plan")
+    weights = "RANDOM weights" if args.weights == RANDOM else f"weights {Path(args.weights).name}"
+    print(f"features extract: {args.dataset} [{args.kind}, boxes {args.boxes}, {weights}]: " + "; ".join(parts))
+    return 0

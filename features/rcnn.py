@@ -1,0 +1,124 @@
+"""The bottom-up attention Faster R-CNN: ResNet C4 backbone, RPN, Res5 ROI head with object and
+attribute predictors, plus grid features from the same backbone pass."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import boxes as box_ops
+
+from features.backbone import ResNetC4
+from features.config import RESNET_BLOCKS, ExtractorConfig
+from features.roi_heads import Res5ROIHeads, max_class_scores, select_boxes
+from features.rpn import RegionProposalNetwork
+
+
+class BottomUpRCNN(nn.Module):
+    def __init__(self, cfg: ExtractorConfig):
+        super().__init__()
+        self.cfg = cfg
+        blocks = RESNET_BLOCKS[cfg.depth]
+        self.backbone = ResNetC4(blocks[:3], cfg.stride_in_1x1, cfg.caffe_maxpool)
+        self.proposal_generator = RegionProposalNetwork(
+            ResNetC4.out_channels, ResNetC4.stride, channels=cfg.rpn_channels,
+            sizes=cfg.anchor_sizes, ratios=cfg.anchor_ratios, offset=cfg.anchor_offset,
+            pre_nms_topk=cfg.rpn_pre_nms_topk, post_nms_topk=cfg.rpn_post_nms_topk,
+            nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
+        self.roi_heads = Res5ROIHeads(
+            stride=ResNetC4.stride, pooler=cfg.pooler, resolution=cfg.pooler_resolution,
+            sampling_ratio=cfg.pooler_sampling_ratio, stride_in_1x1=cfg.stride_in_1x1,
+            num_classes=cfg.num_classes, bbox_reg_classes=cfg.bbox_reg_classes,
+            num_attributes=cfg.num_attributes, attr_embed_dim=cfg.attr_embed_dim,
+            attr_hidden_dim=cfg.attr_hidden_dim, background_last=cfg.background_last)
+        self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean_bgr).view(3, 1, 1), persistent=False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, images: list[torch.Tensor], orig_sizes: list[tuple[int, int]],
+                given_boxes: list[torch.Tensor] | None = None, regions: bool = True,
+                grid: bool = True) -> list[dict]:
+        """``images``: resized uint8 BGR [3, h, w] tensors; ``orig_sizes``: (H, W) before resizing;
+        ``given_boxes``: optional [n, 4] boxes per image in original pixels. Returns per image
+        ``features``/``boxes`` (original pixels)/labels/scores when ``regions``, ``grid`` when grid."""
+        out = [dict() for _ in images]
+        for group in _same_size_groups(images):
+            x = torch.stack([images[i] for i in group]).to(self.pixel_mean.device).float() - self.pixel_mean
+            with self._autocast(x.device):
+                c4 = self.backbone(x)
+                if grid:
+                    g = self.roi_heads.grid_features(c4, self.cfg.grid_size).float()
+                    for j, i in enumerate(group):
+                        out[i]["grid"] = g[j]
+                if regions:
+                    sizes = [tuple(images[i].shape[1:]) for i in group]
+                    proposals = (self.proposal_generator(c4, sizes) if given_boxes is None else
+                                 [self._to_input_pixels(given_boxes[i], images[i], orig_sizes[i]) for i in group])
+                    for j, i in enumerate(group):
+                        given = None if given_boxes is None else given_boxes[i]
+                        out[i].update(self._regions(c4[j:j + 1], proposals[j], sizes[j], orig_sizes[i], given))
+        return out
+
+    def _regions(self, c4, proposals, size, orig_size, given) -> dict:
+        cfg, heads = self.cfg, self.roi_heads
+        if given is None:  # too few proposals (tiny image, degenerate scores): pad with the whole image
+            need = (cfg.fixed_boxes or 1) - len(proposals)
+            if need > 0:
+                whole = torch.tensor([[0.0, 0.0, size[1], size[0]]], device=c4.device)
+                proposals = torch.cat([proposals, whole.expand(need, 4)])
+        features = heads.region_features(c4, [proposals]).float()
+        cls_logits, deltas = heads.box_predictor(features)
+        fg = heads.foreground_probs(cls_logits)
+        if given is None:
+            keep = select_boxes(max_class_scores(proposals, fg, cfg.nms), cfg.conf_thresh,
+                                cfg.min_boxes, cfg.max_boxes, cfg.fixed_boxes)
+        else:
+            keep = torch.arange(len(proposals), device=c4.device)
+        features, fg = features[keep], fg[keep]
+        obj_scores, obj_labels = fg.max(dim=1) if len(fg) else (fg.new_zeros(0), fg.new_zeros(0, dtype=torch.long))
+        attr_labels, attr_scores = heads.attributes(features, obj_labels)
+        if given is not None:
+            boxes = given.float()
+        else:
+            boxes = proposals[keep].float()
+            if cfg.regress_boxes:
+                boxes = self._regress(boxes, deltas[keep].float(), obj_labels, size)
+            boxes = self._to_original_pixels(boxes, size, orig_size)
+        return {"features": features, "boxes": boxes, "obj_labels": obj_labels, "obj_scores": obj_scores,
+                "attr_labels": attr_labels, "attr_scores": attr_scores}
+
+    def _regress(self, boxes, deltas, labels, size):
+        n_reg = self.cfg.bbox_reg_classes
+        col = (torch.zeros_like(labels) if n_reg == 1 else
+               self.roi_heads.class_logit_index(labels) if n_reg == self.cfg.num_classes + 1 else labels)
+        d = deltas.view(len(boxes), n_reg, 4)[torch.arange(len(boxes)), col]
+        return box_ops.clip_boxes_to_image(self.box_coder.decode_single(d, boxes), size)
+
+    @staticmethod
+    def _scale(size, orig_size, device):
+        sy, sx = size[0] / orig_size[0], size[1] / orig_size[1]
+        return torch.tensor([sx, sy, sx, sy], device=device)
+
+    def _to_input_pixels(self, boxes, image, orig_size):
+        boxes = boxes.to(self.pixel_mean.device).float()
+        return boxes * self._scale(tuple(image.shape[1:]), orig_size, boxes.device)
+
+    def _to_original_pixels(self, boxes, size, orig_size):
+        return box_ops.clip_boxes_to_image(boxes / self._scale(size, orig_size, boxes.device), orig_size)
+
+    def _autocast(self, device):
+        if not self.cfg.amp:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        return torch.autocast(device.type, dtype=dtype)
+
+
+def _same_size_groups(images) -> list[list[int]]:
+    """Images are batched only with images of the same size, so no padding ever changes a result."""
+    groups: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    return list(groups.values())
