@@ -1,0 +1,236 @@
+"""ReSG: relationship-enhanced semantic graphs (Liu, He, Cheung, Xu, Wang), a cross-modal scene
+graph matching model in the line of SGM (Wang et al., WACV 2020).
+
+* VReG (image): object nodes from the regions (appearance + box), refined by attention over
+  semantically related regions; relation nodes for each region and its ``rel_neighbours`` most
+  similar regions, from both refined appearances plus the pair's box geometry and union box.
+* TReG (caption): object nodes from the parsed scene graph (BiGRU state of the head word plus its
+  attributes), refined the same way; relation nodes from (subject, predicate, object) triples.
+* Score: node-level correspondence, objects with objects and relations with relations (each text
+  node attends over the image's nodes of its kind, SCAN text-to-image), averaged per level and
+  mixed; a caption without relations is scored on its objects only.
+* Loss: hard-negative triplet + center hinge + positive-negative margin (training/losses.py).
+
+See docs/models.md, section "ReSG", for which choices the paper leaves open and how they are made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.shards import Vocabulary
+from training import losses
+from training.models import ITMModel, ModelConfig, register
+
+_NEG = -1e4   # masked logit: finite, so that a row with nothing to attend to gives no NaN
+
+
+@dataclass
+class ReSGConfig(ModelConfig):
+    embed_dim: int = 1024
+    word_dim: int = 300
+    feature_dim: int = 2048
+    gcn_layers: int = 1            # rounds of contextual refinement of the object nodes
+    rel_neighbours: int = 4        # visual relation nodes per region (its most similar regions)
+    attn_lambda: float = 9.0       # SCAN's inverse temperature of the text-to-image attention
+    rel_weight: float = 0.5        # share of the relation level in the score (captions with relations)
+    center_weight: float = 0.1     # center hinge loss
+    center_intra_margin: float = 0.2
+    center_inter_margin: float = 1.0
+    pn_weight: float = 1.0         # positive-negative margin loss
+    pos_margin: float = 0.6
+    neg_margin: float = 0.2
+    sim_budget: int = 2 ** 24      # largest attention tensor (elements) per similarity chunk
+    # recipe of SCAN / SGM on Flickr30K (COCO: DATASET_DEFAULTS)
+    lr: float = 2e-4
+    epochs: int = 30
+    lr_decay_epochs: tuple[int, ...] = (15,)
+    batch_size: int = 128
+    margin: float = 0.2
+    warmup_epochs: int = 1
+
+
+class ContextRefine(nn.Module):
+    """Nodes aggregate their semantically related neighbours: one round is a residual update by
+    attention (affinity of projected node pairs, softmax over the real nodes), as VSRN's GCN."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query, self.key = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.value, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.query(x) @ self.key(x).transpose(1, 2) / x.shape[-1] ** 0.5
+        logits = logits.masked_fill(~mask[:, None, :], _NEG)
+        x = x + F.relu(self.out(logits.softmax(-1) @ self.value(x)))
+        return x * mask.unsqueeze(-1)
+
+
+def _mlp(d_in: int, d: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d))
+
+
+def box_geometry(boxes: torch.Tensor, subj: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
+    """[B, P, 10] geometry of region pairs: relation networks' relative position and scale of
+    the object box to the subject box, then the union box (x1, y1, x2, y2, area) and the IoU.
+    ``boxes`` [B, R, 4] normalised x1y1x2y2; ``subj``/``obj`` [B, P] region indices."""
+    take = lambda idx: boxes.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4))  # noqa: E731
+    a, b = take(subj), take(obj)
+    wa, ha = (a[..., 2] - a[..., 0]).clamp(min=1e-3), (a[..., 3] - a[..., 1]).clamp(min=1e-3)
+    wb, hb = (b[..., 2] - b[..., 0]).clamp(min=1e-3), (b[..., 3] - b[..., 1]).clamp(min=1e-3)
+    dx = ((b[..., 0] + b[..., 2]) - (a[..., 0] + a[..., 2])) / (2 * wa)
+    dy = ((b[..., 1] + b[..., 3]) - (a[..., 1] + a[..., 3])) / (2 * ha)
+    union = torch.cat([torch.minimum(a[..., :2], b[..., :2]), torch.maximum(a[..., 2:], b[..., 2:])], -1)
+    inter = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    iou = inter / (wa * ha + wb * hb - inter).clamp(min=1e-6)
+    u_area = (union[..., 2] - union[..., 0]) * (union[..., 3] - union[..., 1])
+    return torch.stack([dx, dy, (wb / wa).log(), (hb / ha).log(), *union.unbind(-1), u_area, iou], -1)
+
+
+def attend_score(v: torch.Tensor, vmask: torch.Tensor, t: torch.Tensor, lam: float) -> torch.Tensor:
+    """SCAN text-to-image attention, node by node: [ni, nt, K] cosine of each text node with its
+    attended image vector a = sum_r softmax_r(lam * cos(t, v_r)) v_r.
+
+    ``v`` [ni, R, D] and ``t`` [nt, K, D] are L2-normalised. The attended vectors are never
+    materialised: t.a = sum_r w_r cos_r and |a|^2 = w^T G w with G the Gram matrix of the image's
+    nodes, so memory is ni * nt * K * R whatever D is. An image without nodes scores 0."""
+    cos = torch.einsum("ird,tkd->itkr", v, t)
+    w = (lam * cos).masked_fill(~vmask[:, None, None, :], _NEG).softmax(-1)
+    dot = (w * cos).sum(-1)
+    gram = v @ v.transpose(1, 2)
+    norm2 = (torch.einsum("itkr,irs->itks", w, gram) * w).sum(-1)
+    return torch.where(vmask.any(1)[:, None, None], dot / norm2.clamp(min=1e-12).sqrt(), 0.0)
+
+
+def _compact(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the real nodes of each row to the front (stable) and cut the width to the longest row."""
+    order = (~mask).to(torch.int8).argsort(dim=1, stable=True)
+    width = max(int(mask.sum(1).max()), 1)
+    order = order[:, :width]
+    return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1])), mask.gather(1, order)
+
+
+@register("resg")
+class ReSG(ITMModel):
+    config_class = ReSGConfig
+    # SCAN / SGM recipe: Flickr30K 30 epochs decayed at 15; COCO 20 epochs decayed at 10
+    DATASET_DEFAULTS = {"f30k": {"epochs": 30, "lr_decay_epochs": (15,)},
+                        "coco": {"epochs": 20, "lr_decay_epochs": (10,)}}
+    two_tower = False
+
+    def __init__(self, cfg: ReSGConfig, vocab):
+        super().__init__(cfg, vocab)
+        d = cfg.embed_dim
+        # VReG
+        self.region_fc = nn.Linear(cfg.feature_dim, d)
+        self.box_fc = nn.Linear(5, d)
+        self.v_refine = nn.ModuleList(ContextRefine(d) for _ in range(cfg.gcn_layers))
+        self.geo_fc = nn.Linear(10, d)
+        self.v_rel = _mlp(3 * d, d)
+        # TReG
+        self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
+        self.gru = nn.GRU(cfg.word_dim, d, batch_first=True, bidirectional=True)
+        self.attr_fc = nn.Linear(cfg.word_dim, d)
+        self.t_refine = nn.ModuleList(ContextRefine(d) for _ in range(cfg.gcn_layers))
+        self.predicate = nn.Embedding(len(getattr(vocab, "predicates", [])) or 1, d)
+        self.t_rel = _mlp(3 * d, d)
+
+    # -- VReG ----------------------------------------------------------------------------------
+    def encode_image(self, img):
+        mask, boxes = img.region_mask, img.boxes
+        area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
+        x = self.region_fc(img.regions) + self.box_fc(torch.cat([boxes, area], -1))
+        x = x * mask.unsqueeze(-1)
+        for layer in self.v_refine:
+            x = layer(x, mask)
+
+        # relation nodes: each region with its most similar other regions
+        b, r, _ = x.shape
+        k = max(1, min(self.cfg.rel_neighbours, r - 1))
+        xn = F.normalize(x, dim=-1)
+        affinity = xn @ xn.transpose(1, 2)
+        allowed = mask[:, :, None] & mask[:, None, :] & ~torch.eye(r, dtype=torch.bool, device=x.device)
+        top = affinity.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
+        subj = torch.arange(r, device=x.device).view(1, r, 1).expand(b, r, k).reshape(b, -1)
+        obj = top.indices.reshape(b, -1)
+        rel_mask = torch.isfinite(top.values).reshape(b, -1)
+        pick = lambda idx: x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+        geo = self.geo_fc(box_geometry(boxes, subj, obj))
+        rel = self.v_rel(torch.cat([pick(subj), pick(obj), geo], -1)) * rel_mask.unsqueeze(-1)
+        return self._nodes(x, mask, rel, rel_mask)
+
+    # -- TReG ----------------------------------------------------------------------------------
+    def encode_text(self, txt):
+        emb = self.embed(txt.tokens)
+        packed = nn.utils.rnn.pack_padded_sequence(emb, txt.lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        h, _ = self.gru(packed)
+        h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=emb.shape[1])
+        h = (h[..., :self.cfg.embed_dim] + h[..., self.cfg.embed_dim:]) / 2   # SCAN: mean of directions
+        d = h.shape[-1]
+
+        # object nodes: the head word's state plus the mean of its attribute words
+        obj = h.gather(1, txt.obj_index.unsqueeze(-1).expand(-1, -1, d))
+        amask = txt.attr_mask.unsqueeze(-1).to(emb.dtype)
+        attr = self.attr_fc(self.embed(txt.attr_word)) * amask
+        owner = txt.attr_object.unsqueeze(-1).expand(-1, -1, d)
+        attr_sum = torch.zeros_like(obj).scatter_add(1, owner, attr)
+        attr_cnt = torch.zeros_like(obj[..., :1]).scatter_add(1, txt.attr_object.unsqueeze(-1), amask)
+        obj = obj + attr_sum / attr_cnt.clamp(min=1)
+
+        # a caption whose parse found no object is matched on its words instead
+        has_obj = txt.obj_mask.any(1, keepdim=True)
+        words = txt.mask & (txt.tokens != Vocabulary.START) & (txt.tokens != Vocabulary.END)
+        x = torch.cat([obj, h], 1)
+        mask = torch.cat([txt.obj_mask, words & ~has_obj], 1)
+        x = x * mask.unsqueeze(-1)
+        for layer in self.t_refine:
+            x = layer(x, mask)
+
+        pick = lambda idx: x.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))  # noqa: E731
+        rel = self.t_rel(torch.cat([pick(txt.rel_subject), self.predicate(txt.rel_predicate),
+                                    pick(txt.rel_object)], -1)) * txt.rel_mask.unsqueeze(-1)
+        x, mask = _compact(x, mask)
+        return self._nodes(x, mask, rel, txt.rel_mask)
+
+    @staticmethod
+    def _nodes(obj, obj_mask, rel, rel_mask):
+        """(objects, object mask, relations, relation mask, global): nodes L2-normalised; the
+        global embedding (mean of the object nodes) is what the center hinge loss works on."""
+        m = obj_mask.unsqueeze(-1).to(obj.dtype)
+        glob = F.normalize((obj * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+        return F.normalize(obj, dim=-1), obj_mask, F.normalize(rel, dim=-1), rel_mask, glob
+
+    # -- node-level correspondence -------------------------------------------------------------
+    def similarity(self, img_enc, txt_enc):
+        v_obj, v_omask, v_rel, v_rmask, _ = img_enc
+        t_obj, t_omask, t_rel, t_rmask, _ = txt_enc
+        ni, nt = v_obj.shape[0], t_obj.shape[0]
+        per_image = nt * max(t_obj.shape[1] * v_obj.shape[1], t_rel.shape[1] * v_rel.shape[1])
+        step = max(1, self.cfg.sim_budget // max(per_image, 1))
+        o_cnt = t_omask.sum(1).clamp(min=1)
+        r_cnt = t_rmask.sum(1)
+        w = self.cfg.rel_weight * (r_cnt > 0).to(v_obj.dtype)   # objects only when no relation
+        rows = []
+        for s in range(0, ni, step):
+            sl = slice(s, s + step)
+            so = (attend_score(v_obj[sl], v_omask[sl], t_obj, self.cfg.attn_lambda) * t_omask).sum(-1) / o_cnt
+            sr = (attend_score(v_rel[sl], v_rmask[sl], t_rel, self.cfg.attn_lambda) * t_rmask).sum(-1) \
+                / r_cnt.clamp(min=1)
+            rows.append((1 - w) * so + w * sr)
+        return torch.cat(rows)
+
+    def loss(self, img_enc, txt_enc, batch, epoch: int):
+        sims = self.similarity(img_enc, txt_enc)
+        pos = batch.positives()
+        hardest = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
+        triplet = losses.triplet_loss(sims, margin=self.cfg.margin, max_violation=hardest, positives=pos)
+        center = losses.center_hinge_loss(img_enc[4], txt_enc[4], pos, self.cfg.center_intra_margin,
+                                          self.cfg.center_inter_margin)
+        pn = losses.pos_neg_margin_loss(sims, self.cfg.pos_margin, self.cfg.neg_margin, pos)
+        total = triplet + self.cfg.center_weight * center + self.cfg.pn_weight * pn
+        return {"loss": total, "triplet": triplet.detach(), "center": center.detach(), "pn": pn.detach()}
