@@ -1,0 +1,194 @@
+"""KIDRR: shapes, padding invariance, gradients, block vs one-by-one scoring, save/load, relation
+direction, and train.py / evaluate.py end to end on a tiny synthetic dataset."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.shards import Vocabulary
+from training import checkpoint, models
+from training.data import (Batch, DataConfig, ImageBatch, PairDataset, ShardData, TextBatch,
+                           collate_images, collate_text)
+from training.synthetic import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"embed_dim": 24, "word_dim": 12, "sim_dim": 8, "feature_dim": 2048, "kid_iters": 2,
+        "reason_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    layout = make_dataset(root, splits={"train": 12, "val": 4, "test": 4}, dim=32, seed=3)
+    vocab = Vocabulary.load(layout.vocab)
+    return root, vocab, ShardData(root, "synth", vocab, DataConfig(split="train"))
+
+
+@pytest.fixture(scope="module")
+def items(data):
+    """Pairs with different box counts (2..6) and both caption lengths of the synthetic data."""
+    _, _, d = data
+    ds = PairDataset(d)
+    out = []
+    for k, j in enumerate(range(0, 40, 3)):
+        img, cap = ds[j]
+        n = 2 + k % 5
+        out.append((dict(img, features=img["features"][:n], boxes=img["boxes"][:n]), cap))
+    lengths = {len(c["tokens"]) for _, c in out}
+    assert len(lengths) > 1 and any(len(c["rel_subject"]) for _, c in out)
+    return out
+
+
+def make_model(vocab, **over):
+    torch.manual_seed(0)
+    return models.build("kidrr", dict(TINY, **over), vocab).eval()
+
+
+def batch_of(items) -> Batch:
+    return Batch(collate_images([a for a, _ in items]), collate_text([b for _, b in items]))
+
+
+def pad_more(b: Batch, extra: int = 3) -> Batch:
+    """The same batch with ``extra`` more padded regions, words, objects, attributes and
+    relations, filled with garbage that the masks must hide."""
+    g = torch.Generator().manual_seed(1)
+
+    def grow(x, fill):
+        shape = (x.shape[0], extra) + tuple(x.shape[2:])
+        return torch.cat([x, fill(shape).to(x.dtype)], 1)
+
+    rand = lambda s: torch.randn(s, generator=g)  # noqa: E731
+    img = dataclasses.replace(
+        b.image, regions=grow(b.image.regions, rand), boxes=grow(b.image.boxes, lambda s: torch.rand(s, generator=g)),
+        region_mask=grow(b.image.region_mask, torch.zeros))
+    t = b.text
+    o = t.obj_index.shape[1]
+    ints = lambda hi: (lambda s: torch.randint(0, hi, s, generator=g))  # noqa: E731
+    txt = dataclasses.replace(
+        t, tokens=grow(t.tokens, ints(5)), mask=grow(t.mask, torch.zeros),
+        obj_index=grow(t.obj_index, ints(t.tokens.shape[1])), obj_word=grow(t.obj_word, ints(5)),
+        obj_mask=grow(t.obj_mask, torch.zeros),
+        attr_object=grow(t.attr_object, ints(o)), attr_id=grow(t.attr_id, ints(3)),
+        attr_word=grow(t.attr_word, ints(5)), attr_mask=grow(t.attr_mask, torch.zeros),
+        rel_subject=grow(t.rel_subject, ints(o)), rel_predicate=grow(t.rel_predicate, ints(2)),
+        rel_object=grow(t.rel_object, ints(o)), rel_mask=grow(t.rel_mask, torch.zeros))
+    return Batch(img, txt)
+
+
+@torch.no_grad()
+def scores(model, b: Batch) -> torch.Tensor:
+    return model.similarity(model.encode_image(b.image), model.encode_text(b.text))
+
+
+def test_registered_with_paper_family_defaults():
+    assert "kidrr" in models.names() and not models.get("kidrr").two_tower
+    f30k, coco = models.default_config("kidrr", "f30k"), models.default_config("kidrr", "coco")
+    assert (f30k.embed_dim, f30k.sim_dim, f30k.margin, f30k.batch_size) == (1024, 256, 0.2, 128)
+    assert (f30k.epochs, f30k.lr_decay_epochs) == (40, (30,))
+    assert (coco.epochs, coco.lr_decay_epochs) == (20, (10,))
+
+
+def test_shapes_for_different_box_and_word_counts(data, items):
+    _, vocab, _ = data
+    model = make_model(vocab)
+    for a, b in ((0, 5), (5, 8), (2, 11)):
+        img, txt = batch_of(items[a:a + 3]).image, batch_of(items[b:b + 2]).text
+        ie, te = model.encode_image(img), model.encode_text(txt)
+        assert ie["local"].shape == (3, img.regions.shape[1], TINY["embed_dim"])
+        assert te["local"].shape == (2, txt.tokens.shape[1], TINY["embed_dim"])
+        assert ie["global"].shape == (3, TINY["embed_dim"]) and te["global"].shape == (2, TINY["embed_dim"])
+        s = model.similarity(ie, te)
+        assert s.shape == (3, 2) and torch.isfinite(s).all()
+
+
+def test_padding_changes_nothing(data, items):
+    _, vocab, _ = data
+    model = make_model(vocab)
+    b = batch_of(items[:6])
+    torch.testing.assert_close(scores(model, pad_more(b)), scores(model, b), rtol=1e-5, atol=1e-6)
+
+
+def test_block_similarity_equals_pairs_one_by_one_and_chunking(data, items):
+    _, vocab, _ = data
+    model = make_model(vocab)
+    b = batch_of(items[:5])
+    block = scores(model, b)
+    one = batch_of  # each image / caption alone: a batch of one, without padding
+    pairs = torch.tensor([[scores(model, Batch(one([items[i]]).image, one([items[j]]).text)).item()
+                           for j in range(5)] for i in range(5)])
+    torch.testing.assert_close(block, pairs, rtol=1e-5, atol=1e-6)
+    small = make_model(vocab, sim_block_elems=1)  # one caption per chunk
+    torch.testing.assert_close(scores(small, b), block, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_every_parameter(data, items):
+    _, vocab, _ = data
+    model = make_model(vocab).train()
+    b = batch_of(items[:8])
+    assert b.text.rel_mask.any() and b.text.attr_mask.any() and b.image.boxes_known.all()
+    loss = model(b, epoch=0)
+    loss.backward()
+    dead = [n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not dead, dead
+
+
+def test_relation_direction_changes_the_text_encoding(data, items):
+    _, vocab, _ = data
+    model = make_model(vocab)
+    t = batch_of(items[:8]).text
+    swapped = dataclasses.replace(t, rel_subject=t.rel_object, rel_object=t.rel_subject)
+    a, b = model.encode_text(t)["local"], model.encode_text(swapped)["local"]
+    has_rel = t.rel_mask.any(1)
+    assert (a[has_rel] - b[has_rel]).abs().max() > 1e-4
+    torch.testing.assert_close(a[~has_rel], b[~has_rel])
+
+
+def test_images_without_boxes_ignore_geometry(data, items):
+    _, vocab, _ = data
+    model = make_model(vocab)
+    img = batch_of(items[:4]).image
+    nobox = dataclasses.replace(img, boxes_known=torch.zeros_like(img.boxes_known))
+    moved = dataclasses.replace(nobox, boxes=torch.rand(img.boxes.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(nobox)["local"], model.encode_image(moved)["local"])
+        assert (model.encode_image(img)["local"] - model.encode_image(moved)["local"]).abs().max() > 0
+
+
+def test_save_load_gives_identical_scores(data, items, tmp_path):
+    _, vocab, _ = data
+    model = make_model(vocab)
+    with torch.no_grad():  # move the parameters away from their initial values
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    b = batch_of(items[:4])
+    before = scores(model, b)
+    fresh = models.build("kidrr", dict(TINY), vocab).eval()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(scores(fresh, b), before)
+    checkpoint.save(tmp_path / "m.pt", {"model": model.state_dict()})
+    again = models.build("kidrr", dict(TINY), vocab).eval()
+    again.load_state_dict(checkpoint.load(tmp_path / "m.pt")["model"])
+    assert torch.equal(scores(again, b), before)
+
+
+def test_train_and_evaluate_end_to_end(data, tmp_path):
+    root = data[0]
+    run = lambda script, *a: subprocess.run(  # noqa: E731
+        [sys.executable, str(REPO / "training" / script), *map(str, a)],
+        capture_output=True, text=True, cwd=REPO)
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    p = run("train.py", "--model", "kidrr", "--dataset", "synth", "--root", root, "--out",
+            tmp_path / "r", "--epochs", "1", "--batch-size", "10", "--workers", "0", *sets)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "train: kidrr on synth: 1 epoch(s) run" in p.stdout
+    p = run("evaluate.py", tmp_path / "r", "--root", root, "--workers", "0", "--hard-negatives",
+            "--batch-size", "3")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert 0 <= res["test/f30k-1k"]["rsum"] <= 600

@@ -1,0 +1,307 @@
+"""KIDRR (Xie et al., IP&M 2023): knowledge iterative dissemination and relational reconstruction.
+
+Three stages, the paper's three modules (docs/models.md "kidrr" lists every choice made where the
+abstract is silent and which published module it follows):
+
+1. ``Dissemination`` (per modality): local nodes (regions; words) plus one global node. Each
+   iteration broadcasts the global node to the locals through a learned gate, propagates along the
+   modality's knowledge edges (image: feature affinity + a learned box-geometry bias; text: the
+   caption's scene graph: attribute and relation edges, with direction-aware predicate
+   embeddings), and refreshes the global node from the updated locals (attention pooling + GRU).
+2. Similarity *vectors* (SGRAF's ``l2norm(W (a - b)^2)``) from several perspectives:
+   global-global, global-local both ways, and local-local both ways (each word with its attended
+   regions, each region with its attended words, SCAN-style attention).
+3. ``RelationGraph``: these vectors are the nodes of a graph whose edges come from their
+   affinities, re-weighted by a learned node-type bias and softly pruned below a learned
+   threshold, then reasoned over in a few steps (SGR-like); the global-global node gives the score.
+
+Cross attention, so ``two_tower = False``; ``similarity`` works on (images x captions) blocks in
+caption chunks sized so that one chunk's per-node tensors stay under ``sim_block_elems``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.models import ITMModel, ModelConfig, register
+
+# node types of the relation graph (row/column index of its learned type bias)
+GG, GL_TXT, GL_IMG, T2I, I2T = range(5)
+
+
+@dataclass
+class KIDRRConfig(ModelConfig):
+    embed_dim: int = 1024
+    word_dim: int = 300
+    feature_dim: int = 2048
+    sim_dim: int = 256             # size of a similarity vector (SGRAF)
+    kid_iters: int = 2             # dissemination iterations per modality
+    reason_steps: int = 3          # relation-graph reasoning steps (SGR uses 3)
+    attn_lambda: float = 9.0       # inverse temperature of the cross attention (SCAN / SGRAF)
+    prune_init: float = 0.5        # initial pruning threshold, in units of a uniform edge weight
+    sim_block_elems: int = 1 << 25  # bound on pairs x nodes x max(embed_dim, sim_dim) per chunk
+    # training recipe of the SGRAF family (Flickr30K values; COCO in DATASET_DEFAULTS)
+    lr: float = 2e-4
+    epochs: int = 40
+    lr_decay_epochs: tuple[int, ...] = (30,)
+    batch_size: int = 128
+    margin: float = 0.2
+    max_violation: bool = True
+    warmup_epochs: int = 0
+    grad_clip: float = 2.0
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(-2) / m.sum(-2).clamp(min=1)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over the True entries of ``mask`` (broadcast against logits); rows with no True
+    entry give zeros instead of NaN."""
+    logits = logits.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(logits, dim)
+    return torch.nan_to_num(out, nan=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. knowledge graph iterative dissemination
+
+class Dissemination(nn.Module):
+    """Iterative global <-> local message passing over one modality's knowledge graph.
+
+    ``edges`` [B, N, N] bool says which node j node i may read from (the diagonal is always
+    allowed, so padded rows stay finite); ``bias`` [B, N, N] is added to the edge logits."""
+
+    def __init__(self, dim: int, iters: int):
+        super().__init__()
+        self.iters = iters
+        self.gate = nn.Linear(2 * dim, dim)
+        self.broadcast = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.pool_x, self.pool_g = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.pool_w = nn.Linear(dim, 1)
+        self.refresh = nn.GRUCell(dim, dim)
+
+    def forward(self, x, mask, edges, bias=None):
+        n, d = x.shape[1], x.shape[2]
+        edges = edges | torch.eye(n, dtype=torch.bool, device=x.device)
+        g = masked_mean(x, mask)
+        for _ in range(self.iters):
+            # global -> local: every node takes the part of the global knowledge its gate lets in
+            gx = g.unsqueeze(1).expand_as(x)
+            x = self.norm1(x + torch.sigmoid(self.gate(torch.cat([x, gx], -1))) * self.broadcast(gx))
+            # local <-> local along the knowledge edges
+            q, k, v = self.qkv(x).chunk(3, -1)
+            logits = q @ k.transpose(1, 2) / math.sqrt(d)
+            if bias is not None:
+                logits = logits + bias
+            x = self.norm2(x + self.out(masked_softmax(logits, edges) @ v))
+            # local -> global: attention pooling of the updated nodes refreshes the global node
+            score = self.pool_w(torch.tanh(self.pool_x(x) + self.pool_g(g).unsqueeze(1))).squeeze(-1)
+            w = masked_softmax(score, mask)
+            g = self.refresh((w.unsqueeze(-1) * x).sum(1), g)
+        return x, g
+
+
+class BoxGeometry(nn.Module):
+    """Relation networks' relative box geometry (log distance and size ratios) mapped by a small
+    MLP to one additive edge logit per region pair."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1, bias=False))  # a bias cancels in the softmax
+
+    def forward(self, boxes, known):
+        cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
+        w = (boxes[..., 2] - boxes[..., 0]).clamp(min=1e-3)
+        h = (boxes[..., 3] - boxes[..., 1]).clamp(min=1e-3)
+        rel = torch.stack([
+            torch.log((cx[:, :, None] - cx[:, None, :]).abs().div(w[:, :, None]).clamp(min=1e-3)),
+            torch.log((cy[:, :, None] - cy[:, None, :]).abs().div(h[:, :, None]).clamp(min=1e-3)),
+            torch.log(w[:, None, :] / w[:, :, None]),
+            torch.log(h[:, None, :] / h[:, :, None])], -1)
+        # images without boxes (imported precomp features) get no geometric term
+        return self.mlp(rel).squeeze(-1) * known[:, None, None].to(boxes.dtype)
+
+
+def text_edges(txt, n_tokens: int) -> torch.Tensor:
+    """[B, L, L] bool knowledge edges of the captions' scene graphs: attribute word <-> its
+    object's head, subject head <-> object head. The attribute's position is the occurrence of
+    its word in the caption nearest to the head (the batch carries the word, not its position)."""
+    b = txt.tokens.shape[0]
+    dev = txt.tokens.device
+    edges = torch.zeros(b, n_tokens, n_tokens, dtype=torch.bool, device=dev)
+    rows = torch.arange(b, device=dev)[:, None]
+    head = txt.obj_index.gather(1, txt.attr_object)                                    # [B, A]
+    pos = torch.arange(n_tokens, device=dev)
+    hit = (txt.tokens[:, None, :] == txt.attr_word[:, :, None]) & txt.mask[:, None, :]  # [B, A, L]
+    dist = (pos[None, None, :] - head[:, :, None]).abs().masked_fill(~hit, n_tokens + 1)
+    attr_pos = dist.argmin(-1)
+    ok = txt.attr_mask & hit.any(-1)
+    for a, c in ((attr_pos, head), (head, attr_pos)):
+        edges[rows.expand_as(a)[ok], a[ok], c[ok]] = True
+    subj = txt.obj_index.gather(1, txt.rel_subject)
+    obj = txt.obj_index.gather(1, txt.rel_object)
+    for a, c in ((subj, obj), (obj, subj)):
+        m = txt.rel_mask
+        edges[rows.expand_as(a)[m], a[m], c[m]] = True
+    return edges
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. similarity vectors and 3. relation graph reconstruction
+
+class SimVector(nn.Module):
+    """SGRAF's similarity representation: l2norm(W (a - b)^2)."""
+
+    def __init__(self, dim: int, sim_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, sim_dim)
+
+    def forward(self, a, b):
+        return F.normalize(self.proj((a - b) ** 2), dim=-1)
+
+
+def attend(query, keys, mask, lam: float):
+    """SCAN-style cross attention: each query vector gathers the keys weighted by
+    softmax(lam * cosine). query [..., Q, D], keys [..., K, D], mask [..., K] -> [..., Q, D]."""
+    w = masked_softmax(lam * (query @ keys.transpose(-1, -2)), mask.unsqueeze(-2))
+    return w @ keys
+
+
+class RelationGraph(nn.Module):
+    """Reasoning over the similarity vectors of each pair. Edges are the nodes' affinities plus a
+    learned bias per pair of node types (re-weighting); an edge whose weight falls below a learned
+    fraction of the uniform weight 1/n is softly pruned and the rows renormalised
+    (reconstruction); each step then aggregates along the rebuilt edges."""
+
+    def __init__(self, sim_dim: int, steps: int, prune_init: float, n_types: int = 5):
+        super().__init__()
+        self.q = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
+        self.k = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
+        self.update = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
+        self.type_bias = nn.Parameter(torch.zeros(n_types, n_types))
+        self.threshold = nn.Parameter(torch.tensor(float(prune_init)))
+        self.sharpness = nn.Parameter(torch.tensor(math.log(math.expm1(10.0))))  # softplus -> 10
+        self.score = nn.Linear(sim_dim, 1)
+
+    def forward(self, s, mask, types):
+        """s [P, N, S] similarity vectors, mask [P, N], types [N] -> scores [P]."""
+        n = s.shape[1]
+        bias = self.type_bias[types][:, types]
+        cols = mask.unsqueeze(1) | torch.eye(n, dtype=torch.bool, device=s.device)
+        count = mask.sum(-1).clamp(min=1).to(s.dtype)[:, None, None]
+        sharp = F.softplus(self.sharpness)
+        for q, k, upd in zip(self.q, self.k, self.update):
+            logits = q(s) @ k(s).transpose(1, 2) / math.sqrt(s.shape[-1]) + bias
+            a = masked_softmax(logits, cols)
+            keep = torch.sigmoid(sharp * (a * count - self.threshold))
+            a = a * keep
+            a = a / (a.sum(-1, keepdim=True) + 1e-6)
+            s = s + F.relu(upd(a @ s))
+        return torch.sigmoid(self.score(s[:, GG])).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+@register("kidrr")
+class KIDRR(ITMModel):
+    config_class = KIDRRConfig
+    DATASET_DEFAULTS = {"f30k": {"epochs": 40, "lr_decay_epochs": (30,)},
+                        "coco": {"epochs": 20, "lr_decay_epochs": (10,)}}
+    two_tower = False
+
+    def __init__(self, cfg: KIDRRConfig, vocab):
+        super().__init__(cfg, vocab)
+        d, s = cfg.embed_dim, cfg.sim_dim
+        # image side
+        self.img_fc = nn.Linear(cfg.feature_dim, d)
+        self.geometry = BoxGeometry()
+        self.img_graph = Dissemination(d, cfg.kid_iters)
+        # text side
+        self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
+        self.gru = nn.GRU(cfg.word_dim, d, batch_first=True, bidirectional=True)
+        # predicate embeddings for the subject and the object role keep the relation's direction
+        n_pred = len(getattr(vocab, "predicates", ["<unk>"]))
+        self.pred_subj = nn.Embedding(n_pred, d)
+        self.pred_obj = nn.Embedding(n_pred, d)
+        for emb in (self.pred_subj, self.pred_obj):  # small next to the GRU states in [-1, 1]
+            nn.init.normal_(emb.weight, std=0.1)
+        self.txt_graph = Dissemination(d, cfg.kid_iters)
+        # similarity vectors and the relation graph
+        self.sim_gg, self.sim_gl = SimVector(d, s), SimVector(d, s)
+        self.sim_t2i, self.sim_i2t = SimVector(d, s), SimVector(d, s)
+        self.relation = RelationGraph(s, cfg.reason_steps, cfg.prune_init)
+
+    # encoders ---------------------------------------------------------------------------------
+
+    def encode_image(self, img):
+        x = self.img_fc(img.regions)
+        mask = img.region_mask
+        edges = mask[:, :, None] & mask[:, None, :]
+        x, g = self.img_graph(x, mask, edges, self.geometry(img.boxes, img.boxes_known))
+        return {"local": F.normalize(x, dim=-1), "mask": mask, "global": F.normalize(g, dim=-1)}
+
+    def encode_text(self, txt):
+        n_tok = txt.tokens.shape[1]
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(txt.tokens), txt.lengths.cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=n_tok)
+        x = (out[..., :self.cfg.embed_dim] + out[..., self.cfg.embed_dim:]) / 2
+        # relation knowledge: each head word receives its predicates, by role
+        subj = F.one_hot(txt.obj_index.gather(1, txt.rel_subject), n_tok).to(x.dtype)   # [B, E, L]
+        obj = F.one_hot(txt.obj_index.gather(1, txt.rel_object), n_tok).to(x.dtype)
+        m = txt.rel_mask.unsqueeze(-1).to(x.dtype)
+        x = x + (subj * m).transpose(1, 2) @ self.pred_subj(txt.rel_predicate) \
+              + (obj * m).transpose(1, 2) @ self.pred_obj(txt.rel_predicate)
+        x, g = self.txt_graph(x, txt.mask, text_edges(txt, n_tok))
+        return {"local": F.normalize(x, dim=-1), "mask": txt.mask, "global": F.normalize(g, dim=-1)}
+
+    # scoring ----------------------------------------------------------------------------------
+
+    def similarity(self, img_enc, txt_enc):
+        regions, rmask, vg = img_enc["local"], img_enc["mask"], img_enc["global"]
+        words, wmask, tg = txt_enc["local"], txt_enc["mask"], txt_enc["global"]
+        n_img, n_reg = rmask.shape
+        n_txt, n_word = wmask.shape
+        nodes = 3 + n_word + n_reg
+        width = max(self.cfg.embed_dim, self.cfg.sim_dim)
+        chunk = max(1, self.cfg.sim_block_elems // max(1, n_img * nodes * width))
+        types = torch.tensor([GG, GL_TXT, GL_IMG] + [T2I] * n_word + [I2T] * n_reg,
+                             device=regions.device)
+        out = []
+        for start in range(0, n_txt, chunk):
+            sl = slice(start, start + chunk)
+            out.append(self._score_block(regions, rmask, vg, words[sl], wmask[sl], tg[sl], types))
+        return torch.cat(out, 1)
+
+    def _score_block(self, regions, rmask, vg, words, wmask, tg, types):
+        """Scores [n_img, c] of every image with each of c captions."""
+        n_img, c = regions.shape[0], words.shape[0]
+        lam = self.cfg.attn_lambda
+        r = regions[:, None]                                    # [I, 1, R, D]
+        w = words[None]                                         # [1, c, L, D]
+        rm, wm = rmask[:, None], wmask[None]
+        # local-local: each word with its attended regions, each region with its attended words
+        t2i = self.sim_t2i(attend(w, r, rm, lam), w)            # [I, c, L, S]
+        i2t = self.sim_i2t(attend(r, w, wm, lam), r)            # [I, c, R, S]
+        # global-local: each global vector with the locals of the other modality it attends to
+        gl_txt = self.sim_gl(attend(tg[None, :, None], r, rm, lam).squeeze(2), tg[None])
+        gl_img = self.sim_gl(attend(vg[:, None, None], w, wm, lam).squeeze(2), vg[:, None])
+        gg = self.sim_gg(vg[:, None], tg[None])                 # [I, c, S]
+        s = torch.cat([gg.unsqueeze(2), gl_txt.unsqueeze(2), gl_img.unsqueeze(2), t2i, i2t], 2)
+        mask = torch.cat([torch.ones(n_img, c, 3, dtype=torch.bool, device=s.device),
+                          wm.expand(n_img, c, -1), rm.expand(n_img, c, -1)], 2)
+        scores = self.relation(s.flatten(0, 1), mask.flatten(0, 1), types)
+        return scores.view(n_img, c)
