@@ -102,3 +102,66 @@ def pos_neg_margin_loss(sims: torch.Tensor, pos_margin: float = 0.6, neg_margin:
     neg = (~pos).to(sims.dtype)
     push = (sims - neg_margin).clamp(min=0) * neg
     return pull + (push.sum(1) / neg.sum(1).clamp(min=1)).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# CIMN (issue #9): gravitation loss
+
+def _gravity_hinge(anchor_sims: torch.Tensor, pos_sims: torch.Tensor, negatives: torch.Tensor,
+                   mass_anchor: torch.Tensor, mass_other: torch.Tensor, margin: float,
+                   power: float, eps: float) -> torch.Tensor:
+    """Sum over anchors (rows) of the force-weighted hinge against the anchor's negatives.
+
+    Row a: each negative b pulls with F(a, b) = m_a m_b / (r_ab + eps)**power, where r_ab =
+    sqrt(2 - 2 cos) is the Euclidean distance of the unit embeddings; anchor a spends its mass
+    m_a over its negatives in proportion to their pull:  w_ab = m_a F(a, b) / sum_c F(a, c).
+    The loss of row a is sum_b w_ab * max(0, margin + s_ab - s_a+). Forces and masses are
+    weights (no gradient flows through them); the hinge gives the direction.
+    """
+    with torch.no_grad():
+        r = (2 - 2 * anchor_sims).clamp(min=0).sqrt()
+        force = mass_anchor[:, None] * mass_other[None, :] / (r + eps) ** power
+        force = force * negatives
+        weights = mass_anchor[:, None] * force / force.sum(1, keepdim=True).clamp(min=1e-12)
+    hinge = (margin + anchor_sims - pos_sims[:, None]).clamp(min=0)
+    return (weights * hinge).sum()
+
+
+def gravitation_terms(img_emb: torch.Tensor, txt_emb: torch.Tensor, margin: float = 0.2,
+                      power: float = 2.0, positives: torch.Tensor | None = None,
+                      eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inter-modal and intra-modal terms of CIMN's Gravitation Loss for a batch of B pairs
+    (image i, caption i) of L2-normalised embeddings [B, D].
+
+    Mass of pair i: m_i = 2 - s_ii (detached; s_ii = cos(v_i, t_i), so m in [1, 3]): a pair whose
+    image and caption are still far apart is heavier, its hinge violations count more. The image
+    and the caption of a pair both carry the pair's mass.
+
+    inter: anchors v_i against captions t_j and anchors t_j against images v_i, j not positive,
+           hinge max(0, margin + s_ij - s_ii) (resp. - s_jj);
+    intra: anchors v_i against images v_k and t_i against captions t_k, k not positive, hinge
+           max(0, margin + cos(v_i, v_k) - s_ii): an image must be closer to its own caption
+           than to another image (same for captions).
+    Each anchor's hinges are weighted by the gravitational force law (see ``_gravity_hinge``):
+    close negatives pull hardest, so the loss concentrates on hard negatives smoothly instead of
+    weighting them all equally (sum) or keeping only the hardest (max).
+    """
+    sims = img_emb @ txt_emb.t()
+    neg = ~_positives(sims, positives)
+    pos_sims = sims.diagonal()
+    mass = (2 - pos_sims).detach()
+    args = dict(margin=margin, power=power, eps=eps)
+    inter = (_gravity_hinge(sims, pos_sims, neg, mass, mass, **args)
+             + _gravity_hinge(sims.t(), pos_sims, neg.t(), mass, mass, **args))
+    # positives[i, k] compares image ids, so it marks same-image pairs within a modality too
+    intra = (_gravity_hinge(img_emb @ img_emb.t(), pos_sims, neg, mass, mass, **args)
+             + _gravity_hinge(txt_emb @ txt_emb.t(), pos_sims, neg, mass, mass, **args))
+    return inter, intra
+
+
+def gravitation_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, margin: float = 0.2,
+                     power: float = 2.0, intra_weight: float = 0.5,
+                     positives: torch.Tensor | None = None) -> torch.Tensor:
+    """CIMN's Gravitation Loss: inter + intra_weight * intra (see ``gravitation_terms``)."""
+    inter, intra = gravitation_terms(img_emb, txt_emb, margin, power, positives)
+    return inter + intra_weight * intra
