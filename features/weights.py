@@ -27,6 +27,7 @@ _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1")
 }
 # tensors a detectron2 checkpoint may carry besides the network; checked, not loaded
 _PREPROCESSING_KEYS = ("pixel_mean", "pixel_std")
@@ -175,6 +176,6 @@ def save_detectron2_pickle(model: nn.Module, path) -> Path:
     """Write the model's tensors in the detectron2 pickle layout (``{"model": {name: ndarray}}``)."""
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
-    pickle.dump({"model": state, "__author__": "itmkit", "matching_heuristics": False}, buf, protocol=2)
+    pickle.dump({"model": state, "__author__": "itmkit", "matching_heuristics": False}, buf, protocol=4)
     Path(path).write_bytes(buf.getvalue())
     return Path(path)
