@@ -74,7 +74,7 @@ class DemoConfig:
     def splits(self) -> dict[str, int]:
         """Test split up to 1,000 images (the F30K/COCO-1K protocol size), val up to 1,000."""
         n = self.images
-        test, val = min(1000, n // 2), min(1000, n // 10)
+        test, val = max(1, min(1000, n // 2)), max(1, min(1000, n // 10))
         return {"train": n - test - val, "val": val, "test": test}
 
 

@@ -1,12 +1,482 @@
-"""`python -m pipeline ingest`: not yet available (issue #4)."""
+"""``python -m pipeline ingest``: read a dataset manifest into images.parquet + captions.parquet.
 
+One reader per source format (Karpathy split file, official COCO captions files, a folder of
+images with a CSV/JSONL of captions, the generated demo) turns the annotations into a list of
+``Source`` images; the checks that follow are the same for all of them: duplicate ids, bad
+captions, images missing on disk, too few captions, expected counts. Problems are collected,
+never raised mid-way: by default the offending rows are skipped and counted in the summary, with
+``--strict`` the first problem fails the run before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import re
 import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import manifest as manifests
+from pipeline import shards
+from pipeline.config import add_root_argument, resolve_root
+from pipeline.manifest import SPLITS, Manifest, ManifestError
+from pipeline.shards import Layout
+
+INGEST_VERSION = 1
+MAX_SHOWN = 20  # problems printed; all of them go to the report file
 
 
-def add_arguments(p):
-    p.add_argument("args", nargs="*", help="not yet available")
+class IngestError(RuntimeError):
+    """The input cannot be ingested (unreadable annotation file, or a problem under --strict)."""
+
+
+@dataclass
+class Caption:
+    caption_id: int
+    text: object   # as read; cleaned by the checks
+    where: str     # file and row, for messages
+
+
+@dataclass
+class Source:
+    """One image as the annotations describe it."""
+
+    image_id: int
+    path: Path
+    split: str
+    where: str
+    captions: list[Caption] = field(default_factory=list)
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class Report:
+    """Problems found, by category; each names the file and row."""
+
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    strict: bool = False
+
+    def add(self, category: str, where: str, what: str) -> None:
+        msg = f"{where}: {what}"
+        if self.strict:
+            raise IngestError(f"{msg} (--strict: nothing written)")
+        self.problems.append((category, msg))
+
+    def counts(self) -> Counter:
+        return Counter(c for c, _ in self.problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading annotation files
+
+READERS = {}
+
+
+def reader(fmt: str):
+    def register(fn):
+        READERS[fmt] = fn
+        return fn
+    return register
+
+
+def read_json_annotations(path: Path):
+    """JSON with any invalid UTF-8 bytes kept as surrogates, so that one bad caption is
+    reported by row instead of failing the whole file."""
+    if not path.exists():
+        raise IngestError(f"{path}: annotation file not found")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8", errors="surrogateescape"))
+    except json.JSONDecodeError as e:
+        raise IngestError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+
+
+def image_number(name: str) -> int | None:
+    digits = re.findall(r"\d+", Path(name).stem)
+    return int(digits[-1]) if digits else None
+
+
+@reader("karpathy")
+def read_karpathy(m: Manifest, report: Report) -> list[Source]:
+    ann = m.annotation_files()[0]
+    data = read_json_annotations(ann["file"])
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise IngestError(f"{ann['file']}: not a Karpathy split file (no 'images' list)")
+    out = []
+    for i, entry in enumerate(data["images"]):
+        where = f"{ann['file'].name} images[{i}]"
+        if not isinstance(entry, dict):
+            report.add("malformed entry", where, "not a JSON object")
+            continue
+        where += f" ({entry.get('filename', '?')})"
+        split = m["splits"].get(entry.get("split"))
+        if split is None:
+            if entry.get("split") not in m["splits"]:
+                report.add("unknown split", where, f"split {entry.get('split')!r} is not in the "
+                           f"manifest's splits {sorted(m['splits'])}")
+            continue
+        try:
+            path = ann["images"] / m["path_template"].format(**entry)
+        except (KeyError, IndexError) as e:
+            report.add("malformed entry", where, f"path_template {m['path_template']!r} needs field {e}")
+            continue
+        key = m["image_id"]
+        image_id = image_number(str(entry.get("filename", ""))) if key == "filename" else entry.get(key)
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            report.add("malformed entry", where, f"no integer image id in field '{key}'")
+            continue
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list):
+            report.add("malformed entry", where, "no 'sentences' list")
+            continue
+        src = Source(image_id, path, split, where)
+        for j, s in enumerate(sentences):
+            swhere = f"{ann['file'].name} images[{i}].sentences[{j}]"
+            if not isinstance(s, dict) or not isinstance(s.get("sentid"), int):
+                report.add("malformed entry", swhere, "sentence without an integer 'sentid'")
+                continue
+            text = s.get("raw")
+            if text is None and isinstance(s.get("tokens"), list):
+                text = " ".join(map(str, s["tokens"]))
+            src.captions.append(Caption(s["sentid"], text, swhere + f" (sentid {s['sentid']})"))
+        out.append(src)
+    return out
+
+
+@reader("coco")
+def read_coco(m: Manifest, report: Report) -> list[Source]:
+    """Official ``captions_*.json``: an ``images`` list and an ``annotations`` list per file."""
+    out = []
+    for ann in m.annotation_files():
+        data = read_json_annotations(ann["file"])
+        name = ann["file"].name
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+                or not isinstance(data.get("annotations"), list):
+            raise IngestError(f"{ann['file']}: not a COCO captions file (needs 'images' and 'annotations' lists)")
+        split = m["splits"].get(ann["split"], ann["split"]) if m.get("splits") else ann["split"]
+        if split not in SPLITS:
+            raise IngestError(f"{m.file}: annotation file {name} has split {ann['split']!r}; "
+                              f"must map to one of {SPLITS}")
+        by_id = {}
+        for i, img in enumerate(data["images"]):
+            where = f"{name} images[{i}]"
+            if not isinstance(img, dict) or not isinstance(img.get("id"), int) or "file_name" not in img:
+                report.add("malformed entry", where, "image without an integer 'id' and a 'file_name'")
+                continue
+            src = Source(img["id"], ann["images"] / img["file_name"], split, f"{where} ({img['file_name']})",
+                         width=int(img.get("width") or 0), height=int(img.get("height") or 0))
+            if img["id"] not in by_id:  # a repeated id is reported by the common checks
+                by_id[img["id"]] = src
+            out.append(src)
+        for i, a in enumerate(data["annotations"]):
+            where = f"{name} annotations[{i}]"
+            if not isinstance(a, dict) or not isinstance(a.get("id"), int):
+                report.add("malformed entry", where, "annotation without an integer 'id'")
+                continue
+            src = by_id.get(a.get("image_id"))
+            if src is None:
+                report.add("missing image", where, f"annotation {a['id']} refers to image_id "
+                           f"{a.get('image_id')!r}, which is not in the file's images")
+                continue
+            src.captions.append(Caption(a["id"], a.get("caption"), f"{where} (id {a['id']})"))
+    return out
+
+
+def read_rows(path: Path, columns: dict) -> list[tuple[int, dict | None, str]]:
+    """(line number, row or None, error) of a CSV/TSV or JSONL file, decoding line by line so
+    that bytes that are not UTF-8 spoil only their own row."""
+    if not path.exists():
+        raise IngestError(f"{path}: captions file not found")
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    rows = []
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.append((n, None, f"not a JSON object: {e.msg}"))
+                continue
+            rows.append((n, row, "") if isinstance(row, dict) else (n, None, "not a JSON object"))
+        return rows
+    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+    r = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)
+    need = [columns["file"], columns["caption"]]
+    if r.fieldnames is None or any(c not in r.fieldnames for c in need):
+        raise IngestError(f"{path}: header must name the columns {need}, found {r.fieldnames}")
+    for row in r:
+        rows.append((r.line_num, row, ""))
+    return rows
+
+
+def stable_id(key: str) -> int:
+    """A 60-bit id from the image's path relative to the image folder: the same file gets the
+    same id in every run, whatever else is added to the folder."""
+    return int(hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:15], 16)
+
+
+def hashed_split(key: str, fractions: dict) -> str:
+    u = int(hashlib.sha1(("split:" + key).encode("utf-8", "surrogateescape")).hexdigest()[:8], 16) / 2**32
+    acc = 0.0
+    for split in SPLITS:
+        acc += fractions[split]
+        if u < acc:
+            return split
+    return SPLITS[-1]
+
+
+@reader("folder")
+def read_folder(m: Manifest, report: Report) -> list[Source]:
+    """A folder of images and a CSV/TSV/JSONL with one (file, caption[, split]) per row."""
+    ann = m.annotation_files()[0]
+    cols = {"file": "file", "caption": "caption", "split": "split", **m["columns"]}
+    mapping = m.get("splits") or {}
+    by_key: dict[str, Source] = {}
+    for n, row, error in read_rows(ann["file"], cols):
+        where = f"{ann['file'].name} line {n}"
+        if row is None:
+            report.add("malformed entry", where, error)
+            continue
+        file = row.get(cols["file"])
+        if not isinstance(file, str) or not file.strip():
+            report.add("malformed entry", where, f"no image file in column '{cols['file']}'")
+            continue
+        key = Path(file.strip()).as_posix()
+        src = by_key.get(key)
+        if src is None:
+            given = row.get(cols["split"])
+            if given not in (None, ""):
+                split = mapping.get(given, given)
+                if split not in SPLITS:
+                    report.add("unknown split", where, f"split {given!r} is not one of {SPLITS}")
+                    continue
+            else:
+                split = hashed_split(key, m["split_fractions"])
+            src = by_key[key] = Source(stable_id(key), ann["images"] / key, split, f"{where} ({key})")
+        src.captions.append(Caption(n, row.get(cols["caption"]), where))
+    return list(by_key.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# checks shared by every format
+
+def clean_caption(text, max_tokens: int) -> tuple[str | None, str, str]:
+    """(clean text, problem category, message); text is None when the caption is rejected."""
+    if not isinstance(text, str):
+        return None, "malformed caption", f"caption is {type(text).__name__}, not text"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "not UTF-8", "caption is not valid UTF-8"
+    tokens = text.split()
+    if not tokens:
+        return None, "empty caption", "caption is empty or whitespace-only"
+    if len(tokens) > max_tokens:
+        return None, "too long", f"caption has {len(tokens):,} tokens (max_tokens {max_tokens})"
+    return " ".join(tokens), "", ""
+
+
+def check(sources: list[Source], m: Manifest, report: Report, *, with_images: bool,
+          progress: bool) -> list[Source]:
+    kept, seen_images, seen_captions = [], {}, {}
+    for src in sources:
+        if src.image_id in seen_images:
+            report.add("duplicate id", src.where,
+                       f"image id {src.image_id} already used by {seen_images[src.image_id]}")
+            continue
+        seen_images[src.image_id] = src.where
+        good = []
+        for c in sorted(src.captions, key=lambda c: c.caption_id):
+            if c.caption_id in seen_captions:
+                report.add("duplicate id", c.where, f"caption id {c.caption_id} already used by "
+                           f"{seen_captions[c.caption_id]}")
+                continue
+            seen_captions[c.caption_id] = c.where
+            text, category, msg = clean_caption(c.text, m["max_tokens"])
+            if text is None:
+                report.add(category, c.where, msg)
+                continue
+            good.append(Caption(c.caption_id, text, c.where))
+        src.captions = good
+        kept.append(src)
+
+    out = []
+    for src in tqdm(kept, desc="checking images", unit="img", disable=not progress or not with_images,
+                    mininterval=2):
+        if with_images:
+            if not src.path.is_file():
+                report.add("missing image", src.where, f"image file {src.path} not found")
+                continue
+            if not (src.width and src.height):
+                try:
+                    with Image.open(src.path) as im:
+                        src.width, src.height = im.size
+                except (OSError, ValueError) as e:
+                    report.add("unreadable image", src.where, f"cannot read {src.path}: {e}")
+                    continue
+        if len(src.captions) < m["min_captions"]:
+            report.add("too few captions", src.where, f"image {src.image_id} has {len(src.captions)} "
+                       f"valid caption(s), min_captions is {m['min_captions']}")
+            continue
+        out.append(src)
+    order = {s: i for i, s in enumerate(SPLITS)}
+    return sorted(out, key=lambda s: order[s.split])  # stable: source order within a split
+
+
+def count_mismatches(m: Manifest, split_counts: dict) -> list[str]:
+    exp = m.get("expected") or {}
+    out = []
+    if "images" in exp and sum(split_counts.values()) != exp["images"]:
+        out.append(f"images {sum(split_counts.values()):,} != expected {exp['images']:,}")
+    for split, n in (exp.get("splits") or {}).items():
+        if split_counts.get(split, 0) != n:
+            out.append(f"{split} {split_counts.get(split, 0):,} != expected {n:,}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+@dataclass
+class Result:
+    dataset_dir: Path
+    skipped: bool = False
+    images: int = 0
+    captions: int = 0
+    split_counts: dict = field(default_factory=dict)
+    problems: Counter = field(default_factory=Counter)
+    mismatches: list = field(default_factory=list)
+    report_file: Path | None = None
+    messages: list = field(default_factory=list)
+
+
+def inputs_hash(m: Manifest) -> str:
+    files = [a["file"] for a in m.annotation_files()]
+    for f in files:
+        if not f.exists():
+            raise IngestError(f"{f}: annotation file not found (set it with --annotations or --source-root)")
+    return shards.config_hash([shards.sha256_file(f) for f in files])
+
+
+def ingest(m: Manifest, root, *, strict: bool = False, with_images: bool = True,
+           force: bool = False, progress: bool = True) -> Result:
+    layout = Layout(Path(root), m.name)
+    if m.format == "demo":
+        return ingest_demo(m, layout, strict=strict, force=force, progress=progress)
+    chash = shards.config_hash({"manifest": m.resolved(), "with_images": with_images,
+                                "version": INGEST_VERSION})
+    ihash = inputs_hash(m)
+    index = layout.index
+    if not force and index.is_valid("images", layout.images, chash, ihash) \
+            and index.is_valid("captions", layout.captions, chash, ihash):
+        meta = shards.table_metadata(layout.images).get("summary", {})
+        return Result(layout.dir, skipped=True, images=index.entry("images", layout.images).rows,
+                      captions=index.entry("captions", layout.captions).rows,
+                      split_counts=meta.get("splits", {}))
+
+    report = Report(strict=strict)
+    if with_images and not m.images_dir.is_dir():
+        raise IngestError(f"{m.images_dir}: image folder not found (set it with --images-dir or "
+                          f"--source-root, or use --without-images for a text-only ingest)")
+    sources = check(READERS[m.format](m, report), m, report, with_images=with_images, progress=progress)
+    split_counts = {s: sum(src.split == s for src in sources) for s in SPLITS}
+    mismatches = count_mismatches(m, split_counts)
+    if strict and mismatches:
+        raise IngestError(f"{m.file}: counts differ from the manifest's expected counts: "
+                          f"{'; '.join(mismatches)} (--strict: nothing written)")
+    if not sources:
+        raise IngestError(f"{m.file}: no image survived the checks; nothing written "
+                          f"({', '.join(f'{n} {c}' for c, n in report.counts().items()) or 'no entries'})")
+
+    images = [{"image_id": s.image_id, "path": str(s.path.resolve()), "split": s.split,
+               "width": s.width, "height": s.height} for s in sources]
+    caps = [{"caption_id": c.caption_id, "image_id": s.image_id, "split": s.split, "text": c.text}
+            for s in sources for c in s.captions]
+    summary = {"splits": split_counts, "problems": dict(report.counts()), "mismatches": mismatches,
+               "with_images": with_images}
+    meta = {"manifest": m.resolved(), "config_hash": chash, "summary": summary}
+    report_file = None
+    if report.problems:
+        report_file = layout.dir / "ingest-report.txt"
+        with shards.atomic_path(report_file) as tmp:
+            tmp.write_text("".join(f"[{c}] {msg}\n" for c, msg in report.problems),
+                           encoding="utf-8", errors="backslashreplace")
+    shards.write_table(layout.images, images, "images", metadata=meta)
+    shards.write_table(layout.captions, caps, "captions", metadata=meta)
+    index.register("images", layout.images, rows=len(images), config_hash=chash, inputs_hash=ihash)
+    index.register("captions", layout.captions, rows=len(caps), config_hash=chash, inputs_hash=ihash)
+    return Result(layout.dir, images=len(images), captions=len(caps), split_counts=split_counts,
+                  problems=report.counts(), mismatches=mismatches, report_file=report_file,
+                  messages=[msg for _, msg in report.problems])
+
+
+def ingest_demo(m: Manifest, layout: Layout, *, strict: bool, force: bool, progress: bool) -> Result:
+    from pipeline import demo
+
+    if m.name != demo.NAME:
+        raise IngestError(f"{m.file}: the demo dataset is always named '{demo.NAME}', not {m.name!r}")
+    cfg = demo.DemoConfig(**m["demo"])
+    s = demo.generate(layout.root, cfg, force=force, progress=progress)
+    split_counts = cfg.splits()
+    mismatches = count_mismatches(m, split_counts)
+    if strict and mismatches:
+        raise IngestError(f"{m.file}: counts differ from the manifest's expected counts: {'; '.join(mismatches)}")
+    return Result(layout.dir, skipped=s["skipped"], images=cfg.images, captions=5 * cfg.images,
+                  split_counts=split_counts, mismatches=mismatches)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True,
+                   help="manifest file (manifests/coco.yaml) or the name of one in manifests/ (coco)")
+    add_root_argument(p)
+    p.add_argument("--source-root", help="folder the manifest's relative image/annotation paths start from")
+    p.add_argument("--images-dir", help="image folder (overrides the manifest's 'images')")
+    p.add_argument("--annotations", help="annotation file (overrides the manifest's 'annotations')")
+    p.add_argument("--name", help="dataset name, i.e. folder under the data root (overrides 'name')")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any manifest field, dotted keys, YAML values "
+                        "(e.g. --set expected=null --set max_tokens=100); repeatable")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first bad row or count mismatch instead of skipping it")
+    p.add_argument("--without-images", action="store_true",
+                   help="text-only: do not look at image files (width/height 0, no missing-image check)")
+    p.add_argument("--force", action="store_true", help="ingest again even if shards.json says it is current")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:
-    print("pipeline ingest: not yet available (issue #4)", file=sys.stderr)
-    return 2
+    try:
+        m = manifests.load(args.manifest, source_root=args.source_root, images_dir=args.images_dir,
+                           annotations=args.annotations, name=args.name, sets=args.set)
+        r = ingest(m, resolve_root(args.root), strict=args.strict, with_images=not args.without_images,
+                   force=args.force, progress=not args.quiet)
+    except (ManifestError, IngestError, ValueError, shards.ShardError) as e:
+        print(f"ingest: error: {e}", file=sys.stderr)
+        return 1
+    for msg in r.messages[:MAX_SHOWN]:
+        print(f"ingest: skipped {msg}", file=sys.stderr)
+    if len(r.messages) > MAX_SHOWN:
+        print(f"ingest: ... and {len(r.messages) - MAX_SHOWN} more", file=sys.stderr)
+    splits = " / ".join(f"{r.split_counts.get(s, 0):,} {s}" for s in SPLITS)
+    if r.skipped:
+        line = f"ingest: {m.name}: up to date in {r.dataset_dir} ({r.images:,} images, {r.captions:,} captions); nothing written"
+    else:
+        line = f"ingest: {m.name}: wrote {r.images:,} images ({splits}) and {r.captions:,} captions to {r.dataset_dir}"
+    if r.problems:
+        line += "; skipped " + ", ".join(f"{n} {c}" for c, n in sorted(r.problems.items()))
+        line += f" (listed in {r.report_file})"
+    if args.without_images and m.format != "demo":
+        line += "; images not checked (--without-images)"
+    line += ("; counts differ from the manifest: " + "; ".join(r.mismatches)) if r.mismatches \
+        else ("; counts match the manifest" if m.get("expected") else "")
+    print(line)
+    return 0

@@ -1,0 +1,157 @@
+"""Dataset manifests (manifests/*.yaml): loading, command-line overrides, schema validation.
+
+A manifest says where a dataset's images and annotation files live (paths relative to its
+``source_root``), how its source splits map onto train/val/test, and which counts to expect.
+Overrides (``--source-root``, ``--images-dir``, ``--annotations``, ``--set key=value``) are
+applied before validation, so a wrong override is reported like a wrong manifest: by field name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"
+SCHEMA_FILE = MANIFEST_DIR / "schema.yaml"
+SPLITS = ("train", "val", "test")
+
+DEFAULTS = {"min_captions": 5, "max_tokens": 200, "path_template": "{filename}",
+            "split_fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "expected": None,
+            "protocols": [], "columns": {}}
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, not YAML, or does not follow manifests/schema.yaml."""
+
+
+@dataclass
+class Manifest:
+    name: str
+    format: str
+    file: Path                      # where the manifest was read from
+    data: dict = field(repr=False)  # the validated manifest, overrides applied, defaults filled
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    @property
+    def source_root(self) -> Path:
+        return Path(os.path.expanduser(self.data.get("source_root", ".")))
+
+    def path(self, rel: str) -> Path:
+        """A manifest path: absolute as given, else under ``source_root``."""
+        p = Path(os.path.expanduser(rel))
+        return p if p.is_absolute() else self.source_root / p
+
+    @property
+    def images_dir(self) -> Path:
+        return self.path(self.data["images"])
+
+    def annotation_files(self) -> list[dict]:
+        """[{file: Path, split, images: Path}] for every annotation file."""
+        ann = self.data["annotations"]
+        if isinstance(ann, str):
+            return [{"file": self.path(ann), "split": None, "images": self.images_dir}]
+        return [{"file": self.path(a["file"]), "split": a["split"],
+                 "images": self.images_dir / a.get("images", "")} for a in ann]
+
+    def resolved(self) -> dict:
+        """The manifest with its paths made absolute (what the config hash is taken of)."""
+        out = dict(self.data)
+        out["source_root"] = str(self.source_root.resolve())
+        if "images" in out:
+            out["images"] = str(self.images_dir.resolve())
+        if "annotations" in out:
+            out["annotations"] = [{"file": str(a["file"].resolve()), "split": a["split"],
+                                   "images": str(a["images"].resolve())} for a in self.annotation_files()]
+        return out
+
+
+def find(name_or_path: str | os.PathLike) -> Path:
+    """``manifests/coco.yaml``, any path, or just ``coco`` (looked up in the project's manifests/)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    for candidate in (MANIFEST_DIR / p, MANIFEST_DIR / f"{p}.yaml"):
+        if p.parent == Path(".") and candidate.exists():
+            return candidate
+    raise ManifestError(f"{p}: manifest not found (give a path, or one of: "
+                        f"{', '.join(sorted(m.stem for m in MANIFEST_DIR.glob('*.yaml') if m.stem != 'schema'))})")
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``["expected=null", "demo.images=50"]`` -> {"expected": None, "demo.images": 50}."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ManifestError(f"--set {item!r}: expected KEY=VALUE (e.g. --set expected=null)")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ManifestError(f"--set {item!r}: value is not valid YAML: {e}") from e
+    return out
+
+
+def apply_overrides(data: dict, overrides: dict) -> dict:
+    """Set dotted keys (``expected.splits.test``), creating mappings on the way."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    for key, value in overrides.items():
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def _schema() -> dict:
+    if not SCHEMA_FILE.exists():
+        raise ManifestError(f"{SCHEMA_FILE}: manifest schema not found (incomplete checkout?)")
+    return yaml.safe_load(SCHEMA_FILE.read_text())
+
+
+def validate(data, source: str) -> None:
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            lines.append(f"  field '{where}': {e.message}")
+        raise ManifestError(f"{source}: invalid manifest\n" + "\n".join(lines))
+
+
+def load(name_or_path, *, source_root: str | None = None, images_dir: str | None = None,
+         annotations: str | None = None, name: str | None = None,
+         sets: list[str] | None = None) -> Manifest:
+    """Read, override, validate. Command-line paths are taken relative to the working
+    directory (they do not go under ``source_root``)."""
+    path = find(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: a manifest is a YAML mapping, got {type(data).__name__}")
+    overrides = parse_set(sets)
+    cli = {"source_root": source_root, "name": name,
+           "images": None if images_dir is None else str(Path(images_dir).resolve()),
+           "annotations": None if annotations is None else str(Path(annotations).resolve())}
+    overrides.update({k: v for k, v in cli.items() if v is not None})
+    data = apply_overrides(data, overrides)
+    validate(data, str(path))
+    for key, value in DEFAULTS.items():
+        data.setdefault(key, value)
+    if data["format"] == "folder" and abs(sum(data["split_fractions"].values()) - 1) > 1e-6:
+        raise ManifestError(f"{path}: field 'split_fractions': the fractions sum to "
+                            f"{sum(data['split_fractions'].values())}, not 1")
+    return Manifest(data["name"], data["format"], path, data)

@@ -1,0 +1,303 @@
+"""Dataset ingest on small fixtures: Karpathy COCO and F30K layouts, official COCO captions files,
+a generic folder with CSV/JSONL captions, bad input, manifests and cache reuse."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline import manifest as manifests
+from pipeline import shards
+from pipeline.__main__ import main as cli
+from pipeline.ingest import IngestError, ingest, stable_id
+from pipeline.manifest import ManifestError
+from pipeline.shards import Layout
+
+
+def write_image(path: Path, size=(12, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 30, 200)).save(path)
+
+
+def sentences(start, n=5, text="a dog on a mat"):
+    return [{"raw": f"{text} {k}", "tokens": [], "sentid": start + k, "imgid": 0} for k in range(n)]
+
+
+# Karpathy order on purpose interleaves splits; restval must become train
+COCO_SPLITS = ["train", "restval", "val", "test", "test", "train"]
+
+
+@pytest.fixture
+def coco_src(tmp_path):
+    src = tmp_path / "coco"
+    entries = []
+    for i, split in enumerate(COCO_SPLITS):
+        folder = "train2014" if split in ("train", "restval") else "val2014"
+        name = f"COCO_{folder}_{1000 + i:012d}.jpg"
+        write_image(src / "images" / folder / name, size=(10 + i, 7))
+        entries.append({"filepath": folder, "filename": name, "imgid": i, "split": split,
+                        "cocoid": 1000 + i, "sentids": [], "sentences": sentences(100 * i, 6 if i == 2 else 5)})
+    (src / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return src
+
+
+@pytest.fixture
+def f30k_src(tmp_path):
+    src = tmp_path / "f30k"
+    entries = []
+    for i, split in enumerate(["train", "train", "train", "val", "test", "test"]):
+        name = f"{36979 + i}.jpg"
+        write_image(src / "images" / name)
+        entries.append({"filename": name, "imgid": i, "split": split, "sentids": [],
+                        "sentences": sentences(5 * i)})
+    (src / "dataset_flickr30k.json").write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    return src
+
+
+def rows(root, name, kind):
+    return shards.read_table(getattr(Layout(root, name), kind), kind).to_pylist()
+
+
+def test_karpathy_coco_layout(coco_src, tmp_path, capsys):
+    root = tmp_path / "data"
+    assert cli(["ingest", "--manifest", "manifests/coco.yaml", "--root", str(root),
+                "--source-root", str(coco_src), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 6 images (3 train / 1 val / 2 test) and 31 captions" in out
+    assert "counts differ from the manifest: images 6 != expected 123,287" in out
+    images = rows(root, "coco", "images")
+    # splits grouped train, val, test; Karpathy file order kept inside each split
+    assert [(r["image_id"], r["split"]) for r in images] == [
+        (1000, "train"), (1001, "train"), (1005, "train"), (1002, "val"), (1003, "test"), (1004, "test")]
+    for r in images:
+        assert Path(r["path"]).is_absolute() and Path(r["path"]).exists()
+        assert (r["width"], r["height"]) == (10 + r["image_id"] - 1000, 7)
+    caps = rows(root, "coco", "captions")
+    assert len(caps) == 31 and len({c["caption_id"] for c in caps}) == 31
+    assert [c["caption_id"] for c in caps if c["image_id"] == 1002] == list(range(200, 206))
+    assert {c["split"] for c in caps if c["image_id"] == 1001} == {"train"}
+    index = Layout(root, "coco").index
+    assert [e.rows for e in index.entries("images")] == [6]
+    assert [e.rows for e in index.entries("captions")] == [31]
+    assert index.verify() == []
+
+
+def test_karpathy_f30k_counts_match_and_overrides(f30k_src, tmp_path, capsys):
+    root = tmp_path / "data"
+    args = ["ingest", "--manifest", "f30k", "--root", str(root), "--quiet",
+            "--images-dir", str(f30k_src / "images"), "--annotations", str(f30k_src / "dataset_flickr30k.json"),
+            "--set", "expected={images: 6, splits: {train: 3, val: 1, test: 2}}"]
+    assert cli(args) == 0
+    assert "counts match the manifest" in capsys.readouterr().out
+    assert [r["image_id"] for r in rows(root, "f30k", "images")] == [0, 1, 2, 3, 4, 5]
+    # image ids from the file name number instead of imgid
+    assert cli(args + ["--set", "image_id=filename", "--name", "f30k_byname"]) == 0
+    assert [r["image_id"] for r in rows(root, "f30k_byname", "images")] == list(range(36979, 36985))
+    # a wrong count fails under --strict, before anything is written
+    assert cli(args + ["--set", "expected.splits.test=1000", "--strict", "--name", "f30k_strict"]) == 1
+    assert "test 2 != expected 1,000" in capsys.readouterr().err
+    assert not Layout(root, "f30k_strict").dir.exists()
+
+
+def test_bad_input_is_skipped_with_file_and_row(coco_src, tmp_path, capsys):
+    ann = coco_src / "dataset_coco.json"
+    data = json.loads(ann.read_text())
+    s0 = data["images"][0]["sentences"]
+    s0[0]["raw"], s0[1]["raw"] = "", "   \t "                      # empty, whitespace-only
+    s0[2]["raw"] = " ".join(["word"] * 10_000)                       # 10,000 tokens
+    data["images"][1]["sentences"][0]["sentid"] = 102                # duplicate caption id (image 1 has 100..104)
+    data["images"][1]["sentences"][1]["sentid"] = 3                  # duplicate of image 0's sentid 3
+    data["images"].append(dict(data["images"][5]))                   # duplicate image id 1005
+    data["images"][3]["filename"] = "COCO_val2014_gone.jpg"          # missing on disk
+    blob = json.dumps(data).replace('"a dog on a mat 4"', '"a dog \\u00e9 MARK"', 1).encode()
+    blob = blob.replace("\\u00e9 MARK".encode(), b"\xff\xfe MARK")    # bytes that are not UTF-8
+    ann.write_bytes(blob)
+    root = tmp_path / "data"
+    assert cli(["ingest", "--manifest", "coco", "--root", str(root), "--source-root", str(coco_src),
+                "--set", "expected=null", "--quiet"]) == 0
+    err, out = capsys.readouterr()[::-1]
+    assert "dataset_coco.json images[0].sentences[0] (sentid 0): caption is empty or whitespace-only" in err
+    assert "images[0].sentences[1] (sentid 1): caption is empty or whitespace-only" in err
+    assert "images[0].sentences[2] (sentid 2): caption has 10,000 tokens" in err
+    assert "images[0].sentences[4] (sentid 4): caption is not valid UTF-8" in err
+    assert "images[1].sentences[1] (sentid 3): caption id 3 already used by" in err
+    assert "images[6] (COCO_train2014_000000001005.jpg): image id 1005 already used by" in err
+    assert "images[3] (COCO_val2014_gone.jpg): image file" in err and "not found" in err
+    # image 0 kept 1 of 5 captions and image 1 kept 3: both are left out (min_captions 5)
+    assert "image 1000 has 1 valid caption(s)" in err
+    assert "images[1].sentences[2] (sentid 102): caption id 102 already used by" in err
+    for expect in ("3 duplicate id", "2 empty caption", "1 missing image", "1 not UTF-8",
+                   "1 too long", "2 too few captions"):
+        assert expect in out, out
+    report = (root / "coco" / "ingest-report.txt").read_text()
+    assert report.count("\n") == 10
+    images = rows(root, "coco", "images")
+    assert [r["image_id"] for r in images] == [1005, 1002, 1004]
+    assert len(rows(root, "coco", "captions")) == 5 + 6 + 5
+
+    # --strict fails on the first problem, leaving the earlier outputs as they were
+    before = (root / "coco" / "images.parquet").read_bytes()
+    assert cli(["ingest", "--manifest", "coco", "--root", str(root), "--source-root", str(coco_src),
+                "--set", "expected=null", "--set", "max_tokens=100", "--strict", "--quiet"]) == 1
+    assert "--strict: nothing written" in capsys.readouterr().err
+    assert (root / "coco" / "images.parquet").read_bytes() == before
+
+
+def test_unreadable_annotations_fail_with_the_file_named(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "dataset_coco.json").write_text('{"images": [')
+    assert cli(["ingest", "--manifest", "coco", "--root", str(tmp_path / "d"), "--source-root", str(src)]) == 1
+    assert "dataset_coco.json: not valid JSON (line 1" in capsys.readouterr().err
+    (src / "dataset_coco.json").write_text('{"dataset": "coco"}')
+    assert cli(["ingest", "--manifest", "coco", "--root", str(tmp_path / "d"), "--source-root", str(src)]) == 1
+    assert "not a Karpathy split file" in capsys.readouterr().err
+
+
+def test_official_coco_captions_files(tmp_path):
+    src = tmp_path / "coco"
+    for split, folder, ids in (("train", "train2014", [9, 25]), ("val", "val2014", [42])):
+        images = []
+        for i in ids:
+            name = f"COCO_{folder}_{i:012d}.jpg"
+            write_image(src / "images" / folder / name)
+            images.append({"id": i, "file_name": name, "width": 640, "height": 480})
+        anns = [{"id": 10 * i + k, "image_id": i, "caption": f"A cat number {k}."} for i in ids for k in range(5)]
+        anns.append({"id": 999 + ids[0], "image_id": 7777, "caption": "an orphan"})
+        (src / "annotations").mkdir(parents=True, exist_ok=True)
+        (src / "annotations" / f"captions_{folder}.json").write_text(
+            json.dumps({"images": images, "annotations": anns[::-1]}))
+    m = manifests.load("coco", source_root=str(src), sets=[
+        "format=coco", "expected=null", "path_template='{filename}'",
+        "annotations=[{file: annotations/captions_train2014.json, split: train, images: train2014},"
+        " {file: annotations/captions_val2014.json, split: val, images: val2014}]"])
+    r = ingest(m, tmp_path / "data", progress=False)
+    assert r.split_counts == {"train": 2, "val": 1, "test": 0}
+    assert r.problems == {"missing image": 2}, r.messages
+    assert any("captions_train2014.json annotations[0]: annotation 1008 refers to image_id 7777"
+               in msg for msg in r.messages)
+    images = rows(tmp_path / "data", "coco", "images")
+    assert [(x["image_id"], x["width"], x["height"]) for x in images] == [(9, 640, 480), (25, 640, 480), (42, 640, 480)]
+    caps = rows(tmp_path / "data", "coco", "captions")
+    assert [c["caption_id"] for c in caps if c["image_id"] == 25] == [250, 251, 252, 253, 254]
+
+
+def folder_fixture(tmp_path, fmt):
+    src = tmp_path / "mine"
+    for name in ("a.png", "b.png", "sub/c.png", "d.png"):
+        write_image(src / "photos" / name)
+    lines = [(f, f"photo {f} caption {k}") for f in ("a.png", "b.png", "sub/c.png") for k in range(5)]
+    if fmt == "csv":
+        body = "file,caption\n" + "".join(f'{f},"{t}"\n' for f, t in lines)
+        body += 'gone.png,"a missing photo"\n'
+        data = body.encode() + b'd.png,"bad \xff bytes"\n'
+        (src / "captions.csv").write_bytes(data)
+        return src, "captions.csv"
+    body = "".join(json.dumps({"file": f, "caption": t, "split": "test" if f == "b.png" else "train"}) + "\n"
+                   for f, t in lines)
+    (src / "captions.jsonl").write_text(body + "{broken\n")
+    return src, "captions.jsonl"
+
+
+def folder_manifest(tmp_path, src, ann, **extra):
+    path = tmp_path / "mine.yaml"
+    path.write_text(json.dumps({"name": "mine", "format": "folder", "source_root": str(src),
+                                "images": "photos", "annotations": ann, **extra}))
+    return path
+
+
+def test_folder_csv_stable_ids_and_hashed_splits(tmp_path):
+    src, ann = folder_fixture(tmp_path, "csv")
+    m = manifests.load(folder_manifest(tmp_path, src, ann))
+    r = ingest(m, tmp_path / "data", progress=False)
+    assert r.images == 3 and r.captions == 15
+    assert r.problems == {"missing image": 1, "not UTF-8": 1, "too few captions": 1}
+    assert any(msg.startswith("captions.csv line 17 (gone.png): image file") for msg in r.messages)
+    assert any(msg.startswith("captions.csv line 18: caption is not valid UTF-8") for msg in r.messages)
+    images = rows(tmp_path / "data", "mine", "images")
+    assert {x["image_id"] for x in images} == {stable_id("a.png"), stable_id("b.png"), stable_id("sub/c.png")}
+    assert all(x["split"] in ("train", "val", "test") for x in images)
+    # the same file keeps its id and split when the folder grows
+    with open(src / "captions.csv", "a") as f:
+        f.writelines(f'e.png,"new {k}"\n' for k in range(5))
+    write_image(src / "photos" / "e.png")
+    r2 = ingest(m, tmp_path / "data2", progress=False)
+    again = {x["image_id"]: x["split"] for x in rows(tmp_path / "data2", "mine", "images")}
+    assert r2.images == 4
+    assert all(again[x["image_id"]] == x["split"] for x in images)
+
+
+def test_folder_jsonl_with_split_column(tmp_path):
+    src, ann = folder_fixture(tmp_path, "jsonl")
+    m = manifests.load(folder_manifest(tmp_path, src, ann))
+    r = ingest(m, tmp_path / "data", progress=False)
+    assert r.split_counts == {"train": 2, "val": 0, "test": 1}
+    assert r.problems == {"malformed entry": 1}
+    assert "captions.jsonl line 16: not a JSON object" in r.messages[0]
+
+
+def test_cache_reuse_and_config_change(f30k_src, tmp_path, capsys):
+    root = tmp_path / "data"
+    base = ["ingest", "--manifest", "f30k", "--root", str(root), "--source-root", str(f30k_src), "--quiet"]
+    assert cli(base) == 0
+    mtime = (root / "f30k" / "images.parquet").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli(base) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (root / "f30k" / "images.parquet").stat().st_mtime_ns == mtime
+    assert cli(base + ["--set", "min_captions=4"]) == 0        # a config change reruns
+    assert "wrote 6 images" in capsys.readouterr().out
+    assert cli(base + ["--set", "max_tokens=3"]) == 1          # nothing would survive: nothing written
+    assert "no image survived the checks; nothing written (30 too long, 6 too few captions)" in capsys.readouterr().err
+    index = Layout(root, "f30k").index
+    assert len(index.entries("captions")) == 1                 # replaced, never mixed
+    ann = f30k_src / "dataset_flickr30k.json"
+    ann.write_text(ann.read_text().replace("a dog", "one dog"))  # an input change reruns
+    assert cli(base) == 0
+    assert "wrote 6 images" in capsys.readouterr().out
+
+
+def test_without_images_needs_only_the_annotations(f30k_src, tmp_path, capsys):
+    import shutil
+    shutil.rmtree(f30k_src / "images")
+    root = tmp_path / "data"
+    assert cli(["ingest", "--manifest", "f30k", "--root", str(root), "--source-root", str(f30k_src)]) == 1
+    assert "image folder not found" in capsys.readouterr().err
+    assert cli(["ingest", "--manifest", "f30k", "--root", str(root), "--source-root", str(f30k_src),
+                "--without-images"]) == 0
+    assert "images not checked" in capsys.readouterr().out
+    assert {(r["width"], r["height"]) for r in rows(root, "f30k", "images")} == {(0, 0)}
+
+
+def test_manifests_validate_and_name_the_field(tmp_path):
+    for name in ("coco", "f30k", "demo"):
+        m = manifests.load(name)
+        assert m.name == name
+    coco = manifests.load("coco")
+    assert coco["expected"] == {"images": 123287, "splits": {"train": 113287, "val": 5000, "test": 5000}}
+    assert coco["splits"]["restval"] == "train" and coco["folds"] == {"size": 1000, "count": 5}
+    f30k = manifests.load("f30k")
+    assert f30k["expected"] == {"images": 31783, "splits": {"train": 29000, "val": 1014, "test": 1000}}
+    with pytest.raises(ManifestError, match=r"field 'splits.restval': 'training' is not one of"):
+        manifests.load("coco", sets=["splits.restval=training"])
+    with pytest.raises(ManifestError, match=r"field '\(top level\)': 'image_id' is a required property"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("name: x\nformat: karpathy\nimages: i\nannotations: a.json\nsplits: {train: train}\n")
+        manifests.load(bad)
+    with pytest.raises(ManifestError, match="field 'name'"):
+        manifests.load("f30k", sets=["name=../escape"])
+    with pytest.raises(ManifestError, match="manifest not found"):
+        manifests.load("nonexistent")
+    with pytest.raises(ManifestError, match="expected KEY=VALUE"):
+        manifests.load("coco", sets=["novalue"])
+
+
+def test_demo_manifest_generates_the_demo(tmp_path, capsys):
+    assert cli(["ingest", "--manifest", "manifests/demo.yaml", "--root", str(tmp_path), "--quiet",
+                "--set", "demo.images=8", "--set", "expected.images=8",
+                "--set", "expected.splits={train: 3, val: 1, test: 4}"]) == 0
+    assert "wrote 8 images (3 train / 1 val / 4 test)" in capsys.readouterr().out
+    assert len(rows(tmp_path, "demo", "captions")) == 40
+    with pytest.raises(IngestError, match="always named 'demo'"):
+        ingest(manifests.load("demo", name="other"), tmp_path, progress=False)
