@@ -121,7 +121,7 @@ def _gravity_hinge(anchor_sims: torch.Tensor, pos_sims: torch.Tensor, negatives:
     with torch.no_grad():
         r = (2 - 2 * anchor_sims).clamp(min=0).sqrt()
         force = mass_anchor[:, None] * mass_other[None, :] / (r + eps) ** power
-        force = force * negatives
+        force = torch.where(negatives, force, torch.zeros_like(force))  # positives: r = 0
         weights = mass_anchor[:, None] * force / force.sum(1, keepdim=True).clamp(min=1e-12)
     hinge = (margin + anchor_sims - pos_sims[:, None]).clamp(min=0)
     return (weights * hinge).sum()
