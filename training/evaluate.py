@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-negatives", action="store_true",
                    help="pairwise accuracy on the dataset's hard_negatives.parquet pairs")
     p.add_argument("--fold-size", type=int, default=1000, help="images per coco-1k fold")
+    p.add_argument("--export-index", metavar="DIR", help="two-tower models: also write the image and "
+                   "caption embeddings (float16 + ids) to DIR for a vector index (training/export.py)")
     return p
 
 
@@ -102,6 +104,13 @@ def main(argv=None) -> int:
     else:
         if not args.run:
             raise CheckpointError("give a run folder (or --ensemble RUN1 RUN2 ...)")
+        if args.export_index:   # first, so that a cross-attention run is refused before scoring
+            from training.export import export_run
+            files, summary = export_run(args.run, root, args.export_index, split=args.split,
+                                        which=args.checkpoint, device=args.device,
+                                        batch_size=args.batch_size, workers=args.workers)
+            print(summary)
+            written += [str(f) for f in files]
         sims, data, run = model_sims(args, root)
         dataset, image_ids, out_dir = run.dataset, data.image_ids, Path(args.run)
         if args.save_sims:
