@@ -136,29 +136,42 @@ def sample_scene(rng: np.random.Generator, size: int) -> Scene:
     scene = Scene(objs, relation, int(rng.integers(100, 161)))
     if relation in ("above", "below") and abs(cells[0][0] - cells[1][0]) == 1 and rng.random() < 0.5:
         scene.relation = "on" if relation == "above" else "under"
-        stack(scene)
+        stack(scene, size)
     return scene
 
 
-def stack(scene: Scene) -> None:
+def stack(scene: Scene, size: int) -> None:
     """Put the upper of A and B right on the lower one (touching, centred)."""
     a, b = scene.objects[:2]
     upper, lower = (a, b) if scene.relation == "on" else (b, a)
-    upper.cx = lower.cx
+    fit_in_cell(upper, size, lower.cx)
+    fit_in_cell(lower, size, upper.cx)  # the same column: centred on each other, both inside
     upper.cy = lower.cy - lower.side / 2 - upper.side / 2
 
 
-def partner_scene(rng: np.random.Generator, scene: Scene) -> Scene | None:
+def fit_in_cell(o: Obj, size: int, cx: float | None = None) -> None:
+    """Move ``o`` (to ``cx`` if given) by as little as keeps it inside its grid cell."""
+    cell_px = size / 3
+    if cx is not None:
+        o.cx = cx
+    for axis, index in (("cx", o.cell[1]), ("cy", o.cell[0])):
+        lo, hi = index * cell_px + o.side / 2 + 1, (index + 1) * cell_px - o.side / 2 - 1
+        setattr(o, axis, float(np.clip(getattr(o, axis), lo, max(lo, hi))))
+
+
+def partner_scene(rng: np.random.Generator, scene: Scene, size: int) -> Scene | None:
     """The scene with A and B's relation reversed, or one attribute swapped between them."""
     other = copy.deepcopy(scene)
     a, b = other.objects[:2]
     if rng.random() < 0.5:
         a.cx, a.cy, b.cx, b.cy = b.cx, b.cy, a.cx, a.cy
         a.cell, b.cell = b.cell, a.cell
+        fit_in_cell(a, size)
+        fit_in_cell(b, size)
         other.relation = {"left": "right", "right": "left", "above": "below", "below": "above",
                           "on": "under", "under": "on"}[scene.relation]
         if other.relation in ("on", "under"):
-            stack(other)
+            stack(other, size)
         other.swapped = "position"
         return other
     for attr in rng.permutation(["colour", "colour", "texture", "size"]):
@@ -166,10 +179,12 @@ def partner_scene(rng: np.random.Generator, scene: Scene) -> Scene | None:
             va, vb = getattr(a, attr), getattr(b, attr)
             setattr(a, attr, vb)
             setattr(b, attr, va)
-            if attr == "size":  # swap the drawn sides too, then re-stack if they touch
+            if attr == "size":  # swap the drawn sides too, keep each object in its cell
                 a.side, b.side = b.side, a.side
+                for o in (a, b):
+                    fit_in_cell(o, size)
                 if other.relation in ("on", "under"):
-                    stack(other)
+                    stack(other, size)
             other.swapped = str(attr)
             return other
     return None
@@ -369,7 +384,7 @@ def build_scenes(cfg: DemoConfig) -> tuple[list[tuple[str, Scene]], list[dict]]:
             scene.captions = captions(rng, scene)
             out.append((split, scene))
             if len(out) - start < n and rng.random() < cfg.pair_fraction:
-                other = partner_scene(rng, scene)
+                other = partner_scene(rng, scene, cfg.image_size)
                 if other is not None:
                     other.captions = captions(np.random.default_rng([cfg.seed, i + 1]), other)
                     kind = "relation" if other.swapped == "position" else "attribute"

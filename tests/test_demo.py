@@ -66,6 +66,12 @@ def test_images_exist_and_boxes_are_inside_and_cover_objects(made):
         assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all()
         assert (b[:, 2] <= img["width"]).all() and (b[:, 3] <= img["height"]).all()
         assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+        # objects do not overlap (a stacked pair may touch)
+        for i in range(len(b)):
+            for j in range(i + 1, len(b)):
+                w = min(b[i, 2], b[j, 2]) - max(b[i, 0], b[j, 0])
+                h = min(b[i, 3], b[j, 3]) - max(b[i, 1], b[j, 1])
+                assert w <= 1 or h <= 1, (img["image_id"], b.tolist())
         # the object differs from the background inside its box, and the box is tight
         background = pixels[0, 0]
         for x1, y1, x2, y2 in b.astype(int):
