@@ -1,12 +1,205 @@
-"""`python -m pipeline parse`: not yet available (issue #6)."""
+"""``python -m pipeline parse``: captions.parquet -> scene-graph chunks, in parallel with dask.
 
+Chunk k holds caption rows [k * chunk_size, (k + 1) * chunk_size) of captions.parquet, in file
+order, at ``Layout.graphs(k)``. Each chunk is written atomically and registered in shards.json
+as soon as it is done, so a rerun after a kill parses only the chunks that are missing, stale
+(another parser config) or whose captions changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
 import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline import sgparse, shards
+from pipeline.config import add_root_argument, resolve_root
+
+LONG_CAPTION_TOKENS = 200  # captions longer than this are parsed, and counted in the summary
 
 
-def add_arguments(p):
-    p.add_argument("args", nargs="*", help="not yet available")
+@dataclass
+class ParseConfig:
+    model: str = sgparse.DEFAULT_MODEL
+    chunk_size: int = 5000
+    batch_size: int = 256  # nlp.pipe batch; does not change the output, so not in the hash
+
+    def identity(self) -> dict:
+        """What the graphs depend on; its hash is the config hash of every chunk."""
+        import spacy
+
+        model = sgparse.resolve_model(self.model)
+        return {"parser": sgparse.PARSER_VERSION, "model": model,
+                "model_version": sgparse.model_version(model), "spacy": spacy.__version__,
+                "chunk_size": self.chunk_size}
+
+
+@dataclass
+class ChunkTask:
+    root: str
+    dataset: str
+    chunk: int
+    caption_ids: list
+    texts: list
+    config_hash: str
+    inputs_hash: str
+
+
+def inputs_hash(caption_ids, texts) -> str:
+    h = hashlib.sha256()
+    for cid, text in zip(caption_ids, texts):
+        h.update(f"{cid}\x00{text if text is not None else ''}\x01".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=2)
+def _model(name: str):
+    # one pipeline per process: dask workers keep it between the chunks they parse
+    return sgparse.load_model(name)
+
+
+def parse_chunk(task: ChunkTask, cfg: ParseConfig) -> dict:
+    """Parse one chunk, write it, register it; return its counts. Runs in a dask worker."""
+    start = time.perf_counter()
+    nlp = _model(cfg.model)
+    texts = [t if isinstance(t, str) else "" for t in task.texts]
+    rows, counts = [], {"empty": 0, "no_objects": 0, "long": 0}
+    for cid, graph in zip(task.caption_ids, sgparse.parse_texts(nlp, texts, cfg.batch_size)):
+        rows.append(graph.row(cid))
+        n = len(graph.tokens)
+        counts["empty"] += n == 0
+        counts["no_objects"] += n > 0 and not graph.objects
+        counts["long"] += n > LONG_CAPTION_TOKENS
+    layout = shards.Layout(Path(task.root).absolute(), task.dataset)
+    path = layout.graphs(task.chunk)
+    shards.write_table(path, rows, "graphs", metadata={"config": cfg.identity(), "chunk": task.chunk})
+    layout.index.register("graphs", path, rows=len(rows), config_hash=task.config_hash,
+                          inputs_hash=task.inputs_hash, extra=counts)
+    return dict(counts, chunk=task.chunk, rows=len(rows), seconds=time.perf_counter() - start)
+
+
+def plan(layout: shards.Layout, cfg: ParseConfig, chunks: list[int] | None = None):
+    """(all chunk tasks in range, the ones to run, config hash, number of chunks)."""
+    table = shards.read_table(layout.captions, columns=["caption_id", "text"])
+    ids = table["caption_id"].to_pylist()
+    texts = table["text"].to_pylist()
+    chash = shards.config_hash(cfg.identity())
+    n_chunks = (len(ids) + cfg.chunk_size - 1) // cfg.chunk_size
+    wanted = range(n_chunks) if chunks is None else chunks
+    tasks, todo = [], []
+    for k in wanted:
+        if not 0 <= k < n_chunks:
+            raise ValueError(f"chunk {k} out of range: {layout.captions} has {len(ids)} captions, "
+                             f"{n_chunks} chunk(s) of {cfg.chunk_size}")
+        sl = slice(k * cfg.chunk_size, (k + 1) * cfg.chunk_size)
+        task = ChunkTask(str(layout.root), layout.name, k, ids[sl], texts[sl], chash,
+                         inputs_hash(ids[sl], texts[sl]))
+        tasks.append(task)
+        if not layout.index.is_valid("graphs", layout.graphs(k), chash, task.inputs_hash):
+            todo.append(task)
+    return tasks, todo, chash, n_chunks
+
+
+def drop_stale(layout: shards.Layout, chash: str, n_chunks: int) -> list[str]:
+    """Forget (and delete) graph chunks of another config, or past the last chunk: they must
+    never be read together with the current ones."""
+    index = layout.index
+    current = {index._rel(layout.graphs(k)) for k in range(n_chunks)}
+    gone = [e for e in index.entries("graphs") if e.config_hash != chash or e.path not in current]
+    if gone:
+        index.unregister("graphs", [e.path for e in gone])
+        for e in gone:
+            (index.dir / e.path).unlink(missing_ok=True)
+    return [e.path for e in gone]
+
+
+def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
+              scheduler: str | None = None, progress: bool = True) -> list[dict]:
+    """Parse the chunks here (one worker, no scheduler) or on a dask cluster."""
+    bar = tqdm(total=sum(len(t.caption_ids) for t in todo), unit="caption", disable=not progress,
+               desc="parse", file=sys.stderr)
+    results = []
+    if not todo:
+        bar.close()
+        return results
+    if scheduler is None and workers <= 1:
+        for task in todo:
+            results.append(parse_chunk(task, cfg))
+            bar.update(results[-1]["rows"])
+        bar.close()
+        return results
+
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None if scheduler else LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    try:
+        with Client(scheduler or cluster) as client:
+            futures = [client.submit(parse_chunk, t, cfg, pure=False, key=f"parse-{t.chunk}-{t.inputs_hash}")
+                       for t in todo]
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.update(results[-1]["rows"])
+    finally:
+        bar.close()
+        if cluster is not None:
+            cluster.close()
+    return sorted(results, key=lambda r: r["chunk"])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
+    add_root_argument(p)
+    p.add_argument("--workers", type=int, default=1,
+                   help="local dask worker processes (1: parse in this process)")
+    p.add_argument("--scheduler", default=None,
+                   help="address of an existing dask scheduler (tcp://host:8786); workers must "
+                        "see the same data root")
+    p.add_argument("--chunk-size", type=int, default=ParseConfig.chunk_size,
+                   help="captions per graph chunk (part of the config hash)")
+    p.add_argument("--chunk", type=int, action="append", default=None,
+                   help="parse only chunk K (repeatable); for schedulers that scatter chunks")
+    p.add_argument("--batch-size", type=int, default=ParseConfig.batch_size, help="nlp.pipe batch size")
+    p.add_argument("--model", default=sgparse.DEFAULT_MODEL,
+                   help=f"spaCy model name or path (default {sgparse.DEFAULT_MODEL}, falling back "
+                        f"to {', '.join(sgparse.FALLBACK_MODELS)})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:
-    print("pipeline parse: not yet available (issue #6)", file=sys.stderr)
-    return 2
+    # absolute, so that paths registered in shards.json resolve from any working directory
+    layout = shards.Layout(resolve_root(args.root).absolute(), args.dataset)
+    cfg = ParseConfig(model=args.model, chunk_size=args.chunk_size, batch_size=args.batch_size)
+    if cfg.chunk_size < 1 or args.workers < 1:
+        print("parse: --chunk-size and --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        tasks, todo, chash, n_chunks = plan(layout, cfg, args.chunk)
+    except shards.ShardError as e:
+        print(f"parse: {e} (run `python -m pipeline ingest` first)", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"parse: {e}", file=sys.stderr)
+        return 2
+    dropped = drop_stale(layout, chash, n_chunks) if args.chunk is None else []
+    if dropped:
+        print(f"parse: removed {len(dropped)} graph chunk(s) written with another config or past "
+              f"the last chunk: {', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}",
+              file=sys.stderr)
+    start = time.perf_counter()
+    results = run_tasks(todo, cfg, args.workers, args.scheduler, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    rows = sum(r["rows"] for r in results)
+    totals = {k: sum(r[k] for r in results) for k in ("empty", "no_objects", "long")}
+    rate = f", {rows / seconds:,.0f} captions/s" if rows else ""
+    print(f"parse {args.dataset}: wrote {len(results)} chunk(s) ({rows:,} captions) to "
+          f"{layout.graphs(0).parent} in {seconds:.1f}s{rate}; skipped {len(tasks) - len(todo)} "
+          f"chunk(s) already current (config {chash}); {totals['empty']} empty, "
+          f"{totals['no_objects']} without objects, {totals['long']} over {LONG_CAPTION_TOKENS} tokens")
+    return 0

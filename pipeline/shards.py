@@ -562,6 +562,31 @@ def read_vocab(path) -> dict:
     return vocab
 
 
+def write_vectors(path, vectors: np.ndarray) -> Path:
+    """Word vectors of a vocabulary: float32 [len(vocab), dim], rows in vocabulary id order."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"{path}: word vectors must be 2-D, got shape {vectors.shape}")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, vectors)
+    return Path(path)
+
+
+def read_vectors(path, vocab_size: int | None = None) -> np.ndarray:
+    path = Path(path)
+    if not path.exists():
+        raise ShardError(f"{path}: file not found")
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ShardError(f"{path}: cannot read as .npy (truncated or corrupt?): {e}") from e
+    if vectors.ndim != 2 or (vocab_size is not None and len(vectors) != vocab_size):
+        raise ShardError(f"{path}: word vectors of shape {vectors.shape} do not match a vocabulary "
+                         f"of {vocab_size} words")
+    return vectors
+
+
 class Vocabulary:
     """Word <-> id maps of a vocab.json, with the encode/decode the trainer uses.
 
@@ -765,6 +790,10 @@ class Layout:
     @property
     def vocab(self) -> Path:
         return self.dir / "text" / "vocab.json"
+
+    @property
+    def vocab_vectors(self) -> Path:
+        return self.dir / "text" / "vocab.vectors.npy"
 
     def graphs(self, chunk: int) -> Path:
         return self.dir / "text" / "graphs" / f"graphs-{chunk:04d}.parquet"
