@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     elif master:
         out.mkdir(parents=True, exist_ok=True)
         run.save(out)
-    train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
+    train_model = torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=cls.ddp_find_unused_parameters) if ddp else model
 
     writer = None
     if master:

@@ -65,6 +65,7 @@ class ITMModel(nn.Module):
     caption batch) block, so memory stays bounded by the evaluation batch sizes.
 
     ``needs_grid``: the model reads ``ImageBatch.grid``; the dataset must have grid shards.
+    ``ddp_find_unused_parameters``: passed to DistributedDataParallel.
     """
 
     name: ClassVar[str] = ""
@@ -72,6 +73,9 @@ class ITMModel(nn.Module):
     DATASET_DEFAULTS: ClassVar[dict[str, dict]] = {}
     two_tower: ClassVar[bool] = True
     needs_grid: ClassVar[bool] = False
+    # DDP must be told when some parameters may get no gradient in a step (e.g. a relation
+    # module on a batch without relations)
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig, vocab):
         super().__init__()
