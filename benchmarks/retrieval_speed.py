@@ -1,0 +1,200 @@
+"""Inference time of retrieval: CIMN (two-tower) against the fastest cross-attention model.
+
+    python benchmarks/retrieval_speed.py [--images 1000] [--boxes 36] [--budget-s 120]
+           [--cross MODEL ...] [--set KEY=VALUE ...] [--device cpu] [--threads 2]
+
+Scores N images x 5N captions of synthetic inputs (random region features and boxes, random
+captions of 8-16 words with a small scene graph) the way evaluation does: encode every image
+and caption in batches, then ``similarity`` (one matrix product for a two-tower model, every
+(image batch, caption batch) block for a cross-attention one). Each model runs in its own
+process so that its peak memory (max RSS, or peak CUDA memory) is its own. Models use their
+default (paper-size) configs unless changed with --set (applied where the field exists).
+
+Which cross-attention model is the fastest is measured, not assumed: each registered one scores
+one block first, and the fastest is timed on the full task. A cross-attention model that would
+exceed --budget-s is timed on as many image batches as fit in the budget and extrapolated
+linearly in the number of image batches (the caption encoding is measured in full); the output
+says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.shards import VOCAB_SPECIALS, Vocabulary
+from training import models
+from training.config import parse_overrides
+from training.data import collate_images, collate_text
+
+WORDS = [f"w{i}" for i in range(5000)]
+
+
+def vocab() -> Vocabulary:
+    return Vocabulary({"words": [[w, 0] for w in VOCAB_SPECIALS] + [[w, 1] for w in WORDS],
+                       "min_count": 1, "predicates": [[f"p{i}", 1] for i in range(50)],
+                       "attributes": [[f"a{i}", 1] for i in range(100)]})
+
+
+def image_batches(n, boxes, feature_dim, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        xy = rng.uniform(0, 0.7, (boxes, 2))
+        items.append({"image_id": i, "image_hw": (480, 640), "boxes_known": True,
+                      "features": rng.normal(0, 1, (boxes, feature_dim)).astype(np.float16),
+                      "boxes": np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (boxes, 2))], 1)
+                      .clip(0, 1).astype(np.float32)})
+    return [collate_images(items[s:s + batch]) for s in range(0, n, batch)]
+
+
+def caption_batches(n, voc, batch, seed=1):
+    rng = np.random.default_rng(seed)
+    items = []
+    for j in range(n):
+        length = int(rng.integers(8, 17))
+        tokens = np.array([voc.stoi["<start>"]] + list(rng.integers(len(VOCAB_SPECIALS), len(voc), length))
+                          + [voc.stoi["<end>"]])
+        objs = np.sort(rng.choice(np.arange(1, length + 1), 3, replace=False))
+        items.append({"caption_id": j, "image_id": j // 5, "tokens": tokens,
+                      "obj_index": objs, "obj_word": tokens[objs],
+                      "attr_object": np.array([0, 2]), "attr_id": rng.integers(1, 100, 2),
+                      "attr_word": tokens[objs[[0, 2]] - 1],
+                      "rel_subject": np.array([0, 1]), "rel_predicate": rng.integers(1, 50, 2),
+                      "rel_object": np.array([1, 2])})
+    return [collate_text(items[s:s + batch]) for s in range(0, n, batch)]
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure(args) -> dict:
+    """Time one model on the task (this process only)."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    voc = vocab()
+    cls = models.get(args.only)
+    known = {f.name for f in dataclasses.fields(cls.config_class)}
+    overrides = parse_overrides([s for s in args.set if s.partition("=")[0] in known], cls.config_class)
+    model = models.build(args.only, overrides, voc).to(device).eval()
+    feature_dim = getattr(model.cfg, "feature_dim", 2048)
+    n_img = args.images if args.probe == 0 else min(args.images, args.batch_size)
+    n_txt = 5 * args.images if args.probe == 0 else 5 * args.batch_size
+    imgs = image_batches(n_img, args.boxes, feature_dim, args.batch_size)
+    txts = caption_batches(n_txt, voc, args.batch_size * 5)
+
+    sync(device)
+    t0 = time.perf_counter()
+    txt_enc = [model.encode_text(b.to(device)) for b in txts]
+    if cls.two_tower:
+        txt_enc = [torch.cat(txt_enc)]
+    sync(device)
+    t_text = time.perf_counter() - t0
+    t_img_blocks, done = [], 0
+    for b in imgs:
+        sync(device)
+        t1 = time.perf_counter()
+        enc = model.encode_image(b.to(device))
+        scores = torch.cat([model.similarity(enc, te).float() for te in txt_enc], 1)
+        sync(device)
+        t_img_blocks.append(time.perf_counter() - t1)
+        done += len(b)
+        assert scores.shape == (len(b), n_txt)
+        if args.probe == 0 and time.perf_counter() - t0 > args.budget_s and done < n_img:
+            break
+    measured = t_text + sum(t_img_blocks)
+    blocks = math.ceil(n_img / args.batch_size)
+    total = t_text + sum(t_img_blocks) / len(t_img_blocks) * blocks
+    return {"model": args.only, "two_tower": cls.two_tower, "images": n_img, "captions": n_txt,
+            "image_batches_timed": len(t_img_blocks), "image_batches": blocks,
+            "text_s": t_text, "measured_s": measured, "total_s": total,
+            "extrapolated": len(t_img_blocks) < blocks, "peak_mb": peak_memory_mb(device),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_child(args, name: str, probe: int = 0) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--probe", str(probe),
+           "--images", str(args.images), "--boxes", str(args.boxes), "--batch-size", str(args.batch_size),
+           "--budget-s", str(args.budget_s), "--device", args.device, "--threads", str(args.threads)]
+    for s in args.set:
+        cmd += ["--set", s]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{name}: benchmark failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cimn", help="the two-tower model (default cimn)")
+    p.add_argument("--cross", nargs="*", help="cross-attention models to consider (default: all registered)")
+    p.add_argument("--images", type=int, default=1000, help="images; captions are 5x (default 1000)")
+    p.add_argument("--boxes", type=int, default=36)
+    p.add_argument("--batch-size", type=int, default=128, help="images per block (captions: 5x)")
+    p.add_argument("--budget-s", type=float, default=120.0,
+                   help="time budget per cross-attention model before extrapolating (default 120)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every model that has the field (e.g. embed_dim=256)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    p.add_argument("--probe", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.only:
+        print(json.dumps(measure(args)))
+        return 0
+
+    if not models.get(args.model).two_tower:
+        raise SystemExit(f"retrieval_speed: --model {args.model} is not a two-tower model")
+    cross = args.cross if args.cross is not None else [n for n in models.names() if not models.get(n).two_tower]
+    print(f"retrieval_speed: {args.images} images x {5 * args.images} captions, {args.boxes} boxes, "
+          f"device {args.device}, {args.threads} thread(s)", flush=True)
+    main_result = run_child(args, args.model)
+    report(main_result)
+    if not cross:
+        print(f"retrieval_speed: {args.model} {main_result['total_s']:.2f} s; no cross-attention model "
+              "is registered, so the comparison is still to do")
+        return 0
+    probes = {name: run_child(args, name, probe=1) for name in cross}
+    for name, r in probes.items():
+        print(f"  probe {name}: one block of {r['images']} x {r['captions']} in {r['measured_s']:.2f} s")
+    fastest = min(probes, key=lambda n: probes[n]["measured_s"])
+    result = run_child(args, fastest)
+    report(result)
+    ratio = result["total_s"] / main_result["total_s"]
+    print(f"retrieval_speed: {args.model} {main_result['total_s']:.2f} s vs {fastest} (fastest "
+          f"cross-attention of {', '.join(cross)}) {result['total_s']:.2f} s"
+          f"{' (extrapolated)' if result['extrapolated'] else ''}: {ratio:.1f}x faster")
+    return 0
+
+
+def report(r: dict) -> None:
+    how = (f"extrapolated from {r['image_batches_timed']} of {r['image_batches']} image batches"
+           if r["extrapolated"] else "measured in full")
+    print(f"  {r['model']:8s} ({'two-tower' if r['two_tower'] else 'cross-attention'}, "
+          f"{r['params'] / 1e6:.1f}M params): {r['images']} x {r['captions']} in {r['total_s']:.2f} s "
+          f"({how}; caption encoding {r['text_s']:.2f} s), peak memory {r['peak_mb']:.0f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
