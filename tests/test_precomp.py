@@ -139,6 +139,12 @@ def test_bad_precomp_folders_fail_with_the_file_named(tmp_path):
     with pytest.raises(IngestError, match="train_ims.npy: row 1 holds NaN"):
         import_precomp(pc, "x", tmp_path / "d", progress=False)
     assert not list((tmp_path / "d").rglob("*.h5")) and not list((tmp_path / "d").rglob("*.tmp"))
+    x[1, 3, 5] = 1e6  # beyond float16: clipped and counted
+    np.save(pc / "train_ims.npy", x)
+    r = import_precomp(pc, "x", tmp_path / "d", progress=False)
+    assert r.clipped == 1
+    f = region_rows(Layout(tmp_path / "d", "x"), "train")[1].features
+    assert f[3, 5] == np.float16(65504) and np.isfinite(f).all()
 
 
 def test_features_are_streamed_from_a_memory_map(tmp_path, monkeypatch):
@@ -152,14 +158,14 @@ def test_features_are_streamed_from_a_memory_map(tmp_path, monkeypatch):
 
     monkeypatch.setattr(precomp.np, "load", spy)
     reads = []
-    real_asarray = np.asarray
+    real_array = np.array
 
-    def spy_asarray(a, *args, **kwargs):
+    def spy_array(a, *args, **kwargs):
         if isinstance(a, np.memmap):
             reads.append(len(a))
-        return real_asarray(a, *args, **kwargs)
+        return real_array(a, *args, **kwargs)
 
-    monkeypatch.setattr(precomp.np, "asarray", spy_asarray)
+    monkeypatch.setattr(precomp.np, "array", spy_array)
     import_precomp(tmp_path / "pc", "x", tmp_path / "d", PrecompConfig(block=3), progress=False)
     assert calls and set(calls) == {"r"}
     assert reads == [3, 3, 3, 1]  # block by block, never the whole array
