@@ -75,12 +75,16 @@ class Manifest:
 
 
 def find(name_or_path: str | os.PathLike) -> Path:
-    """``manifests/coco.yaml``, any path, or just ``coco`` (looked up in the project's manifests/)."""
+    """Any path, or ``manifests/coco.yaml`` / ``coco`` looked up in the project's manifests/
+    (so that the shipped manifests are found from any working directory)."""
     p = Path(name_or_path)
     if p.exists():
         return p
-    for candidate in (MANIFEST_DIR / p, MANIFEST_DIR / f"{p}.yaml"):
-        if p.parent == Path(".") and candidate.exists():
+    candidates = [MANIFEST_DIR.parent / p] if not p.is_absolute() else []
+    if p.parent == Path("."):
+        candidates += [MANIFEST_DIR / p, MANIFEST_DIR / f"{p}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
             return candidate
     raise ManifestError(f"{p}: manifest not found (give a path, or one of: "
                         f"{', '.join(sorted(m.stem for m in MANIFEST_DIR.glob('*.yaml') if m.stem != 'schema'))})")

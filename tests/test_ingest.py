@@ -270,7 +270,7 @@ def test_without_images_needs_only_the_annotations(f30k_src, tmp_path, capsys):
     assert {(r["width"], r["height"]) for r in rows(root, "f30k", "images")} == {(0, 0)}
 
 
-def test_manifests_validate_and_name_the_field(tmp_path):
+def test_manifests_validate_and_name_the_field(tmp_path, monkeypatch):
     for name in ("coco", "f30k", "demo"):
         m = manifests.load(name)
         assert m.name == name
@@ -287,6 +287,8 @@ def test_manifests_validate_and_name_the_field(tmp_path):
         manifests.load(bad)
     with pytest.raises(ManifestError, match="field 'name'"):
         manifests.load("f30k", sets=["name=../escape"])
+    monkeypatch.chdir(tmp_path)  # the shipped manifests are found from anywhere
+    assert manifests.load("manifests/f30k.yaml").name == "f30k" == manifests.load("f30k.yaml").name
     with pytest.raises(ManifestError, match="manifest not found"):
         manifests.load("nonexistent")
     with pytest.raises(ManifestError, match="expected KEY=VALUE"):
