@@ -466,8 +466,10 @@ def generate(root, cfg: DemoConfig, force: bool = False, progress: bool = True) 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_root_argument(p)
     d = DemoConfig()
+    sp = d.splits()
     p.add_argument("--images", type=int, default=d.images,
-                   help=f"number of images (default {d.images}: 800 train / 200 val / 1,000 test)")
+                   help=f"number of images (default {d.images}: {sp['train']} train / {sp['val']} val / "
+                        f"{sp['test']} test; the test split is min(1000, N/2))")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels (default %(default)s)")
     p.add_argument("--pair-fraction", type=float, default=d.pair_fraction,

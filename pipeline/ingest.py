@@ -251,6 +251,11 @@ def read_folder(m: Manifest, report: Report) -> list[Source]:
             report.add("malformed entry", where, f"no image file in column '{cols['file']}'")
             continue
         key = Path(file.strip()).as_posix()
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            report.add("malformed entry", where, "image file name is not valid UTF-8")
+            continue
         src = by_key.get(key)
         if src is None:
             given = row.get(cols["split"])
@@ -381,7 +386,7 @@ def ingest(m: Manifest, root, *, strict: bool = False, with_images: bool = True,
         meta = shards.table_metadata(layout.images).get("summary", {})
         return Result(layout.dir, skipped=True, images=index.entry("images", layout.images).rows,
                       captions=index.entry("captions", layout.captions).rows,
-                      split_counts=meta.get("splits", {}))
+                      split_counts=meta.get("splits", {}), mismatches=meta.get("mismatches", []))
 
     report = Report(strict=strict)
     if with_images and not m.images_dir.is_dir():
@@ -404,12 +409,14 @@ def ingest(m: Manifest, root, *, strict: bool = False, with_images: bool = True,
     summary = {"splits": split_counts, "problems": dict(report.counts()), "mismatches": mismatches,
                "with_images": with_images}
     meta = {"manifest": m.resolved(), "config_hash": chash, "summary": summary}
-    report_file = None
+    report_file = layout.dir / "ingest-report.txt"
     if report.problems:
-        report_file = layout.dir / "ingest-report.txt"
         with shards.atomic_path(report_file) as tmp:
             tmp.write_text("".join(f"[{c}] {msg}\n" for c, msg in report.problems),
                            encoding="utf-8", errors="backslashreplace")
+    else:  # an old report would describe another run
+        report_file.unlink(missing_ok=True)
+        report_file = None
     shards.write_table(layout.images, images, "images", metadata=meta)
     shards.write_table(layout.captions, caps, "captions", metadata=meta)
     index.register("images", layout.images, rows=len(images), config_hash=chash, inputs_hash=ihash)
