@@ -7,6 +7,7 @@ rerun after a kill redoes only the unfinished chunk, and a second run does nothi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -333,6 +334,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0: in-process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--split", default=None, help="only this split")
     p.add_argument("--chunk", type=int, default=None, help="only this chunk of each split (for scattering jobs)")
@@ -343,14 +346,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-boxes", type=int, default=d.min_boxes)
     p.add_argument("--max-boxes", type=int, default=d.max_boxes)
     p.add_argument("--grid", type=int, nargs=2, default=list(d.grid_size), metavar=("H", "W"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other extractor setting (see features/config.py), e.g. --set pooler=roi_pool; "
+                        "values are JSON (numbers, true/false, lists) or plain strings")
     p.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args) -> ExtractorConfig:
-    return ExtractorConfig(min_size=args.min_size, max_size=args.max_size, boxes=args.boxes,
-                           rpn_post_nms_topk=args.proposals, conf_thresh=args.conf_thresh,
-                           min_boxes=args.min_boxes, max_boxes=args.max_boxes, grid_size=tuple(args.grid),
-                           amp=args.amp)
+    values = dict(min_size=args.min_size, max_size=args.max_size, boxes=args.boxes,
+                  rpn_post_nms_topk=args.proposals, conf_thresh=args.conf_thresh, min_boxes=args.min_boxes,
+                  max_boxes=args.max_boxes, grid_size=tuple(args.grid), amp=args.amp)
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return ExtractorConfig.from_dict(values)
 
 
 def main(args) -> int:
@@ -363,14 +377,18 @@ def main(args) -> int:
         print("features extract: --shard-size and --batch-size must be >= 1", file=sys.stderr)
         return 2
     kinds = KIND_CHOICES[args.kind]
-    t0 = time.time()
+    t0, threads = time.time(), torch.get_num_threads()
     try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         r = extract(layout, config_from_args(args), kinds, args.weights, args.seed, args.device,
                     args.shard_size, args.batch_size, args.workers, args.split, args.chunk,
                     progress=not args.no_progress)
     except (shards.ShardError, WeightsError, ValueError, RuntimeError) as e:
         print(f"features extract: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(threads)
     secs = time.time() - t0
     skipped = sum(1 for b in r.bad if b[3] == "skipped")
     converted = sum(1 for b in r.bad if b[3] == "converted")

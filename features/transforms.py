@@ -31,8 +31,8 @@ def load_image(path, max_pixels: int = 100_000_000, min_side: int = 10) -> tuple
         raise BadImage("not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage("too large (decompression bomb guard)") from None
-    except OSError as e:
-        raise BadImage(f"cannot open: {e}") from None
+    except OSError as e:  # a header cut short
+        raise BadImage(f"truncated or corrupt: {e}") from None
     with im:
         w, h = im.size
         if w * h > max_pixels:

@@ -6,6 +6,15 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: much faster than several when the machine is shared (no spinning workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 from PIL import Image, ImageDraw
 
 from features.config import ExtractorConfig

@@ -7,6 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: much faster than several when the machine is shared (no spinning workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 from features.config import ExtractorConfig
 from features.rcnn import BottomUpRCNN
 from features.transforms import to_network_input
