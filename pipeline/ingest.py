@@ -345,6 +345,9 @@ def count_mismatches(m: Manifest, split_counts: dict) -> list[str]:
     for split, n in (exp.get("splits") or {}).items():
         if split_counts.get(split, 0) != n:
             out.append(f"{split} {split_counts.get(split, 0):,} != expected {n:,}")
+    folds = m.get("folds")
+    if exp and folds and split_counts.get("test", 0) != folds["size"] * folds["count"]:
+        out.append(f"test {split_counts.get('test', 0):,} is not {folds['count']} folds of {folds['size']:,}")
     return out
 
 

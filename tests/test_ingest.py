@@ -66,6 +66,7 @@ def test_karpathy_coco_layout(coco_src, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote 6 images (3 train / 1 val / 2 test) and 31 captions" in out
     assert "counts differ from the manifest: images 6 != expected 123,287" in out
+    assert "test 2 is not 5 folds of 1,000" in out
     images = rows(root, "coco", "images")
     # splits grouped train, val, test; Karpathy file order kept inside each split
     assert [(r["image_id"], r["split"]) for r in images] == [
