@@ -9,11 +9,12 @@ as soon as it is done, so a rerun after a kill parses only the chunks that are m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -120,15 +121,16 @@ def drop_stale(layout: shards.Layout, chash: str, n_chunks: int) -> list[str]:
 
 
 def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
-              scheduler: str | None = None, progress: bool = True) -> list[dict]:
-    """Parse the chunks here (one worker, no scheduler) or on a dask cluster."""
+              scheduler: str | None = None, progress: bool = True, client=None) -> list[dict]:
+    """Parse the chunks here (one worker, no scheduler) or on a dask cluster: a local one of
+    ``workers`` processes, the one at ``scheduler``, or the one of an open ``client``."""
     bar = tqdm(total=sum(len(t.caption_ids) for t in todo), unit="caption", disable=not progress,
                desc="parse", file=sys.stderr)
     results = []
     if not todo:
         bar.close()
         return results
-    if scheduler is None and workers <= 1:
+    if client is None and scheduler is None and workers <= 1:
         for task in todo:
             results.append(parse_chunk(task, cfg))
             bar.update(results[-1]["rows"])
@@ -137,10 +139,12 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
 
     from distributed import Client, LocalCluster, as_completed
 
-    cluster = None if scheduler else LocalCluster(
+    cluster = None if scheduler or client else LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     try:
-        with Client(scheduler or cluster) as client:
+        with contextlib.ExitStack() as stack:
+            if client is None:
+                client = stack.enter_context(Client(scheduler or cluster))
             futures = [client.submit(parse_chunk, t, cfg, pure=False, key=f"parse-{t.chunk}-{t.inputs_hash}")
                        for t in todo]
             for fut in as_completed(futures):
