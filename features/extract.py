@@ -170,6 +170,8 @@ class Report:
     bad: list = field(default_factory=list)          # (image_id, path, split, action, reason)
     removed: list = field(default_factory=list)
     bad_path: Path | None = None
+    setup_seconds: float = 0.0                       # building the model and filling its weights
+    loop_seconds: float = 0.0                        # decoding, forward passes and writing shards
 
 
 def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = RANDOM, seed: int = 0,
@@ -195,16 +197,18 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
     ids, paths = images["image_id"].to_numpy(), images["path"].to_pylist()
     attrs = {"extractor": cfg.to_dict(), "config_hash": cfg_hash, "weights": info.description,
              "weights_sha256": info.sha256, "dataset": layout.name}
-    model = None
+    model, t0 = None, time.perf_counter()
     if todo:  # building and filling the model costs seconds: only when there is work
         model = BottomUpRCNN(cfg)
         load_weights(model, weights, seed)
         model.to(device)
-        if info.is_random:
-            print(f"features extract: weights {info.description}", file=sys.stderr)
+    report.setup_seconds = time.perf_counter() - t0
+    if todo and info.is_random:
+        print(f"features extract: weights {info.description}", file=sys.stderr)
     loader = DataLoader(ImageDataset(paths, cfg), batch_sampler=ChunkBatches(todo, batch_size),
                         num_workers=workers, collate_fn=list)
     owner = {int(r): c for c in todo for r in c.rows}
+    t0 = time.perf_counter()
     outputs, done, current = {}, 0, None
     bar = tqdm(total=sum(len(c.rows) for c in todo), unit="img", desc=f"extract {layout.name}",
                disable=not progress, dynamic_ncols=True)
@@ -229,6 +233,7 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
         raise
     finally:
         bar.close()
+    report.loop_seconds = time.perf_counter() - t0
     if chunk is None:
         report.removed = _remove_leftovers(index, layout, kinds, chunks, split)
     _write_bad_report(layout, kinds, report)
