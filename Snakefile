@@ -1,0 +1,104 @@
+"""itmkit workflow: datasets -> region/grid feature shards, scene graphs and vocabulary -> (demo)
+a short training run and its evaluation.
+
+    snakemake --cores 2 demo                   # generated demo data, end to end, on CPU
+    snakemake --cores 8 features_coco          # regions + grid + graphs + vocab of MS-COCO
+    snakemake --list-target-rules              # every target with its description
+
+Settings: config/config.yaml (checked against config/schema.yaml), overridable with
+--config key=value. Rules live in pipeline/rules/*.smk and call the package's CLIs.
+"""
+
+import os
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+
+
+include: "pipeline/rules/common.smk"
+include: "pipeline/rules/ingest.smk"
+include: "pipeline/rules/features.smk"
+include: "pipeline/rules/text.smk"
+include: "pipeline/rules/train.smk"
+
+
+rule all:
+    """Features, graphs and vocabularies of every dataset in config `datasets`."""
+    localrule: True
+    input:
+        [DONE[k].format(dataset=ds) for ds in config["datasets"] for k in ("regions", "grid")],
+        [data(ds, "text", "vocab.json") for ds in config["datasets"]],
+
+
+rule demo:
+    """Demo end to end on CPU: generate, extract (given boxes, RANDOM weights), parse, train, evaluate."""
+    localrule: True
+    input:
+        str(RUNS / f"demo-{config['demo_model']}" / "eval.json"),
+
+
+rule features_coco:
+    """MS-COCO: region and grid features, scene graphs and vocabulary."""
+    localrule: True
+    input:
+        DONE["regions"].format(dataset="coco"),
+        DONE["grid"].format(dataset="coco"),
+        data("coco", "text", "vocab.json"),
+
+
+rule features_f30k:
+    """Flickr30K: region and grid features, scene graphs and vocabulary."""
+    localrule: True
+    input:
+        DONE["regions"].format(dataset="f30k"),
+        DONE["grid"].format(dataset="f30k"),
+        data("f30k", "text", "vocab.json"),
+
+
+rule text_coco:
+    """MS-COCO captions, scene graphs and vocabulary (annotation file only, no images needed)."""
+    localrule: True
+    input:
+        data("coco", "text", "vocab.json"),
+
+
+rule text_f30k:
+    """Flickr30K captions, scene graphs and vocabulary (annotation file only, no images needed)."""
+    localrule: True
+    input:
+        data("f30k", "text", "vocab.json"),
+
+
+rule regions_coco:
+    """MS-COCO region features only."""
+    localrule: True
+    input:
+        DONE["regions"].format(dataset="coco"),
+
+
+rule regions_f30k:
+    """Flickr30K region features only."""
+    localrule: True
+    input:
+        DONE["regions"].format(dataset="f30k"),
+
+
+rule grid_coco:
+    """MS-COCO grid features only."""
+    localrule: True
+    input:
+        DONE["grid"].format(dataset="coco"),
+
+
+rule grid_f30k:
+    """Flickr30K grid features only."""
+    localrule: True
+    input:
+        DONE["grid"].format(dataset="f30k"),

@@ -1,0 +1,145 @@
+# Paths, wildcards and the command-line flags each rule passes. The rules hold no logic: every
+# step is a package CLI, and the flags that decide what a step writes are also its `params`, so a
+# changed setting reruns exactly the rules whose flags changed (Snakemake's params trigger).
+
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+from snakemake.exceptions import WorkflowError
+
+from pipeline import manifest as manifests
+from pipeline import shards
+
+PY = sys.executable
+BASE = Path(workflow.basedir)
+TRAIN = BASE / "training" / "train.py"
+EVALUATE = BASE / "training" / "evaluate.py"
+# absolute, because shards.json keeps paths relative to the dataset folder
+ROOT = Path(config["root"]).expanduser().resolve()
+RUNS = Path(config["runs"]).expanduser().resolve()
+LOGS = ROOT / "logs"
+BENCH = ROOT / "benchmarks"
+REAL = ("coco", "f30k")        # datasets read from a local copy; `demo` is generated
+
+wildcard_constraints:
+    dataset="coco|f30k|demo",
+    split="train|val|test",
+    k=r"\d{4}",
+    model=r"[a-z0-9_]+",
+
+
+def data(ds, *parts):
+    """A path under the dataset folder, as a string (patterns keep their {wildcards})."""
+    return str(ROOT.joinpath(ds, *parts))
+
+
+DONE = {kind: data("{dataset}", ".workflow", f"{kind}.done") for kind in ("regions", "grid", "graphs")}
+
+
+def manifest(ds):
+    """The dataset's manifest with the config's paths applied (the ingest CLI gets the same)."""
+    opts = {key: config.get(f"{ds}_{key}") or None for key in ("source_root", "images", "annotations")}
+    return manifests.load(BASE / "manifests" / f"{ds}.yaml", source_root=opts["source_root"],
+                          images_dir=opts["images"], annotations=opts["annotations"])
+
+
+def ingest_flags(wc):
+    ds = wc.dataset
+    if ds == "demo":
+        return (f"--set demo.images={config['demo_images']} --set demo.seed={config['demo_seed']} "
+                f"--set demo.image_size={config['demo_image_size']} --set expected=null")
+    flags = [f"--{opt.replace('_', '-')} {config[f'{ds}_{key}']}"
+             for key, opt in (("source_root", "source_root"), ("images", "images_dir"),
+                              ("annotations", "annotations")) if config.get(f"{ds}_{key}")]
+    if not manifest(ds).images_dir.is_dir():
+        flags.append("--without-images")  # text-only copy: captions, graphs and vocab still work
+    return " ".join(flags)
+
+
+def annotation_files(wc):
+    if wc.dataset == "demo":
+        return []
+    files = [a["file"] for a in manifest(wc.dataset).annotation_files()]
+    for f in files:
+        if not f.exists():
+            raise WorkflowError(f"{wc.dataset}: annotation file {f} not found; put it there or set "
+                                f"--config {wc.dataset}_source_root=DIR or {wc.dataset}_annotations=FILE")
+    return [str(f) for f in files]
+
+
+def extractor_inputs(wc):
+    """Weights and images must be there before anything runs: checked when the DAG is built."""
+    if wc.dataset == "demo":
+        return []
+    weights = Path(config["weights"]).expanduser()
+    if not weights.is_file():
+        raise WorkflowError(
+            f"extractor weights {weights} not found. Put the bottom-up Faster R-CNN weights "
+            f"(ResNet-101, Visual Genome, detectron2 pickle) at {weights.resolve()}, or point to "
+            f"them with --config weights=PATH (docs/workflow.md says where to get them)")
+    images = manifest(wc.dataset).images_dir
+    if not images.is_dir():
+        raise WorkflowError(f"{wc.dataset}: image folder {images} not found; set --config "
+                            f"{wc.dataset}_source_root=DIR or {wc.dataset}_images=DIR")
+    return [str(weights)]
+
+
+def setting(ds, key):
+    """The demo has its own extractor settings (small generated images, CPU)."""
+    return config.get(f"demo_{key}", config.get(key)) if ds == "demo" else config[key]
+
+
+def extract_flags(kind):
+    """Flags that decide what an extraction shard holds. Grid shards get no box settings, so a
+    change of boxes reruns the region shards only."""
+    def flags(wc):
+        ds = wc.dataset
+        out = [f"--weights {'random' if ds == 'demo' else config['weights']}",
+               f"--shard-size {setting(ds, 'shard_size')}",
+               f"--min-size {setting(ds, 'min_size')} --max-size {setting(ds, 'max_size')}"]
+        if kind == "regions":
+            out += [f"--boxes {setting(ds, 'boxes')}", f"--min-boxes {config['min_boxes']}",
+                    f"--max-boxes {config['max_boxes']}", f"--conf-thresh {config['conf_thresh']}",
+                    f"--proposals {config['proposals']}"]
+        else:
+            out.append("--grid {} {}".format(*config["grid_size"]))
+        return " ".join(out)
+    return flags
+
+
+def parse_flags(wc):
+    return f"--model {config['spacy_model']} --chunk-size {config['parse_chunk_size']}"
+
+
+def split_counts(ds):
+    """Images per split, read from images.parquet once ingest (a checkpoint) has written it."""
+    path = checkpoints.ingest.get(dataset=ds).output.images
+    table = shards.read_table(path, "images", columns=["split"])
+    return {v["values"]: v["counts"] for v in pc.value_counts(table["split"]).to_pylist()}
+
+
+def extract_shards(kind):
+    """Gather: every shard of every split, at the dataset's shard size."""
+    def shards_of(wc):
+        ds = wc.dataset
+        extractor_inputs(wc)  # fail before ingest runs when weights or images are missing
+        size = setting(ds, "shard_size")
+        return [data(ds, kind, f"{kind}-{split}-{k:04d}.h5")
+                for split, n in sorted(split_counts(ds).items()) for k in range(-(-n // size))]
+    return shards_of
+
+
+def graph_shards(wc):
+    path = checkpoints.ingest.get(dataset=wc.dataset).output.captions
+    n = shards.read_table(path, "captions", columns=["caption_id"]).num_rows
+    return [data(wc.dataset, "text", "graphs", f"graphs-{k:04d}.parquet")
+            for k in range(-(-n // config["parse_chunk_size"]))]
+
+
+def gpus(wc):
+    return int(setting(wc.dataset, "device").startswith("cuda"))
+
+
+def run_dir(ds, model):
+    return str(RUNS / f"{ds}-{model}")

@@ -1,0 +1,20 @@
+# Ingest: the dataset's manifest (and annotation file) -> images.parquet + text/captions.parquet.
+# A checkpoint, because the number of feature and graph shards is known only from its output.
+
+
+checkpoint ingest:
+    """Read a dataset (or generate the demo) into images.parquet and captions.parquet."""
+    input:
+        manifest=str(BASE / "manifests" / "{dataset}.yaml"),
+        annotations=annotation_files,
+    output:
+        images=data("{dataset}", "images.parquet"),
+        captions=data("{dataset}", "text", "captions.parquet"),
+    params:
+        flags=ingest_flags,
+    log:
+        str(LOGS / "{dataset}" / "ingest.log"),
+    benchmark:
+        str(BENCH / "{dataset}" / "ingest.tsv")
+    shell:
+        "{PY} -m pipeline ingest --manifest {input.manifest} --root {ROOT} {params.flags} --quiet > {log} 2>&1"

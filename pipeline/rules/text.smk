@@ -1,0 +1,50 @@
+# Captions -> scene graphs (one job per chunk of captions, then a gather that drops chunks of an
+# older plan) -> vocabulary of the train split.
+
+
+rule parse:
+    """Scene graphs of one chunk of captions (spaCy)."""
+    input:
+        data("{dataset}", "text", "captions.parquet"),
+    output:
+        data("{dataset}", "text", "graphs", "graphs-{k}.parquet"),
+    params:
+        flags=parse_flags,
+    threads: config["parse_workers"]
+    log:
+        str(LOGS / "{dataset}" / "graphs-{k}.log"),
+    benchmark:
+        str(BENCH / "{dataset}" / "graphs-{k}.tsv")
+    shell:
+        "{PY} -m pipeline parse --dataset {wildcards.dataset} --root {ROOT} --chunk {wildcards.k}"
+        " {params.flags} --workers {threads} --no-progress > {log} 2>&1"
+
+
+rule gather_graphs:
+    """All graph chunks of a dataset, checked against shards.json; leftovers removed."""
+    input:
+        graph_shards,
+    output:
+        touch(DONE["graphs"]),
+    params:
+        flags=parse_flags,
+    log:
+        str(LOGS / "{dataset}" / "graphs.log"),
+    shell:
+        "{PY} -m pipeline parse --dataset {wildcards.dataset} --root {ROOT} {params.flags}"
+        " --workers 1 --no-progress > {log} 2>&1"
+
+
+rule vocab:
+    """Vocabulary (words, predicates, attributes) of the train split."""
+    input:
+        DONE["graphs"],
+    output:
+        data("{dataset}", "text", "vocab.json"),
+    params:
+        min_count=config["min_count"],
+    log:
+        str(LOGS / "{dataset}" / "vocab.log"),
+    shell:
+        "{PY} -m pipeline vocab --dataset {wildcards.dataset} --root {ROOT}"
+        " --min-count {params.min_count} --no-progress > {log} 2>&1"
