@@ -108,7 +108,7 @@ def test_missing_captions_is_a_clear_error(tmp_path, capsys):
     assert "captions.parquet" in err and "ingest" in err
 
 
-def test_resume_after_kill(tmp_path):
+def test_resume_after_kill(tmp_path, capsys):
     """Kill a real run once some chunks are registered; the rerun parses only the rest."""
     layout = write_captions(tmp_path, n=300)
     cmd = [sys.executable, "-m", "pipeline", "parse", "--dataset", "toy", "--root", str(tmp_path),
@@ -127,10 +127,9 @@ def test_resume_after_kill(tmp_path):
     assert 2 <= len(done) < 30, "the run was not killed part-way"
     for e in layout.index.entries("graphs"):
         shards.read_table(tmp_path / "toy" / e.path, "graphs")  # every registered chunk is whole
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert f"wrote {30 - len(done)} chunk(s)" in res.stdout
-    assert f"skipped {len(done)} chunk(s)" in res.stdout
+    assert run(*cmd[4:]) == 0  # the rerun, in this process
+    out = capsys.readouterr().out
+    assert f"wrote {30 - len(done)} chunk(s)" in out and f"skipped {len(done)} chunk(s)" in out
     after = {e.path: e.sha256 for e in layout.index.entries("graphs")}
     assert len(after) == 30 and all(after[p] == sha for p, sha in done.items())
     assert graphs_table(layout)["caption_id"].to_pylist() == list(range(1000, 1300))
