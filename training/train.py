@@ -140,7 +140,10 @@ def main(argv=None) -> int:
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, step, best_rsum = 0, 0, -math.inf
-    if args.resume:
+    if args.resume and not (out / "last.pt").exists():
+        print(f"train: {out} has no checkpoint yet (stopped in its first epoch): starting it over",
+              file=sys.stderr)
+    elif args.resume:
         ckpt = checkpoint.load(out / "last.pt")
         checkpoint.check(ckpt, out / "last.pt", model=run.model, vocab_fingerprint=vocab.fingerprint,
                          shard_hashes=run.shard_hashes)
