@@ -29,7 +29,7 @@ GROUP_NOUNS = {"group", "couple", "pair", "bunch", "herd", "flock", "lot", "numb
                "team", "variety", "dozen", "handful", "collection", "row", "line", "set"}
 # "in front of", "on top of", "on the side of": the noun is part of the preposition.
 PLACE_NOUNS = {"front", "top", "side", "middle", "back", "edge", "center", "centre", "bottom",
-               "corner", "end", "inside", "outside", "rear"}
+               "corner", "end", "inside", "outside", "rear", "left", "right"}
 # "next to", "close to", "out of": the word before the preposition belongs to it.
 PREP_HEADS = {"next", "close", "near", "ahead", "out", "away", "apart", "across", "up", "down",
               "along", "together", "right", "off", "far", "inside", "outside"}
@@ -120,6 +120,12 @@ def parse_doc(doc) -> Graph:
 
 def _lemma(tok) -> str:
     return LEMMA_FIXES.get(tok.lower_) or (tok.lemma_ or tok.text).lower()
+
+
+def _attribute_word(tok) -> str:
+    """Adjectives by lemma ("larger" -> large); participles as written ("smiling", "parked",
+    "dotted"), whose verb lemma would read as another word ("dot")."""
+    return tok.lower_ if tok.tag_ in ("VBN", "VBG") else _lemma(tok)
 
 
 def _is_modifier_noun(tok) -> bool:
@@ -241,7 +247,7 @@ class _GraphBuilder:
                     or (child.dep_ == "compound" and child.lower_ in COLOURS):
                 words = [child] + [c for c in child.conjuncts if c.pos_ in ("ADJ", "NUM", "VERB")]
                 for w in words:
-                    word = w.lower_ if w.pos_ == "NUM" or w.dep_ == "nummod" else _lemma(w)
+                    word = w.lower_ if w.pos_ == "NUM" or w.dep_ == "nummod" else _attribute_word(w)
                     self._add_attribute(obj, word)
                     counted |= w.dep_ == "nummod" or word in QUANTIFIERS
         # "a herd of elephants": the group noun is the count
@@ -285,7 +291,25 @@ class _GraphBuilder:
     def _relate(self, subjects, predicate, objects) -> None:
         self.graph.relations += [(s, predicate, o) for s in subjects for o in objects]
 
+    @staticmethod
+    def _copula(tok):
+        """The "be" that a predicative adjective or participle hangs on, through coordination
+        ("is" of "a triangle that is red and checkered"), or None."""
+        for _ in range(8):
+            if tok.dep_ == "acomp" and _lemma(tok.head) == "be":
+                return tok.head
+            if tok.dep_ != "conj":
+                return None
+            tok = tok.head
+            if _lemma(tok) == "be":
+                return tok
+        return None
+
     def _verb(self, verb) -> None:
+        if _lemma(verb) != "be" and not any(c.dep_ in ("dobj", "obj", "agent") for c in verb.children) \
+                and (cop := self._copula(verb)) is not None:  # "is red and checkered"
+            self._add_attribute(self._subjects(cop)[0], _attribute_word(verb))
+            return
         subjects, passive = self._subjects(verb)
         if not subjects:
             return
@@ -293,7 +317,7 @@ class _GraphBuilder:
             for child in verb.children:
                 if child.dep_ == "acomp":
                     for a in [child] + list(child.conjuncts):
-                        self._add_attribute(subjects, _lemma(a))
+                        self._add_attribute(subjects, _attribute_word(a))
             return
         pred = self._predicate(verb)
         for child in verb.children:
@@ -327,6 +351,8 @@ class _GraphBuilder:
             return
         if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS:
             self._relate(self.with_conjuncts(anchor, before=prep.i), phrase, objects)
+        elif anchor.pos_ in ("ADJ", "VERB") and (cop := self._copula(anchor)) is not None:
+            self._relate(self._subjects(cop)[0], phrase, objects)  # "is orange and dotted above X"
         elif anchor.pos_ in ("VERB", "AUX"):
             if prep.dep_ == "agent":
                 return

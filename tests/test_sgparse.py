@@ -60,6 +60,11 @@ CONSTRUCTIONS = {
                  [("elephant", "herd")], [("elephant", "walk through", "river")]),
     "no verb": ("A small boat in the water.", ["boat", "water"], [("boat", "small")],
                 [("boat", "in", "water")]),
+    "predicative participles": ("A rhombus that is orange and dotted above a triangle.", ["rhombus", "triangle"],
+                                [("rhombus", "orange"), ("rhombus", "dotted")], [("rhombus", "above", "triangle")]),
+    "to the right of": ("A black disc to the right of a triangle.", ["disc", "triangle"], [("disc", "black")],
+                        [("disc", "to right of", "triangle")]),
+    "participle attribute": ("A smiling woman.", ["woman"], [("woman", "smiling")], []),
     "possessive": ("A man's hand holding a phone.", ["man", "hand", "phone"], [],
                    [("man", "have", "hand"), ("hand", "hold", "phone")]),
 }
