@@ -196,13 +196,15 @@ class RegionShardWriter:
     maximum box count (an image then touches at most two chunks).
     """
 
+    FLUSH_BOXES = 4096  # about 16 MB of float16 features buffered between writes
+
     def __init__(self, path, *, boxes_per_chunk: int = 36, feature_dim: int = FEATURE_DIM,
                  compression: str | None = None, attrs: dict | None = None):
         self.path = Path(path)
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
         self._f = h5py.File(self._tmp, "w")
-        self._n_images, self._n_boxes = 0, 0
+        self._n_boxes, self._written = 0, 0
         self._ids, self._hw, self._offsets = [], [], [0]
         fields = dict(REGION_FIELDS, features=(np.float16, (feature_dim,)))
         self._dsets = {}
@@ -211,6 +213,7 @@ class RegionShardWriter:
                 name, shape=(0,) + tail, maxshape=(None,) + tail, dtype=dtype,
                 chunks=(boxes_per_chunk,) + tail, compression=compression,
                 shuffle=compression is not None)
+        self._pending = {name: [] for name in self._dsets}
         _set_attrs(self._f, _provenance(attrs))
 
     def append(self, r: Regions) -> None:
@@ -218,17 +221,28 @@ class RegionShardWriter:
         if r.features.ndim != 2 or r.features.shape[1] != self._dsets["features"].shape[1]:
             raise ValueError(f"image {r.image_id}: features shape {r.features.shape}, "
                              f"expected [n, {self._dsets['features'].shape[1]}]")
-        start = self._n_boxes
-        for name, ds in self._dsets.items():
-            ds.resize(start + n, axis=0)
-            if n:
-                ds[start:start + n] = r.column(name)
+        for name in self._dsets:
+            self._pending[name].append(r.column(name))
         self._n_boxes += n
         self._ids.append(int(r.image_id))
         self._hw.append(tuple(int(v) for v in r.image_hw))
         self._offsets.append(self._n_boxes)
+        if self._n_boxes - self._written >= self.FLUSH_BOXES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered images with one resize and one write per dataset: per-image
+        writes cost more in HDF5 bookkeeping than in bytes."""
+        start, stop = self._written, self._n_boxes
+        for name, ds in self._dsets.items():
+            ds.resize(stop, axis=0)
+            if stop > start:
+                ds[start:stop] = np.concatenate(self._pending[name])
+            self._pending[name] = []
+        self._written = stop
 
     def close(self) -> Path:
+        self._flush()
         f = self._f
         f.create_dataset("image_ids", data=np.asarray(self._ids, dtype=np.int64).reshape(-1))
         f.create_dataset("image_hw", data=np.asarray(self._hw, dtype=np.int32).reshape(-1, 2))
