@@ -1,0 +1,291 @@
+"""The Snakemake workflow: DAGs of every target, config validation, early failures, profiles,
+and real runs (text steps of the demo by default; the whole demo with -m slow) that check reuse.
+
+Every run uses its own working directory (--directory) and data root under tmp_path, so the
+tests never touch data/, runs/ or .snakemake/ of the checkout."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import shards
+from pipeline.shards import Layout, ShardIndex
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+TARGETS = ["all", "demo", "features_coco", "features_f30k", "text_coco", "text_f30k",
+           "regions_coco", "regions_f30k", "grid_coco", "grid_f30k"]
+# a tiny, fast demo: 12 images (5 train / 1 val / 6 test), 96-pixel images, one shard per split
+TINY_DEMO = {"demo_images": 12, "demo_image_size": 96, "demo_min_size": 96, "demo_max_size": 96,
+             "demo_batch_size": 4, "demo_epochs": 1}
+
+
+def snakemake(workdir: Path, *args, config: dict | None = None, profile: Path | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    cfg = {"root": str(workdir / "data"), "runs": str(workdir / "runs"), **(config or {})}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir)]
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
+    cmd += [*args, "--config", *(f"{k}={v}" for k, v in cfg.items())]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """The first 'Job stats' table of snakemake's output, without its 'total' row."""
+    m = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal", out, re.S)
+    assert m, f"no job table in output:\n{out[-3000:]}"
+    return {name: int(n) for name, n in (line.split() for line in m.group(1).splitlines())}
+
+
+def output(r: subprocess.CompletedProcess) -> str:
+    return r.stdout + r.stderr
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, output(r)[-4000:]
+    return output(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# a fake local copy of COCO and Flickr30K, already ingested, so that the dry runs can list
+# every shard job (the shard counts come from images.parquet / captions.parquet)
+
+SPLITS = {"train": 5, "val": 2, "test": 2}   # at shard_size 2: 3 + 1 + 1 = 5 shards per kind
+CHUNK = 10                                   # 45 captions at 10 per chunk: 5 graph chunks
+
+
+@pytest.fixture(scope="module")
+def fake_copy(tmp_path_factory) -> tuple[Path, dict]:
+    work = tmp_path_factory.mktemp("wf")
+    cfg = {"weights": str(work / "weights.pkl"), "shard_size": 2, "parse_chunk_size": CHUNK}
+    (work / "weights.pkl").write_bytes(b"not read by a dry run")
+    for ds, ann in (("coco", "dataset_coco.json"), ("f30k", "dataset_flickr30k.json")):
+        src = work / "raw" / ds
+        (src / "images").mkdir(parents=True)
+        (src / ann).write_text(json.dumps({"images": []}))   # only its existence matters here
+        cfg[f"{ds}_source_root"] = str(src)
+        images, caps = [], []
+        for split, n in SPLITS.items():
+            for _ in range(n):
+                i = len(images)
+                images.append({"image_id": i, "path": str(src / "images" / f"{i}.jpg"), "split": split,
+                               "width": 64, "height": 48})
+                caps += [{"caption_id": 5 * i + j, "image_id": i, "split": split, "text": "a cat"}
+                         for j in range(5)]
+        layout = Layout(work / "data", ds)
+        shards.write_table(layout.images, images, "images")       # newer than the annotation file
+        shards.write_table(layout.captions, caps, "captions")
+    return work, cfg
+
+
+def expected_jobs(target: str) -> dict[str, int]:
+    n_shards = sum(-(-n // 2) for n in SPLITS.values())
+    n_chunks = -(-5 * sum(SPLITS.values()) // CHUNK)
+    per = {"regions": {"extract_regions": n_shards, "gather_regions": 1},
+           "grid": {"extract_grid": n_shards, "gather_grid": 1},
+           "text": {"parse": n_chunks, "gather_graphs": 1, "vocab": 1}}
+    kind, _, ds = target.partition("_")
+    parts = {"features": ["regions", "grid", "text"], "regions": ["regions"], "grid": ["grid"],
+             "text": ["text"]}[kind]
+    jobs = {target: 1}
+    for part in parts:
+        jobs.update(per[part])
+    return jobs
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("all", "demo")])
+def test_dry_run_lists_every_shard_job(fake_copy, target):
+    work, cfg = fake_copy
+    assert job_counts(ok(snakemake(work, "-n", target, config=cfg))) == expected_jobs(target)
+
+
+def test_dry_run_all_covers_both_datasets(fake_copy):
+    work, cfg = fake_copy
+    jobs = job_counts(ok(snakemake(work, "-n", "all", config=cfg)))
+    want = {"all": 1}
+    for ds in ("coco", "f30k"):
+        for job, n in expected_jobs(f"features_{ds}").items():
+            if job != f"features_{ds}":
+                want[job] = want.get(job, 0) + n
+    assert jobs == want
+
+
+def test_dry_run_commands_carry_the_config(fake_copy):
+    work, cfg = fake_copy
+    out = ok(snakemake(work, "-n", "-p", "regions_coco", config=dict(cfg, boxes="fixed:36")))
+    cmd = next(line for line in out.splitlines() if "--split train --chunk 0001" in line)
+    assert "--boxes fixed:36" in cmd and "--shard-size 2" in cmd and str(work / "weights.pkl") in cmd
+    assert "--kind regions" in cmd
+
+
+def test_dry_run_demo_on_a_fresh_root(tmp_path):
+    """Before ingest has run, the shard jobs are unknown: the DAG stops at the checkpoint."""
+    jobs = job_counts(ok(snakemake(tmp_path, "-n", "demo")))
+    assert jobs == {"ingest": 1, "gather_regions": 1, "gather_grid": 1, "gather_graphs": 1,
+                    "vocab": 1, "train": 1, "evaluate": 1, "demo": 1}
+
+
+def test_text_targets_need_no_images_nor_weights(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "dataset_flickr30k.json").write_text("{}")
+    r = snakemake(tmp_path, "-n", "-p", "text_f30k",
+                  config={"f30k_source_root": str(src), "weights": str(tmp_path / "absent.pkl")})
+    assert "--without-images" in ok(r)
+
+
+def test_target_rules_have_descriptions():
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--list-target-rules"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    listed = dict(re.match(r"(\w+) \((.+)\)$", line).groups() for line in ok(r).splitlines()
+                  if re.match(r"\w+ \(", line))
+    assert set(TARGETS) <= set(listed), listed
+    assert all(len(listed[t]) > 10 for t in TARGETS)
+
+
+# ---------------------------------------------------------------------------------------------
+# config validation and early failures: nothing may run
+
+def test_unknown_config_key_fails_naming_it(tmp_path):
+    r = snakemake(tmp_path, "-n", "demo", config={"shard_sise": 10})
+    assert r.returncode != 0 and "shard_sise" in output(r)
+    assert not (tmp_path / "data").exists()
+
+
+def test_wrong_config_type_fails_naming_the_key(tmp_path):
+    r = snakemake(tmp_path, "-n", "demo", config={"min_count": "many"})
+    assert r.returncode != 0
+    assert "min_count" in output(r) and "integer" in output(r)
+
+
+def test_bad_boxes_value_fails(tmp_path):
+    r = snakemake(tmp_path, "-n", "demo", config={"boxes": "fixed:0"})
+    assert r.returncode != 0 and "boxes" in output(r)
+
+
+def test_missing_weights_fail_before_anything_runs(tmp_path):
+    src = tmp_path / "raw"
+    (src / "images").mkdir(parents=True)
+    (src / "dataset_coco.json").write_text("{}")
+    weights = tmp_path / "nowhere" / "r101.pkl"
+    r = snakemake(tmp_path, "--cores", "1", "features_coco",
+                  config={"coco_source_root": str(src), "weights": str(weights)})
+    assert r.returncode != 0
+    assert f"extractor weights {weights} not found" in output(r)
+    assert "--config weights=PATH" in output(r)
+    assert not (tmp_path / "data" / "coco").exists()   # ingest did not run either
+
+
+def test_missing_image_folder_fails_for_feature_targets(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "dataset_coco.json").write_text("{}")
+    (tmp_path / "w.pkl").write_bytes(b"x")
+    r = snakemake(tmp_path, "-n", "grid_coco",
+                  config={"coco_source_root": str(src), "weights": str(tmp_path / "w.pkl")})
+    assert r.returncode != 0 and f"image folder {src / 'images'} not found" in output(r)
+
+
+def test_missing_annotation_file_is_named(tmp_path):
+    r = snakemake(tmp_path, "-n", "text_coco", config={"coco_source_root": str(tmp_path / "raw")})
+    assert r.returncode != 0
+    assert f"annotation file {tmp_path / 'raw' / 'dataset_coco.json'} not found" in output(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# profiles
+
+def known_options() -> set[str]:
+    from snakemake.cli import get_argument_parser
+
+    return {s[2:] for a in get_argument_parser()._actions for s in a.option_strings if s.startswith("--")}
+
+
+def test_slurm_profile_parses():
+    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert prof["executor"] == "slurm"
+    unknown = set(prof) - known_options()
+    assert not unknown, f"not snakemake options: {unknown}"
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--list-rules"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    rules = {line.split()[0] for line in ok(r).splitlines() if line and not line.startswith(" ")}
+    for section in ("set-resources", "set-threads"):
+        assert set(prof[section]) <= rules, f"{section} names unknown rules"
+    for item in prof["config"]:   # the config it sets must pass the schema's keys
+        assert item.split("=")[0] in yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_local_profile_runs_a_dry_run(tmp_path):
+    prof = yaml.safe_load((REPO / "profiles" / "local" / "config.yaml").read_text())
+    assert not set(prof) - known_options()
+    ok(snakemake(tmp_path, "-n", "demo", profile=REPO / "profiles" / "local"))
+
+
+# ---------------------------------------------------------------------------------------------
+# real runs
+
+def shard_state(root: Path, kinds) -> dict:
+    index = ShardIndex(root / "demo")
+    return {e.path: (e.sha256, e.config_hash, e.created) for k in kinds for e in index.entries(k)}
+
+
+def test_text_steps_run_reuse_and_rerun_the_right_subset(tmp_path):
+    """ingest -> parse -> vocab for real on a small demo: a second run does nothing; a changed
+    min_count reruns the vocabulary only; a changed chunk size reparses."""
+    vocab = str(Layout(tmp_path / "data", "demo").vocab)
+    cfg = {"demo_images": 8}
+    ok(snakemake(tmp_path, "--cores", "2", vocab, config=cfg))
+    layout = Layout(tmp_path / "data", "demo")
+    assert layout.vocab.exists() and layout.graphs(0).exists()
+    assert (tmp_path / "data" / "logs" / "demo" / "vocab.log").read_text().strip()
+    before = shard_state(tmp_path / "data", ["captions", "graphs", "vocab"])
+
+    assert "Nothing to be done" in ok(snakemake(tmp_path, "--cores", "2", vocab, config=cfg))
+
+    changed = dict(cfg, min_count=1)
+    assert job_counts(ok(snakemake(tmp_path, "-n", vocab, config=changed))) == {"vocab": 1}
+    ok(snakemake(tmp_path, "--cores", "2", vocab, config=changed))
+    after = shard_state(tmp_path / "data", ["captions", "graphs", "vocab"])
+    assert {p: s for p, s in after.items() if "graphs" in p or "captions" in p} == \
+        {p: s for p, s in before.items() if "graphs" in p or "captions" in p}
+    assert after["text/vocab.json"] != before["text/vocab.json"]
+    assert shards.read_vocab(layout.vocab)["min_count"] == 1
+
+    jobs = job_counts(ok(snakemake(tmp_path, "-n", vocab, config=dict(changed, parse_chunk_size=7))))
+    assert jobs == {"parse": 6, "gather_graphs": 1, "vocab": 1}   # 40 captions / 7
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_reuse_and_changed_boxes(tmp_path):
+    root = tmp_path / "data"
+    ok(snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO, timeout=1800))
+    run = tmp_path / "runs" / f"demo-{default('demo_model')}"
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert any(k.startswith("test/") for k in evaluation)
+    index = ShardIndex(root / "demo")
+    assert {"images", "captions", "boxes", "regions", "grid", "graphs", "vocab"} <= set(index.load()["kinds"])
+    assert index.verify() == []
+    assert "RANDOM" in (root / "logs" / "demo" / "regions-train-0000.log").read_text()
+
+    assert "Nothing to be done" in ok(snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO))
+
+    changed = dict(TINY_DEMO, demo_boxes="fixed:4")
+    jobs = job_counts(ok(snakemake(tmp_path, "-n", "demo", config=changed)))
+    assert jobs == {"extract_regions": 3, "gather_regions": 1, "train": 1, "evaluate": 1, "demo": 1}
+    grid_before = shard_state(root, ["grid", "graphs", "vocab"])
+    ok(snakemake(tmp_path, "--cores", "2", "demo", config=changed, timeout=1800))
+    assert shard_state(root, ["grid", "graphs", "vocab"]) == grid_before
+    regions = index.entries("regions")
+    assert len(regions) == 3 and len({e.config_hash for e in regions}) == 1   # no old shard left
+    assert all(len(r) == 4 for path in index.files("regions") for r in shards.RegionShard(path))
+
+
+def default(key):
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())[key]
