@@ -97,7 +97,9 @@ def attend_score(v: torch.Tensor, vmask: torch.Tensor, t: torch.Tensor, lam: flo
 
     ``v`` [ni, R, D] and ``t`` [nt, K, D] are L2-normalised. The attended vectors are never
     materialised: t.a = sum_r w_r cos_r and |a|^2 = w^T G w with G the Gram matrix of the image's
-    nodes, so memory is ni * nt * K * R whatever D is. An image without nodes scores 0."""
+    nodes, so memory is ni * nt * K * R whatever D is. An image without nodes scores 0.
+    Computed in float32 (under autocast, |a|^2 of float16 could underflow to 0)."""
+    v, t = v.float(), t.float()
     cos = torch.einsum("ird,tkd->itkr", v, t)
     w = (lam * cos).masked_fill(~vmask[:, None, None, :], _NEG).softmax(-1)
     dot = (w * cos).sum(-1)
