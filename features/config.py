@@ -74,6 +74,12 @@ class ExtractorConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def settings_for(self, kind: str) -> dict:
+        """The settings that shape one kind of output; its shards' config hash covers only
+        these, so changing the box rule does not invalidate grid shards (and vice versa)."""
+        drop = {"regions": GRID_ONLY, "grid": REGION_ONLY}[kind]
+        return {k: v for k, v in self.to_dict().items() if k not in drop}
+
     @classmethod
     def from_dict(cls, d: dict) -> "ExtractorConfig":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -85,3 +91,11 @@ class ExtractorConfig:
 
 # blocks per stage res2..res5
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+GRID_ONLY = frozenset({"grid_size"})
+REGION_ONLY = frozenset({
+    "anchor_sizes", "anchor_ratios", "anchor_offset", "rpn_channels", "rpn_pre_nms_topk",
+    "rpn_post_nms_topk", "rpn_nms", "rpn_min_size", "pooler", "pooler_resolution",
+    "pooler_sampling_ratio", "num_classes", "bbox_reg_classes", "background_last", "num_attributes",
+    "attr_embed_dim", "attr_hidden_dim", "boxes", "nms", "conf_thresh", "min_boxes", "max_boxes",
+    "regress_boxes"})

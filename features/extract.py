@@ -38,7 +38,7 @@ class Chunk:
     index: int
     rows: np.ndarray                 # positions in images.parquet
     ids: list                        # their image ids
-    inputs_hash: str
+    inputs_hash: dict                # kind -> hash of what the chunk's shard is made from
     kinds: list = field(default_factory=list)   # kinds whose shard must be (re)written
 
 
@@ -56,9 +56,11 @@ def plan_chunks(images, shard_size: int, given: dict | None, split=None, chunk=N
                 continue
             part = rows[k * shard_size:(k + 1) * shard_size]
             inputs = {"ids": ids[part].tolist(), "paths": [paths[i] for i in part]}
-            if given is not None:
-                inputs["boxes"] = [given.get(int(ids[i]), np.zeros((0, 4))).tolist() for i in part]
-            chunks.append(Chunk(name, k, part, inputs["ids"], shards.config_hash(inputs)))
+            hashes = {"grid": shards.config_hash(inputs), "regions": shards.config_hash(inputs)}
+            if given is not None:  # given boxes are an input of the region shards only
+                boxes = [given.get(int(ids[i]), np.zeros((0, 4))).tolist() for i in part]
+                hashes["regions"] = shards.config_hash(dict(inputs, boxes=boxes))
+            chunks.append(Chunk(name, k, part, inputs["ids"], hashes))
     if chunk is not None and not chunks:
         raise SystemExit(f"features extract: chunk {chunk} does not exist at --shard-size {shard_size}")
     return chunks
@@ -181,15 +183,16 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
     images = shards.read_table(layout.images, "images")
     given = read_given_boxes(layout, images) if cfg.boxes == "given" else None
     info = weights_info(weights, seed)
-    cfg_hash = shards.config_hash({"extractor": cfg.to_dict(), "weights": info.sha256})
+    cfg_hash = {kind: shards.config_hash({"extractor": cfg.settings_for(kind), "weights": info.sha256})
+                for kind in kinds}
     chunks = plan_chunks(images, shard_size, given, split, chunk)
     report = Report()
     for c in chunks:
         c.kinds = [k for k in kinds if not index.is_valid(k, output_path(layout, k, c.split, c.index),
-                                                           cfg_hash, c.inputs_hash)]
+                                                           cfg_hash[k], c.inputs_hash[k])]
         report.reused += len(kinds) - len(c.kinds)
     for kind in kinds:
-        stale = index.stale(kind, cfg_hash)
+        stale = index.stale(kind, cfg_hash[kind])
         if stale:
             print(f"features extract: {len(stale)} {kind} shard(s) were written with another config "
                   f"({sorted({e.config_hash for e in stale})}); those in this run are replaced", file=sys.stderr)
@@ -242,9 +245,9 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
 
 
 def _open_outputs(layout, c: Chunk, attrs, cfg, given, ids) -> dict:
-    a = dict(attrs, split=c.split, chunk=c.index)
     outs = {}
     for kind in c.kinds:
+        a = dict(attrs, split=c.split, chunk=c.index, kind=kind, config_hash=attrs["config_hash"][kind])
         path = output_path(layout, kind, c.split, c.index)
         if kind == "regions":
             per = cfg.fixed_boxes or (max([len(given.get(int(ids[r]), ())) for r in c.rows], default=1)
@@ -282,8 +285,8 @@ def _finish(index, layout, c: Chunk, outputs, cfg_hash, report):
     skipped = sorted({b[0] for b in report.bad if b[3] == "skipped" and b[0] in chunk_ids})
     for kind, out in outputs.items():
         rows = out.close()
-        index.register(kind, output_path(layout, kind, c.split, c.index), rows=rows, config_hash=cfg_hash,
-                       inputs_hash=c.inputs_hash, extra={"skipped_images": skipped} if skipped else None)
+        index.register(kind, output_path(layout, kind, c.split, c.index), rows=rows, config_hash=cfg_hash[kind],
+                       inputs_hash=c.inputs_hash[kind], extra={"skipped_images": skipped} if skipped else None)
         report.written[kind] += 1
 
 

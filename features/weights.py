@@ -124,8 +124,10 @@ def random_init(model: nn.Module, seed: int = 0) -> None:
     convs, frozen-BN scales that keep the residual stream's scale near 1, small head weights."""
     from features.backbone import Bottleneck, ConvNorm, Stem  # local: only this function needs them
     g = torch.Generator().manual_seed(seed)
+    # backbone and res5 are drawn first, so grid features do not depend on head-only settings
+    trunk = [m for part in (model.backbone, model.roi_heads.res5) for m in part.modules()]
     with torch.no_grad():
-        for m in model.modules():
+        for m in trunk:
             if isinstance(m, nn.Conv2d):
                 std = math.sqrt(2.0 / (m.in_channels * m.kernel_size[0] * m.kernel_size[1]))
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
@@ -136,7 +138,7 @@ def random_init(model: nn.Module, seed: int = 0) -> None:
                 m.norm.bias.zero_()
                 m.norm.running_mean.zero_()
                 m.norm.running_var.fill_(1.0)
-        for m in model.modules():
+        for m in trunk:
             if isinstance(m, Stem):     # input pixels are in [-128, 128]: bring them to unit scale
                 m.conv1.norm.weight.fill_(1.0 / 64)
             if isinstance(m, Bottleneck):  # damp each residual branch so 33 blocks do not blow up

@@ -77,18 +77,21 @@ def test_extract_writes_registers_and_reuses(tmp_path):
         grid = GridShard(layout.grid(split, k))
         assert grid.image_ids.tolist() == ids and grid.grid_hw == (7, 7)
         assert grid.get(0).shape == (49, 2048) and grid.get(0).dtype == np.float16
-        for kind, path in (("regions", layout.regions(split, k)), ("grid", layout.grid(split, k))):
-            e = index.entry(kind, path)
-            assert e.rows == len(ids) and e.config_hash == reg.attrs["config_hash"] and e.inputs_hash
+        assert grid.attrs["config_hash"] != reg.attrs["config_hash"]  # each kind hashes its own settings
+        for kind, shard in (("regions", reg), ("grid", grid)):
+            e = index.entry(kind, shard.path)
+            assert e.rows == len(ids) and e.config_hash == shard.attrs["config_hash"] and e.inputs_hash
     assert len(cfg_hashes) == 1 and index.verify() == []
     assert len(index.files("regions", cfg_hashes.pop())) == 3
     before = {p: p.stat().st_mtime_ns for p in layout.dir.rglob("*.h5")}
     rc, summary = extract(layout, "--kind", "both", "--shard-size", "2")
     assert rc == 0 and "wrote 0 regions + 0 grid shard(s) for 0 image(s)" in summary and "reused 6" in summary
     assert before == {p: p.stat().st_mtime_ns for p in layout.dir.rglob("*.h5")}
-    # grid already current, regions asked for a new box rule: only the regions are redone
-    rc, summary = extract(layout, "--kind", "regions", "--shard-size", "2", "--boxes", "fixed:4")
-    assert "wrote 3 regions + 0 grid" in summary
+    # a new box rule touches region shards only: the grid shards stay current
+    grid_before = {p: p.stat().st_mtime_ns for p in (layout.dir / "grid").glob("*.h5")}
+    rc, summary = extract(layout, "--kind", "both", "--shard-size", "2", "--boxes", "fixed:4")
+    assert "wrote 3 regions + 0 grid" in summary and "reused 3" in summary
+    assert grid_before == {p: p.stat().st_mtime_ns for p in (layout.dir / "grid").glob("*.h5")}
     reg = RegionShard(layout.regions("train", 0))
     assert reg.box_counts().tolist() == [4, 4] and reg.file["features"].chunks[0] == 4
 

@@ -181,6 +181,16 @@ def test_regions_only_and_grid_only(state):
     assert set(g) == {"grid"}
 
 
+@pytest.mark.slow  # bfloat16 convolutions on a CPU without native support are slow
+def test_amp_runs_and_stays_finite():
+    model = BottomUpRCNN(ExtractorConfig(**SMALL, depth=50, num_classes=20, bbox_reg_classes=21,
+                                         num_attributes=10, amp=True))
+    load_weights(model, "random")
+    out = run(model, [scene()])[0]
+    assert out["features"].dtype == torch.float32 and torch.isfinite(out["features"]).all()
+    assert torch.isfinite(out["grid"]).all() and len(out["boxes"]) >= 1
+
+
 @pytest.mark.parametrize("pooler", ["roi_align_v2", "roi_pool"])
 def test_other_poolers(state, pooler):
     model = make_model(state, pooler=pooler, boxes="given")
