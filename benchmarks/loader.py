@@ -7,12 +7,17 @@ Writes (or reuses, in --dir) a synthetic dataset with the real shard writers (ra
 region features, 5 captions per image with scene graphs), then iterates the training
 DataLoader (PairDataset + collate_pairs, shuffled) and prints samples/s and the peak resident
 memory of the loader process and its workers. RSS is split into anonymous memory (what the
-loader holds) and file-backed pages (memory-mapped shard bytes: page cache the kernel can drop).
+loader holds) and file-backed pages (memory-mapped shard bytes: page cache the kernel can drop),
+summed over the processes (pages shared between workers are counted once per process). Samples
+per CPU-second (main process + workers, start-up included) is the figure to compare across
+machine loads; samples/s is wall-clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import tempfile
 import threading
 import time
@@ -63,7 +68,6 @@ def main():
     ap.add_argument("--dir", default=None, help="keep the dataset here and reuse it on later runs")
     args = ap.parse_args()
 
-    import os
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="itmkit-loader-"))
     layout = Layout(folder, "synth")
     t = time.perf_counter()
@@ -82,18 +86,28 @@ def main():
     n_batches = args.batches or len(loader)
     it = iter(loader)
     next(it)  # start-up (worker spawn, first reads) is not timed
+    cpu0 = _cpu_seconds(resource.RUSAGE_SELF)
     t, samples = time.perf_counter(), 0
     for k, batch in enumerate(it):
         samples += len(batch)
         if k + 1 >= n_batches:
             break
     dt = time.perf_counter() - t
+    cpu = _cpu_seconds(resource.RUSAGE_SELF) - cpu0
     monitor.stop.set()
     monitor.join()
+    del it, loader  # joins the workers, so their CPU time is counted as children's
+    cpu += _cpu_seconds(resource.RUSAGE_CHILDREN)
     total, anon, file = (v / 2**20 for v in monitor.peak)
-    print(f"loader: {samples / dt:,.0f} samples/s ({samples} samples, batch {args.batch_size}, "
-          f"{args.workers} workers, {args.boxes} boxes x 2048 float16); peak RSS {total:.2f} GiB "
-          f"(anonymous {anon:.2f} GiB, file-backed shard pages {file:.2f} GiB)")
+    print(f"loader: {samples / dt:,.0f} samples/s wall, {samples / cpu:,.0f} samples per CPU-second "
+          f"({samples} samples, batch {args.batch_size}, {args.workers} workers, {args.boxes} boxes x "
+          f"2048 float16); peak RSS {total:.2f} GiB (anonymous {anon:.2f} GiB, file-backed shard "
+          f"pages {file:.2f} GiB), load average {os.getloadavg()[0]:.1f}")
+
+
+def _cpu_seconds(who) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 if __name__ == "__main__":

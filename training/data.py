@@ -114,23 +114,24 @@ class Batch:
 
 def _pad(seqs: list[np.ndarray], min_width: int = 0, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     width = max([len(s) for s in seqs] + [min_width])
-    out = np.zeros((len(seqs), width) + seqs[0].shape[1:], dtype=dtype)
+    out = np.empty((len(seqs), width) + seqs[0].shape[1:], dtype=dtype)
     mask = np.zeros((len(seqs), width), dtype=bool)
     for i, s in enumerate(seqs):
         out[i, :len(s)] = s
+        out[i, len(s):] = 0
         mask[i, :len(s)] = True
     return out, mask
 
 
 def collate_images(items: list[dict]) -> ImageBatch:
-    feats, mask = _pad([it["features"] for it in items], 1, np.float32)  # float16 cast while copying
+    feats, mask = _pad([it["features"] for it in items], 1, np.float16)  # torch casts faster than numpy
     boxes, _ = _pad([it["boxes"] for it in items], 1, np.float32)
     grid = grid_hw = None
     if items[0].get("grid") is not None:
         grid = torch.from_numpy(np.stack([it["grid"] for it in items])).float()
         grid_hw = items[0]["grid_hw"]
     return ImageBatch(
-        regions=torch.from_numpy(feats), boxes=torch.from_numpy(boxes),
+        regions=torch.from_numpy(feats).float(), boxes=torch.from_numpy(boxes),
         region_mask=torch.from_numpy(mask),
         boxes_known=torch.tensor([it["boxes_known"] for it in items]),
         image_hw=torch.tensor(np.array([it["image_hw"] for it in items], dtype=np.int64)),
