@@ -51,7 +51,7 @@ def plan_chunks(images, shard_size: int, given: dict | None, split=None, chunk=N
     chunks = []
     for name in names:
         rows = np.flatnonzero(splits == name)
-        for k in range(max(1, -(-len(rows) // shard_size))):
+        for k in range(-(-len(rows) // shard_size)):
             if chunk is not None and k != chunk:
                 continue
             part = rows[k * shard_size:(k + 1) * shard_size]
@@ -124,15 +124,17 @@ class ChunkBatches:
 class RegionsOutput:
     def __init__(self, path, attrs, boxes_per_chunk):
         self.writer = shards.RegionShardWriter(path, boxes_per_chunk=boxes_per_chunk, attrs=attrs)
+        self.rows = 0
 
     def add(self, image_id, hw, result):
+        self.rows += 1
         self.writer.append(shards.Regions(
             image_id, hw, result["features"].cpu().numpy().astype(np.float16),
             **{k: result[k].cpu().numpy() for k in ("boxes", "obj_labels", "obj_scores", "attr_labels", "attr_scores")}))
 
     def close(self) -> int:
         self.writer.close()
-        return len(self.writer._ids)
+        return self.rows
 
     def abort(self):
         self.writer.abort()
@@ -227,9 +229,6 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
             if batch[-1]["row"] == int(c.rows[-1]):
                 _finish(index, layout, c, outputs, cfg_hash, report)
                 outputs = {}
-        for c in todo:  # chunks with no rows at all (an empty split)
-            if len(c.rows) == 0:
-                _finish(index, layout, c, _open_outputs(layout, c, attrs, cfg, given, ids), cfg_hash, report)
     except BaseException:
         for out in outputs.values():
             out.abort()
@@ -293,7 +292,8 @@ def _finish(index, layout, c: Chunk, outputs, cfg_hash, report):
 def _remove_leftovers(index, layout, kinds, chunks, split) -> list[str]:
     """After a whole-split run, shards of that split outside the plan (e.g. from a larger
     shard count) are unregistered and deleted, so old chunks never mix with new ones."""
-    planned = {index._rel(output_path(layout, k, c.split, c.index)) for k in kinds for c in chunks}
+    planned = {Path(os.path.relpath(output_path(layout, k, c.split, c.index), index.dir)).as_posix()
+               for k in kinds for c in chunks}
     splits = {c.split for c in chunks}
     removed = []
     for kind in kinds:
