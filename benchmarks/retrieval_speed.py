@@ -120,7 +120,8 @@ def measure(args) -> dict:
         t_img_blocks.append(time.perf_counter() - t1)
         done += len(b)
         assert scores.shape == (len(b), n_txt)
-        if args.probe == 0 and time.perf_counter() - t0 > args.budget_s and done < n_img:
+        if not cls.two_tower and args.probe == 0 and time.perf_counter() - t0 > args.budget_s \
+                and done < n_img:
             break
     measured = t_text + sum(t_img_blocks)
     blocks = math.ceil(n_img / args.batch_size)
