@@ -4,7 +4,7 @@ into shards.json, so two runs with different settings never share shards."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

@@ -3,8 +3,6 @@ cache reuse, resume after a kill, config changes, given/fixed boxes, and the bad
 
 import contextlib
 import io
-import json
-import os
 import signal
 import struct
 import subprocess
@@ -17,8 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from features.__main__ import build_parser
 from features.__main__ import main as features_main
+from features.extract import config_from_args
+from features.rcnn import BottomUpRCNN
 from features.transforms import BadImage, load_image
+from features.weights import load_weights, save_detectron2_pickle
 from pipeline import shards
 from pipeline.shards import GridShard, Layout, RegionShard
 
@@ -257,3 +259,20 @@ def test_bad_images_are_converted_or_skipped_and_reported(tmp_path):
     assert GridShard(layout.grid("train", 0)).image_ids.tolist() == kept
     e = layout.index.entry("grid", layout.grid("train", 0))
     assert e.extra["skipped_images"] == [i for i, a in enumerate(expected.values()) if a == "skipped"]
+
+
+def test_weights_file_through_the_cli(tmp_path, capsys):
+    layout, _ = make_dataset(tmp_path, splits=("val",) * 2)
+    args = build_parser().parse_args(["extract", "--dataset", "toy", *FAST])
+    model = BottomUpRCNN(config_from_args(args))
+    load_weights(model, "random", seed=9)
+    weights = save_detectron2_pickle(model, tmp_path / "model_final.pkl")
+    rc, summary = extract(layout, "--kind", "regions", "--weights", str(weights))
+    assert rc == 0 and "weights model_final.pkl" in summary
+    attrs = RegionShard(layout.regions("val", 0)).attrs
+    assert attrs["weights_sha256"] == shards.sha256_file(weights) and "RANDOM" not in attrs["weights"]
+    # a checkpoint of another shape is refused with the names of what does not fit
+    rc, _ = extract(layout, "--kind", "regions", "--weights", str(weights), "--set", "num_attributes=12")
+    assert rc == 1 and "attr_score.weight: checkpoint (11, 512) != model (13, 512)" in capsys.readouterr().err
+    rc, _ = extract(layout, "--set", "no_such_setting=1")
+    assert rc == 1 and "unknown extractor settings ['no_such_setting']" in capsys.readouterr().err
