@@ -111,7 +111,7 @@ def drop_stale(layout: shards.Layout, chash: str, n_chunks: int) -> list[str]:
     """Forget (and delete) graph chunks of another config, or past the last chunk: they must
     never be read together with the current ones."""
     index = layout.index
-    current = {index._rel(layout.graphs(k)) for k in range(n_chunks)}
+    current = {layout.graphs(k).relative_to(layout.dir).as_posix() for k in range(n_chunks)}
     gone = [e for e in index.entries("graphs") if e.config_hash != chash or e.path not in current]
     if gone:
         index.unregister("graphs", [e.path for e in gone])

@@ -10,7 +10,9 @@ lowercased; heads, attributes and predicates are lemmas. See docs/text.md for th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator
 
 # Bump when a rule changes: it is part of the config hash of every graph chunk.
@@ -38,6 +40,9 @@ COLOURS = {"black", "white", "red", "green", "blue", "yellow", "orange", "purple
            "teal", "turquoise", "navy", "dark", "light", "colorful", "colourful"}
 RELATIVE_PRONOUNS = {"that", "who", "which", "whom", "whose"}
 NOUN_POS = {"NOUN", "PROPN"}
+# Longer captions are cut to this many characters (about 20,000 tokens): no caption is that long,
+# and spaCy's parser needs about 1 GB of memory per 100,000 characters.
+MAX_CHARS = 100_000
 # Lemmas the small English models get wrong on frequent caption verbs ("riding" -> "rid").
 LEMMA_FIXES = {"riding": "ride", "rides": "ride", "rode": "ride", "ridden": "ride"}
 
@@ -45,7 +50,7 @@ LEMMA_FIXES = {"riding": "ride", "rides": "ride", "rode": "ride", "ridden": "rid
 def resolve_model(name: str = DEFAULT_MODEL) -> str:
     """The installed spaCy model package to load for ``name``: ``name`` itself when it is
     installed (or a path), else the first installed fallback."""
-    import spacy.util
+    import spacy.util  # spaCy is imported only by the commands that parse: it takes seconds
 
     candidates = [name] + [m for m in FALLBACK_MODELS if m != name and name == DEFAULT_MODEL]
     for cand in candidates:
@@ -57,8 +62,6 @@ def resolve_model(name: str = DEFAULT_MODEL) -> str:
 
 
 def _is_model_dir(name: str) -> bool:
-    from pathlib import Path
-
     return (Path(name) / "meta.json").exists()
 
 
@@ -68,9 +71,6 @@ def model_version(name: str) -> str:
 
     if spacy.util.is_package(name):
         return spacy.util.get_package_version(name) or "unknown"
-    from pathlib import Path
-    import json
-
     return json.loads((Path(name) / "meta.json").read_text()).get("version", "unknown")
 
 
@@ -109,8 +109,9 @@ class Graph:
 
 
 def parse_texts(nlp, texts: Iterable[str], batch_size: int = 256) -> Iterator[Graph]:
-    """Graphs of many captions, parsed with ``nlp.pipe`` in batches."""
-    for doc in nlp.pipe((t if isinstance(t, str) else "" for t in texts), batch_size=batch_size):
+    """Graphs of many captions, parsed with ``nlp.pipe`` in batches (None counts as "")."""
+    texts = ((t[:MAX_CHARS] if isinstance(t, str) else "") for t in texts)
+    for doc in nlp.pipe(texts, batch_size=batch_size):
         yield parse_doc(doc)
 
 
@@ -306,8 +307,8 @@ class _GraphBuilder:
         return None
 
     def _verb(self, verb) -> None:
-        if _lemma(verb) != "be" and not any(c.dep_ in ("dobj", "obj", "agent") for c in verb.children) \
-                and (cop := self._copula(verb)) is not None:  # "is red and checkered"
+        if verb.dep_ in ("conj", "acomp") and _lemma(verb) != "be" and (cop := self._copula(verb)) is not None \
+                and not any(c.dep_ in ("dobj", "obj", "agent") for c in verb.children):  # "is red and checkered"
             self._add_attribute(self._subjects(cop)[0], _attribute_word(verb))
             return
         subjects, passive = self._subjects(verb)

@@ -133,6 +133,12 @@ def test_ten_thousand_token_caption(nlp):
     assert len(g.objects) > 100 and all(0 <= i < 10_000 for _, _, i in g.objects)
 
 
+def test_huge_text_is_cut_not_fatal(nlp, monkeypatch):
+    monkeypatch.setattr(sgparse, "MAX_CHARS", 40)
+    (g,) = list(sgparse.parse_texts(nlp, ["A man on a horse. " * 1000]))
+    assert "".join(g.tokens) == "A man on a horse. A man on a horse. A ma".replace(" ", "")
+
+
 def test_model_fallback_and_errors():
     assert sgparse.resolve_model(sgparse.DEFAULT_MODEL) in (sgparse.DEFAULT_MODEL,) + sgparse.FALLBACK_MODELS
     with pytest.raises(OSError, match="not installed"):
