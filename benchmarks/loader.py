@@ -16,6 +16,7 @@ machine loads; samples/s is wall-clock.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import os
 import resource
 import tempfile
@@ -65,6 +66,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--batches", type=int, default=200, help="batches to time (0 = one epoch)")
+    ap.add_argument("--float32", dest="half", action="store_false",
+                    help="collate region features to float32 in the workers (default: float16, "
+                         "cast by Batch.to as train.py does)")
     ap.add_argument("--dir", default=None, help="keep the dataset here and reuse it on later runs")
     args = ap.parse_args()
 
@@ -79,8 +83,8 @@ def main():
     data = ShardData(folder, "synth", Vocabulary.load(layout.vocab), DataConfig(split="train"))
     print(f"opened the split ({data.n_images} images, {len(data.text)} captions) in "
           f"{time.perf_counter() - t:.1f}s")
-    loader = make_loader(PairDataset(data), collate_pairs, args.batch_size, shuffle=True,
-                         workers=args.workers, drop_last=True)
+    loader = make_loader(PairDataset(data), partial(collate_pairs, half=args.half), args.batch_size,
+                         shuffle=True, workers=args.workers, drop_last=True)
     monitor = PeakRSS(os.getpid())
     monitor.start()
     n_batches = args.batches or len(loader)
@@ -101,8 +105,9 @@ def main():
     total, anon, file = (v / 2**20 for v in monitor.peak)
     print(f"loader: {samples / dt:,.0f} samples/s wall, {samples / cpu:,.0f} samples per CPU-second "
           f"({samples} samples, batch {args.batch_size}, {args.workers} workers, {args.boxes} boxes x "
-          f"2048 float16); peak RSS {total:.2f} GiB (anonymous {anon:.2f} GiB, file-backed shard "
-          f"pages {file:.2f} GiB), load average {os.getloadavg()[0]:.1f}")
+          f"2048 float16, batches carry {'float16' if args.half else 'float32'}); peak RSS "
+          f"{total:.2f} GiB (anonymous {anon:.2f} GiB, file-backed shard pages {file:.2f} GiB), "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 def _cpu_seconds(who) -> float:

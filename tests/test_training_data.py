@@ -122,3 +122,15 @@ def test_registry_builds_and_names_unknown(synth):
         models.build("vsepp", {"not_a_field": 1}, vocab)
     m = models.build("vsepp", {"embed_dim": 16}, vocab)
     assert m.cfg.embed_dim == 16 and m.two_tower
+
+
+def test_half_batches_become_float32_on_to(synth):
+    root, _, vocab = synth
+    data = ShardData(root, "synth", vocab, DataConfig(split="train"))
+    items = [PairDataset(data)[j] for j in range(4)]
+    full, half = collate_pairs(items), collate_pairs(items, half=True)
+    assert half.image.regions.dtype == torch.float16
+    moved = half.to("cpu")
+    assert moved.image.regions.dtype == torch.float32
+    assert torch.equal(moved.image.regions, full.image.regions)
+    assert torch.equal(moved.text.tokens, full.text.tokens)

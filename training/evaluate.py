@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,8 @@ def model_sims(args, root: Path) -> tuple[np.ndarray, ShardData, RunConfig]:
     model = models.build(run.model, run.model_cfg(), vocab)
     model.load_state_dict(ckpt["model"])
     model.to(args.device)
-    images = make_loader(ImageDataset(data), collate_images, args.batch_size, workers=args.workers)
+    images = make_loader(ImageDataset(data), partial(collate_images, half=True), args.batch_size,
+                         workers=args.workers)
     texts = make_loader(CaptionDataset(data), collate_text, args.batch_size * 5, workers=args.workers)
     sims = compute_sims(model, images, texts, args.device)
     return sims, data, run

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,13 +125,16 @@ def main(argv=None) -> int:
         split=run.val_split, max_len=run.max_len, grid=cls.needs_grid), train_data.hashes)
     run.shard_hashes, run.vocab_fingerprint = val_data.hashes, vocab.fingerprint
     pin = device.type == "cuda"
-    train_loader = make_loader(PairDataset(train_data), collate_pairs, cfg.batch_size // world,
-                               shuffle=True, seed=run.seed, workers=run.workers, rank=rank,
-                               world_size=world, drop_last=True, pin_memory=pin)
+    # loaders carry features as float16; Batch.to(device) makes them float32
+    train_loader = make_loader(PairDataset(train_data), partial(collate_pairs, half=True),
+                               cfg.batch_size // world, shuffle=True, seed=run.seed,
+                               workers=run.workers, rank=rank, world_size=world, drop_last=True,
+                               pin_memory=pin)
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_loader.dataset)} training pairs make no full batch of "
                          f"{cfg.batch_size // world}; lower --batch-size")
-    val_images = make_loader(ImageDataset(val_data), collate_images, run.eval_batch_size, workers=run.workers)
+    val_images = make_loader(ImageDataset(val_data), partial(collate_images, half=True),
+                             run.eval_batch_size, workers=run.workers)
     val_texts = make_loader(CaptionDataset(val_data), collate_text, run.eval_batch_size * 5, workers=run.workers)
 
     # model and optimiser
