@@ -83,11 +83,12 @@ class Dissemination(nn.Module):
         self.iters = iters
         self.gate = nn.Linear(2 * dim, dim)
         self.broadcast = nn.Linear(dim, dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        # no bias on keys or on the pooling score: a constant per row cancels in the softmax
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.pool_x, self.pool_g = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.pool_w = nn.Linear(dim, 1)
+        self.pool_w = nn.Linear(dim, 1, bias=False)
         self.refresh = nn.GRUCell(dim, dim)
 
     def forward(self, x, mask, edges, bias=None):
@@ -99,7 +100,7 @@ class Dissemination(nn.Module):
             gx = g.unsqueeze(1).expand_as(x)
             x = self.norm1(x + torch.sigmoid(self.gate(torch.cat([x, gx], -1))) * self.broadcast(gx))
             # local <-> local along the knowledge edges
-            q, k, v = self.qkv(x).chunk(3, -1)
+            q, k, v = self.q(x), self.k(x), self.v(x)
             logits = q @ k.transpose(1, 2) / math.sqrt(d)
             if bias is not None:
                 logits = logits + bias
@@ -187,7 +188,7 @@ class RelationGraph(nn.Module):
     def __init__(self, sim_dim: int, steps: int, prune_init: float, n_types: int = 5):
         super().__init__()
         self.q = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
-        self.k = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
+        self.k = nn.ModuleList(nn.Linear(sim_dim, sim_dim, bias=False) for _ in range(steps))
         self.update = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
         self.type_bias = nn.Parameter(torch.zeros(n_types, n_types))
         self.threshold = nn.Parameter(torch.tensor(float(prune_init)))
