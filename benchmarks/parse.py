@@ -105,12 +105,16 @@ def bench_pipeline(root: Path, texts, cfg: parse.ParseConfig, client=None) -> fl
     return rate(len(texts), time.perf_counter() - start)
 
 
+def _load_model(name: str) -> list[str]:
+    return list(parse._model(name).pipe_names)  # the pipeline itself stays on the worker
+
+
 def bench_dask(root: Path, texts, cfg: parse.ParseConfig, workers: int) -> float:
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(parse._model, cfg.model)  # load the model on every worker before timing
+        client.run(_load_model, cfg.model)  # load the model on every worker before timing
         return bench_pipeline(root, texts, cfg, client=client)
 
 
