@@ -108,6 +108,8 @@ def main(argv=None) -> int:
 
     # config
     run = make_run(args, root, out)
+    if ddp:  # every rank has checked --out before rank 0 writes config.json into it
+        dist.barrier()
     cfg = run.model_cfg()
     layout = Layout(root, run.dataset)
     vocab = Vocabulary.load(layout.vocab)
@@ -135,7 +137,8 @@ def main(argv=None) -> int:
                          f"{cfg.batch_size // world}; lower --batch-size")
     val_images = make_loader(ImageDataset(val_data), partial(collate_images, half=True),
                              run.eval_batch_size, workers=run.workers)
-    val_texts = make_loader(CaptionDataset(val_data), collate_text, run.eval_batch_size * 5, workers=run.workers)
+    val_texts = make_loader(CaptionDataset(val_data), collate_text, run.eval_batch_size * 5,
+                            workers=run.workers)
 
     # model and optimiser
     model = models.build(run.model, cfg, vocab).to(device)
