@@ -23,7 +23,8 @@ rule extract_regions:
     shell:
         "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind regions"
         " --split {wildcards.split} --chunk {wildcards.k} {params.flags} --device {params.device}"
-        " --batch-size {config[extract_batch_size]} --workers {params.workers} --no-progress > {log} 2>&1"
+        " --batch-size {config[extract_batch_size]} --workers {params.workers} --threads {threads}"
+        " --no-progress > {log} 2>&1"
 
 
 rule extract_grid:
@@ -47,7 +48,8 @@ rule extract_grid:
     shell:
         "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind grid"
         " --split {wildcards.split} --chunk {wildcards.k} {params.flags} --device {params.device}"
-        " --batch-size {config[extract_batch_size]} --workers {params.workers} --no-progress > {log} 2>&1"
+        " --batch-size {config[extract_batch_size]} --workers {params.workers} --threads {threads}"
+        " --no-progress > {log} 2>&1"
 
 
 rule gather_regions:
