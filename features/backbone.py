@@ -23,12 +23,12 @@ class ConvNorm(nn.Conv2d):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, cin, cout, bottleneck, stride=1, stride_in_1x1=True):
+    def __init__(self, cin, cout, bottleneck, stride=1, stride_in_1x1=True, dilation=1):
         super().__init__()
         self.shortcut = ConvNorm(cin, cout, 1, stride=stride) if cin != cout or stride != 1 else None
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = ConvNorm(cin, bottleneck, 1, stride=s1)
-        self.conv2 = ConvNorm(bottleneck, bottleneck, 3, stride=s3, padding=1)
+        self.conv2 = ConvNorm(bottleneck, bottleneck, 3, stride=s3, padding=dilation, dilation=dilation)
         self.conv3 = ConvNorm(bottleneck, cout, 1)
 
     def forward(self, x):
@@ -39,9 +39,9 @@ class Bottleneck(nn.Module):
         return F.relu_(out)
 
 
-def make_stage(blocks, cin, cout, bottleneck, first_stride, stride_in_1x1=True) -> nn.Sequential:
+def make_stage(blocks, cin, cout, bottleneck, first_stride, stride_in_1x1=True, dilation=1) -> nn.Sequential:
     return nn.Sequential(*[
-        Bottleneck(cin if i == 0 else cout, cout, bottleneck, first_stride if i == 0 else 1, stride_in_1x1)
+        Bottleneck(cin if i == 0 else cout, cout, bottleneck, first_stride if i == 0 else 1, stride_in_1x1, dilation)
         for i in range(blocks)])
 
 
@@ -73,5 +73,7 @@ class ResNetC4(nn.Module):
         return self.res4(self.res3(self.res2(self.stem(x))))
 
 
-def make_res5(blocks=3, stride_in_1x1=True) -> nn.Sequential:
-    return make_stage(blocks, 1024, 2048, 512, 2, stride_in_1x1)
+def make_res5(blocks=3, stride_in_1x1=True, dilation=1) -> nn.Sequential:
+    """res5 with stride 2 (detectron2's C4 head), or, for ``dilation`` > 1, stride 1 with dilated
+    3x3 convs: the published Caffe bottom-up model (res5 stays at stride 16, dilation 2)."""
+    return make_stage(blocks, 1024, 2048, 512, 1 if dilation > 1 else 2, stride_in_1x1, dilation)

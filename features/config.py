@@ -30,6 +30,8 @@ class ExtractorConfig:
     pooler: str = "roi_align"            # roi_align | roi_align_v2 | roi_pool
     pooler_resolution: int = 14
     pooler_sampling_ratio: int = 0
+    res5_dilation: int = 2               # published Caffe model: res5 at stride 1, dilated 3x3 convs
+                                         # (1: detectron2's stride-2 res5)
     num_classes: int = 1600              # Visual Genome objects (+1 background)
     bbox_reg_classes: int = 1601         # class-specific regression, background included
     background_last: bool = True         # detectron2 puts the background logit last

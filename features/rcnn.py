@@ -30,6 +30,7 @@ class BottomUpRCNN(nn.Module):
         self.roi_heads = Res5ROIHeads(
             stride=ResNetC4.stride, pooler=cfg.pooler, resolution=cfg.pooler_resolution,
             sampling_ratio=cfg.pooler_sampling_ratio, stride_in_1x1=cfg.stride_in_1x1,
+            res5_dilation=cfg.res5_dilation,
             num_classes=cfg.num_classes, bbox_reg_classes=cfg.bbox_reg_classes,
             num_attributes=cfg.num_attributes, attr_embed_dim=cfg.attr_embed_dim,
             attr_hidden_dim=cfg.attr_hidden_dim, background_last=cfg.background_last)

@@ -44,13 +44,13 @@ class AttributePredictor(nn.Module):
 
 class Res5ROIHeads(nn.Module):
     def __init__(self, *, stride=16, pooler="roi_align", resolution=14, sampling_ratio=0,
-                 stride_in_1x1=True, num_classes=1600, bbox_reg_classes=1601, num_attributes=400,
+                 stride_in_1x1=True, res5_dilation=1, num_classes=1600, bbox_reg_classes=1601, num_attributes=400,
                  attr_embed_dim=256, attr_hidden_dim=512, background_last=True):
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"unknown pooler {pooler!r}; known: {', '.join(POOLERS)}")
         self.pooler = POOLERS[pooler](resolution, 1.0 / stride, sampling_ratio)
-        self.res5 = make_res5(3, stride_in_1x1)
+        self.res5 = make_res5(3, stride_in_1x1, res5_dilation)
         self.box_predictor = BoxPredictor(2048, num_classes, bbox_reg_classes)
         self.attribute_predictor = AttributePredictor(2048, num_classes, num_attributes,
                                                       attr_embed_dim, attr_hidden_dim)

@@ -31,6 +31,28 @@ _ALLOWED_GLOBALS = {
 }
 # tensors a detectron2 checkpoint may carry besides the network; checked, not loaded
 _PREPROCESSING_KEYS = ("pixel_mean", "pixel_std")
+# The attribute head lives in detectron2's box predictor (bottom-up-attention fork):
+# detectron2 name prefix -> this model's. Pickles are read and written with detectron2's names.
+_DETECTRON2_PREFIXES = {
+    "roi_heads.box_predictor.cls_embedding.": "roi_heads.attribute_predictor.obj_embed.",
+    "roi_heads.box_predictor.fc_attr.": "roi_heads.attribute_predictor.fc.0.",
+    "roi_heads.box_predictor.attr_score.": "roi_heads.attribute_predictor.attr_score.",
+}
+
+
+def _rename(name: str, table: dict[str, str]) -> str:
+    for old, new in table.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def from_detectron2_name(name: str) -> str:
+    return _rename(name, _DETECTRON2_PREFIXES)
+
+
+def to_detectron2_name(name: str) -> str:
+    return _rename(name, {new: old for old, new in _DETECTRON2_PREFIXES.items()})
 
 
 class WeightsError(RuntimeError):
@@ -84,7 +106,7 @@ def read_state(path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: expected a dict of tensors (or one under 'model'), got {type(obj).__name__}")
     state = {}
     for name, value in obj.items():
-        name = name[len("module."):] if name.startswith("module.") else name
+        name = from_detectron2_name(name[len("module."):] if name.startswith("module.") else name)
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
@@ -175,8 +197,9 @@ def load_weights(model: nn.Module, spec: str, seed: int = 0) -> WeightsInfo:
 
 
 def save_detectron2_pickle(model: nn.Module, path) -> Path:
-    """Write the model's tensors in the detectron2 pickle layout (``{"model": {name: ndarray}}``)."""
-    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    """Write the model's tensors in the detectron2 pickle layout (``{"model": {name: ndarray}}``),
+    under detectron2's names."""
+    state = {to_detectron2_name(k): v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
     pickle.dump({"model": state, "__author__": "itmkit", "matching_heuristics": False}, buf, protocol=4)
     Path(path).write_bytes(buf.getvalue())
