@@ -747,13 +747,18 @@ class ShardIndex:
 
     # -- helpers
     def _rel(self, path) -> str:
+        """Path relative to the dataset folder. A relative ``path`` is taken from the dataset
+        folder, unless it names a file from the working directory (``data/demo/x.h5``)."""
         p = Path(path)
-        if p.is_absolute():
-            try:
-                p = p.resolve().relative_to(self.dir.resolve())
-            except ValueError:
-                raise ValueError(f"{path} is not inside dataset folder {self.dir}") from None
-        return p.as_posix()
+        if not p.is_absolute():
+            if not (self.dir / p).exists() and p.exists():
+                p = p.absolute()
+            else:
+                return p.as_posix()
+        try:
+            return p.resolve().relative_to(self.dir.resolve()).as_posix()
+        except ValueError:
+            raise ValueError(f"{path} is not inside dataset folder {self.dir}") from None
 
     @contextlib.contextmanager
     def _locked(self):

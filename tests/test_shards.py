@@ -194,6 +194,18 @@ def test_index_register_valid_stale_and_verify(tmp_path):
         index.register("nope", a, rows=1, config_hash="x")
 
 
+def test_index_accepts_paths_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_regions("d/demo/regions/a.h5", make_regions(np.random.default_rng(11), [1]))
+    index = ShardIndex("d/demo")
+    index.register("regions", "d/demo/regions/a.h5", rows=1, config_hash="c")
+    index.register("regions", "regions/a.h5", rows=1, config_hash="c")
+    assert [e.path for e in index.entries()] == ["regions/a.h5"]
+    assert index.is_valid("regions", "d/demo/regions/a.h5", "c") and index.verify() == []
+    with pytest.raises(ValueError, match="not inside"):
+        index.register("regions", tmp_path / "elsewhere.h5", rows=1, config_hash="c")
+
+
 def test_concurrent_registration(tmp_path):
     ds = tmp_path / "demo"
     for i in range(8):
