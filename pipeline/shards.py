@@ -177,6 +177,8 @@ class Regions:
 
     def column(self, name: str) -> np.ndarray:
         dtype, tail = REGION_FIELDS[name]
+        if name == "features":  # any width; the writer checks it against its feature_dim
+            tail = np.shape(self.features)[1:]
         value = getattr(self, name)
         if value is None:  # labels unknown (e.g. imported precomp features)
             fill = -1 if np.issubdtype(dtype, np.integer) else np.nan

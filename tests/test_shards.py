@@ -72,6 +72,13 @@ def test_unknown_labels_and_boxes(tmp_path):
     assert np.isnan(got.boxes).all() and (got.obj_labels == -1).all() and np.isnan(got.attr_scores).all()
 
 
+def test_other_feature_widths(tmp_path):
+    images = make_regions(np.random.default_rng(12), [3, 0, 5], dim=64)
+    shard = RegionShard(write_regions(tmp_path / "r.h5", images, feature_dim=64))
+    for i, want in enumerate(images):
+        assert_same(shard.get(i), want)
+
+
 def test_region_writer_rejects_bad_shapes(tmp_path):
     bad = Regions(1, (5, 5), np.zeros((3, 100), np.float16), np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="image 1"):
