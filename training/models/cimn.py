@@ -24,6 +24,7 @@ from torch import nn
 
 from training import losses
 from training.models import ITMModel, ModelConfig, register
+from training.models.layers import masked_softmax
 
 
 @dataclass
@@ -45,12 +46,6 @@ class CIMNConfig(ModelConfig):
     lr_decay_epochs: tuple[int, ...] = (15,)
     batch_size: int = 128
     grad_clip: float = 2.0
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over the entries where ``mask`` is True; fully masked rows give zeros."""
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim).nan_to_num(0.0)
 
 
 def normalise_rows(adj: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
+from training.models.layers import masked_mean, masked_softmax
 
 
 @dataclass
@@ -56,18 +57,6 @@ class DSRLNConfig(ModelConfig):
     max_violation: bool = True
     warmup_epochs: int = 0
     grad_clip: float = 2.0
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over the True entries of ``mask`` (broadcast against logits); rows without any
-    True entry give zeros instead of NaN."""
-    out = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim)
-    return torch.nan_to_num(out, nan=0.0)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1)
-    return torch.where(m, x, 0).sum(-2) / m.sum(-2).clamp(min=1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
+from training.models.layers import masked_mean, masked_softmax
 
 # node types of the relation graph (row/column index of its learned type bias)
 GG, GL_TXT, GL_IMG, T2I, I2T = range(5)
@@ -54,19 +55,6 @@ class KIDRRConfig(ModelConfig):
     max_violation: bool = True
     warmup_epochs: int = 0
     grad_clip: float = 2.0
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(-2) / m.sum(-2).clamp(min=1)
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over the True entries of ``mask`` (broadcast against logits); rows with no True
-    entry give zeros instead of NaN."""
-    logits = logits.masked_fill(~mask, float("-inf"))
-    out = torch.softmax(logits, dim)
-    return torch.nan_to_num(out, nan=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
