@@ -53,7 +53,7 @@ class KIDRRConfig(ModelConfig):
     batch_size: int = 128
     margin: float = 0.2
     max_violation: bool = True
-    warmup_epochs: int = 0
+    warmup_epochs: int = 1        # hardest negatives from step 0 collapsed on the demo (docs/models.md)
     grad_clip: float = 2.0
 
 
