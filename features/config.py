@@ -18,7 +18,7 @@ class ExtractorConfig:
     stride_in_1x1: bool = True
     caffe_maxpool: bool = True
     # region proposal network on the C4 map (stride 16)
-    anchor_sizes: tuple = (32, 64, 128, 256, 512)
+    anchor_sizes: tuple = (64, 128, 256, 512)   # 12 anchors, as the published Caffe model
     anchor_ratios: tuple = (0.5, 1.0, 2.0)
     anchor_offset: float = 0.0
     rpn_channels: int = 512              # the published Caffe model's 3x3 RPN conv has 512 outputs
@@ -27,13 +27,14 @@ class ExtractorConfig:
     rpn_nms: float = 0.7
     rpn_min_size: float = 0.0
     # box head: pooling on C4 -> res5 -> mean pool -> 2048-d
-    pooler: str = "roi_align"            # roi_align | roi_align_v2 | roi_pool
+    pooler: str = "roi_pool"             # roi_pool (published Caffe model) | roi_align | roi_align_v2
     pooler_resolution: int = 14
     pooler_sampling_ratio: int = 0
     res5_dilation: int = 2               # published Caffe model: res5 at stride 1, dilated 3x3 convs
                                          # (1: detectron2's stride-2 res5)
     num_classes: int = 1600              # Visual Genome objects (+1 background)
-    bbox_reg_classes: int = 1601         # class-specific regression, background included
+    bbox_reg_classes: int = 1600         # class-specific regression of the 1600 objects (published
+                                         # model); 1601 includes the background, 1 is class-agnostic
     background_last: bool = True         # detectron2 puts the background logit last
     num_attributes: int = 400            # (+1 "no attribute" logit at index 0)
     attr_embed_dim: int = 256
