@@ -24,7 +24,7 @@ from torch import nn
 
 from training import losses
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import masked_softmax
+from training.models.layers import bigru_states, masked_softmax
 
 
 @dataclass
@@ -165,11 +165,7 @@ class CIMN(ITMModel):
         return self.image_tower(x, near, img.region_mask)
 
     def encode_text(self, txt):
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(txt.tokens), txt.lengths.cpu(),
-                                                   batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=txt.tokens.shape[1])
-        x = (out[..., :self.cfg.embed_dim] + out[..., self.cfg.embed_dim:]) / 2   # SCAN: mean of directions
+        x = bigru_states(self.gru, self.embed(txt.tokens), txt.lengths)
         near = sequence_neighbourhood(txt.mask, self.cfg.word_window)
         return self.text_tower(x, near, txt.mask)
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import masked_mean, masked_softmax
+from training.models.layers import bigru_states, masked_mean, masked_softmax
 
 
 @dataclass
@@ -236,12 +236,7 @@ class DSRLN(ITMModel):
                 "global": F.normalize(masked_mean(x, mask), dim=-1)}
 
     def encode_text(self, txt):
-        n_tok = txt.tokens.shape[1]
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(txt.tokens), txt.lengths.cpu(),
-                                                   batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=n_tok)
-        x = (out[..., :self.cfg.embed_dim] + out[..., self.cfg.embed_dim:]) / 2
+        x = bigru_states(self.gru, self.embed(txt.tokens), txt.lengths)
         return {"local": F.normalize(x, dim=-1), "mask": txt.mask,
                 "global": F.normalize(masked_mean(x, txt.mask), dim=-1)}
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import masked_mean, masked_softmax
+from training.models.layers import bigru_states, masked_mean, masked_softmax
 
 # node types of the relation graph (row/column index of its learned type bias)
 GG, GL_TXT, GL_IMG, T2I, I2T = range(5)
@@ -243,11 +243,7 @@ class KIDRR(ITMModel):
 
     def encode_text(self, txt):
         n_tok = txt.tokens.shape[1]
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(txt.tokens), txt.lengths.cpu(),
-                                                   batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=n_tok)
-        x = (out[..., :self.cfg.embed_dim] + out[..., self.cfg.embed_dim:]) / 2
+        x = bigru_states(self.gru, self.embed(txt.tokens), txt.lengths)
         # relation knowledge: each head word receives its predicates, by role
         subj = F.one_hot(txt.obj_index.gather(1, txt.rel_subject), n_tok).to(x.dtype)   # [B, E, L]
         obj = F.one_hot(txt.obj_index.gather(1, txt.rel_object), n_tok).to(x.dtype)

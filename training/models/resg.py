@@ -25,6 +25,7 @@ from torch import nn
 from pipeline.shards import Vocabulary
 from training import losses
 from training.models import ITMModel, ModelConfig, register
+from training.models.layers import bigru_states
 
 _NEG = -1e4   # masked logit: finite, so that a row with nothing to attend to gives no NaN
 
@@ -168,11 +169,7 @@ class ReSG(ITMModel):
     # -- TReG ----------------------------------------------------------------------------------
     def encode_text(self, txt):
         emb = self.embed(txt.tokens)
-        packed = nn.utils.rnn.pack_padded_sequence(emb, txt.lengths.cpu(), batch_first=True,
-                                                   enforce_sorted=False)
-        h, _ = self.gru(packed)
-        h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=emb.shape[1])
-        h = (h[..., :self.cfg.embed_dim] + h[..., self.cfg.embed_dim:]) / 2   # SCAN: mean of directions
+        h = bigru_states(self.gru, emb, txt.lengths)
         d = h.shape[-1]
 
         # object nodes: the head word's state plus the mean of its attribute words
