@@ -16,13 +16,7 @@ WORDS = ["a", "red", "blue", "dog", "cat", "ball", "on", "near", "big"]
 TINY = {"embed_dim": 16, "word_dim": 8, "feature_dim": 12, "rel_neighbours": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
