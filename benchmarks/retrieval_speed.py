@@ -29,54 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipeline.shards import VOCAB_SPECIALS, Vocabulary
 from training import models
 from training.config import parse_overrides
-from training.data import collate_images, collate_text
-
-WORDS = [f"w{i}" for i in range(5000)]
-
-
-def vocab() -> Vocabulary:
-    return Vocabulary({"words": [[w, 0] for w in VOCAB_SPECIALS] + [[w, 1] for w in WORDS],
-                       "min_count": 1, "predicates": [[f"p{i}", 1] for i in range(50)],
-                       "attributes": [[f"a{i}", 1] for i in range(100)]})
-
-
-def image_batches(n, boxes, feature_dim, batch, grid_hw=None, seed=0):
-    rng = np.random.default_rng(seed)
-    items = []
-    for i in range(n):
-        xy = rng.uniform(0, 0.7, (boxes, 2))
-        grid = {} if grid_hw is None else {
-            "grid": rng.normal(0, 1, (grid_hw[0] * grid_hw[1], feature_dim)).astype(np.float16),
-            "grid_hw": grid_hw}
-        items.append({"image_id": i, "image_hw": (480, 640), "boxes_known": True, **grid,
-                      "features": rng.normal(0, 1, (boxes, feature_dim)).astype(np.float16),
-                      "boxes": np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (boxes, 2))], 1)
-                      .clip(0, 1).astype(np.float32)})
-    return [collate_images(items[s:s + batch]) for s in range(0, n, batch)]
-
-
-def caption_batches(n, voc, batch, seed=1):
-    rng = np.random.default_rng(seed)
-    items = []
-    for j in range(n):
-        length = int(rng.integers(8, 17))
-        tokens = np.array([voc.stoi["<start>"]] + list(rng.integers(len(VOCAB_SPECIALS), len(voc), length))
-                          + [voc.stoi["<end>"]])
-        objs = np.sort(rng.choice(np.arange(1, length + 1), 3, replace=False))
-        items.append({"caption_id": j, "image_id": j // 5, "tokens": tokens,
-                      "obj_index": objs, "obj_word": tokens[objs],
-                      "attr_object": np.array([0, 2]), "attr_id": rng.integers(1, 100, 2),
-                      "attr_word": tokens[objs[[0, 2]] - 1],
-                      "rel_subject": np.array([0, 1]), "rel_predicate": rng.integers(1, 50, 2),
-                      "rel_object": np.array([1, 2])})
-    return [collate_text(items[s:s + batch]) for s in range(0, n, batch)]
-
+from training.synthetic import random_caption_batches, random_image_batches, random_vocab
 
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
@@ -95,7 +52,7 @@ def measure(args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    voc = vocab()
+    voc = random_vocab()
     cls = models.get(args.only)
     known = {f.name for f in dataclasses.fields(cls.config_class)}
     overrides = parse_overrides([s for s in args.set if s.partition("=")[0] in known], cls.config_class)
@@ -103,9 +60,9 @@ def measure(args) -> dict:
     feature_dim = getattr(model.cfg, "feature_dim", 2048)
     n_img = args.images if args.probe == 0 else min(args.images, args.batch_size)
     n_txt = 5 * args.images if args.probe == 0 else 5 * args.batch_size
-    imgs = image_batches(n_img, args.boxes, feature_dim, args.batch_size,
+    imgs = random_image_batches(n_img, args.boxes, feature_dim, args.batch_size,
                          (7, 7) if cls.needs_grid else None)
-    txts = caption_batches(n_txt, voc, args.batch_size * 5)
+    txts = random_caption_batches(n_txt, voc, args.batch_size * 5)
 
     sync(device)
     t0 = time.perf_counter()

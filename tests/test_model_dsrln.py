@@ -184,6 +184,22 @@ def test_a_region_reads_only_grid_cells_near_its_box(data, items):
     assert (a - c).abs().max() > 1e-4
 
 
+def test_ablations_drop_what_they_name(data, items):
+    img = batch_of(items[:3]).image
+    noisy_grid = dataclasses.replace(img, grid=img.grid + 10 * torch.randn_like(img.grid))
+    moved = dataclasses.replace(img, boxes=torch.rand(img.boxes.shape).sort(-1).values)
+    enc = lambda m, i: m.encode_image(i)["local"]  # noqa: E731
+    with torch.no_grad():
+        full = make_model(data[1])
+        assert (enc(full, img) - enc(full, noisy_grid)).abs().max() > 1e-4
+        no_grid = make_model(data[1], grid_fusion=False)
+        assert no_grid.dif is None and no_grid.grid_fc is None
+        torch.testing.assert_close(enc(no_grid, img), enc(no_grid, noisy_grid))
+        assert (enc(no_grid, img) - enc(no_grid, moved)).abs().max() > 1e-4   # geometry still used
+        regions_only = make_model(data[1], grid_fusion=False, box_geometry=False)
+        torch.testing.assert_close(enc(regions_only, img), enc(regions_only, moved))
+
+
 def test_missing_or_mismatched_grid_is_a_clear_error(data, items):
     model = make_model(data[1])
     img = batch_of(items[:2]).image

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training import losses
-from training.evaluation import (compute_sims, evaluate_protocol, hard_negative_accuracy,
+from training.evaluation import (chance_metrics, compute_sims, evaluate_protocol, hard_negative_accuracy,
                                  recall_metrics)
 
 # 2 images x 10 captions (caption j belongs to image j // 5), worked by hand:
@@ -128,3 +128,14 @@ def test_hard_negative_accuracy():
     assert r["attribute"]["i2t_acc"] == pytest.approx(50.0)
     # captions of 0 score 1.0 on image 0 vs 0.5 on image 1: pass; captions of 1: 0.5 vs 0.0: pass
     assert r["attribute"]["t2i_acc"] == pytest.approx(100.0)
+
+
+def test_chance_metrics_match_random_scores():
+    # hand-worked: 2 images, 2 captions each; image->text R@1 = 2/4, t2i R@1 = 1/2
+    small = chance_metrics(2, captions_per_image=2)
+    assert small["i2t_r1"] == pytest.approx(50.0) and small["t2i_r1"] == pytest.approx(50.0)
+    assert small["i2t_r5"] == 100.0 and small["t2i_r10"] == 100.0
+    assert chance_metrics(1000)["rsum"] == pytest.approx(3.2, abs=0.01)
+    rng = np.random.default_rng(0)
+    measured = np.mean([recall_metrics(rng.random((100, 500)))["rsum"] for _ in range(200)])
+    assert measured == pytest.approx(chance_metrics(100)["rsum"], rel=0.05)

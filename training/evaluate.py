@@ -1,7 +1,7 @@
 """Evaluate a run as the image-text matching literature does.
 
     python training/evaluate.py runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k]
-           [--checkpoint best|last] [--save-sims] [--hard-negatives]
+           [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
     python training/evaluate.py --ensemble runs/A runs/B [--split test]   # averages saved sims
 
 Results are printed and merged into <run>/eval.json under "<split>/<protocol>".
@@ -25,7 +25,8 @@ from training.checkpoint import CheckpointError
 from training.config import RunConfig
 from training.data import (CaptionDataset, DataConfig, ImageDataset, ShardData, collate_images,
                            collate_text, make_loader)
-from training.evaluation import PROTOCOLS, compute_sims, evaluate_protocol, hard_negative_accuracy
+from training.evaluation import (PROTOCOLS, chance_metrics, compute_sims, evaluate_protocol,
+                                 hard_negative_accuracy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", nargs="+", metavar="RUN", help="average the saved sims of these runs")
     p.add_argument("--hard-negatives", action="store_true",
                    help="pairwise accuracy on the dataset's hard_negatives.parquet pairs")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="score only the first N images of the split and their captions (quick checks)")
     p.add_argument("--fold-size", type=int, default=1000, help="images per coco-1k fold")
     p.add_argument("--export-index", metavar="DIR", help="two-tower models: also write the image and "
                    "caption embeddings (float16 + ids) to DIR for a vector index (training/export.py)")
@@ -75,7 +78,8 @@ def model_sims(args, root: Path) -> tuple[np.ndarray, ShardData, RunConfig]:
         raise CheckpointError(f"{run_dir}: the run was trained with another vocabulary than {layout.vocab}")
     cls = models.get(run.model)
     data = ShardData(root, run.dataset, vocab, DataConfig(split=args.split, max_len=run.max_len,
-                                                          grid=cls.needs_grid), run.shard_hashes)
+                                                          grid=cls.needs_grid, max_images=args.max_images),
+                     run.shard_hashes)
     ckpt_path = run_dir / f"{args.checkpoint}.pt"
     ckpt = checkpoint.load(ckpt_path)
     checkpoint.check(ckpt, ckpt_path, model=run.model, vocab_fingerprint=vocab.fingerprint,
@@ -124,11 +128,14 @@ def main(argv=None) -> int:
     results = {}
     for protocol in protocols:
         m = evaluate_protocol(sims, protocol, fold_size=args.fold_size)
-        results[f"{args.split}/{protocol}"] = m
+        n_chance = min(sims.shape[0], args.fold_size) if protocol == "coco-1k" else sims.shape[0]
+        results[f"{args.split}/{protocol}"] = {**m, "images": int(sims.shape[0]),
+                                               "chance_rsum": chance_metrics(n_chance)["rsum"]}
         print(f"{protocol} ({args.split}, {sims.shape[0]} images): "
               f"i2t R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f} R@10 {m['i2t_r10']:.1f} "
               f"medr {m['i2t_medr']:.0f} | t2i R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f} "
-              f"R@10 {m['t2i_r10']:.1f} medr {m['t2i_medr']:.0f} | rSum {m['rsum']:.1f}")
+              f"R@10 {m['t2i_r10']:.1f} medr {m['t2i_medr']:.0f} | rSum {m['rsum']:.1f} "
+              f"(random scores: {results[f'{args.split}/{protocol}']['chance_rsum']:.1f})")
     if args.hard_negatives:
         layout = Layout(root, dataset)
         if not layout.hard_negatives.exists():

@@ -60,6 +60,22 @@ def recall_metrics(sims: np.ndarray, captions_per_image: int = 5) -> dict:
     return {k: out[k] for k in METRIC_KEYS}
 
 
+def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict:
+    """Expected R@1/5/10 and rSum of a scorer that ranks at random (no ties): image->text R@K
+    is the chance that one of the image's captions is among K drawn from all of them,
+    text->image R@K is K / n_images. About 3.2 rSum for 1,000 images, 15.9 for 200."""
+    m, per = n_images * captions_per_image, captions_per_image
+    out = {}
+    for k in (1, 5, 10):
+        miss = 1.0   # P(none of the image's captions in the top k) = C(m - per, k) / C(m, k)
+        for i in range(min(k, m)):
+            miss *= max(m - per - i, 0) / (m - i)
+        out[f"i2t_r{k}"] = 100.0 * (1.0 - miss)
+        out[f"t2i_r{k}"] = 100.0 * min(k, n_images) / n_images
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return out
+
+
 def evaluate_protocol(sims: np.ndarray, protocol: str, fold_size: int = 1000,
                       captions_per_image: int = 5) -> dict:
     """``f30k-1k`` and ``coco-5k`` score the whole matrix; ``coco-1k`` is the mean over 5

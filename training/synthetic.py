@@ -1,4 +1,5 @@
-"""A small synthetic dataset written with the real shard writers, for tests and benchmarks.
+"""A small synthetic dataset written with the real shard writers, for tests and benchmarks, and
+random batches (no files) for the speed benchmarks.
 
 Each image holds 2-3 objects, each a (colour, shape); its region features are the sum of a fixed
 random vector per colour and per shape plus noise, so captions ("a red circle left of a blue
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import shards
-from pipeline.shards import Layout, Regions, RegionShardWriter
+from pipeline.shards import VOCAB_SPECIALS, Layout, Regions, RegionShardWriter, Vocabulary
+from training.data import collate_images, collate_text
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["circle", "square", "triangle", "star", "heart", "cross", "moon", "ring"]
@@ -125,3 +127,48 @@ def _regions(rng, image_id, scene, dim, boxes, noise, colour_vec, shape_vec, nan
     if nan_boxes:
         box[:] = np.nan
     return Regions(image_id, (480, 640), feats.astype(np.float16), box)
+
+
+# ---------------------------------------------------------------------------------------------
+# random batches: what speed benchmarks score (the values do not matter, the shapes do)
+
+def random_vocab(words: int = 5000) -> Vocabulary:
+    return Vocabulary({"words": [[w, 0] for w in VOCAB_SPECIALS] + [[f"w{i}", 1] for i in range(words)],
+                       "min_count": 1, "predicates": [[f"p{i}", 1] for i in range(50)],
+                       "attributes": [[f"a{i}", 1] for i in range(100)]})
+
+
+def random_image_batches(n: int, boxes: int, feature_dim: int, batch: int, grid_hw=None, seed: int = 0):
+    """Collated ``ImageBatch``es of ``n`` images with ``boxes`` random boxes and features (and a
+    random grid of ``grid_hw`` cells when given)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        xy = rng.uniform(0, 0.7, (boxes, 2))
+        grid = {} if grid_hw is None else {
+            "grid": rng.normal(0, 1, (grid_hw[0] * grid_hw[1], feature_dim)).astype(np.float16),
+            "grid_hw": grid_hw}
+        items.append({"image_id": i, "image_hw": (480, 640), "boxes_known": True, **grid,
+                      "features": rng.normal(0, 1, (boxes, feature_dim)).astype(np.float16),
+                      "boxes": np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (boxes, 2))], 1)
+                      .clip(0, 1).astype(np.float32)})
+    return [collate_images(items[s:s + batch]) for s in range(0, n, batch)]
+
+
+def random_caption_batches(n: int, vocab: Vocabulary, batch: int, seed: int = 1):
+    """Collated ``TextBatch``es of ``n`` captions of 8-16 random words (12 on average, as in
+    Flickr30K) with three objects, two attributes and two relations each."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for j in range(n):
+        length = int(rng.integers(8, 17))
+        tokens = np.array([vocab.stoi["<start>"]] + list(rng.integers(len(VOCAB_SPECIALS), len(vocab), length))
+                          + [vocab.stoi["<end>"]])
+        objs = np.sort(rng.choice(np.arange(1, length + 1), 3, replace=False))
+        items.append({"caption_id": j, "image_id": j // 5, "tokens": tokens,
+                      "obj_index": objs, "obj_word": tokens[objs],
+                      "attr_object": np.array([0, 2]), "attr_id": rng.integers(1, 100, 2),
+                      "attr_word": tokens[objs[[0, 2]] - 1],
+                      "rel_subject": np.array([0, 1]), "rel_predicate": rng.integers(1, 50, 2),
+                      "rel_object": np.array([1, 2])})
+    return [collate_text(items[s:s + batch]) for s in range(0, n, batch)]

@@ -46,6 +46,8 @@ class DSRLNConfig(ModelConfig):
     near_cells: int = 1            # DIF: a region reads the grid cells within this many cells of its box
     attn_lambda: float = 9.0       # inverse temperature of the word-to-region attention (SCAN)
     global_weight: float = 0.5     # score = (1 - w) * local + w * global
+    box_geometry: bool = True      # ablation: False drops GISA's geometry and interaction terms
+    grid_fusion: bool = True       # ablation: False drops DIF (regions only; grid shards unused)
     dropout: float = 0.1
     sim_block_elems: int = 1 << 24  # bound on images x captions x words x regions per chunk
     # training recipe of the SCAN / SGRAF family (Flickr30K values; COCO in DATASET_DEFAULTS)
@@ -55,7 +57,7 @@ class DSRLNConfig(ModelConfig):
     batch_size: int = 128
     margin: float = 0.2
     max_violation: bool = True
-    warmup_epochs: int = 0
+    warmup_epochs: int = 1        # summed negatives first: hardest from step 0 collapsed on the demo
     grad_clip: float = 2.0
 
 
@@ -206,10 +208,10 @@ class DSRLN(ITMModel):
         super().__init__(cfg, vocab)
         d = cfg.embed_dim
         self.img_fc = nn.Linear(cfg.feature_dim, d)
-        self.grid_fc = nn.Linear(cfg.grid_dim, d)
         self.gisa = nn.ModuleList(GISALayer(d, cfg.heads, cfg.geo_dim, cfg.dropout)
                                   for _ in range(cfg.gisa_layers))
-        self.dif = DIF(d, cfg.heads, cfg.dropout)
+        self.grid_fc = nn.Linear(cfg.grid_dim, d) if cfg.grid_fusion else None
+        self.dif = DIF(d, cfg.heads, cfg.dropout) if cfg.grid_fusion else None
         self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.word_dim, d, batch_first=True, bidirectional=True)
 
@@ -222,6 +224,7 @@ class DSRLN(ITMModel):
                              f"expects grid_dim={self.cfg.grid_dim} (--set grid_dim=...)")
         mask = img.region_mask
         known = img.boxes_known.to(torch.bool)
+        geometry = known & self.cfg.box_geometry
         # padded boxes may hold anything and unknown boxes mean nothing: both become the whole
         # image, so the geometry stays finite and such regions may read every grid cell
         real = (mask & known[:, None]).unsqueeze(-1)
@@ -229,8 +232,9 @@ class DSRLN(ITMModel):
         geo = sinusoid(relative_geometry(boxes), self.cfg.geo_dim)
         x = self.img_fc(img.regions)
         for layer in self.gisa:
-            x = layer(x, mask, geo, known)
-        x = self.dif(x, self.grid_fc(img.grid), grid_mask(boxes, img.grid_hw, self.cfg.near_cells))
+            x = layer(x, mask, geo, geometry)
+        if self.dif is not None:
+            x = self.dif(x, self.grid_fc(img.grid), grid_mask(boxes, img.grid_hw, self.cfg.near_cells))
         x = torch.where(mask.unsqueeze(-1), x, 0)
         return {"local": F.normalize(x, dim=-1), "mask": mask,
                 "global": F.normalize(masked_mean(x, mask), dim=-1)}

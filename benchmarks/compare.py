@@ -1,0 +1,134 @@
+"""Train several registered models on the same split with the same settings, evaluate them on
+the same test images, and print one comparison table.
+
+    python benchmarks/compare.py --dataset demo --root data --out runs/compare \\
+        --models vsepp,cimn,dsrln,kidrr,resg --epochs 10 --batch-size 64 \\
+        --set embed_dim=256 --set kidrr:sim_dim=64 [--threads 1] [--eval-images 500]
+
+Each model runs the commands a user runs, in its own process: ``training/train.py`` into
+``<out>/<model>`` and ``training/evaluate.py --hard-negatives`` (when the dataset has
+hard-negative pairs). ``--set KEY=VALUE`` goes to every model, ``--set MODEL:KEY=VALUE`` to one.
+A model whose run is complete and evaluated is not run again, and an interrupted run is resumed,
+so the command can be repeated after a stop. Chance is the expected rSum of random scores on
+the same number of test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from training import models
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def model_sets(items: list[str], name: str) -> list[str]:
+    out = []
+    for item in items:
+        target, sep, rest = item.partition(":")
+        if sep and "=" not in target:
+            if target not in models.names():
+                raise SystemExit(f"compare: --set {item}: unknown model '{target}'")
+            if target == name:
+                out.append(rest)
+        else:
+            out.append(item)
+    return out
+
+
+def run(cmd: list[str], log: Path, env: dict) -> float:
+    t = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if done.returncode:
+        raise SystemExit(f"compare: '{' '.join(cmd[1:3])} ...' failed; see {log}")
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="demo")
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--out", required=True, help="folder of the runs, one per model")
+    ap.add_argument("--models", default=",".join(models.names()))
+    ap.add_argument("--epochs", type=int, required=True)
+    ap.add_argument("--batch-size", type=int, required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="[MODEL:]KEY=VALUE")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-images", type=int, default=None, help="train on the first N images")
+    ap.add_argument("--eval-images", type=int, default=None, help="test on the first N images")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in models.names()]
+    if unknown:
+        raise SystemExit(f"compare: unknown model(s) {unknown}; known: {', '.join(models.names())}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+    py, key = sys.executable, f"{args.split}/f30k-1k"
+    hard = (Path(args.root) / args.dataset / "hard_negatives.parquet").exists()
+    rows = []
+    for name in names:
+        run_dir, log = out / name, out / f"{name}.log"
+        timing_path = run_dir / "compare-times.json"
+        times = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_s": 0.0}
+        evaluated = (run_dir / "eval.json").exists() and key in json.loads((run_dir / "eval.json").read_text())
+        if not evaluated:
+            train = [py, "training/train.py", "--model", name, "--dataset", args.dataset, "--root", args.root,
+                     "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                     "--seed", str(args.seed), "--workers", "0", "--device", args.device]
+            train += [a for s in model_sets(args.set, name) for a in ("--set", s)]
+            train += ["--max-images", str(args.max_images)] if args.max_images else []
+            train += ["--resume"] if (run_dir / "config.json").exists() else []
+            print(f"compare: training {name} (log {log})", file=sys.stderr)
+            times["train_s"] += run(train, log, env)
+            evaluate = [py, "training/evaluate.py", str(run_dir), "--root", args.root, "--split", args.split,
+                        "--protocol", "f30k-1k", "--workers", "0", "--device", args.device]
+            evaluate += ["--hard-negatives"] if hard else []
+            evaluate += ["--max-images", str(args.eval_images)] if args.eval_images else []
+            print(f"compare: evaluating {name}", file=sys.stderr)
+            times["eval_s"] = run(evaluate, log, env)
+            timing_path.write_text(json.dumps(times))
+        result = json.loads((run_dir / "eval.json").read_text())
+        with open(run_dir / "metrics.csv", newline="") as f:
+            best_val = max(float(r["rsum"]) for r in csv.DictReader(f))
+        rows.append((name, result, best_val, times))
+
+    print(f"\n{args.dataset}/{args.split}, {args.epochs} epochs, batch {args.batch_size}, "
+          f"--set {' '.join(args.set) or '(none)'}; seed {args.seed}\n")
+    head = "| model | train s | eval s | best val rSum | test rSum | i2t R@1 / 5 / 10 | t2i R@1 / 5 / 10 |"
+    kinds = sorted({k for _, r, _, _ in rows for k, v in r.get(f"{args.split}/hard_negatives", {}).items()
+                    if isinstance(v, dict)})
+    head += "".join(f" {k} i2t / t2i |" for k in kinds)
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, r, best_val, times in rows:
+        m = r[key]
+        hn = r.get(f"{args.split}/hard_negatives", {})
+        line = (f"| {name} | {times['train_s']:.0f} | {times.get('eval_s', 0):.0f} | {best_val:.1f} | "
+                f"{m['rsum']:.1f} | {m['i2t_r1']:.1f} / {m['i2t_r5']:.1f} / {m['i2t_r10']:.1f} | "
+                f"{m['t2i_r1']:.1f} / {m['t2i_r5']:.1f} / {m['t2i_r10']:.1f} |")
+        line += "".join(f" {hn[k]['i2t_acc']:.1f} / {hn[k]['t2i_acc']:.1f} % ({hn[k]['pairs']}) |"
+                        if k in hn else " - |" for k in kinds)
+        print(line)
+    m = rows[0][1][key]
+    print(f"\nrandom scores on {m['images']} test images: rSum {m['chance_rsum']:.1f}; "
+          "hard-negative pairs: 50 %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
