@@ -12,10 +12,10 @@ default (paper-size) configs unless changed with --set (applied where the field 
 
 Which cross-attention model is the fastest is measured, not assumed: each registered one scores
 one block first, its full-task time is predicted from that probe (caption encoding scaled by the
-number of captions, scoring by the number of blocks), and the fastest is timed on the full task. A cross-attention model that would
-exceed --budget-s is timed on as many image batches as fit in the budget and extrapolated
-linearly in the number of image batches (the caption encoding is measured in full); the output
-says so.
+number of captions, scoring by the number of blocks), and the fastest is timed on the full task.
+A cross-attention model that would exceed --budget-s is timed on as many image batches as fit
+in the budget and extrapolated linearly in the number of image batches (the caption encoding is
+measured in full); the output says so.
 """
 
 from __future__ import annotations

@@ -129,13 +129,13 @@ def main(argv=None) -> int:
     for protocol in protocols:
         m = evaluate_protocol(sims, protocol, fold_size=args.fold_size)
         n_chance = min(sims.shape[0], args.fold_size) if protocol == "coco-1k" else sims.shape[0]
-        results[f"{args.split}/{protocol}"] = {**m, "images": int(sims.shape[0]),
-                                               "chance_rsum": chance_metrics(n_chance)["rsum"]}
+        chance = chance_metrics(n_chance)["rsum"]
+        results[f"{args.split}/{protocol}"] = {**m, "images": int(sims.shape[0]), "chance_rsum": chance}
         print(f"{protocol} ({args.split}, {sims.shape[0]} images): "
               f"i2t R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f} R@10 {m['i2t_r10']:.1f} "
               f"medr {m['i2t_medr']:.0f} | t2i R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f} "
               f"R@10 {m['t2i_r10']:.1f} medr {m['t2i_medr']:.0f} | rSum {m['rsum']:.1f} "
-              f"(random scores: {results[f'{args.split}/{protocol}']['chance_rsum']:.1f})")
+              f"(random scores: {chance:.1f})")
     if args.hard_negatives:
         layout = Layout(root, dataset)
         if not layout.hard_negatives.exists():
