@@ -188,3 +188,51 @@ def test_train_and_evaluate_end_to_end(data, tmp_path, capsys):
         torch.set_num_threads(n)
     res = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert 0 <= res["test/f30k-1k"]["rsum"] <= 600 and "attribute" in res["test/hard_negatives"]
+
+
+def reference_score(model, ie, te, i: int, j: int) -> torch.Tensor:
+    """Score of image i with caption j written out plainly, one pair, no padding: SCAN attention
+    per query, SGRAF similarity vectors, then the relation graph with two separate projections."""
+    cfg, rel = model.cfg, model.relation
+    r = ie["local"][i][ie["mask"][i]]                         # [R, D] real regions only
+    w = te["local"][j][te["mask"][j]]                         # [L, D]
+    vg, tg = ie["global"][i], te["global"][j]
+
+    def att(q, k):                                            # each row of q over the rows of k
+        return torch.softmax(cfg.attn_lambda * q @ k.t(), -1) @ k
+
+    def sim(layer, a, b):
+        return torch.nn.functional.normalize(layer.proj((a - b) ** 2), dim=-1)
+
+    s = torch.cat([sim(model.sim_gg, vg, tg)[None], sim(model.sim_gl, att(tg[None], r), tg[None]),
+                   sim(model.sim_gl, att(vg[None], w), vg[None]),
+                   sim(model.sim_t2i, att(w, r), w), sim(model.sim_i2t, att(r, w), r)])
+    types = torch.tensor([0, 1, 2] + [3] * len(w) + [4] * len(r))
+    n = len(s)
+    for q, k, upd in zip(rel.q, rel.k, rel.update):
+        a = torch.softmax(q(s) @ k(s).t() / s.shape[-1] ** 0.5 + rel.type_bias[types][:, types], -1)
+        a = a * torch.sigmoid(torch.nn.functional.softplus(rel.sharpness) * (a * n - rel.threshold))
+        a = a / (a.sum(-1, keepdim=True) + 1e-6)
+        s = s + torch.relu(upd(a @ s))
+    pooled = s.mean(0) if cfg.readout == "mean" else s[0]
+    return torch.sigmoid(rel.score(pooled)).squeeze()
+
+
+@pytest.mark.parametrize("readout", ["mean", "global"])
+def test_scores_match_a_written_out_reference(data, items, readout):
+    _, vocab, _ = data
+    model = make_model(vocab, readout=readout)
+    with torch.no_grad():
+        for p in model.parameters():       # non-zero biases, so the fused projections are checked
+            p.add_(0.05 * torch.randn_like(p))
+        b = batch_of(items[:4])
+        ie, te = model.encode_image(b.image), model.encode_text(b.text)
+        block = model.similarity(ie, te)
+        ref = torch.stack([torch.stack([reference_score(model, ie, te, i, j) for j in range(4)])
+                           for i in range(4)])
+    torch.testing.assert_close(block, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_readout_is_refused(data):
+    with pytest.raises(ValueError, match="unknown readout 'max'.*mean"):
+        make_model(data[1], readout="max")

@@ -13,7 +13,8 @@ abstract is silent and which published module it follows):
    regions, each region with its attended words, SCAN-style attention).
 3. ``RelationGraph``: these vectors are the nodes of a graph whose edges come from their
    affinities, re-weighted by a learned node-type bias and softly pruned below a learned
-   threshold, then reasoned over in a few steps (SGR-like); the global-global node gives the score.
+   threshold, then reasoned over in a few steps (SGR-like); the mean of all reasoned nodes gives
+   the score (``readout = "global"``: the global-global node alone, as SGRAF reads SGR).
 
 Cross attention, so ``two_tower = False``; ``similarity`` works on (images x captions) blocks in
 caption chunks sized so that one chunk's per-node tensors stay under ``sim_block_elems``.
@@ -42,9 +43,11 @@ class KIDRRConfig(ModelConfig):
     feature_dim: int = 2048
     sim_dim: int = 256             # size of a similarity vector (SGRAF)
     kid_iters: int = 2             # dissemination iterations per modality
+    kid_scale_init: float = 0.1    # initial per-channel gate on each dissemination update
     reason_steps: int = 3          # relation-graph reasoning steps (SGR uses 3)
     attn_lambda: float = 9.0       # inverse temperature of the cross attention (SCAN / SGRAF)
     prune_init: float = 0.5        # initial pruning threshold, in units of a uniform edge weight
+    readout: str = "mean"          # score from: mean (all reasoned nodes) | global (SGRAF's node)
     sim_block_elems: int = 1 << 25  # bound on pairs x nodes x max(embed_dim, sim_dim) per chunk
     # training recipe of the SGRAF family (Flickr30K values; COCO in DATASET_DEFAULTS)
     lr: float = 2e-4
@@ -66,9 +69,12 @@ class Dissemination(nn.Module):
     ``edges`` [B, N, N] bool says which node j node i may read from (the diagonal is always
     allowed, so padded rows stay finite); ``bias`` [B, N, N] is added to the edge logits."""
 
-    def __init__(self, dim: int, iters: int):
+    def __init__(self, dim: int, iters: int, scale_init: float):
         super().__init__()
         self.iters = iters
+        # per-channel gates on the two residual updates (LayerScale)
+        self.scale_g = nn.Parameter(torch.full((dim,), float(scale_init)))
+        self.scale_l = nn.Parameter(torch.full((dim,), float(scale_init)))
         self.gate = nn.Linear(2 * dim, dim)
         self.broadcast = nn.Linear(dim, dim)
         # no bias on keys or on the pooling score: a constant per row cancels in the softmax
@@ -86,13 +92,14 @@ class Dissemination(nn.Module):
         for _ in range(self.iters):
             # global -> local: every node takes the part of the global knowledge its gate lets in
             gx = g.unsqueeze(1).expand_as(x)
-            x = self.norm1(x + torch.sigmoid(self.gate(torch.cat([x, gx], -1))) * self.broadcast(gx))
+            gate = torch.sigmoid(self.gate(torch.cat([x, gx], -1)))
+            x = self.norm1(x + self.scale_g * gate * self.broadcast(gx))
             # local <-> local along the knowledge edges
             q, k, v = self.q(x), self.k(x), self.v(x)
             logits = q @ k.transpose(1, 2) / math.sqrt(d)
             if bias is not None:
                 logits = logits + bias
-            x = self.norm2(x + self.out(masked_softmax(logits, edges) @ v))
+            x = self.norm2(x + self.scale_l * self.out(masked_softmax(logits, edges) @ v))
             # local -> global: attention pooling of the updated nodes refreshes the global node
             score = self.pool_w(torch.tanh(self.pool_x(x) + self.pool_g(g).unsqueeze(1))).squeeze(-1)
             w = masked_softmax(score, mask)
@@ -157,14 +164,10 @@ class SimVector(nn.Module):
         self.proj = nn.Linear(dim, sim_dim)
 
     def forward(self, a, b):
-        return F.normalize(self.proj((a - b) ** 2), dim=-1)
+        return F.normalize(self.proj(torch.sub(a, b).square_()), dim=-1)
 
 
-def attend(query, keys, mask, lam: float):
-    """SCAN-style cross attention: each query vector gathers the keys weighted by
-    softmax(lam * cosine). query [..., Q, D], keys [..., K, D], mask [..., K] -> [..., Q, D]."""
-    w = masked_softmax(lam * (query @ keys.transpose(-1, -2)), mask.unsqueeze(-2))
-    return w @ keys
+READOUTS = {"global": lambda s, mask: s[:, GG], "mean": masked_mean}
 
 
 class RelationGraph(nn.Module):
@@ -173,8 +176,11 @@ class RelationGraph(nn.Module):
     fraction of the uniform weight 1/n is softly pruned and the rows renormalised
     (reconstruction); each step then aggregates along the rebuilt edges."""
 
-    def __init__(self, sim_dim: int, steps: int, prune_init: float, n_types: int = 5):
+    def __init__(self, sim_dim: int, steps: int, prune_init: float, readout: str, n_types: int = 5):
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"kidrr: unknown readout '{readout}'; known: {', '.join(READOUTS)}")
+        self.readout = READOUTS[readout]
         self.q = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
         self.k = nn.ModuleList(nn.Linear(sim_dim, sim_dim, bias=False) for _ in range(steps))
         self.update = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
@@ -191,13 +197,15 @@ class RelationGraph(nn.Module):
         count = mask.sum(-1).clamp(min=1).to(s.dtype)[:, None, None]
         sharp = F.softplus(self.sharpness)
         for q, k, upd in zip(self.q, self.k, self.update):
-            logits = q(s) @ k(s).transpose(1, 2) / math.sqrt(s.shape[-1]) + bias
+            # q(s) k(s)^T as s (Wq^T Wk) s^T + (bq Wk) s^T: one S x S product per node, not two
+            qk = F.linear(s, k.weight.t() @ q.weight, k.weight.t() @ q.bias)
+            logits = qk @ s.transpose(1, 2) / math.sqrt(s.shape[-1]) + bias
             a = masked_softmax(logits, cols)
             keep = torch.sigmoid(sharp * (a * count - self.threshold))
             a = a * keep
             a = a / (a.sum(-1, keepdim=True) + 1e-6)
             s = s + F.relu(upd(a @ s))
-        return torch.sigmoid(self.score(s[:, GG])).squeeze(-1)
+        return torch.sigmoid(self.score(self.readout(s, mask))).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ class KIDRR(ITMModel):
         # image side
         self.img_fc = nn.Linear(cfg.feature_dim, d)
         self.geometry = BoxGeometry()
-        self.img_graph = Dissemination(d, cfg.kid_iters)
+        self.img_graph = Dissemination(d, cfg.kid_iters, cfg.kid_scale_init)
         # text side
         self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.word_dim, d, batch_first=True, bidirectional=True)
@@ -226,11 +234,11 @@ class KIDRR(ITMModel):
         self.pred_obj = nn.Embedding(n_pred, d)
         for emb in (self.pred_subj, self.pred_obj):  # small next to the GRU states in [-1, 1]
             nn.init.normal_(emb.weight, std=0.1)
-        self.txt_graph = Dissemination(d, cfg.kid_iters)
+        self.txt_graph = Dissemination(d, cfg.kid_iters, cfg.kid_scale_init)
         # similarity vectors and the relation graph
         self.sim_gg, self.sim_gl = SimVector(d, s), SimVector(d, s)
         self.sim_t2i, self.sim_i2t = SimVector(d, s), SimVector(d, s)
-        self.relation = RelationGraph(s, cfg.reason_steps, cfg.prune_init)
+        self.relation = RelationGraph(s, cfg.reason_steps, cfg.prune_init, cfg.readout)
 
     # encoders ---------------------------------------------------------------------------------
 
@@ -272,21 +280,25 @@ class KIDRR(ITMModel):
         return torch.cat(out, 1)
 
     def _score_block(self, regions, rmask, vg, words, wmask, tg, types):
-        """Scores [n_img, c] of every image with each of c captions."""
+        """Scores [n_img, c] of every image with each of c captions. Attention is SCAN's
+        softmax(lam * cosine); the word-region cosines are one matrix product that both directions
+        read, and nothing is expanded over the pairs before a pairwise result needs it."""
         n_img, c = regions.shape[0], words.shape[0]
         lam = self.cfg.attn_lambda
-        r = regions[:, None]                                    # [I, 1, R, D]
-        w = words[None]                                         # [1, c, L, D]
-        rm, wm = rmask[:, None], wmask[None]
+        logits = lam * torch.einsum("ird,cld->icrl", regions, words)        # [I, c, R, L]
         # local-local: each word with its attended regions, each region with its attended words
-        t2i = self.sim_t2i(attend(w, r, rm, lam), w)            # [I, c, L, S]
-        i2t = self.sim_i2t(attend(r, w, wm, lam), r)            # [I, c, R, S]
+        w = masked_softmax(logits, rmask[:, None, :, None], dim=2)
+        t2i = self.sim_t2i(torch.einsum("icrl,ird->icld", w, regions), words[None])  # [I,c,L,S]
+        w = masked_softmax(logits, wmask[None, :, None, :], dim=3)
+        i2t = self.sim_i2t(torch.einsum("icrl,cld->icrd", w, words), regions[:, None])  # [I,c,R,S]
         # global-local: each global vector with the locals of the other modality it attends to
-        gl_txt = self.sim_gl(attend(tg[None, :, None], r, rm, lam).squeeze(2), tg[None])
-        gl_img = self.sim_gl(attend(vg[:, None, None], w, wm, lam).squeeze(2), vg[:, None])
+        w = masked_softmax(lam * torch.einsum("ird,cd->icr", regions, tg), rmask[:, None, :])
+        gl_txt = self.sim_gl(torch.einsum("icr,ird->icd", w, regions), tg[None])
+        w = masked_softmax(lam * torch.einsum("id,cld->icl", vg, words), wmask[None])
+        gl_img = self.sim_gl(torch.einsum("icl,cld->icd", w, words), vg[:, None])
         gg = self.sim_gg(vg[:, None], tg[None])                 # [I, c, S]
         s = torch.cat([gg.unsqueeze(2), gl_txt.unsqueeze(2), gl_img.unsqueeze(2), t2i, i2t], 2)
         mask = torch.cat([torch.ones(n_img, c, 3, dtype=torch.bool, device=s.device),
-                          wm.expand(n_img, c, -1), rm.expand(n_img, c, -1)], 2)
+                          wmask[None].expand(n_img, c, -1), rmask[:, None].expand(n_img, c, -1)], 2)
         scores = self.relation(s.flatten(0, 1), mask.flatten(0, 1), types)
         return scores.view(n_img, c)
