@@ -36,6 +36,7 @@ class CIMNConfig(ModelConfig):
     box_sigma: float = 0.3        # neighbourhood kernel width, in image widths/heights
     word_window: int = 1          # words at most this many positions apart are neighbours
     dropout: float = 0.1
+    frr_scale_init: float = 0.1   # initial per-channel gate on each FRR update (LayerScale)
     # Gravitation Loss (see losses.gravitation_loss)
     loss: str = "gravitation"     # gravitation | triplet (the VSE++ loss, for ablations)
     margin: float = 0.2
@@ -90,20 +91,23 @@ class PotentialRelation(nn.Module):
 
 class RelationReasoning(nn.Module):
     """One FRR layer: graph convolution over the neighbourhood graph and the potential graph,
-    summed, with a residual connection and LayerNorm (per node, so padding cannot leak in)."""
+    summed, with a residual connection and LayerNorm (per node, so padding cannot leak in). The
+    update is scaled per channel by a learned factor that starts small (LayerScale), so that a
+    layer begins close to the identity instead of smoothing every node with its neighbours."""
 
-    def __init__(self, dim: int, dropout: float):
+    def __init__(self, dim: int, dropout: float, scale_init: float):
         super().__init__()
         self.potential = PotentialRelation(dim)
         self.w_near = nn.Linear(dim, dim)
         self.w_potential = nn.Linear(dim, dim, bias=False)
+        self.scale = nn.Parameter(torch.full((dim,), float(scale_init)))
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, near, mask):
         potential = self.potential(x, mask)
         update = F.relu(self.w_near(near @ x) + self.w_potential(potential @ x))
-        return self.norm(x + self.drop(update)), potential
+        return self.norm(x + self.scale * self.drop(update)), potential
 
 
 class GraphPooling(nn.Module):
@@ -126,9 +130,10 @@ class GraphPooling(nn.Module):
 class Tower(nn.Module):
     """FRR layers then graph pooling, for one modality."""
 
-    def __init__(self, dim: int, embed_dim: int, layers: int, dropout: float):
+    def __init__(self, dim: int, embed_dim: int, layers: int, dropout: float, scale_init: float):
         super().__init__()
-        self.layers = nn.ModuleList(RelationReasoning(dim, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(RelationReasoning(dim, dropout, scale_init)
+                                    for _ in range(layers))
         self.pool = GraphPooling(dim, embed_dim)
 
     def forward(self, x, near, mask):
@@ -154,8 +159,8 @@ class CIMN(ITMModel):
         self.box_fc = nn.Linear(5, d)                # x1, y1, x2, y2, area
         self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.word_dim, d, batch_first=True, bidirectional=True)
-        self.image_tower = Tower(d, d, cfg.frr_layers, cfg.dropout)
-        self.text_tower = Tower(d, d, cfg.frr_layers, cfg.dropout)
+        self.image_tower = Tower(d, d, cfg.frr_layers, cfg.dropout, cfg.frr_scale_init)
+        self.text_tower = Tower(d, d, cfg.frr_layers, cfg.dropout, cfg.frr_scale_init)
 
     def encode_image(self, img):
         boxes = img.boxes
