@@ -15,14 +15,13 @@ several models.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import resource
 import time
 
 import torch
 
 from training import models
-from training.config import parse_overrides
+from training.config import parse_shared_overrides
 from training.evaluation import compute_sims
 from training.synthetic import random_caption_batches, random_image_batches, random_vocab
 
@@ -40,9 +39,7 @@ def main():
     args = ap.parse_args()
 
     vocab = random_vocab()
-    config_class = models.get(args.model).config_class
-    known = {f.name for f in dataclasses.fields(config_class)}
-    overrides = parse_overrides([s for s in args.set if s.partition("=")[0] in known], config_class)
+    overrides = parse_shared_overrides(args.set, models.get(args.model).config_class)
     model = models.build(args.model, overrides, vocab).to(args.device).eval()
     gh, gw = map(int, args.grid.split("x"))
     img_batches = random_image_batches(args.images, args.boxes, getattr(model.cfg, "feature_dim", 2048), args.batch_size,

@@ -21,7 +21,6 @@ measured in full); the output says so.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import resource
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from training import models
-from training.config import parse_overrides
+from training.config import parse_shared_overrides
 from training.synthetic import random_caption_batches, random_image_batches, random_vocab
 
 def peak_memory_mb(device) -> float:
@@ -55,8 +54,7 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     voc = random_vocab()
     cls = models.get(args.only)
-    known = {f.name for f in dataclasses.fields(cls.config_class)}
-    overrides = parse_overrides([s for s in args.set if s.partition("=")[0] in known], cls.config_class)
+    overrides = parse_shared_overrides(args.set, cls.config_class)
     model = models.build(args.only, overrides, voc).to(device).eval()
     feature_dim = getattr(model.cfg, "feature_dim", 2048)
     n_img = args.images if args.probe == 0 else min(args.images, args.batch_size)

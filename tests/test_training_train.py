@@ -13,8 +13,9 @@ import torch
 
 from pipeline import shards
 from pipeline.shards import ShardError
-from training import checkpoint, evaluate, plot, train
+from training import checkpoint, evaluate, models, plot, train
 from training.checkpoint import CheckpointError
+from training.config import parse_shared_overrides
 from training.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,3 +152,11 @@ def test_amp_training_and_evaluation_on_cuda(tmp_path, model):
         run_eval(out, "--root", tmp_path / "data", "--device", device, "--save-sims")
         sims[device] = evaluate.load_sims(evaluate.sims_path(out, "test"))["sims"]
     assert abs(sims["cuda"] - sims["cpu"]).max() < 1e-3
+
+
+def test_shared_overrides_skip_fields_the_model_lacks():
+    cfg_class = models.get("vsepp").config_class
+    got = parse_shared_overrides(["embed_dim=64", "sim_dim=8", "lr_decay_epochs=3,5"], cfg_class)
+    assert got == {"embed_dim": 64, "lr_decay_epochs": (3, 5)}
+    with pytest.raises(ValueError):   # a field the model has still gets its type checked
+        parse_shared_overrides(["embed_dim=wide"], cfg_class)

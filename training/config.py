@@ -71,3 +71,10 @@ def parse_overrides(items: list[str], config_class) -> dict:
         else:
             out[key] = type(current)(value)
     return out
+
+
+def parse_shared_overrides(items: list[str], config_class) -> dict:
+    """``parse_overrides`` of the items whose key ``config_class`` has; the others are skipped,
+    so one ``--set`` list can serve several models (the benchmarks' use)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return parse_overrides([s for s in items if s.partition("=")[0] in known], config_class)
