@@ -1,5 +1,5 @@
 """evaluate.py --export-index: float16 embeddings with their ids, equal to the model's scores,
-skipped when current, and refused for cross-attention models."""
+skipped when current, refused for cross-attention models (evaluation still runs), read back."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 from pipeline import shards
 from training import evaluate, export, models, train
+from training.run import load_run
 from training.synthetic import make_dataset
 
 SMALL = ["--set", "embed_dim=32", "--set", "word_dim=16", "--batch-size", "20", "--workers", "0"]
@@ -44,12 +45,15 @@ def test_export_writes_float16_embeddings_and_ids_that_reproduce_the_scores(run,
 def test_export_is_skipped_when_current_and_redone_for_another_split(run, tmp_path):
     root, out = run
     idx = tmp_path / "index"
-    files, _ = export.export_run(out, root, idx)
+    test = load_run(out, root, split="test")
+    files, _ = export.export_run(test, idx)
     assert len(files) == 6
-    files, summary = export.export_run(out, root, idx)
+    files, summary = export.export_run(test, idx)
     assert files == [] and "skipped" in summary
-    files, _ = export.export_run(out, root, idx, split="val")
+    files, _ = export.export_run(load_run(out, root, split="val"), idx)
     assert len(files) == 6 and shards.read_json(idx / "index.json")["split"] == "val"
+    files, _ = export.export_run(load_run(out, root, split="val", max_images=3), idx)
+    assert len(files) == 6 and export.read_index(idx)["images"].shape == (3, 32)
 
 
 def test_cross_attention_models_are_refused():
