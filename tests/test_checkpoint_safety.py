@@ -18,7 +18,6 @@ import torch
 from training import checkpoint, evaluate, export, train
 from training.checkpoint import CheckpointError
 from training.run import load_run
-from training.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "embed_dim=32", "--set", "word_dim=16", "--batch-size", "20", "--workers", "0"]
@@ -36,20 +35,10 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_dataset(root, splits={"train": 24, "val": 8, "test": 8})
-    out = root / "run"
-    assert train.main(["--model", "vsepp", "--dataset", "synth", "--root", str(root), "--out", str(out),
-                       "--epochs", "1", *SMALL]) == 0
-    return root, out
-
-
 @pytest.fixture
-def run(trained, tmp_path):
+def run(tiny_run, tmp_path):
     """A copy of the trained run (the tests alter its files)."""
-    root, src = trained
+    root, src = tiny_run
     out = tmp_path / "run"
     out.mkdir()
     for f in ("config.json", "best.pt", "last.pt", "metrics.csv"):

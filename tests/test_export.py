@@ -6,21 +6,13 @@ import pytest
 import torch
 
 from pipeline import shards
-from training import evaluate, export, models, train
+from training import evaluate, export, models
 from training.run import load_run
-from training.synthetic import make_dataset
-
-SMALL = ["--set", "embed_dim=32", "--set", "word_dim=16", "--batch-size", "20", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_dataset(root, splits={"train": 24, "val": 8, "test": 8})
-    out = root / "run"
-    assert train.main(["--model", "vsepp", "--dataset", "synth", "--root", str(root), "--out", str(out),
-                       "--epochs", "1", *SMALL]) == 0
-    return root, out
+def run(tiny_run):
+    return tiny_run
 
 
 def test_export_writes_float16_embeddings_and_ids_that_reproduce_the_scores(run, tmp_path, capsys):

@@ -18,6 +18,7 @@ from training import checkpoint, evaluate, models, plot, train
 from training.checkpoint import CheckpointError
 from training.config import parse_shared_overrides
 from training.evaluation import chance_metrics
+from training.run import load_run
 from training.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +83,18 @@ def vsepp_run(root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "vsepp"
     run_train(root, out, "--epochs", "1")
     return out
+
+
+def test_load_run_gives_config_vocab_model_split_and_checkpoint(vsepp_run, root):
+    run = load_run(vsepp_run, split="val", max_images=5)
+    assert run.root == Path(root).absolute() and run.config.model == "vsepp"   # the recorded root
+    assert run.vocab.fingerprint == run.config.vocab_fingerprint
+    assert run.data.n_images == 5 and run.data.cfg.split == "val"
+    assert run.shard_hashes == run.data.hashes and set(run.shard_hashes) == {"regions", "captions", "graphs"}
+    assert not run.model.training and "model" not in run.checkpoint and run.checkpoint["epoch"] == 0
+    best = checkpoint.load(vsepp_run / "best.pt")["model"]
+    assert all(torch.equal(v, best[k]) for k, v in run.model.state_dict().items())
+    assert load_run(vsepp_run, which="last").data is None
 
 
 def test_epoch_line_and_metrics_show_chance_and_a_small_split_is_warned(root, tmp_path, capsys):

@@ -97,10 +97,6 @@ def ensemble_sims(members: list[str], split: str) -> tuple[np.ndarray, np.ndarra
     return np.mean([s["sims"] for s in saved], axis=0), saved[0]["image_ids"], str(saved[0]["dataset"])
 
 
-def warn(message: str) -> None:
-    print(f"evaluate: skipped {message}", file=sys.stderr)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -108,6 +104,10 @@ def main(argv=None) -> int:
     if not members:
         parser.error("give a run folder (or --ensemble RUN1 RUN2 ...)")
     written, skipped = [], []
+
+    def skip(part: str, why: str) -> None:
+        skipped.append(part)
+        print(f"evaluate: skipped {part}: {why}", file=sys.stderr)
 
     if args.ensemble:
         sims, image_ids, dataset = ensemble_sims(members, args.split)
@@ -117,12 +117,15 @@ def main(argv=None) -> int:
         what = f"ensemble of {len(members)} runs"
         for flag in ("--save-sims", "--export-index"):
             if getattr(args, flag[2:].replace("-", "_")):
-                skipped.append(flag)
-                warn(f"{flag}: an ensemble averages saved similarities; it has no model of its own")
+                skip(flag, "an ensemble averages saved similarities; it has no model of its own")
     else:
         run = load_run(args.run, args.root, which=args.checkpoint, device=args.device, split=args.split,
                        max_images=args.max_images)
         data = run.data
+        two_tower = models.get(run.config.model).two_tower
+        if args.export_index and not two_tower:   # said before the scoring, which may take long
+            skip("--export-index", f"model '{run.config.model}' is a cross-attention model: its scores "
+                 "need the image and the caption together, so it has no per-item embeddings to index")
         images = make_loader(ImageDataset(data), partial(collate_images, half=True), args.batch_size,
                              workers=args.workers)
         texts = make_loader(CaptionDataset(data), collate_text, args.batch_size * 5, workers=args.workers)
@@ -133,11 +136,7 @@ def main(argv=None) -> int:
             save_sims(sims_path(run.dir, args.split), sims, data.image_ids, data.text.caption_ids,
                       {"dataset": dataset, "shard_hashes": data.hashes})
             written.append(str(sims_path(run.dir, args.split)))
-        if args.export_index and not models.get(run.config.model).two_tower:
-            skipped.append("--export-index")
-            warn(f"--export-index: model '{run.config.model}' is a cross-attention model: its scores "
-                 "need the image and the caption together, so it has no per-item embeddings to index")
-        elif args.export_index:
+        if args.export_index and two_tower:
             from training.export import export_run
             files, summary = export_run(run, args.export_index, batch_size=args.batch_size,
                                         workers=args.workers)
@@ -152,8 +151,7 @@ def main(argv=None) -> int:
         try:
             m = evaluate_protocol(sims, protocol, fold_size=args.fold_size)
         except ValueError as e:   # e.g. coco-1k on fewer images than a fold
-            skipped.append(protocol)
-            warn(f"{protocol}: {e}")
+            skip(protocol, str(e))
             continue
         n_chance = min(sims.shape[0], args.fold_size) if protocol == "coco-1k" else sims.shape[0]
         chance = chance_metrics(n_chance)["rsum"]
@@ -166,8 +164,7 @@ def main(argv=None) -> int:
     if args.hard_negatives:
         layout = Layout(root, dataset)
         if not layout.hard_negatives.exists():
-            skipped.append("--hard-negatives")
-            warn(f"--hard-negatives: the dataset has no hard-negative pairs ({layout.hard_negatives} "
+            skip("--hard-negatives", f"the dataset has no hard-negative pairs ({layout.hard_negatives} "
                  "does not exist)")
         else:
             pairs = shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
