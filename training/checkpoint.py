@@ -13,6 +13,7 @@ saved) is refused with one line saying what to do.
 from __future__ import annotations
 
 import argparse
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -91,7 +92,11 @@ def _refusal(path: Path, error: Exception) -> str:
         return (f"{path}: refused: it holds Python objects ({', '.join(unsafe[:5])}) and loading them "
                 "could run code; itmkit never writes such a file: get the run again from a trusted "
                 "source or retrain it")
-    return f"{path}: cannot read checkpoint (truncated, corrupt or not a torch.save file): {str(error)[:200]}"
+    if isinstance(error, pickle.UnpicklingError):   # torch's text would suggest weights_only=False
+        return (f"{path}: refused: not a checkpoint itmkit wrote (damaged, or a pickle in torch's legacy "
+                "format, whose loading could run code)")
+    first = (str(error).splitlines() or [""])[0].split(". ")[0] or type(error).__name__
+    return f"{path}: cannot read checkpoint (truncated or corrupt?): {first[:200]}"
 
 
 def check(ckpt: dict, path, *, model: str, vocab_fingerprint: str, shard_hashes: dict) -> None:
