@@ -6,7 +6,7 @@
     python training/evaluate.py --ensemble runs/A runs/B [--split test]   # averages saved sims
 
 Results are printed and merged into <run>/eval.json under "<split>/<protocol>" (an ensemble's
-into <first run>/eval-ensemble.json under "<A>+<B>/<split>/<protocol>"). A part that cannot run
+into eval-ensemble.json of RUN, else of its first member, under "<A>+<B>/<split>/<protocol>"). A part that cannot run
 (a protocol too big for the split, hard negatives on a dataset without pairs, an index of a
 cross-attention model) is skipped with one line saying why; the rest is computed and saved.
 The data root defaults to the one the run was trained on.
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")
     p.add_argument("--save-sims", action="store_true", help="write <run>/sims-<split>.npz")
     p.add_argument("--ensemble", nargs="+", metavar="RUN",
-                   help="average the saved sims (--save-sims) of these runs, and of RUN if given")
+                   help="average the saved sims (--save-sims) of these runs; the results go to "
+                        "eval-ensemble.json in the positional run folder, else in the first of these")
     p.add_argument("--hard-negatives", action="store_true",
                    help="pairwise accuracy on the dataset's hard_negatives.parquet pairs")
     p.add_argument("--max-images", type=int, default=None,
@@ -100,8 +101,7 @@ def ensemble_sims(members: list[str], split: str) -> tuple[np.ndarray, np.ndarra
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    members = ([args.run] if args.run else []) + (args.ensemble or [])
-    if not members:
+    if not args.run and not args.ensemble:
         parser.error("give a run folder (or --ensemble RUN1 RUN2 ...)")
     written, skipped = [], []
 
@@ -110,8 +110,9 @@ def main(argv=None) -> int:
         print(f"evaluate: skipped {part}: {why}", file=sys.stderr)
 
     if args.ensemble:
+        members = args.ensemble
         sims, image_ids, dataset = ensemble_sims(members, args.split)
-        out = Path(members[0]) / "eval-ensemble.json"
+        out = Path(args.run or members[0]) / "eval-ensemble.json"
         prefix = "+".join(Path(m).resolve().name for m in members) + "/"
         root = data_root(RunConfig.load(members[0]), args.root) if args.hard_negatives else None
         what = f"ensemble of {len(members)} runs"
