@@ -15,13 +15,16 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from pipeline.images import MAX_PIXELS
+
 MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"
 SCHEMA_FILE = MANIFEST_DIR / "schema.yaml"
 SPLITS = ("train", "val", "test")
 
 DEFAULTS = {"min_captions": 5, "max_tokens": 200, "path_template": "{filename}",
             "split_fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "expected": None,
-            "protocols": [], "columns": {}}
+            "protocols": [], "columns": {}, "allowed_image_dirs": [], "content_duplicates": "report",
+            "max_pixels": MAX_PIXELS}
 
 
 class ManifestError(ValueError):
@@ -54,6 +57,10 @@ class Manifest:
     def images_dir(self) -> Path:
         return self.path(self.data["images"])
 
+    def image_dirs(self) -> list[Path]:
+        """The folders image paths may resolve into: ``images``, then ``allowed_image_dirs``."""
+        return [self.images_dir] + [self.path(d) for d in self.data.get("allowed_image_dirs", [])]
+
     def annotation_files(self) -> list[dict]:
         """[{file: Path, split, images: Path}] for every annotation file."""
         ann = self.data["annotations"]
@@ -68,6 +75,8 @@ class Manifest:
         out["source_root"] = str(self.source_root.resolve())
         if "images" in out:
             out["images"] = str(self.images_dir.resolve())
+        if out.get("allowed_image_dirs"):
+            out["allowed_image_dirs"] = [str(d.resolve()) for d in self.image_dirs()[1:]]
         if "annotations" in out:
             out["annotations"] = [{"file": str(a["file"].resolve()), "split": a["split"],
                                    "images": str(a["images"].resolve())} for a in self.annotation_files()]
