@@ -17,7 +17,11 @@ import yaml
 
 from pipeline.images import MAX_PIXELS
 
-MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"
+# The shipped manifests: the checkout's top-level manifests/, which a wheel carries as
+# pipeline/manifests/ (pyproject.toml maps it there).
+MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"     # installed from a wheel
+if not MANIFEST_DIR.is_dir():
+    MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"   # a checkout
 SCHEMA_FILE = MANIFEST_DIR / "schema.yaml"
 SPLITS = ("train", "val", "test")
 
@@ -84,10 +88,10 @@ class Manifest:
 
 
 def find(name_or_path: str | os.PathLike) -> Path:
-    """Any path, or ``manifests/coco.yaml`` / ``coco`` looked up in the project's manifests/
-    (so that the shipped manifests are found from any working directory)."""
+    """Any path, or ``manifests/coco.yaml`` / ``coco`` looked up in the shipped manifests
+    (so that they are found from any working directory, in a checkout or installed)."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():  # not a folder: `--manifest coco` where the working directory has a coco/ folder
         return p
     candidates = [MANIFEST_DIR.parent / p] if not p.is_absolute() else []
     if p.parent == Path("."):
@@ -128,7 +132,7 @@ def apply_overrides(data: dict, overrides: dict) -> dict:
 
 def _schema() -> dict:
     if not SCHEMA_FILE.exists():
-        raise ManifestError(f"{SCHEMA_FILE}: manifest schema not found (incomplete checkout?)")
+        raise ManifestError(f"{SCHEMA_FILE}: manifest schema not found (incomplete checkout or installation?)")
     return yaml.safe_load(SCHEMA_FILE.read_text())
 
 

@@ -291,7 +291,9 @@ def test_manifests_validate_and_name_the_field(tmp_path, monkeypatch):
     with pytest.raises(ManifestError, match="field 'name'"):
         manifests.load("f30k", sets=["name=../escape"])
     monkeypatch.chdir(tmp_path)  # the shipped manifests are found from anywhere
+    (tmp_path / "f30k").mkdir()  # a folder named like the manifest is not taken for it
     assert manifests.load("manifests/f30k.yaml").name == "f30k" == manifests.load("f30k.yaml").name
+    assert manifests.load("f30k").file == manifests.MANIFEST_DIR / "f30k.yaml"
     with pytest.raises(ManifestError, match="manifest not found"):
         manifests.load("nonexistent")
     with pytest.raises(ManifestError, match="expected KEY=VALUE"):
