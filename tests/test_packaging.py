@@ -52,7 +52,7 @@ def test_wheel_carries_every_module_and_the_manifests(wheel):
     assert {f"pipeline/rules/{p.name}" for p in (ROOT / "pipeline" / "rules").glob("*.smk")} <= names
 
 
-@pytest.mark.slow  # 4-10 s: a venv, an install and three CLI runs
+@pytest.mark.slow  # a venv, an install and three CLI runs: over 10 s on a loaded machine
 def test_installed_wheel_ingests_from_another_directory(wheel, tmp_path):
     # a fresh environment that reuses the test interpreter's dependencies, with the wheel installed
     venv = tmp_path / "venv"
