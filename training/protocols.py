@@ -225,16 +225,17 @@ def ranked_lists(sims: np.ndarray, image_ids, caption_ids, k: int | None = None)
     ``Metrics``. Tied scores come in an arbitrary order here (the protocols above rank them
     pessimistically), so compare on scores without ties."""
     image_ids, caption_ids = np.asarray(image_ids), np.asarray(caption_ids)
+    neg = -np.asarray(sims)
 
-    def best(scores: np.ndarray, ids: np.ndarray) -> list[list[int]]:
-        if k is None or k >= scores.shape[1]:
-            order = np.argsort(-scores, axis=1)
+    def best(axis: int, ids: np.ndarray) -> list[list[int]]:   # along the axis, then one list per query
+        if k is None or k >= neg.shape[axis]:
+            order = np.argsort(neg, axis=axis)
         else:
-            top = np.argpartition(-scores, k, axis=1)[:, :k]
-            order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), 1), 1)
-        return ids[order].tolist()
-    return (dict(zip(image_ids.tolist(), best(sims, caption_ids))),
-            dict(zip(caption_ids.tolist(), best(sims.T, image_ids))))
+            top = np.argpartition(neg, k, axis=axis).take(range(k), axis=axis)
+            order = np.take_along_axis(top, np.argsort(np.take_along_axis(neg, top, axis), axis), axis)
+        return ids[order if axis == 1 else order.T].tolist()
+    return (dict(zip(image_ids.tolist(), best(1, caption_ids))),
+            dict(zip(caption_ids.tolist(), best(0, image_ids))))
 
 
 # ---------------------------------------------------------------------------------------------
