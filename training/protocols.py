@@ -110,15 +110,6 @@ def _positions(ann: Annotations, kind: str, got, want: np.ndarray) -> dict[int, 
     return {int(x): i for i, x in enumerate(got)}
 
 
-def _queries(positives: dict[int, list[int]], query_pos: dict[int, int], pool_pos: dict[int, int]):
-    """Rows of the queries, pool positions of their positives (in the pool only), and R."""
-    rows = np.array([query_pos[q] for q in positives], np.int64)
-    found = [np.array([pool_pos[p] for p in set(ps) if p in pool_pos], np.int64)
-             for ps in positives.values()]
-    r = np.array([len(set(ps)) for ps in positives.values()], np.int64)
-    return rows, found, r
-
-
 def positive_ranks(scores: np.ndarray, rows: np.ndarray, positives: list[np.ndarray],
                    first: int | None = None) -> np.ndarray:
     """1-based ranks of each query's positives, best first.
@@ -155,7 +146,7 @@ def positive_ranks(scores: np.ndarray, rows: np.ndarray, positives: list[np.ndar
         top = ps[:, :k, None]
         at_least = (block[:, None, :] >= top).sum(-1)                 # items scoring >= each positive
         pos_at_least = ((ps[:, None, :] >= top) & valid[:, None, :]).sum(-1)
-        ranks = np.arange(1, k + 1) + at_least - pos_at_least        # k-th positive after its negatives
+        ranks = np.arange(1, k + 1) + at_least - pos_at_least        # after every negative at >= its score
         out[idx, :k] = np.where(valid[:, :k], ranks, n + 1)
     return out
 
@@ -171,10 +162,19 @@ def r_precision(ranks: np.ndarray, r: np.ndarray) -> np.ndarray:
     return (ranks <= r[:, None]).sum(1) / r
 
 
-def _pools(ann: Annotations, image_ids, caption_ids):
-    img, cap = _positions(ann, "image", image_ids, ann.image_ids), \
-        _positions(ann, "caption", caption_ids, ann.caption_ids)
-    return (("i2t", img, cap, ann.i2t, len(cap)), ("t2i", cap, img, ann.t2i, len(img)))
+def _directions(ann: Annotations, sims: np.ndarray, image_ids, caption_ids):
+    """Per direction: its name, the matrix with one row per query item (``sims`` or ``sims.T``),
+    the queries' rows, the pool positions of their positives (those in the pool), their R (all
+    positives) and the pool size. Refuses ids that are not exactly the annotations' pools."""
+    img = _positions(ann, "image", image_ids, ann.image_ids)
+    cap = _positions(ann, "caption", caption_ids, ann.caption_ids)
+    for d, scores, query_pos, pool_pos, positives in (("i2t", sims, img, cap, ann.i2t),
+                                                      ("t2i", sims.T, cap, img, ann.t2i)):
+        rows = np.array([query_pos[q] for q in positives], np.int64)
+        found = [np.array([pool_pos[p] for p in set(ps) if p in pool_pos], np.int64)
+                 for ps in positives.values()]
+        r = np.array([len(set(ps)) for ps in positives.values()], np.int64)
+        yield d, scores, rows, found, r, len(pool_pos)
 
 
 def eccv(sims: np.ndarray, image_ids, caption_ids, annotations: Annotations | None = None) -> dict:
@@ -186,9 +186,8 @@ def eccv(sims: np.ndarray, image_ids, caption_ids, annotations: Annotations | No
     """
     ann = annotations if annotations is not None else load_annotations("eccv")
     out, chance, queries = {}, {}, {}
-    for d, qpos, ppos, positives, n in _pools(ann, image_ids, caption_ids):
-        rows, found, r = _queries(positives, qpos, ppos)
-        ranks = positive_ranks(sims if d == "i2t" else sims.T, rows, found)
+    for d, scores, rows, found, r, n in _directions(ann, sims, image_ids, caption_ids):
+        ranks = positive_ranks(scores, rows, found)
         p = np.array([len(f) for f in found])
         out[f"{d}_map_at_r"] = 100.0 * float(map_at_r(ranks, r).mean())
         out[f"{d}_rprecision"] = 100.0 * float(r_precision(ranks, r).mean())
@@ -206,9 +205,8 @@ def cxc(sims: np.ndarray, image_ids, caption_ids, annotations: Annotations | Non
     Same arguments as ``eccv``."""
     ann = annotations if annotations is not None else load_annotations("cxc")
     out, chance, queries = {}, {}, {}
-    for d, qpos, ppos, positives, n in _pools(ann, image_ids, caption_ids):
-        rows, found, _ = _queries(positives, qpos, ppos)
-        best = positive_ranks(sims if d == "i2t" else sims.T, rows, found, first=1)[:, 0]
+    for d, scores, rows, found, _, n in _directions(ann, sims, image_ids, caption_ids):
+        best = positive_ranks(scores, rows, found, first=1)[:, 0]
         p = np.array([len(f) for f in found])
         for k in ks:
             out[f"{d}_r{k}"] = 100.0 * float(np.mean(best <= k))
