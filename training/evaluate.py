@@ -1,6 +1,6 @@
 """Evaluate a run as the image-text matching literature does.
 
-    python training/evaluate.py runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k]
+    python training/evaluate.py runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc]
            [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
     python training/evaluate.py --ensemble runs/A runs/B [--split test]   # averages saved sims
 
@@ -25,8 +25,7 @@ from training.checkpoint import CheckpointError
 from training.config import RunConfig
 from training.data import (CaptionDataset, DataConfig, ImageDataset, ShardData, collate_images,
                            collate_text, make_loader)
-from training.evaluation import (PROTOCOLS, chance_metrics, compute_sims, evaluate_protocol,
-                                 hard_negative_accuracy)
+from training.evaluation import PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="run folder written by train.py")
     p.add_argument("--split", default="test")
     p.add_argument("--protocol", choices=PROTOCOLS, action="append",
-                   help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k")
+                   help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k; eccv and cxc "
+                   "(COCO 5K test with COCO's ids, docs/training.md) on request")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     add_root_argument(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
                 raise CheckpointError(f"{r}: saved sims cover other images/captions than {args.ensemble[0]}")
         sims = np.mean([s["sims"] for s in saved], axis=0)
         dataset, image_ids = str(saved[0]["dataset"]), saved[0]["image_ids"]
+        caption_ids = saved[0]["caption_ids"]
         out_dir = Path(args.run) if args.run else None
     else:
         if not args.run:
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
             written += [str(f) for f in files]
         sims, data, run = model_sims(args, root)
         dataset, image_ids, out_dir = run.dataset, data.image_ids, Path(args.run)
+        caption_ids = data.text.caption_ids
         if args.save_sims:
             save_sims(sims_path(out_dir, args.split), sims, data.image_ids, data.text.caption_ids,
                       {"dataset": run.dataset, "shard_hashes": data.hashes})
@@ -127,15 +129,9 @@ def main(argv=None) -> int:
     protocols = args.protocol or (["coco-1k", "coco-5k"] if "coco" in dataset.lower() else ["f30k-1k"])
     results = {}
     for protocol in protocols:
-        m = evaluate_protocol(sims, protocol, fold_size=args.fold_size)
-        n_chance = min(sims.shape[0], args.fold_size) if protocol == "coco-1k" else sims.shape[0]
-        chance = chance_metrics(n_chance)["rsum"]
-        results[f"{args.split}/{protocol}"] = {**m, "images": int(sims.shape[0]), "chance_rsum": chance}
-        print(f"{protocol} ({args.split}, {sims.shape[0]} images): "
-              f"i2t R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f} R@10 {m['i2t_r10']:.1f} "
-              f"medr {m['i2t_medr']:.0f} | t2i R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f} "
-              f"R@10 {m['t2i_r10']:.1f} medr {m['t2i_medr']:.0f} | rSum {m['rsum']:.1f} "
-              f"(random scores: {chance:.1f})")
+        results[f"{args.split}/{protocol}"], line = protocol_result(
+            sims, protocol, args.fold_size, image_ids=image_ids, caption_ids=caption_ids)
+        print(f"{protocol} ({args.split}, {sims.shape[0]} images): {line}")
     if args.hard_negatives:
         layout = Layout(root, dataset)
         if not layout.hard_negatives.exists():
