@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pipeline.images import MAX_PIXELS
+
 
 @dataclass
 class ExtractorConfig:
@@ -50,7 +52,7 @@ class ExtractorConfig:
     grid_size: tuple = (7, 7)
     amp: bool = False
     # bad-image policy
-    max_pixels: int = 100_000_000        # larger images are refused (decompression-bomb guard)
+    max_pixels: int = MAX_PIXELS         # larger images are refused (decompression-bomb guard)
     min_image_side: int = 10             # smaller images carry no content worth a feature
 
     def __post_init__(self):

@@ -1,10 +1,11 @@
 """Image decoding with the bad-image policy, and the resize the network expects.
 
 Policy: grayscale, CMYK, palette and 16-bit images are converted to RGB; an alpha channel is
-composited over white; EXIF orientation is applied. Refused (skipped and reported): files that
-are missing or not images, truncated/corrupt files, images larger than ``max_pixels`` (checked
-from the header before decoding, so a decompression bomb costs nothing) and images whose short
-side is below ``min_side`` pixels."""
+composited over white; EXIF orientation is applied. Refused (skipped and reported): what
+``pipeline.images.open_image`` refuses from the header (missing files, files that are not images,
+corrupt headers, images larger than ``max_pixels``, so a decompression bomb costs nothing; ingest
+applies the same checks), truncated/corrupt image data, and images whose short side is below
+``min_side`` pixels."""
 
 from __future__ import annotations
 
@@ -12,31 +13,14 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from pipeline.images import MAX_PIXELS, BadImage, open_image
 
-class BadImage(Exception):
-    """The image is refused; the message is the reason written to the report."""
-
-
-def load_image(path, max_pixels: int = 100_000_000, min_side: int = 10) -> tuple[Image.Image, str]:
+def load_image(path, max_pixels: int = MAX_PIXELS, min_side: int = 10) -> tuple[Image.Image, str]:
     """Decode ``path`` to an RGB image; returns the image and a note on any conversion ('' if none)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadImage("too large (decompression bomb guard)") from None
-    except OSError as e:  # a header cut short
-        raise BadImage(f"truncated or corrupt: {e}") from None
-    with im:
+    with open_image(path, max_pixels) as im:
         w, h = im.size
-        if w * h > max_pixels:
-            raise BadImage(f"too large: {w}x{h} is over {max_pixels:,} pixels (decompression bomb guard)")
         if min(w, h) < min_side:
             raise BadImage(f"too small: {w}x{h}, short side under {min_side} px")
         try:

@@ -2,10 +2,12 @@
 
 One reader per source format (Karpathy split file, official COCO captions files, a folder of
 images with a CSV/JSONL of captions, the generated demo) turns the annotations into a list of
-``Source`` images; the checks that follow are the same for all of them: duplicate ids, bad
-captions, images missing on disk, too few captions, expected counts. Problems are collected,
-never raised mid-way: by default the offending rows are skipped and counted in the summary, with
-``--strict`` the first problem fails the run before anything is written.
+``Source`` images; the checks that follow are the same for all of them: duplicate ids, image
+paths that leave the image folder, one file under two ids, bad captions, images missing on disk
+or refused by the bad-image policy (pipeline/images.py), too few captions, identical image files,
+expected counts. Problems are collected, never raised mid-way: by default the offending rows are
+skipped and counted in the summary, with ``--strict`` the first problem fails the run before
+anything is written.
 """
 
 from __future__ import annotations
@@ -15,22 +17,23 @@ import csv
 import hashlib
 import io
 import json
+import posixpath
 import re
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline import manifest as manifests
 from pipeline import shards
 from pipeline.config import add_root_argument, resolve_root
+from pipeline.images import BadImage, open_image
 from pipeline.manifest import SPLITS, Manifest, ManifestError
 from pipeline.shards import Layout
 
-INGEST_VERSION = 1
+INGEST_VERSION = 2  # 2: image paths confined to the image folder, one id per file, bad-image policy
 MAX_SHOWN = 20  # problems printed; all of them go to the report file
 
 
@@ -60,9 +63,11 @@ class Source:
 
 @dataclass
 class Report:
-    """Problems found, by category; each names the file and row."""
+    """Problems found (the row is skipped) and notes (the row is kept), by category; each names
+    the file and row."""
 
     problems: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
     strict: bool = False
 
     def add(self, category: str, where: str, what: str) -> None:
@@ -70,6 +75,9 @@ class Report:
         if self.strict:
             raise IngestError(f"{msg} (--strict: nothing written)")
         self.problems.append((category, msg))
+
+    def note(self, category: str, where: str, what: str) -> None:
+        self.notes.append((category, f"{where}: {what}"))
 
     def counts(self) -> Counter:
         return Counter(c for c, _ in self.problems)
@@ -250,7 +258,7 @@ def read_folder(m: Manifest, report: Report) -> list[Source]:
         if not isinstance(file, str) or not file.strip():
             report.add("malformed entry", where, f"no image file in column '{cols['file']}'")
             continue
-        key = Path(file.strip()).as_posix()
+        key = posixpath.normpath(Path(file.strip()).as_posix())  # a/../b.png and b.png: one image
         try:
             key.encode("utf-8")
         except UnicodeEncodeError:
@@ -290,15 +298,43 @@ def clean_caption(text, max_tokens: int) -> tuple[str | None, str, str]:
     return " ".join(tokens), "", ""
 
 
+def outside_message(path: Path, roots: list[Path]) -> str:
+    where = f"the image folder {roots[0]}" + (" and allowed_image_dirs" if len(roots) > 1 else "")
+    return (f"image path resolves to {path}, outside {where} (to allow it, add its folder to the "
+            f"manifest's allowed_image_dirs)")
+
+
+def resolved(path: Path, folders: dict) -> Path:
+    """``path.resolve()`` (symbolic links followed, .. removed), resolving each folder once, so that
+    per image only the file itself is looked at (Path.resolve looks at every folder of the path)."""
+    if path.name == "..":
+        return path.resolve()
+    folder = folders.get(path.parent)
+    if folder is None:
+        folder = folders[path.parent] = path.parent.resolve()
+    path = folder / path.name
+    return path.resolve() if path.is_symlink() else path
+
+
 def check(sources: list[Source], m: Manifest, report: Report, *, with_images: bool,
           progress: bool) -> list[Source]:
-    kept, seen_images, seen_captions = [], {}, {}
+    roots = [d.resolve() for d in m.image_dirs()]
+    kept, seen_images, seen_captions, seen_files, folders = [], {}, {}, {}, {}
     for src in sources:
         if src.image_id in seen_images:
             report.add("duplicate id", src.where,
                        f"image id {src.image_id} already used by {seen_images[src.image_id]}")
             continue
-        seen_images[src.image_id] = src.where
+        path = resolved(src.path, folders)
+        if not any(path.is_relative_to(root) for root in roots):
+            report.add("outside image folder", src.where, outside_message(path, roots))
+            continue
+        if path in seen_files:
+            first = seen_files[path]
+            report.add("duplicate file", src.where, f"image file {path} is already image {first.image_id} "
+                       f"({first.where})")
+            continue
+        seen_images[src.image_id], seen_files[path], src.path = src.where, src, path
         good = []
         for c in sorted(src.captions, key=lambda c: c.caption_id):
             if c.caption_id in seen_captions:
@@ -321,20 +357,61 @@ def check(sources: list[Source], m: Manifest, report: Report, *, with_images: bo
             if not src.path.is_file():
                 report.add("missing image", src.where, f"image file {src.path} not found")
                 continue
+            try:  # the header is read even when the annotations give the size: a bomb is refused here
+                with open_image(src.path, m["max_pixels"]) as im:
+                    size = im.size
+            except BadImage as e:
+                report.add("bad image", src.where, f"image file {src.path} refused: {e}")
+                continue
             if not (src.width and src.height):
-                try:
-                    with Image.open(src.path) as im:
-                        src.width, src.height = im.size
-                except (OSError, ValueError) as e:
-                    report.add("unreadable image", src.where, f"cannot read {src.path}: {e}")
-                    continue
+                src.width, src.height = size
         if len(src.captions) < m["min_captions"]:
             report.add("too few captions", src.where, f"image {src.image_id} has {len(src.captions)} "
                        f"valid caption(s), min_captions is {m['min_captions']}")
             continue
         out.append(src)
     order = {s: i for i, s in enumerate(SPLITS)}
-    return sorted(out, key=lambda s: order[s.split])  # stable: source order within a split
+    out.sort(key=lambda s: order[s.split])  # stable: source order within a split
+    return check_content(out, m, report) if with_images else out
+
+
+def identical_files(paths: list[Path]) -> list[list[int]]:
+    """Groups of positions in ``paths`` whose files have the same bytes (2 or more each, in order).
+    Groups are refined by byte size, then the first 4 KiB, then the sha256 of the whole file, so
+    that only files equal so far are read further: in practice only true copies are read whole."""
+    def head(p: Path) -> bytes:
+        with open(p, "rb") as f:
+            return f.read(4096)
+
+    groups = [list(range(len(paths)))]
+    for key in (lambda p: p.stat().st_size, head, shards.sha256_file):
+        refined = []
+        for group in groups:
+            by_key = defaultdict(list)
+            for i in group:
+                by_key[key(paths[i])].append(i)
+            refined += [g for g in by_key.values() if len(g) > 1]
+        groups = refined
+    return groups
+
+
+def check_content(sources: list[Source], m: Manifest, report: Report) -> list[Source]:
+    """Images with the bytes of an image before them (train, val, test order): a leak between
+    splits when the splits differ. Reported and kept, or, with ``content_duplicates: skip``,
+    skipped like a bad row."""
+    skipped = set()
+    for group in identical_files([s.path for s in sources]):
+        first = sources[group[0]]
+        for i in group[1:]:
+            src = sources[i]
+            category = "duplicate content" + (" across splits" if src.split != first.split else "")
+            what = f"same content as {first.where} (image {first.image_id}, {first.split})"
+            if m["content_duplicates"] == "skip":
+                report.add(category, src.where, what)
+                skipped.add(i)
+            else:
+                report.note(category, src.where, what)
+    return [s for i, s in enumerate(sources) if i not in skipped]
 
 
 def count_mismatches(m: Manifest, split_counts: dict) -> list[str]:
@@ -361,10 +438,12 @@ class Result:
     images: int = 0
     captions: int = 0
     split_counts: dict = field(default_factory=dict)
-    problems: Counter = field(default_factory=Counter)
+    problems: Counter = field(default_factory=Counter)   # skipped rows by category
+    notes: Counter = field(default_factory=Counter)      # reported, kept rows by category
     mismatches: list = field(default_factory=list)
     report_file: Path | None = None
-    messages: list = field(default_factory=list)
+    messages: list = field(default_factory=list)         # one per problem
+    note_messages: list = field(default_factory=list)    # one per note
 
 
 def inputs_hash(m: Manifest) -> str:
@@ -405,17 +484,18 @@ def ingest(m: Manifest, root, *, strict: bool = False, with_images: bool = True,
         raise IngestError(f"{m.file}: no image survived the checks; nothing written "
                           f"({', '.join(f'{n} {c}' for c, n in report.counts().items()) or 'no entries'})")
 
-    images = [{"image_id": s.image_id, "path": str(s.path.resolve()), "split": s.split,
+    images = [{"image_id": s.image_id, "path": str(s.path), "split": s.split,
                "width": s.width, "height": s.height} for s in sources]
     caps = [{"caption_id": c.caption_id, "image_id": s.image_id, "split": s.split, "text": c.text}
             for s in sources for c in s.captions]
-    summary = {"splits": split_counts, "problems": dict(report.counts()), "mismatches": mismatches,
-               "with_images": with_images}
+    notes = Counter(c for c, _ in report.notes)
+    summary = {"splits": split_counts, "problems": dict(report.counts()), "notes": dict(notes),
+               "mismatches": mismatches, "with_images": with_images}
     meta = {"manifest": m.resolved(), "config_hash": chash, "summary": summary}
     report_file = layout.dir / "ingest-report.txt"
-    if report.problems:
+    if report.problems or report.notes:
         with shards.atomic_path(report_file) as tmp:
-            tmp.write_text("".join(f"[{c}] {msg}\n" for c, msg in report.problems),
+            tmp.write_text("".join(f"[{c}] {msg}\n" for c, msg in report.problems + report.notes),
                            encoding="utf-8", errors="backslashreplace")
     else:  # an old report would describe another run
         report_file.unlink(missing_ok=True)
@@ -425,8 +505,8 @@ def ingest(m: Manifest, root, *, strict: bool = False, with_images: bool = True,
     index.register("images", layout.images, rows=len(images), config_hash=chash, inputs_hash=ihash)
     index.register("captions", layout.captions, rows=len(caps), config_hash=chash, inputs_hash=ihash)
     return Result(layout.dir, images=len(images), captions=len(caps), split_counts=split_counts,
-                  problems=report.counts(), mismatches=mismatches, report_file=report_file,
-                  messages=[msg for _, msg in report.problems])
+                  problems=report.counts(), notes=notes, mismatches=mismatches, report_file=report_file,
+                  messages=[msg for _, msg in report.problems], note_messages=[msg for _, msg in report.notes])
 
 
 def ingest_demo(m: Manifest, layout: Layout, *, strict: bool, force: bool, progress: bool) -> Result:
@@ -472,18 +552,20 @@ def main(args) -> int:
     except (ManifestError, IngestError, ValueError, shards.ShardError) as e:
         print(f"ingest: error: {e}", file=sys.stderr)
         return 1
-    for msg in r.messages[:MAX_SHOWN]:
-        print(f"ingest: skipped {msg}", file=sys.stderr)
-    if len(r.messages) > MAX_SHOWN:
-        print(f"ingest: ... and {len(r.messages) - MAX_SHOWN} more", file=sys.stderr)
+    shown = [f"skipped {msg}" for msg in r.messages] + [f"kept {msg}" for msg in r.note_messages]
+    for msg in shown[:MAX_SHOWN]:
+        print(f"ingest: {msg}", file=sys.stderr)
+    if len(shown) > MAX_SHOWN:
+        print(f"ingest: ... and {len(shown) - MAX_SHOWN} more", file=sys.stderr)
     splits = " / ".join(f"{r.split_counts.get(s, 0):,} {s}" for s in SPLITS)
     if r.skipped:
         line = f"ingest: {m.name}: up to date in {r.dataset_dir} ({r.images:,} images, {r.captions:,} captions); nothing written"
     else:
         line = f"ingest: {m.name}: wrote {r.images:,} images ({splits}) and {r.captions:,} captions to {r.dataset_dir}"
-    if r.problems:
-        line += "; skipped " + ", ".join(f"{n} {c}" for c, n in sorted(r.problems.items()))
-        line += f" (listed in {r.report_file})"
+    found = [f"{verb} " + ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
+             for verb, counts in (("skipped", r.problems), ("kept", r.notes)) if counts]
+    if found:
+        line += "; " + "; ".join(found) + f" (listed in {r.report_file})"
     if args.without_images and m.format != "demo":
         line += "; images not checked (--without-images)"
     line += ("; counts differ from the manifest: " + "; ".join(r.mismatches)) if r.mismatches \

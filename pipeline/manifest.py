@@ -15,13 +15,20 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"
+from pipeline.images import MAX_PIXELS
+
+# The shipped manifests: the checkout's top-level manifests/, which a wheel carries as
+# pipeline/manifests/ (pyproject.toml maps it there).
+MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"     # installed from a wheel
+if not MANIFEST_DIR.is_dir():
+    MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"   # a checkout
 SCHEMA_FILE = MANIFEST_DIR / "schema.yaml"
 SPLITS = ("train", "val", "test")
 
 DEFAULTS = {"min_captions": 5, "max_tokens": 200, "path_template": "{filename}",
             "split_fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "expected": None,
-            "protocols": [], "columns": {}}
+            "protocols": [], "columns": {}, "allowed_image_dirs": [], "content_duplicates": "report",
+            "max_pixels": MAX_PIXELS}
 
 
 class ManifestError(ValueError):
@@ -54,6 +61,10 @@ class Manifest:
     def images_dir(self) -> Path:
         return self.path(self.data["images"])
 
+    def image_dirs(self) -> list[Path]:
+        """The folders image paths may resolve into: ``images``, then ``allowed_image_dirs``."""
+        return [self.images_dir] + [self.path(d) for d in self.data.get("allowed_image_dirs", [])]
+
     def annotation_files(self) -> list[dict]:
         """[{file: Path, split, images: Path}] for every annotation file."""
         ann = self.data["annotations"]
@@ -68,6 +79,8 @@ class Manifest:
         out["source_root"] = str(self.source_root.resolve())
         if "images" in out:
             out["images"] = str(self.images_dir.resolve())
+        if out.get("allowed_image_dirs"):
+            out["allowed_image_dirs"] = [str(d.resolve()) for d in self.image_dirs()[1:]]
         if "annotations" in out:
             out["annotations"] = [{"file": str(a["file"].resolve()), "split": a["split"],
                                    "images": str(a["images"].resolve())} for a in self.annotation_files()]
@@ -75,10 +88,10 @@ class Manifest:
 
 
 def find(name_or_path: str | os.PathLike) -> Path:
-    """Any path, or ``manifests/coco.yaml`` / ``coco`` looked up in the project's manifests/
-    (so that the shipped manifests are found from any working directory)."""
+    """Any path, or ``manifests/coco.yaml`` / ``coco`` looked up in the shipped manifests
+    (so that they are found from any working directory, in a checkout or installed)."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():  # not a folder: `--manifest coco` where the working directory has a coco/ folder
         return p
     candidates = [MANIFEST_DIR.parent / p] if not p.is_absolute() else []
     if p.parent == Path("."):
@@ -119,7 +132,7 @@ def apply_overrides(data: dict, overrides: dict) -> dict:
 
 def _schema() -> dict:
     if not SCHEMA_FILE.exists():
-        raise ManifestError(f"{SCHEMA_FILE}: manifest schema not found (incomplete checkout?)")
+        raise ManifestError(f"{SCHEMA_FILE}: manifest schema not found (incomplete checkout or installation?)")
     return yaml.safe_load(SCHEMA_FILE.read_text())
 
 

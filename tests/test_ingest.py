@@ -2,6 +2,8 @@
 a generic folder with CSV/JSONL captions, bad input, manifests and cache reuse."""
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -289,7 +291,9 @@ def test_manifests_validate_and_name_the_field(tmp_path, monkeypatch):
     with pytest.raises(ManifestError, match="field 'name'"):
         manifests.load("f30k", sets=["name=../escape"])
     monkeypatch.chdir(tmp_path)  # the shipped manifests are found from anywhere
+    (tmp_path / "f30k").mkdir()  # a folder named like the manifest is not taken for it
     assert manifests.load("manifests/f30k.yaml").name == "f30k" == manifests.load("f30k.yaml").name
+    assert manifests.load("f30k").file == manifests.MANIFEST_DIR / "f30k.yaml"
     with pytest.raises(ManifestError, match="manifest not found"):
         manifests.load("nonexistent")
     with pytest.raises(ManifestError, match="expected KEY=VALUE"):
@@ -304,3 +308,152 @@ def test_demo_manifest_generates_the_demo(tmp_path, capsys):
     assert len(rows(tmp_path, "demo", "captions")) == 40
     with pytest.raises(IngestError, match="always named 'demo'"):
         ingest(manifests.load("demo", name="other"), tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# image paths, identical files and bad images
+
+def write_captions_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    """Five captions per (file, split) row, numbered so that every image's captions differ."""
+    path.write_text("file,caption,split\n" + "".join(
+        f'{f},"photo {i} caption {k}",{split}\n' for i, (f, split) in enumerate(rows) for k in range(5)))
+
+
+def test_image_paths_must_resolve_inside_the_image_folder(tmp_path):
+    src = tmp_path / "mine"
+    for name in ("a.png", "b.png"):
+        write_image(src / "photos" / name)
+    secret = tmp_path / "outside" / "secret.png"
+    write_image(secret, size=(20, 20))
+    (src / "photos" / "link.png").symlink_to(secret)                 # a symlink out of the folder
+    (src / "photos" / "alias.png").symlink_to(src / "photos" / "a.png")   # a second name of a.png
+    write_captions_csv(src / "captions.csv", [
+        ("a.png", "train"), (str(secret), "train"), ("../../outside/secret.png", "test"),
+        ("link.png", "val"), ("alias.png", "test"), ("b.png", "train")])
+    m = manifests.load(folder_manifest(tmp_path, src, "captions.csv"))
+    r = ingest(m, tmp_path / "data", progress=False)
+    assert r.problems == {"outside image folder": 3, "duplicate file": 1}, r.messages
+    assert any(msg.startswith("captions.csv line 12 (../../outside/secret.png): image path resolves to "
+                              f"{secret}, outside the image folder") for msg in r.messages), r.messages
+    assert any(msg.startswith("captions.csv line 22 (alias.png): image file") and "already image" in msg
+               and "line 2 (a.png)" in msg for msg in r.messages), r.messages
+    images = rows(tmp_path / "data", "mine", "images")
+    assert sorted(Path(x["path"]).name for x in images) == ["a.png", "b.png"]
+
+    # an allow-listed folder is accepted; the same file under a second name is still refused
+    m = manifests.load(folder_manifest(tmp_path, src, "captions.csv", allowed_image_dirs=["../outside"]))
+    r = ingest(m, tmp_path / "data", progress=False)
+    assert r.problems == {"duplicate file": 3}, r.messages
+    images = rows(tmp_path / "data", "mine", "images")
+    assert sorted(Path(x["path"]).name for x in images) == ["a.png", "b.png", "secret.png"]
+    assert {x["split"] for x in images if x["path"] == str(secret)} == {"train"}   # the first row's
+    caps = rows(tmp_path / "data", "mine", "captions")
+    assert len(caps) == 15 and {c["image_id"] for c in caps} == {x["image_id"] for x in images}
+
+
+def test_karpathy_and_coco_paths_cannot_leave_the_image_folder(f30k_src, tmp_path):
+    outside = tmp_path / "outside.jpg"
+    write_image(outside)
+    ann = f30k_src / "dataset_flickr30k.json"
+    data = json.loads(ann.read_text())
+    data["images"][0]["filename"] = "../../outside.jpg"
+    data["images"][4]["filename"] = str(outside)
+    ann.write_text(json.dumps(data))
+    r = ingest(manifests.load("f30k", source_root=str(f30k_src), sets=["expected=null"]),
+               tmp_path / "data", progress=False)
+    assert r.problems == {"outside image folder": 2}, r.messages
+    assert r.split_counts == {"train": 2, "val": 1, "test": 1}
+    assert "dataset_flickr30k.json images[0] (../../outside.jpg): image path resolves to" in r.messages[0]
+
+    coco = tmp_path / "coco"
+    write_image(coco / "images" / "val2014" / "in.jpg")
+    images = [{"id": 1, "file_name": "in.jpg"}, {"id": 2, "file_name": "../../outside.jpg"},
+              {"id": 3, "file_name": str(outside)}]
+    anns = [{"id": 10 * i + k, "image_id": i, "caption": f"a photo {i} {k}"} for i in (1, 2, 3) for k in range(5)]
+    (coco / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    m = manifests.load("coco", source_root=str(coco), sets=[
+        "format=coco", "expected=null", "annotations=[{file: captions_val2014.json, split: val, images: val2014}]"])
+    r = ingest(m, tmp_path / "data", progress=False)
+    assert r.problems == {"outside image folder": 2}, r.messages
+    assert [x["image_id"] for x in rows(tmp_path / "data", "coco", "images")] == [1]
+
+
+def test_identical_images_are_reported_and_can_be_skipped(tmp_path, capsys):
+    src = tmp_path / "mine"
+    # BMP files of one size have one byte length whatever the colour: z is a same-size non-copy
+    for name, colour in (("x.bmp", (200, 10, 10)), ("z.bmp", (10, 10, 200))):
+        src_file = src / "photos" / name
+        src_file.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 8), colour).save(src_file)
+    (src / "photos" / "y.bmp").write_bytes((src / "photos" / "x.bmp").read_bytes())  # a copy in test
+    (src / "photos" / "w.bmp").write_bytes((src / "photos" / "x.bmp").read_bytes())  # a copy in train
+    assert len({(src / "photos" / n).stat().st_size for n in ("x.bmp", "y.bmp", "z.bmp", "w.bmp")}) == 1
+    write_captions_csv(src / "captions.csv", [("y.bmp", "test"), ("x.bmp", "train"), ("z.bmp", "val"),
+                                              ("w.bmp", "train")])
+    manifest = folder_manifest(tmp_path, src, "captions.csv")
+    root = tmp_path / "data"
+    base = ["ingest", "--manifest", str(manifest), "--root", str(root), "--quiet"]
+    assert cli(base) == 0                      # reported, every image kept
+    out = capsys.readouterr().out
+    assert "wrote 4 images" in out
+    assert "kept 1 duplicate content, 1 duplicate content across splits (listed in" in out, out
+    report = (root / "mine" / "ingest-report.txt").read_text()
+    assert "[duplicate content across splits] captions.csv line 2 (y.bmp): same content as captions.csv " \
+           "line 7 (x.bmp) (image" in report, report
+    assert "[duplicate content] captions.csv line 17 (w.bmp): same content as captions.csv line 7" in report
+    assert "z.bmp" not in report
+    assert cli(base + ["--strict", "--force"]) == 0    # reporting alone does not fail --strict
+
+    assert cli(base + ["--set", "content_duplicates=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 2 images" in out and "skipped 1 duplicate content, 1 duplicate content across splits" in out
+    assert sorted(Path(x["path"]).name for x in rows(root, "mine", "images")) == ["x.bmp", "z.bmp"]
+    assert cli(base + ["--set", "content_duplicates=skip", "--strict", "--name", "strict"]) == 1
+    assert "(w.bmp): same content as captions.csv line 7 (x.bmp)" in capsys.readouterr().err
+    assert not (root / "strict").exists()
+
+
+def write_blank_png(path: Path, side: int) -> None:
+    """A valid all-zero 8-bit grayscale PNG of side x side pixels, compressed row block by row block
+    (a 20000 x 20000 one is ~389 KB on disk and 400 MB once decoded: a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    z, block = zlib.compressobj(9), bytes(side + 1) * 500     # filter byte 0 + a zero row, 500 rows
+    data = b"".join(z.compress(block) for _ in range(side // 500)) + z.compress(bytes(side + 1) * (side % 500))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data + z.flush()) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_skipped_and_the_run_completes(tmp_path, capsys):
+    src = tmp_path / "mine"
+    for name in ("a.png", "b.png"):
+        write_image(src / "photos" / name)
+    write_blank_png(src / "photos" / "bomb.png", 20000)
+    assert (src / "photos" / "bomb.png").stat().st_size < 500_000
+    (src / "photos" / "notes.png").write_text("not an image\n")
+    write_captions_csv(src / "captions.csv", [("a.png", "train"), ("bomb.png", "train"), ("b.png", "test"),
+                                              ("notes.png", "val")])
+    root = tmp_path / "data"
+    assert cli(["ingest", "--manifest", str(folder_manifest(tmp_path, src, "captions.csv")),
+                "--root", str(root), "--quiet"]) == 0
+    err, out = capsys.readouterr()[::-1]
+    assert "wrote 2 images" in out and "skipped 2 bad image" in out, out
+    assert "captions.csv line 7 (bomb.png): image file" in err and "too large" in err, err
+    assert "not an image" in err
+    assert sorted(Path(x["path"]).name for x in rows(root, "mine", "images")) == ["a.png", "b.png"]
+
+    # the same policy when the annotations give the size (official COCO files): the header is still read
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    (coco / "images" / "bomb.png").symlink_to(src / "photos" / "bomb.png")
+    write_image(coco / "images" / "ok.png")
+    images = [{"id": 1, "file_name": "bomb.png", "width": 20000, "height": 20000},
+              {"id": 2, "file_name": "ok.png", "width": 12, "height": 8}]
+    anns = [{"id": 10 * i + k, "image_id": i, "caption": f"a photo {i} {k}"} for i in (1, 2) for k in range(5)]
+    (coco / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    m = manifests.load("coco", source_root=str(coco), sets=[
+        "format=coco", "expected=null", "annotations=[{file: captions.json, split: val}]",
+        f"allowed_image_dirs=[{src / 'photos'}]"])
+    r = ingest(m, tmp_path / "data", progress=False)
+    assert r.problems == {"bad image": 1} and "too large" in r.messages[0], r.messages

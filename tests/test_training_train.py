@@ -148,10 +148,11 @@ def test_ensemble_as_the_help_shows_writes_its_results(vsepp_run, tmp_path, caps
     assert run_eval("--ensemble", vsepp_run, other) == 0
     res = json.loads((vsepp_run / "eval-ensemble.json").read_text())
     single = json.loads((vsepp_run / "eval.json").read_text())["test/f30k-1k"]
-    assert res[f"{vsepp_run.name}+copy/test/f30k-1k"]["rsum"] == pytest.approx(single["rsum"])
+    assert res["test/f30k-1k"]["rsum"] == pytest.approx(single["rsum"])
+    assert res["test/f30k-1k"]["runs"] == [str(vsepp_run), str(other)]
     assert "wrote " + str(vsepp_run / "eval-ensemble.json") in capsys.readouterr().out
     assert run_eval(other, "--ensemble", vsepp_run, other) == 0      # a run folder given: written there
-    assert list(json.loads((other / "eval-ensemble.json").read_text())) == [f"{vsepp_run.name}+copy/test/f30k-1k"]
+    assert json.loads((other / "eval-ensemble.json").read_text())["test/f30k-1k"]["rsum"] == res["test/f30k-1k"]["rsum"]
     with pytest.raises(SystemExit) as e:                # neither a run nor an ensemble: usage error
         run_eval()
     assert e.value.code == 2

@@ -1,14 +1,15 @@
 """Evaluate a run as the image-text matching literature does.
 
-    python training/evaluate.py runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k]
+    python training/evaluate.py runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc]
            [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
            [--export-index DIR]
     python training/evaluate.py --ensemble runs/A runs/B [--split test]   # averages saved sims
 
 Results are printed and merged into <run>/eval.json under "<split>/<protocol>" (an ensemble's
-into eval-ensemble.json of RUN, else of its first member, under "<A>+<B>/<split>/<protocol>"). A part that cannot run
-(a protocol too big for the split, hard negatives on a dataset without pairs, an index of a
-cross-attention model) is skipped with one line saying why; the rest is computed and saved.
+into eval-ensemble.json of RUN, else of its first member, with the member runs). A part that
+cannot run (a protocol the split does not fit, hard negatives on a dataset without pairs, an
+index of a cross-attention model) is skipped with one line saying why; the rest is computed and
+saved.
 The data root defaults to the one the run was trained on.
 """
 
@@ -28,8 +29,8 @@ from training import models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig
 from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
-from training.evaluation import (PROTOCOLS, chance_metrics, compute_sims, evaluate_protocol,
-                                 hard_negative_accuracy, small_split_warning)
+from training.evaluation import (PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result,
+                                 small_split_warning)
 from training.run import data_root, load_run
 
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="run folder written by train.py")
     p.add_argument("--split", default="test", help="split to score (default: %(default)s)")
     p.add_argument("--protocol", choices=PROTOCOLS, action="append",
-                   help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k")
+                   help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k; eccv and cxc "
+                   "(COCO 5K test with COCO's ids, docs/training.md) on request")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="weights to score (default: %(default)s)")
     p.add_argument("--root", default=None, help="data root (default: the one the run was trained on, "
@@ -88,14 +90,16 @@ def load_sims(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read saved similarities (truncated or corrupt?): {e}") from None
 
 
-def ensemble_sims(members: list[str], split: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """The mean of the members' saved ``split`` similarities, their image ids and dataset."""
+def ensemble_sims(members: list[str], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """The mean of the members' saved ``split`` similarities, their image and caption ids, dataset."""
     saved = [load_sims(sims_path(r, split)) for r in members]
     for r, s in zip(members[1:], saved[1:]):
         if not (np.array_equal(s["image_ids"], saved[0]["image_ids"])
                 and np.array_equal(s["caption_ids"], saved[0]["caption_ids"])):
             raise CheckpointError(f"{r}: saved sims cover other images/captions than {members[0]}")
-    return np.mean([s["sims"] for s in saved], axis=0), saved[0]["image_ids"], str(saved[0]["dataset"])
+    first = saved[0]
+    return (np.mean([s["sims"] for s in saved], axis=0), first["image_ids"], first["caption_ids"],
+            str(first["dataset"]))
 
 
 def main(argv=None) -> int:
@@ -111,9 +115,9 @@ def main(argv=None) -> int:
 
     if args.ensemble:
         members = args.ensemble
-        sims, image_ids, dataset = ensemble_sims(members, args.split)
+        sims, image_ids, caption_ids, dataset = ensemble_sims(members, args.split)
         out = Path(args.run or members[0]) / "eval-ensemble.json"
-        prefix = "+".join(Path(m).resolve().name for m in members) + "/"
+        tag = {"runs": [str(m) for m in members]}
         root = data_root(RunConfig.load(members[0]), args.root) if args.hard_negatives else None
         what = f"ensemble of {len(members)} runs"
         for flag in ("--save-sims", "--export-index"):
@@ -131,8 +135,9 @@ def main(argv=None) -> int:
                              workers=args.workers)
         texts = make_loader(CaptionDataset(data), collate_text, args.batch_size * 5, workers=args.workers)
         sims = compute_sims(run.model, images, texts, args.device)
-        image_ids, dataset, root = data.image_ids, run.config.dataset, run.root
-        out, prefix, what = run.dir / "eval.json", "", f"{args.run} ({args.checkpoint}.pt)"
+        image_ids, caption_ids = data.image_ids, data.text.caption_ids
+        dataset, root = run.config.dataset, run.root
+        out, tag, what = run.dir / "eval.json", {}, f"{args.run} ({args.checkpoint}.pt)"
         if args.save_sims:
             save_sims(sims_path(run.dir, args.split), sims, data.image_ids, data.text.caption_ids,
                       {"dataset": dataset, "shard_hashes": data.hashes})
@@ -147,21 +152,20 @@ def main(argv=None) -> int:
         print(f"evaluate: warning: {warning}", file=sys.stderr)
 
     protocols = args.protocol or (["coco-1k", "coco-5k"] if "coco" in dataset.lower() else ["f30k-1k"])
-    results = {}
+    results, failed = {}, []
     for protocol in protocols:
         try:
-            m = evaluate_protocol(sims, protocol, fold_size=args.fold_size)
-        except ValueError as e:   # e.g. coco-1k on fewer images than a fold
-            skip(protocol, str(e))
+            result, line = protocol_result(sims, protocol, args.fold_size, image_ids=image_ids,
+                                           caption_ids=caption_ids)
+        except ValueError as e:   # e.g. coco-1k on fewer images than a fold, eccv off COCO 5K
+            failed.append((protocol, e))
             continue
-        n_chance = min(sims.shape[0], args.fold_size) if protocol == "coco-1k" else sims.shape[0]
-        chance = chance_metrics(n_chance)["rsum"]
-        results[f"{prefix}{args.split}/{protocol}"] = {**m, "images": int(sims.shape[0]), "chance_rsum": chance}
-        print(f"{protocol} ({args.split}, {sims.shape[0]} images): "
-              f"i2t R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f} R@10 {m['i2t_r10']:.1f} "
-              f"medr {m['i2t_medr']:.0f} | t2i R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f} "
-              f"R@10 {m['t2i_r10']:.1f} medr {m['t2i_medr']:.0f} | rSum {m['rsum']:.1f} "
-              f"(random scores: {chance:.1f})")
+        results[f"{args.split}/{protocol}"] = {**result, **tag}
+        print(f"{protocol} ({args.split}, {sims.shape[0]} images): {line}")
+    if not results:   # nothing to keep: the first reason is the error
+        raise failed[0][1]
+    for protocol, e in failed:
+        skip(protocol, str(e))
     if args.hard_negatives:
         layout = Layout(root, dataset)
         if not layout.hard_negatives.exists():
@@ -170,18 +174,17 @@ def main(argv=None) -> int:
         else:
             pairs = shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
             hn = hard_negative_accuracy(sims, image_ids, pairs)
-            results[f"{prefix}{args.split}/hard_negatives"] = hn
+            results[f"{args.split}/hard_negatives"] = {**hn, **tag}
             for kind, r in hn.items():
                 if isinstance(r, dict):
                     print(f"hard negatives [{kind}] {r['pairs']} pairs: image->text {r['i2t_acc']:.1f}% "
                           f"text->image {r['t2i_acc']:.1f}%")
-    if results:
-        old = shards.read_json(out) if out.exists() else {}
-        shards.write_json(out, {**old, **results})
-        written.append(str(out))
-    print(f"evaluate: {what} on {dataset}/{args.split}: {', '.join(results) or 'no results'}"
-          f"{'; skipped ' + ', '.join(skipped) if skipped else ''}; wrote {', '.join(written) or 'nothing'}")
-    return 0 if results else 1
+    old = shards.read_json(out) if out.exists() else {}
+    shards.write_json(out, {**old, **results})
+    written.append(str(out))
+    print(f"evaluate: {what} on {dataset}/{args.split}: {', '.join(results)}"
+          f"{'; skipped ' + ', '.join(skipped) if skipped else ''}; wrote {', '.join(written)}")
+    return 0
 
 
 if __name__ == "__main__":

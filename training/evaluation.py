@@ -1,5 +1,6 @@
 """The evaluation protocol of SCAN / VSE++: recalls, ranks, the 1K / 5K / 5-fold protocols,
-similarity matrices computed in bounded-memory blocks, and the hard-negative pair test.
+similarity matrices computed in bounded-memory blocks, and the hard-negative pair test; the
+registry of protocols by name, which also holds ECCV Caption and CxC (``training/protocols.py``).
 
 Ranks are 1-based and ties count against the model: an item ranks below every other item with
 the same score, so a scorer that returns a constant has the worst rank, not the best.
@@ -7,13 +8,17 @@ the same score, so a scorer that returns a constant has the worst rank, not the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from training import protocols as coco_protocols
+
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
                "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum")
-PROTOCOLS = ("f30k-1k", "coco-5k", "coco-1k")
 
 
 def i2t_ranks(sims: np.ndarray, per: int = 5, chunk: int = 256) -> np.ndarray:
@@ -86,14 +91,76 @@ def small_split_warning(split: str, n_images: int, captions_per_image: int = 5) 
             f"{chance:.1f} of 600, so its recalls mean little")
 
 
-def evaluate_protocol(sims: np.ndarray, protocol: str, fold_size: int = 1000,
-                      captions_per_image: int = 5) -> dict:
-    """``f30k-1k`` and ``coco-5k`` score the whole matrix; ``coco-1k`` is the mean over 5
-    consecutive folds of ``fold_size`` images (fewer folds when the split is smaller)."""
-    if protocol in ("f30k-1k", "coco-5k"):
-        return recall_metrics(sims, captions_per_image)
-    if protocol != "coco-1k":
-        raise ValueError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
+# ---------------------------------------------------------------------------------------------
+# protocols by name: each one scores a split's [n_images, n_captions] similarity matrix
+
+@dataclass(frozen=True)
+class Protocol:
+    """``metrics(sims, *, image_ids, caption_ids, fold_size, captions_per_image)`` -> metrics (each
+    protocol uses the arguments it needs); ``extra(sims, metrics, fold_size)`` -> the entries
+    stored next to them in eval.json; ``line(result)`` -> the one-line summary printed."""
+
+    metrics: Callable[..., dict]
+    extra: Callable[..., dict]
+    line: Callable[[dict], str]
+
+
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register(name: str, extra: Callable[..., dict], line: Callable[[dict], str]):
+    def wrap(fn):
+        PROTOCOLS[name] = Protocol(fn, extra, line)
+        return fn
+    return wrap
+
+
+def _scan_extra(sims, metrics: dict, fold_size: int) -> dict:
+    return {"images": int(sims.shape[0]), "chance_rsum": chance_metrics(sims.shape[0])["rsum"]}
+
+
+def _fold_extra(sims, metrics: dict, fold_size: int) -> dict:
+    n = min(sims.shape[0], fold_size)
+    return {"images": int(sims.shape[0]), "chance_rsum": chance_metrics(n)["rsum"]}
+
+
+def _scan_line(m: dict) -> str:
+    return (f"i2t R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f} R@10 {m['i2t_r10']:.1f} "
+            f"medr {m['i2t_medr']:.0f} | t2i R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f} "
+            f"R@10 {m['t2i_r10']:.1f} medr {m['t2i_medr']:.0f} | rSum {m['rsum']:.1f} "
+            f"(random scores: {m['chance_rsum']:.1f})")
+
+
+def _images(sims, metrics: dict, fold_size: int) -> dict:
+    return {"images": int(sims.shape[0])}
+
+
+def _eccv_line(m: dict) -> str:
+    def part(d):
+        return (f"mAP@R {m[f'{d}_map_at_r']:.1f} R-P {m[f'{d}_rprecision']:.1f} "
+                f"R@1 {m[f'{d}_r1']:.1f}")
+    c = m["chance"]
+    return (f"ECCV i2t {part('i2t')} | t2i {part('t2i')} ({m['queries']['i2t']} / "
+            f"{m['queries']['t2i']} queries; random scores: mAP@R {c['i2t_map_at_r']:.2f} / "
+            f"{c['t2i_map_at_r']:.2f})")
+
+
+def _cxc_line(m: dict) -> str:
+    def part(d):
+        return " ".join(f"R@{k} {m[f'{d}_r{k}']:.1f}" for k in (1, 5, 10))
+    return (f"CxC i2t {part('i2t')} | t2i {part('t2i')} | rSum {m['rsum']:.1f} "
+            f"(random scores: {m['chance']['rsum']:.1f})")
+
+
+@register("coco-5k", _scan_extra, _scan_line)
+@register("f30k-1k", _scan_extra, _scan_line)      # the innermost registers first
+def whole_split(sims, *, captions_per_image: int = 5, **_) -> dict:
+    return recall_metrics(sims, captions_per_image)
+
+
+@register("coco-1k", _fold_extra, _scan_line)
+def five_folds(sims, *, fold_size: int = 1000, captions_per_image: int = 5, **_) -> dict:
+    """The mean over 5 consecutive folds of ``fold_size`` images (fewer folds when the split is smaller)."""
     folds = min(5, sims.shape[0] // fold_size)
     if folds == 0:
         raise ValueError(f"coco-1k needs at least {fold_size} images, the split has {sims.shape[0]}")
@@ -104,6 +171,42 @@ def evaluate_protocol(sims: np.ndarray, protocol: str, fold_size: int = 1000,
     out = {k: float(np.mean([r[k] for r in results])) for k in METRIC_KEYS}
     out["folds"] = folds
     return out
+
+
+@register("eccv", _images, _eccv_line)
+def eccv(sims, *, image_ids=None, caption_ids=None, **_) -> dict:
+    return coco_protocols.eccv(sims, _need(image_ids, "eccv"), _need(caption_ids, "eccv"))
+
+
+@register("cxc", _images, _cxc_line)
+def cxc(sims, *, image_ids=None, caption_ids=None, **_) -> dict:
+    return coco_protocols.cxc(sims, _need(image_ids, "cxc"), _need(caption_ids, "cxc"))
+
+
+def _need(ids, protocol: str):
+    if ids is None:
+        raise ValueError(f"protocol {protocol} needs the image and caption ids of the matrix")
+    return ids
+
+
+def evaluate_protocol(sims: np.ndarray, protocol: str, fold_size: int = 1000,
+                      captions_per_image: int = 5, image_ids=None, caption_ids=None) -> dict:
+    """``f30k-1k`` and ``coco-5k`` score the whole matrix; ``coco-1k`` is the mean over 5
+    consecutive folds of ``fold_size`` images (fewer folds when the split is smaller); ``eccv``
+    and ``cxc`` need the COCO ids of the matrix's rows and columns (``training/protocols.py``)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[protocol].metrics(sims, fold_size=fold_size, captions_per_image=captions_per_image,
+                                       image_ids=image_ids, caption_ids=caption_ids)
+
+
+def protocol_result(sims: np.ndarray, protocol: str, fold_size: int = 1000,
+                    image_ids=None, caption_ids=None) -> tuple[dict, str]:
+    """The eval.json entry of one protocol (metrics and what they are measured against) and
+    the line to print."""
+    m = evaluate_protocol(sims, protocol, fold_size, image_ids=image_ids, caption_ids=caption_ids)
+    result = {**m, **PROTOCOLS[protocol].extra(sims, m, fold_size)}
+    return result, PROTOCOLS[protocol].line(result)
 
 
 # ---------------------------------------------------------------------------------------------
