@@ -1,25 +1,18 @@
 """evaluate.py --export-index: float16 embeddings with their ids, equal to the model's scores,
-skipped when current, and refused for cross-attention models."""
+skipped when current, refused for cross-attention models (evaluation still runs), read back."""
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline import shards
-from training import evaluate, export, models, train
-from training.synthetic import make_dataset
-
-SMALL = ["--set", "embed_dim=32", "--set", "word_dim=16", "--batch-size", "20", "--workers", "0"]
+from training import evaluate, export, models
+from training.run import load_run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_dataset(root, splits={"train": 24, "val": 8, "test": 8})
-    out = root / "run"
-    assert train.main(["--model", "vsepp", "--dataset", "synth", "--root", str(root), "--out", str(out),
-                       "--epochs", "1", *SMALL]) == 0
-    return root, out
+def run(tiny_run):
+    return tiny_run
 
 
 def test_export_writes_float16_embeddings_and_ids_that_reproduce_the_scores(run, tmp_path, capsys):
@@ -44,12 +37,15 @@ def test_export_writes_float16_embeddings_and_ids_that_reproduce_the_scores(run,
 def test_export_is_skipped_when_current_and_redone_for_another_split(run, tmp_path):
     root, out = run
     idx = tmp_path / "index"
-    files, _ = export.export_run(out, root, idx)
+    test = load_run(out, root, split="test")
+    files, _ = export.export_run(test, idx)
     assert len(files) == 6
-    files, summary = export.export_run(out, root, idx)
+    files, summary = export.export_run(test, idx)
     assert files == [] and "skipped" in summary
-    files, _ = export.export_run(out, root, idx, split="val")
+    files, _ = export.export_run(load_run(out, root, split="val"), idx)
     assert len(files) == 6 and shards.read_json(idx / "index.json")["split"] == "val"
+    files, _ = export.export_run(load_run(out, root, split="val", max_images=3), idx)
+    assert len(files) == 6 and export.read_index(idx)["images"].shape == (3, 32)
 
 
 def test_cross_attention_models_are_refused():

@@ -6,7 +6,7 @@ import torch
 
 from training import losses
 from training.evaluation import (chance_metrics, compute_sims, evaluate_protocol, hard_negative_accuracy,
-                                 recall_metrics)
+                                 recall_metrics, small_split_warning)
 
 # 2 images x 10 captions (caption j belongs to image j // 5), worked by hand:
 # image 0: best own caption 0.9, one wrong caption scores 0.95 -> rank 2
@@ -139,3 +139,11 @@ def test_chance_metrics_match_random_scores():
     rng = np.random.default_rng(0)
     measured = np.mean([recall_metrics(rng.random((100, 500)))["rsum"] for _ in range(200)])
     assert measured == pytest.approx(chance_metrics(100)["rsum"], rel=0.05)
+
+
+def test_a_split_where_chance_is_high_is_warned_about():
+    assert small_split_warning("val", 2) == ("split 'val' has only 2 image(s): random scores already "
+                                             "reach rSum 499.6 of 600, so its recalls mean little")
+    assert small_split_warning("test", 30) is not None          # chance 102.0
+    assert small_split_warning("test", 31) is None              # chance 98.8
+    assert small_split_warning("test", 1000) is None

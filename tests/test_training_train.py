@@ -1,7 +1,8 @@
 """train.py end to end on a tiny synthetic dataset: resume is exact, DDP on CPU, bad input,
-evaluate and plot, and the baseline learns. The scripts' ``main`` runs in-process (torch is
-already imported); only the DDP test starts processes."""
+evaluate (which keeps what it computed) and plot, and the baseline learns. The scripts' ``main``
+runs in-process (torch is already imported); only the DDP test starts processes."""
 
+import csv
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from pipeline.shards import ShardError
 from training import checkpoint, evaluate, models, plot, train
 from training.checkpoint import CheckpointError
 from training.config import parse_shared_overrides
+from training.evaluation import chance_metrics
+from training.run import load_run
 from training.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +78,112 @@ def test_evaluate_save_sims_ensemble_hard_negatives_and_plot(root, tmp_path, cap
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(scope="module")
+def vsepp_run(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "vsepp"
+    run_train(root, out, "--epochs", "1")
+    return out
+
+
+def test_load_run_gives_config_vocab_model_split_and_checkpoint(vsepp_run, root):
+    run = load_run(vsepp_run, split="val", max_images=5)
+    assert run.root == Path(root).absolute() and run.config.model == "vsepp"   # the recorded root
+    assert run.vocab.fingerprint == run.config.vocab_fingerprint
+    assert run.data.n_images == 5 and run.data.cfg.split == "val"
+    assert run.shard_hashes == run.data.hashes and set(run.shard_hashes) == {"regions", "captions", "graphs"}
+    assert not run.model.training and "model" not in run.checkpoint and run.checkpoint["epoch"] == 0
+    best = checkpoint.load(vsepp_run / "best.pt")["model"]
+    assert all(torch.equal(v, best[k]) for k, v in run.model.state_dict().items())
+    assert load_run(vsepp_run, which="last").data is None
+
+
+def test_epoch_line_and_metrics_show_chance_and_a_small_split_is_warned(root, tmp_path, capsys):
+    run_train(root, tmp_path / "r", "--epochs", "1")
+    err = capsys.readouterr().err
+    chance = chance_metrics(8)["rsum"]
+    assert f"(chance {chance:.1f}; R@1" in err
+    assert "warning: split 'val' has only 8 image(s)" in err
+    row = next(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert int(row["val_images"]) == 8 and float(row["chance_rsum"]) == pytest.approx(chance)
+
+
+def test_evaluate_defaults_to_the_runs_data_root(vsepp_run, root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                       # no data/ here, nor config/config.yaml
+    monkeypatch.delenv("ITMKIT_DATA", raising=False)
+    assert run_eval(vsepp_run) == 0
+    assert "f30k-1k (test, 8 images)" in capsys.readouterr().out
+    with pytest.raises(ShardError, match="elsewhere"):   # --root still overrides
+        run_eval(vsepp_run, "--root", tmp_path / "elsewhere")
+
+
+def test_plot_log_loss_integer_epochs_chance_and_one_panel_per_validation_size(vsepp_run, tmp_path):
+    rows = list(csv.DictReader(open(vsepp_run / "metrics.csv")))
+    bigger, old = tmp_path / "bigger", tmp_path / "old"
+    for run, changes, drop in ((bigger, {"val_images": 200, "chance_rsum": 15.9}, ()),
+                               (old, {}, ("val_images", "chance_rsum"))):   # written before they were
+        run.mkdir()
+        with open(run / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, [k for k in rows[0] if k not in drop])
+            w.writeheader()
+            for epoch in (1, 2, 3):
+                w.writerow({k: v for k, v in {**rows[0], **changes, "epoch": epoch}.items() if k not in drop})
+    fig = plot.draw([str(vsepp_run), str(bigger), str(old)])
+    loss, *panels = fig.axes
+    assert loss.get_yscale() == "log"
+    assert [ax.get_title() for ax in panels] == ["validation rSum, 8 images", "validation rSum, 200 images",
+                                                 "validation rSum (size not recorded)"]
+    chance = [[ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"] for ax in panels]
+    assert chance == [[pytest.approx(chance_metrics(8)["rsum"])], [15.9], []]
+    for fig in (fig, plot.draw([str(vsepp_run)])):     # 3 epochs, and a 1-epoch run alone
+        fig.canvas.draw()
+        assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
+
+
+def test_ensemble_as_the_help_shows_writes_its_results(vsepp_run, tmp_path, capsys):
+    assert run_eval(vsepp_run, "--save-sims") == 0
+    other = tmp_path / "copy"
+    other.mkdir()
+    (other / "sims-test.npz").write_bytes(evaluate.sims_path(vsepp_run, "test").read_bytes())
+    capsys.readouterr()
+    assert run_eval("--ensemble", vsepp_run, other) == 0
+    res = json.loads((vsepp_run / "eval-ensemble.json").read_text())
+    single = json.loads((vsepp_run / "eval.json").read_text())["test/f30k-1k"]
+    assert res["test/f30k-1k"]["rsum"] == pytest.approx(single["rsum"])
+    assert res["test/f30k-1k"]["runs"] == [str(vsepp_run), str(other)]
+    assert "wrote " + str(vsepp_run / "eval-ensemble.json") in capsys.readouterr().out
+    assert run_eval(other, "--ensemble", vsepp_run, other) == 0      # a run folder given: written there
+    assert json.loads((other / "eval-ensemble.json").read_text())["test/f30k-1k"]["rsum"] == res["test/f30k-1k"]["rsum"]
+    with pytest.raises(SystemExit) as e:                # neither a run nor an ensemble: usage error
+        run_eval()
+    assert e.value.code == 2
+
+
+def test_parts_that_cannot_run_are_skipped_and_the_rest_is_saved(root, tmp_path, capsys):
+    # a dataset without hard-negative pairs
+    data = tmp_path / "data"
+    layout = make_dataset(data, splits={"train": 24, "val": 8, "test": 8})
+    layout.hard_negatives.unlink()
+    layout.index.unregister("hard_negatives")
+    run_train(data, tmp_path / "v", "--epochs", "1")
+    capsys.readouterr()
+    assert run_eval(tmp_path / "v", "--hard-negatives", "--protocol", "coco-1k", "--protocol", "f30k-1k") == 0
+    out, err = capsys.readouterr()
+    assert "skipped --hard-negatives: the dataset has no hard-negative pairs" in err
+    assert "skipped coco-1k: coco-1k needs at least 1000 images" in err
+    assert "skipped coco-1k, --hard-negatives" in out
+    assert list(json.loads((tmp_path / "v" / "eval.json").read_text())) == ["test/f30k-1k"]
+
+    # a cross-attention model asked for an index
+    cross = next(n for n in models.names() if not models.get(n).two_tower and not models.get(n).needs_grid)
+    train.main(["--model", cross, "--dataset", "synth", "--root", str(root), "--out", str(tmp_path / "x"),
+                *SMALL, "--epochs", "1"])
+    capsys.readouterr()
+    assert run_eval(tmp_path / "x", "--export-index", tmp_path / "idx") == 0
+    assert f"skipped --export-index: model '{cross}' is a cross-attention model" in capsys.readouterr().err
+    assert "test/f30k-1k" in json.loads((tmp_path / "x" / "eval.json").read_text())
+    assert not (tmp_path / "idx").exists()
+
+
 def test_bad_input_is_refused_and_nothing_is_overwritten(root, tmp_path):
     out = tmp_path / "r"
     run_train(root, out, "--epochs", "1")
@@ -95,6 +204,10 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(root, tmp_path):
     checkpoint.save(out / "best.pt", ck)
     before["best.pt"] = (out / "best.pt").read_bytes()
     with pytest.raises(CheckpointError, match="another vocabulary"):
+        run_eval(out, "--root", root)
+    checkpoint.save(out / "best.pt", {**ck, "format": 1})
+    before["best.pt"] = (out / "best.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="checkpoint format 1, this version reads 2"):
         run_eval(out, "--root", root)
 
     # shards rebuilt with another config: resume and evaluation refuse them

@@ -81,6 +81,16 @@ def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict:
     return out
 
 
+def small_split_warning(split: str, n_images: int, captions_per_image: int = 5) -> str | None:
+    """A line saying why recalls on ``n_images`` mean little, when random scores already reach
+    a sixth of the 600 rSum points (fewer than about 30 images), else None."""
+    chance = chance_metrics(n_images, captions_per_image)["rsum"]
+    if chance <= 100:
+        return None
+    return (f"split '{split}' has only {n_images} image(s): random scores already reach rSum "
+            f"{chance:.1f} of 600, so its recalls mean little")
+
+
 # ---------------------------------------------------------------------------------------------
 # protocols by name: each one scores a split's [n_images, n_captions] similarity matrix
 

@@ -8,7 +8,7 @@ is the item with id k of the id arrays), and ``index.json`` describing them: the
 L2-normalised, so the score of a pair is the inner product (e.g. a FAISS ``IndexFlatIP``).
 A DIR whose index.json says it holds the same checkpoint, split and shards is left as it is.
 Cross-attention models have no per-item embedding (their score needs the image and the caption
-together) and are refused.
+together) and are refused. ``read_index(DIR)`` reads an export back, plain arrays only.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import numpy as np
 import torch
 
 from pipeline import shards
-from pipeline.shards import Layout, Vocabulary
-from training import checkpoint, models
+from training import models
 from training.checkpoint import CheckpointError
-from training.config import RunConfig
-from training.data import (CaptionDataset, DataConfig, ImageDataset, ShardData, collate_images,
-                           collate_text, make_loader)
+from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
 from training.evaluation import encode
+from training.run import LoadedRun
 
 FILES = ("images.npy", "image_ids.npy", "captions.npy", "caption_ids.npy", "caption_image_ids.npy")
 
@@ -79,33 +77,38 @@ def is_current(out_dir, meta: dict) -> bool:
     return all(old.get(k) == v for k, v in meta.items())
 
 
-def export_run(run_dir, root, out_dir, *, split: str = "test", which: str = "best",
-               device: str = "cpu", batch_size: int = 128, workers: int = 0) -> tuple[list[Path], str]:
-    """Export a run's embeddings of ``split`` to ``out_dir``. Returns (files written, summary)."""
-    run_dir, root = Path(run_dir), Path(root)
-    run = RunConfig.load(run_dir)
-    check_two_tower(run.model)
-    layout = Layout(root, run.dataset)
-    vocab = Vocabulary.load(layout.vocab)
-    if vocab.fingerprint != run.vocab_fingerprint:
-        raise CheckpointError(f"{run_dir}: the run was trained with another vocabulary than {layout.vocab}")
-    data = ShardData(root, run.dataset, vocab, DataConfig(split=split, max_len=run.max_len),
-                     run.shard_hashes)
-    ckpt_path = run_dir / f"{which}.pt"
-    meta = {"model": run.model, "dataset": run.dataset, "split": split, "run": str(run_dir),
-            "checkpoint": which, "checkpoint_sha256": shards.sha256_file(ckpt_path) if ckpt_path.exists() else None,
+def read_index(out_dir) -> dict:
+    """index.json and the arrays of an export (``allow_pickle=False``: an object array, whose
+    loading could run code, is refused)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "index.json").exists():
+        raise CheckpointError(f"{out_dir}: no index.json (not an export, or an unfinished one)")
+    out = {"meta": shards.read_json(out_dir / "index.json")}
+    for name in FILES:
+        try:
+            out[name.removesuffix(".npy")] = np.load(out_dir / name, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{out_dir / name}: refused or unreadable: {e}") from None
+    return out
+
+
+def export_run(run: LoadedRun, out_dir, *, batch_size: int = 128, workers: int = 0) -> tuple[list[Path], str]:
+    """Export the embeddings of the split ``run`` was loaded with (``load_run(..., split=)``)
+    to ``out_dir``. Returns (files written, summary)."""
+    check_two_tower(run.config.model)
+    data = run.data
+    if data is None:
+        raise ValueError("export_run: load the run with a split (load_run(..., split='test'))")
+    meta = {"model": run.config.model, "dataset": run.config.dataset, "split": data.cfg.split,
+            "max_images": data.cfg.max_images, "run": str(run.dir), "checkpoint": run.which,
+            "checkpoint_sha256": shards.sha256_file(run.checkpoint_path),
             "shard_hashes": dict(sorted(data.hashes.items()))}
     if is_current(out_dir, meta):
         return [], f"{out_dir} already holds these embeddings (same checkpoint, split and shards); skipped"
-    ckpt = checkpoint.load(ckpt_path)
-    checkpoint.check(ckpt, ckpt_path, model=run.model, vocab_fingerprint=vocab.fingerprint,
-                     shard_hashes=data.hashes)
-    model = models.build(run.model, run.model_cfg(), vocab)
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
+    device = next(run.model.parameters()).device
     images = make_loader(ImageDataset(data), collate_images, batch_size, workers=workers)
     texts = make_loader(CaptionDataset(data), collate_text, batch_size * 5, workers=workers)
-    img, txt = embeddings(model, images, texts, device)
+    img, txt = embeddings(run.model, images, texts, device)
     files = write_index(out_dir, img, txt, data.image_ids, data.text.caption_ids,
                         data.text.image_ids, meta)
     return files, f"exported {len(img)} image and {len(txt)} caption embeddings (dim {img.shape[1]}) to {out_dir}"

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 2 training/train.py ...           # DDP (nccl on CUDA, gloo on CPU)
 
 Config, data, model, optimiser, loop, validation, checkpoint, in that order. The run folder gets
-config.json, last.pt, best.pt (best validation rSum), metrics.csv and TensorBoard logs in tb/.
+config.json, best.pt (the weights of the best validation rSum: what inference needs), last.pt (the
+full training state of the last epoch: what --resume needs), metrics.csv and TensorBoard logs in tb/.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.config import add_root_argument, resolve_root
-from pipeline.shards import Layout, ShardError, Vocabulary
+from pipeline.shards import Layout, ShardError
 from training import checkpoint, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_overrides
-from training.data import (CaptionDataset, DataConfig, ImageDataset, PairDataset, ShardData,
-                           collate_images, collate_pairs, collate_text, make_loader)
-from training.evaluation import compute_sims, recall_metrics
+from training.data import (CaptionDataset, ImageDataset, PairDataset, collate_images, collate_pairs,
+                           collate_text, make_loader)
+from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
+from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def pick_val_split(layout: Layout, wanted: str) -> str:
     raise ShardError(f"{layout.index.path}: no val or dev region shards; pass --val-split")
 
 
-def make_run(args, root: Path, out: Path) -> RunConfig:
+def make_run(args, out: Path) -> RunConfig:
     """A new run's config, or the saved one when resuming (checked against the arguments)."""
     if args.resume:
         run = RunConfig.load(out)
@@ -88,9 +90,9 @@ def make_run(args, root: Path, out: Path) -> RunConfig:
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     cfg = models.default_config(args.model, dataset_key(args.dataset), **overrides)
-    return RunConfig(model=args.model, dataset=args.dataset, root=str(root), seed=args.seed,
-                     workers=args.workers, val_split=args.val_split, max_images=args.max_images,
-                     model_config=models.dataclasses.asdict(cfg))
+    return RunConfig(model=args.model, dataset=args.dataset, root=str(resolve_root(args.root).absolute()),
+                     seed=args.seed, workers=args.workers, val_split=args.val_split,
+                     max_images=args.max_images, model_config=models.dataclasses.asdict(cfg))
 
 
 def main(argv=None) -> int:
@@ -104,28 +106,26 @@ def main(argv=None) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
     master = rank == 0
-    root, out = resolve_root(args.root), Path(args.out)
+    out = Path(args.out)
 
     # config
-    run = make_run(args, root, out)
+    run = make_run(args, out)
     if ddp:  # every rank has checked --out before rank 0 writes config.json into it
         dist.barrier()
     cfg = run.model_cfg()
-    layout = Layout(root, run.dataset)
-    vocab = Vocabulary.load(layout.vocab)
-    if run.vocab_fingerprint and run.vocab_fingerprint != vocab.fingerprint:
-        raise CheckpointError(f"{out}: the run was trained with another vocabulary than {layout.vocab}")
+    root = data_root(run, args.root)
+    vocab = load_vocab(root, run)
+    run.vocab_fingerprint = vocab.fingerprint
     torch.manual_seed(run.seed)
 
-    # data
+    # data (a new run records the shard configs it finds, a resumed one insists on its own)
     cls = models.get(run.model)
-    hashes = run.shard_hashes or None
-    train_data = ShardData(root, run.dataset, vocab, DataConfig(
-        split=run.train_split, max_len=run.max_len, grid=cls.needs_grid, max_images=run.max_images), hashes)
-    run.val_split = pick_val_split(layout, run.val_split)
-    val_data = ShardData(root, run.dataset, vocab, DataConfig(
-        split=run.val_split, max_len=run.max_len, grid=cls.needs_grid), train_data.hashes)
-    run.shard_hashes, run.vocab_fingerprint = val_data.hashes, vocab.fingerprint
+    train_data = open_split(root, run, vocab, run.train_split, run.max_images)
+    run.val_split = pick_val_split(Layout(root, run.dataset), run.val_split)
+    val_data = open_split(root, run, vocab, run.val_split)
+    chance = chance_metrics(val_data.n_images)["rsum"]
+    if master and (warning := small_split_warning(run.val_split, val_data.n_images)):
+        print(f"train: warning: {warning}", file=sys.stderr)
     pin = device.type == "cuda"
     # loaders carry features as float16; Batch.to(device) makes them float32
     train_loader = make_loader(PairDataset(train_data), partial(collate_pairs, half=True),
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                             workers=run.workers)
 
     # model and optimiser
-    model = models.build(run.model, cfg, vocab).to(device)
+    model = create_model(run, vocab).to(device)
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = device.type == "cuda"
@@ -151,10 +151,7 @@ def main(argv=None) -> int:
         print(f"train: {out} has no checkpoint yet (stopped in its first epoch): starting it over",
               file=sys.stderr)
     elif args.resume:
-        ckpt = checkpoint.load(out / "last.pt")
-        checkpoint.check(ckpt, out / "last.pt", model=run.model, vocab_fingerprint=vocab.fingerprint,
-                         shard_hashes=run.shard_hashes)
-        model.load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(model, out / "last.pt", run, vocab)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best_rsum = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_rsum"]
@@ -171,6 +168,7 @@ def main(argv=None) -> int:
         writer = SummaryWriter(str(out / "tb"), purge_step=step)
     meta = {"model": run.model, "vocab_fingerprint": vocab.fingerprint, "shard_hashes": run.shard_hashes,
             "dataset": run.dataset}
+    run_config = models.dataclasses.asdict(run)
 
     # loop
     last_epoch = cfg.epochs if args.stop_after is None else min(cfg.epochs, start_epoch + args.stop_after)
@@ -207,22 +205,22 @@ def main(argv=None) -> int:
             sims = compute_sims(model, val_images, val_texts, device, progress=False)
             metrics = recall_metrics(sims, val_data.cfg.captions_per_image)
             row = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, epoch),
-                   "train_loss": total / max(count, 1), **metrics, "seconds": time.time() - t0}
+                   "train_loss": total / max(count, 1), **metrics, "val_images": val_data.n_images,
+                   "chance_rsum": chance, "seconds": time.time() - t0}
             is_best = metrics["rsum"] > best_rsum
             best_rsum = max(best_rsum, metrics["rsum"])
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                     "best_rsum": best_rsum, "rng": checkpoint.rng_state(), "meta": meta,
-                     "config": run.model_config}
-            checkpoint.save(out / "last.pt", state)
-            if is_best:
-                checkpoint.save(out / "best.pt", state)
+            weights = {"model": model.state_dict(), "meta": meta, "config": run_config,
+                       "epoch": epoch, "step": step, "best_rsum": best_rsum}
+            if is_best:   # before last.pt: a stop in between repeats this epoch on resume
+                checkpoint.save(out / "best.pt", weights)
+            checkpoint.save(out / "last.pt", {**weights, "optimizer": optimizer.state_dict(),
+                                              "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()})
             append_metrics(out / "metrics.csv", row)
             for k, v in row.items():
                 writer.add_scalar(f"val/{k}" if k in metrics else f"epoch/{k}", v, step)
             writer.flush()
             print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} rsum {metrics['rsum']:.1f} "
-                  f"(R@1 i2t {metrics['i2t_r1']:.1f} t2i {metrics['t2i_r1']:.1f})"
+                  f"(chance {chance:.1f}; R@1 i2t {metrics['i2t_r1']:.1f} t2i {metrics['t2i_r1']:.1f})"
                   f"{' best' if is_best else ''}", file=sys.stderr)
         if ddp:
             dist.barrier()
