@@ -3,6 +3,7 @@ FAISS indexes that rank as brute force does; cross-attention scoring of any rows
 evaluation's; shortlist-and-rerank; an image file extracted as the dataset's images were; errors."""
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -14,7 +15,8 @@ from PIL import Image
 from pipeline import shards
 from pipeline.shards import Layout
 from training import models, retrieve, train
-from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
+from training.data import (CaptionDataset, DataConfig, ImageDataset, ShardData, collate_images, collate_text,
+                           make_loader)
 from training.evaluation import compute_sims
 from training.run import LoadedRun, load_run
 
@@ -226,8 +228,8 @@ FAST = ["--min-size", "64", "--max-size", "96", "--proposals", "8", "--no-progre
 
 @pytest.fixture(scope="module")
 def extracted_run(tmp_path_factory):
-    """A synthetic dataset's captions and graphs with region features extracted (random weights,
-    seed 3, a small network) from drawn image files, and a 1-epoch vsepp run on it."""
+    """A synthetic dataset's captions and graphs with region and grid features extracted (random
+    weights, seed 3, a small network) from drawn image files, and a 1-epoch vsepp run on it."""
     from features.__main__ import main as features_main
     from training.synthetic import make_dataset
     root = tmp_path_factory.mktemp("extracted")
@@ -242,9 +244,9 @@ def extracted_run(tmp_path_factory):
         Image.fromarray(arr).save(path)
         r.update(path=str(path), height=arr.shape[0], width=arr.shape[1])
     shards.write_table(layout.images, rows, "images")
-    layout.index.unregister("regions")
+    layout.index.unregister("regions")    # the generator's; the extractor writes its own
     with contextlib.redirect_stdout(io.StringIO()):
-        assert features_main(["extract", "--dataset", "toy", "--root", str(root), "--kind", "regions",
+        assert features_main(["extract", "--dataset", "toy", "--root", str(root), "--kind", "both",
                               "--weights", "random", "--seed", "3", *FAST]) == 0
         assert train.main(["--model", "vsepp", "--dataset", "toy", "--root", str(root), "--out",
                            str(root / "run"), "--epochs", "1", "--set", "embed_dim=16", "--set",
@@ -268,12 +270,31 @@ def test_an_image_file_is_extracted_as_the_dataset_was_and_searched(extracted_ru
     Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(other)
     assert len(cli_json(out, "--image", other, "--weights", "random", "-k", 4)["results"]) == 4
     rc, _, err = cli(out, "--image", other, "--weights", "random", "--seed", "4")
-    assert rc == 1 and "were not extracted with RANDOM (seed 4)" in err
+    assert rc == 1 and "were not extracted with random weights of seed 4" in err
     (tmp_path / "bad.png").write_bytes(b"not an image")
     rc, _, err = cli(out, "--image", tmp_path / "bad.png", "--weights", "random")
     assert rc == 1 and "bad.png" in err and len(err.strip().splitlines()) == 1
     rc, _, err = cli(out, "--image", tmp_path / "missing.png", "--weights", "random")
     assert rc == 1 and "missing.png" in err
+
+
+def test_a_model_that_reads_grid_features_gets_them_from_the_image_file_too(extracted_run):
+    root, out, rows = extracted_run
+    loaded = load_run(out, root)
+    data = ShardData(root, "toy", loaded.vocab, DataConfig(split="test", grid=True))
+    torch.manual_seed(0)
+    model = models.build("dsrln", {"embed_dim": 16, "word_dim": 8, "heads": 2, "geo_dim": 8}, loaded.vocab)
+    run = LoadedRun(loaded.dir, root, dataclasses.replace(loaded.config, model="dsrln"), loaded.vocab,
+                    model.eval(), {}, "best", data)
+    image = next(r for r in rows if r["split"] == "test")
+    by_file = retrieve.file_query(run, image["path"], "random")
+    stored = data.image(int(np.flatnonzero(data.image_ids == image["image_id"])[0]))
+    assert by_file.image["grid"].shape == stored["grid"].shape == (49, 2048)
+    assert np.allclose(by_file.image["grid"], stored["grid"], atol=1e-2)
+    assert np.allclose(by_file.image["features"], stored["features"], atol=1e-2)
+    blocks = retrieve.BlockSearch(run, "captions", progress=False)
+    assert np.allclose(blocks.scores(by_file), blocks.scores(retrieve.image_query(run, image["image_id"])),
+                       atol=1e-3)
 
 
 def test_shards_without_an_extractor_config_are_refused_for_image_files(run, tmp_path):

@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hnsw: search-time candidate list (default: %(default)s)")
     s = p.add_argument_group("cross-attention runs: shortlist and re-score")
     s.add_argument("--shortlist", metavar="RUN2", default=None,
-                   help="a two-tower run of the same dataset whose top --topk the run re-scores "
+                   help="a two-tower run of the same dataset (its best.pt) whose top --topk the run re-scores "
                         "(default: none, the run scores the whole gallery)")
     s.add_argument("--topk", type=int, default=100, help="shortlist length (default: %(default)s)")
     e = p.add_argument_group("--image: extraction")
