@@ -58,10 +58,12 @@ def check_weights(cfg: ExtractorConfig, kind: str, weights: str, seed: int, conf
     extractor whose ``kind`` shards have ``config_hash``."""
     info = weights_info(weights, seed)
     if cfg.shard_hash(kind, info.sha256) != config_hash:
-        what = f"random weights of seed {seed}" if info.is_random else f"{weights} (sha256 {info.sha256[:16]})"
+        what = (f"random weights of seed {seed}" if info.is_random
+                else f"{weights} (sha256 {info.sha256[:16]})")
         raise WeightsError(f"{where}: these {kind.removesuffix('s')} features were not extracted with "
                            f"{what} (config hash {cfg.shard_hash(kind, info.sha256)} != {config_hash}); "
-                           "give the weights (and, for random weights, the seed) the dataset was extracted with")
+                           "give the weights (and, for random weights, the seed) the dataset was "
+                           "extracted with")
     return info
 
 

@@ -36,7 +36,8 @@ def check_two_tower(name: str) -> None:
 
 
 @torch.no_grad()
-def embeddings(model, image_loader, text_loader, device="cpu", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def embeddings(model, image_loader, text_loader, device="cpu",
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """[N, D] image and [M, D] caption embeddings (float32) of a two-tower model."""
     check_two_tower(model.name)
     was_training = model.training

@@ -158,7 +158,8 @@ def caption_query(run: LoadedRun, caption_id: int) -> Query:
             graph = table.to_pylist()[0]
             break
     if graph is None:
-        raise ShardError(f"caption_id {caption_id} has no row in the graph shards; rerun python -m pipeline parse")
+        raise ShardError(f"caption_id {caption_id} has no row in the graph shards; "
+                         "rerun python -m pipeline parse")
     captions = shards.read_table(layout.captions, "captions", ["caption_id", "text"])
     text = captions.filter(pc.equal(captions["caption_id"], caption_id))["text"][0].as_py()
     image_id = int(data.text.image_ids[where[0]])
@@ -204,8 +205,8 @@ def file_query(run: LoadedRun, path, weights: str, seed: int | None = None, devi
             cfg = type(cfg).from_dict({**cfg.to_dict(), "boxes": "adaptive"})
         if "grid" in kinds and cfgs["grid"].settings_for("grid") != cfg.settings_for("grid"):
             out = extract_image(path, cfg, weights, seed, device, ("regions",))
-            out.grid, out.grid_hw = extract_image(path, cfgs["grid"], weights, seed, device, ("grid",)).grid, \
-                cfgs["grid"].grid_size
+            grid = extract_image(path, cfgs["grid"], weights, seed, device, ("grid",))
+            out.grid, out.grid_hw = grid.grid, grid.grid_hw
         else:
             out = extract_image(path, cfg, weights, seed, device, kinds)
     except WeightsError as e:
@@ -405,11 +406,13 @@ class IndexSearch:
                                          progress=progress)
         export = read_index(out_dir)
         if not np.array_equal(export[s.export_ids], s.ids(run.data)):
-            raise RetrieveError(f"{out_dir}: the exported {side} are not the split's ({len(export[s.export_ids])} "
-                                f"vs {len(s.ids(run.data))}); remove the folder to export again")
+            raise RetrieveError(f"{out_dir}: the exported {side} are not the split's "
+                                f"({len(export[s.export_ids])} vs {len(s.ids(run.data))}); "
+                                "remove the folder to export again")
         meta = export["meta"]
         source = {k: meta[k] for k in ("created", "checkpoint_sha256", "split", "max_images")}
-        self.index, how = open_index(export[s.export], cfg, out_dir / f"faiss-{side}-{cfg.kind}.index", source)
+        cache = out_dir / f"faiss-{side}-{cfg.kind}.index"
+        self.index, how = open_index(export[s.export], cfg, cache, source)
         self.method = {"method": f"faiss-{cfg.kind}", "index": how, "export": str(out_dir),
                        **{f: getattr(cfg, f) for f in ("nlist", "nprobe") if cfg.kind == "ivf"},
                        **{f: getattr(cfg, f) for f in ("hnsw_m", "ef_construction", "ef_search")
@@ -486,26 +489,31 @@ def _int64(values):
     return pa.array(values, pa.int64())
 
 
+# the table's columns per gallery: (result key, width, number format)
+COLUMNS = {"images": (("rank", 4, ""), ("image_id", 8, ""), ("score", 8, ".4f"), ("path", 0, "")),
+           "captions": (("rank", 4, ""), ("caption_id", 10, ""), ("image_id", 8, ""), ("score", 8, ".4f"),
+                        ("text", 0, ""))}
+
+
 def format_text(result: dict) -> str:
     q, side = result["query"], result["gallery"]
     what = {"text": "", "caption": f" [caption {q.get('caption_id')} of image {q.get('image_id')}]",
             "image": f" [image {q.get('image_id')}]", "file": f" [{q.get('path')}]"}[q["kind"]]
     lines = [f"query{what}: {q['text']}" if "text" in q else f"query{what}"]
-    if side == "images":
-        lines.append(f"{'rank':>4}  {'image_id':>8}  {'score':>8}  path")
-        lines += [f"{r['rank']:>4}  {r['image_id']:>8}  {r['score']:>8.4f}  {r['path']}"
-                  + ("  <- ground truth" if r["ground_truth"] else "") for r in result["results"]]
-    else:
-        lines.append(f"{'rank':>4}  {'caption_id':>10}  {'image_id':>8}  {'score':>8}  text")
-        lines += [f"{r['rank']:>4}  {r['caption_id']:>10}  {r['image_id']:>8}  {r['score']:>8.4f}  {r['text']}"
-                  + ("  <- ground truth" if r["ground_truth"] else "") for r in result["results"]]
+    columns = COLUMNS[side]
+    lines.append("  ".join(f"{name:>{width}}" for name, width, _ in columns))
+    lines += ["  ".join(f"{r[name]:>{width}{fmt}}" for name, width, fmt in columns)
+              + ("  <- ground truth" if r["ground_truth"] else "") for r in result["results"]]
     if any(not r.get("rescored", True) for r in result["results"]):
         first = next(r["rank"] for r in result["results"] if not r["rescored"])
         lines.append(f"(from rank {first} on: not re-scored, the shortlisting run's order and scores)")
     if result["truth"] and not any(r["ground_truth"] for r in result["results"]):
-        lines.append(f"ground truth ({side} {', '.join(map(str, result['truth']))}) not in the top {result['k']}")
+        truth = ", ".join(map(str, result["truth"]))
+        lines.append(f"ground truth ({side} {truth}) not in the top {result['k']}")
     m, sec = result["search"], result["seconds"]
-    how = m["method"] + (f" of {m['shortlist']['method']}'s top {m['topk']}" if m["method"] == "shortlist" else "")
+    how = m["method"]
+    if how == "shortlist":
+        how += f" of {m['shortlist']['method']}'s top {m['topk']}"
     lines.append(f"retrieve: {result['run']} ({result['model']}, {result['checkpoint']}.pt) on "
                  f"{result['dataset']}/{result['split']}: top {len(result['results'])} of "
                  f"{result['gallery_size']} {side} by {how}; {sec['search']:.3f} s per query "
@@ -544,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the embeddings are exported and indexes cached (default: RUN/index-SPLIT)")
     f.add_argument("--nlist", type=int, default=d.nlist,
                    help="ivf: clusters, 0 = sqrt(N) (at most N/39) (default: %(default)s)")
-    f.add_argument("--nprobe", type=int, default=d.nprobe, help="ivf: clusters searched (default: %(default)s)")
+    f.add_argument("--nprobe", type=int, default=d.nprobe,
+                   help="ivf: clusters searched (default: %(default)s)")
     f.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help="hnsw: links per node (default: %(default)s)")
     f.add_argument("--ef-construction", type=int, default=d.ef_construction,
                    help="hnsw: build-time candidate list (default: %(default)s)")
@@ -552,8 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hnsw: search-time candidate list (default: %(default)s)")
     s = p.add_argument_group("cross-attention runs: shortlist and re-score")
     s.add_argument("--shortlist", metavar="RUN2", default=None,
-                   help="a two-tower run of the same dataset (its best.pt) whose top --topk the run re-scores "
-                        "(default: none, the run scores the whole gallery)")
+                   help="a two-tower run of the same dataset (its best.pt) whose top --topk the "
+                        "run re-scores (default: none, the run scores the whole gallery)")
     s.add_argument("--topk", type=int, default=100, help="shortlist length (default: %(default)s)")
     e = p.add_argument_group("--image: extraction")
     e.add_argument("--weights", default=None,
