@@ -30,7 +30,7 @@ from training import checkpoint, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_overrides
 from training.data import (CaptionDataset, DataConfig, ImageDataset, PairDataset, ShardData,
-                           collate_images, collate_pairs, collate_text, make_loader)
+                           collate_images, collate_pairs, collate_text, make_loader, shard_hashes)
 from training.evaluation import compute_sims, recall_metrics
 
 
@@ -62,9 +62,9 @@ def lr_at(cfg: models.ModelConfig, epoch: int) -> float:
 def pick_val_split(layout: Layout, wanted: str) -> str:
     if wanted:
         return wanted
-    paths = [e.path for e in layout.index.entries("regions")]
+    splits = layout.index.splits("regions")
     for split in ("val", "dev"):
-        if any(f"regions-{split}-" in p for p in paths):
+        if split in splits:
             return split
     raise ShardError(f"{layout.index.path}: no val or dev region shards; pass --val-split")
 
@@ -119,13 +119,14 @@ def main(argv=None) -> int:
 
     # data
     cls = models.get(run.model)
-    hashes = run.shard_hashes or None
-    train_data = ShardData(root, run.dataset, vocab, DataConfig(
-        split=run.train_split, max_len=run.max_len, grid=cls.needs_grid, max_images=run.max_images), hashes)
     run.val_split = pick_val_split(layout, run.val_split)
+    run.shard_hashes = shard_hashes(layout, [run.train_split, run.val_split], cls.needs_grid, run.shard_hashes)
+    run.vocab_fingerprint = vocab.fingerprint
+    train_data = ShardData(root, run.dataset, vocab, DataConfig(
+        split=run.train_split, max_len=run.max_len, grid=cls.needs_grid, max_images=run.max_images),
+        run.shard_hashes)
     val_data = ShardData(root, run.dataset, vocab, DataConfig(
-        split=run.val_split, max_len=run.max_len, grid=cls.needs_grid), train_data.hashes)
-    run.shard_hashes, run.vocab_fingerprint = val_data.hashes, vocab.fingerprint
+        split=run.val_split, max_len=run.max_len, grid=cls.needs_grid), run.shard_hashes)
     pin = device.type == "cuda"
     # loaders carry features as float16; Batch.to(device) makes them float32
     train_loader = make_loader(PairDataset(train_data), partial(collate_pairs, half=True),

@@ -4,8 +4,11 @@ name of a shard: the writers, the workflow, the trainer and ``prune`` all ask it
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.shards.tables import read_table
 
 # kind -> name of its chunk files under the dataset folder; {split} and {chunk} are filled in
 # by Layout.shard (chunk as at least four digits) and left as Snakemake wildcards by pattern()
@@ -119,3 +122,12 @@ class Layout:
         rows}`` (``{None: rows}`` for kinds that are not split), in split then chunk order."""
         return [self.shard(kind, split, k) for split, n in sorted(rows_per_split.items(), key=lambda kv: str(kv[0]))
                 for k in range(-(-n // per_file))]
+
+    def planned(self, kind: str, per_file: int) -> list[Path]:
+        """``plan`` for the dataset as ingested: the images of each split of images.parquet
+        (regions, grid) or the captions of captions.parquet (graphs)."""
+        if kind in SPLIT_KINDS:
+            splits = read_table(self.images, "images", columns=["split"])["split"].to_pylist()
+            return self.plan(kind, Counter(splits), per_file)
+        return self.plan(kind, {None: read_table(self.captions, "captions", columns=["caption_id"]).num_rows},
+                         per_file)
