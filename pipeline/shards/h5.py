@@ -5,9 +5,11 @@ straight from a memory map of the file."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import mmap
 import os
+import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,31 @@ def get_attrs(obj) -> dict:
             v = v.item()
         out[k] = v
     return out
+
+
+def discard(f: h5py.File | None, tmp: Path, error: BaseException | None) -> None:
+    """Close and delete a half-written HDF5 file after ``error`` (e.g. a full disk).
+
+    HDF5 then still holds data it could not write, tries again on every close and, when an
+    h5py object outlives its file after a failed write, crashes the interpreter at exit. So
+    the file's descriptor is pointed at /dev/null first (every later write succeeds and goes
+    nowhere), the h5py objects that the error's frames hold are released, and the file is
+    closed and deleted."""
+    if f is not None:
+        with contextlib.suppress(Exception):
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, f.id.get_vfd_handle())
+            os.close(null)
+    for _ in range(8):  # the error, its cause or context, ...
+        if error is None:
+            break
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+    gc.collect()
+    if f is not None:
+        with contextlib.suppress(Exception):
+            f.close()
+    Path(tmp).unlink(missing_ok=True)
 
 
 def open_h5(path: Path) -> h5py.File:

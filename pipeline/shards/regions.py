@@ -4,6 +4,7 @@ with their pooled features, labels and scores, written as a stream and read back
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -12,7 +13,7 @@ import h5py
 import numpy as np
 
 from pipeline.shards.atomic import ShardError, atomic_path, no_space_is_one_line, provenance
-from pipeline.shards.h5 import LazyH5, set_attrs
+from pipeline.shards.h5 import LazyH5, discard, set_attrs
 
 FEATURE_DIM = 2048
 
@@ -117,21 +118,29 @@ class RegionShardWriter:
         self._written = stop
 
     def close(self) -> Path:
-        self._flush()
-        f = self._f
-        with no_space_is_one_line(self.path):
-            f.create_dataset("image_ids", data=np.asarray(self._ids, dtype=np.int64).reshape(-1))
-            f.create_dataset("image_hw", data=np.asarray(self._hw, dtype=np.int32).reshape(-1, 2))
-            f.create_dataset("offsets", data=np.asarray(self._offsets, dtype=np.int64))
-            f.attrs["num_images"] = len(self._ids)
-            f.attrs["num_boxes"] = self._n_boxes
-            f.close()
+        try:
+            self._flush()
+            f = self._f
+            with no_space_is_one_line(self.path):
+                f.create_dataset("image_ids", data=np.asarray(self._ids, dtype=np.int64).reshape(-1))
+                f.create_dataset("image_hw", data=np.asarray(self._hw, dtype=np.int32).reshape(-1, 2))
+                f.create_dataset("offsets", data=np.asarray(self._offsets, dtype=np.int64))
+                f.attrs["num_images"] = len(self._ids)
+                f.attrs["num_boxes"] = self._n_boxes
+                f.flush()  # a failed write surfaces here, while the datasets are still held
+                self._dsets = {}
+                f.close()
+        except BaseException:
+            self.abort()
+            raise
         self._ctx.__exit__(None, None, None)
         return self.path
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._f.close()
+        """Drop the temporary file. Called while an error propagates (a full disk, a killed
+        run), this also releases the HDF5 objects that error holds (see ``discard``)."""
+        discard(getattr(self, "_f", None), self._tmp, sys.exc_info()[1])
+        self._dsets, self._pending = {}, {}
         with contextlib.suppress(Exception):
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
