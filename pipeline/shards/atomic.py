@@ -37,10 +37,13 @@ class ShardError(RuntimeError):
 
 
 def is_no_space(e: BaseException) -> bool:
-    """A full disk or an exhausted quota, also as HDF5 reports it (errno inside the message)."""
-    if not isinstance(e, OSError):
+    """A full disk or an exhausted quota, also as HDF5 reports it (an OSError or a RuntimeError
+    such as "Can't flush cache", with the errno inside the message)."""
+    if isinstance(e, ShardError):
         return False
-    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) or "errno = 28," in str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, (OSError, RuntimeError)) and ("No space left" in str(e) or "errno = 28," in str(e))
 
 
 @contextlib.contextmanager
@@ -48,7 +51,7 @@ def no_space_is_one_line(path) -> Iterator[None]:
     """Turn a full disk met while writing ``path`` into a ShardError that names the file."""
     try:
         yield
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         if is_no_space(e):
             raise ShardError(f"{path}: no space left on device (nothing was written under this "
                              "name; free some space and rerun)") from None

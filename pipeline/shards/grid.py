@@ -1,4 +1,4 @@
-"""Grid shards (``grid/grid-{split}-{k:04d}.h5``): an H x W grid of backbone features per image,
+"""Grid shards (``Layout.grid(split, k)``): an H x W grid of backbone features per image,
 one HDF5 chunk per image."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Region shards (``regions/regions-{split}-{k:04d}.h5``): the boxes of every image of one chunk
+"""Region shards (``Layout.regions(split, k)``): the boxes of every image of one chunk
 with their pooled features, labels and scores, written as a stream and read back by row."""
 
 from __future__ import annotations
