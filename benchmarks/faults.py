@@ -28,16 +28,13 @@ Exit status 0 when every fault passes. The faults:
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,18 +157,6 @@ def altered_shard(root: Path, work: Path) -> tuple[bool, str]:
 # ---------------------------------------------------------------------------------------------
 # 4, 5. folder ingest: paths outside the image folder, one file under two names, a bomb
 
-def png_claiming(path: Path, width: int, height: int) -> None:
-    """A valid 8x8 PNG whose header claims ``width`` x ``height`` (a decompression bomb)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("L", (8, 8)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
-
-
 def folder_dataset(work: Path, root: Path, name: str, rows: list[tuple[str, str]]) -> tuple[Path, Path]:
     """A folder dataset under work/name: images/ with three of the demo's PNGs, a CSV of rows."""
     src = work / name
@@ -221,7 +206,10 @@ def traversal_rows(work: Path, root: Path) -> tuple[bool, str]:
 def bomb_in_ingest(work: Path, root: Path) -> tuple[bool, str]:
     src, manifest = folder_dataset(work, root, "folder_bomb", [("img0.png", ""), ("img1.png", ""),
                                                                ("bomb.png", "")])
-    png_claiming(src / "images" / "bomb.png", 20000, 20000)
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_features_extract import _png_with_size  # a valid 8x8 PNG whose header claims W x H
+
+    _png_with_size(src / "images" / "bomb.png", 20000, 20000)
     r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest", "--quiet")
     paths = ingested_paths(work / "ingest", "folder_bomb")
     report = r.stdout + r.stderr + "".join(p.read_text() for p in (work / "ingest").rglob("ingest-report*"))

@@ -19,7 +19,7 @@ import pytest
 from features.__main__ import main as features_main
 from pipeline import __main__ as cli
 from pipeline import parse, shards
-from pipeline.shards import Layout, ShardError, Vocabulary
+from pipeline.shards import ShardError, Vocabulary
 from test_features_extract import FAST, make_dataset
 from test_parse import write_captions
 from training.data import DataConfig, ShardData

@@ -214,9 +214,13 @@ class ShardIndex:
         if kind not in KINDS:
             raise ValueError(f"unknown shard kind '{kind}'; known: {', '.join(KINDS)}")
         p = self.dir / self._rel(path)
-        entry = Entry(kind=kind, path=self._rel(path), sha256=sha256_file(p), size=p.stat().st_size,
-                      rows=int(rows), config_hash=config_hash, inputs_hash=inputs_hash,
-                      extra=extra or {})
+        try:
+            entry = Entry(kind=kind, path=self._rel(path), sha256=sha256_file(p), size=p.stat().st_size,
+                          rows=int(rows), config_hash=config_hash, inputs_hash=inputs_hash,
+                          extra=extra or {})
+        except FileNotFoundError:  # deleted by something that takes no claim (e.g. Snakemake)
+            raise ShardError(f"{p}: removed by another process before it was registered; "
+                             "rerun the step") from None
         with self._locked() as data:
             lst = [e for e in data["kinds"].get(kind, []) if e["path"] != entry.path]
             data["kinds"][kind] = sorted(lst + [entry.__dict__], key=lambda e: e["path"])
