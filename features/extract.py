@@ -106,19 +106,6 @@ class ImageDataset(Dataset):
                 "orig_hw": (im.height, im.width), "note": note, "error": None}
 
 
-class ChunkBatches:
-    """Batches of rows that never cross a chunk boundary (a resumed chunk sees the same batches)."""
-
-    def __init__(self, chunks: list[Chunk], batch_size: int):
-        self.batches = [c.rows[i:i + batch_size].tolist() for c in chunks for i in range(0, len(c.rows), batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 # ---------------------------------------------------------------------------------------------
 # one output file per kind and chunk
 
@@ -236,8 +223,9 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
 
 
 class ChunkRunner:
-    """Runs chunks through the model: decodes them in DataLoader workers, claims each chunk's
-    outputs before writing them, and writes and registers each output when its chunk ends."""
+    """Runs chunks through the model: claims each chunk's outputs before its images are decoded
+    (in DataLoader workers), and writes and registers each output when its chunk ends. Batches
+    never cross a chunk boundary, so a resumed chunk sees the same batches."""
 
     def __init__(self, layout, cfg, model, images, given, attrs, cfg_hash, report, batch_size, workers):
         self.layout, self.cfg, self.model, self.given = layout, cfg, model, given
@@ -247,40 +235,49 @@ class ChunkRunner:
 
     def __call__(self, chunks: list[Chunk], bar, wait: bool) -> list[Chunk]:
         """Write ``chunks``; return those another process holds (only when ``wait`` is False)."""
-        loader = DataLoader(ImageDataset(self.paths, self.cfg), batch_sampler=ChunkBatches(chunks, self.batch_size),
+        busy, claims = [], {}   # claims: id(chunk) -> the ExitStack that holds its outputs
+
+        def batches():  # runs in this process, a few batches ahead of the model
+            for c in chunks:
+                stack = contextlib.ExitStack()
+                state = self._claim(stack, c, wait)
+                if state != "write":
+                    bar.update(len(c.rows))
+                    busy.extend([c] if state == "busy" else [])
+                    continue
+                claims[id(c)] = stack
+                for i in range(0, len(c.rows), self.batch_size):
+                    yield c.rows[i:i + self.batch_size].tolist()
+
+        loader = DataLoader(ImageDataset(self.paths, self.cfg), batch_sampler=batches(),
                             num_workers=self.workers, collate_fn=list)
         owner = {int(r): c for c in chunks for r in c.rows}
-        busy, current, outputs = [], None, {}
-        with contextlib.ExitStack() as claims:
-            try:
-                for batch in loader:
-                    c = owner[batch[0]["row"]]
-                    if c is not current:
-                        current, outputs = c, {}
-                        state = self._claim(claims, c, wait)
-                        if state == "busy":
-                            busy.append(c)
-                        elif state == "write":
-                            outputs = _open_outputs(self.layout, c, self.attrs, self.cfg, self.given, self.ids)
-                    bar.update(len(batch))
-                    if not outputs:   # claimed by another process, or written by it meanwhile
-                        continue
-                    _run_batch(self.model, batch, c, outputs, self.given, self.ids, self.paths, self.report)
-                    self.report.images += len(batch)
-                    if batch[-1]["row"] == int(c.rows[-1]):
-                        _finish(self.layout.index, self.layout, c, outputs, self.cfg_hash, self.report)
-                        outputs = {}
-                        claims.close()
-            except BaseException:
-                for out in outputs.values():
-                    out.abort()
-                raise
+        current, outputs = None, {}
+        try:
+            for batch in loader:
+                c = owner[batch[0]["row"]]
+                if c is not current:
+                    current = c
+                    outputs = _open_outputs(self.layout, c, self.attrs, self.cfg, self.given, self.ids)
+                _run_batch(self.model, batch, c, outputs, self.given, self.ids, self.paths, self.report)
+                self.report.images += len(batch)
+                bar.update(len(batch))
+                if batch[-1]["row"] == int(c.rows[-1]):
+                    _finish(self.layout.index, self.layout, c, outputs, self.cfg_hash, self.report)
+                    outputs = {}
+                    claims.pop(id(c)).close()
+        except BaseException:
+            for out in outputs.values():
+                out.abort()
+            raise
+        finally:
+            for stack in claims.values():
+                stack.close()
         return busy
 
     def _claim(self, claims: contextlib.ExitStack, c: Chunk, wait: bool) -> str:
-        """'write' (this process holds the chunk's outputs that are still to do), 'busy' (another
+        """'write' (``claims`` holds the chunk's outputs that are still to do), 'busy' (another
         process holds one) or 'done' (another process wrote them meanwhile)."""
-        claims.close()
         for kind in c.kinds:
             if not claims.enter_context(shards.claim(self.layout.shard(kind, c.split, c.index), wait=wait)):
                 claims.close()
