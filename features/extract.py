@@ -241,9 +241,10 @@ class ChunkRunner:
             for c in chunks:
                 stack = contextlib.ExitStack()
                 state = self._claim(stack, c, wait)
+                if state == "busy":
+                    busy.append(c)
                 if state != "write":
                     bar.update(len(c.rows))
-                    busy.extend([c] if state == "busy" else [])
                     continue
                 claims[id(c)] = stack
                 for i in range(0, len(c.rows), self.batch_size):

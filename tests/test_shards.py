@@ -343,3 +343,21 @@ def test_run_config_hashes_are_resolved_by_one_pure_function(tmp_path):
     assert shards.resolve_config_hashes(entries) == {"regions": "b"}
     with pytest.raises(ShardError, match="expects regions shards of config a"):
         shards.resolve_config_hashes(entries, {"regions": "a", "grid": "unused"})
+
+
+def test_files_of_earlier_versions_stay_readable(tmp_path):
+    """Shards with a `created` attribute, an index entry as earlier versions wrote it, and the
+    `<name>.tmp` an earlier writer left behind."""
+    layout = shards.Layout(tmp_path, "demo")
+    path = write_regions(layout.regions("train", 0), make_regions(np.random.default_rng(13), [2]),
+                         attrs={"created": "2026-11-20T10:00:00+00:00"})
+    (path.parent / (path.name + ".tmp")).write_bytes(b"half")
+    entry = {"kind": "regions", "path": "regions/regions-train-0000.h5", "sha256": shards.sha256_file(path),
+             "size": path.stat().st_size, "rows": 1, "config_hash": "c", "inputs_hash": "i",
+             "version": "0.1.0", "created": "2026-11-20T10:00:00+00:00", "extra": {}}
+    shards.write_json(layout.index.path, {"dataset": "demo", "itmkit_version": "0.1.0",
+                                          "kinds": {"regions": [entry]}})
+    assert RegionShard(path).attrs["created"] and len(RegionShard(path)) == 1
+    assert layout.index.is_valid("regions", path, "c", "i") and layout.index.verify() == []
+    assert layout.index.config_hashes(["regions"], ["train"]) == {"regions": "c"}
+    assert layout.index.prune("regions", [path]).temporary == ["regions/regions-train-0000.h5.tmp"]

@@ -112,9 +112,8 @@ class ShardIndex:
 
     def split_entries(self, kind: str, split: str) -> list[Entry]:
         """The registered files of one split of a split kind (regions, grid), in chunk order."""
-        named = [(self.layout.parse(e.path, kind), e) for e in self.entries(kind)]
-        return [e for n, e in sorted(((n, e) for n, e in named if n is not None and n.split == split),
-                                     key=lambda ne: ne[0].chunk)]
+        named = [(n, e) for e in self.entries(kind) if (n := self.layout.parse(e.path, kind)) and n.split == split]
+        return [e for _, e in sorted(named, key=lambda ne: ne[0].chunk)]
 
     def splits(self, kind: str) -> set[str]:
         """The splits that have registered files of a split kind."""
@@ -123,7 +122,7 @@ class ShardIndex:
     def read_set(self, kinds: Iterable[str], splits: Iterable[str]) -> list[Entry]:
         """The registered files a run reads: those of ``splits`` for split kinds, all for the
         others. Raises ShardError when a kind (or a split of a split kind) has none."""
-        out = []
+        out, splits = [], list(splits)
         for kind in kinds:
             for split in splits if kind in SPLIT_KINDS else [None]:
                 got = self.split_entries(kind, split) if split else self.entries(kind)
@@ -137,7 +136,7 @@ class ShardIndex:
                       pinned: Mapping[str, str] | None = None) -> dict[str, str]:
         """``{kind: config hash}`` of the files a run on ``splits`` reads (see read_set and
         resolve_config_hashes)."""
-        return resolve_config_hashes(self.read_set(kinds, list(splits)), pinned, str(self.path))
+        return resolve_config_hashes(self.read_set(kinds, splits), pinned, str(self.path))
 
     # -- currency
     def status(self, kind: str, path, config_hash: str, inputs_hash: str = "") -> str:
