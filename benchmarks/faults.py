@@ -257,7 +257,8 @@ def full_disk_verdict(name: str, text: str) -> tuple[bool, str]:
     errors = [l for l in lines if "no space left" in l]
     crash = "Traceback" in text or "Exception ignored" in text or code not in ("exit 1",)
     ok = len(errors) == 1 and not crash
-    return ok, f"{name}: {code}, {'one line: ' + errors[0][-90:] if errors else 'NO one-line error'}" + \
+    named = Path(errors[0].split("error: ", 1)[-1].split(":")[0]).name if errors else ""
+    return ok, f"{name}: {code}, {f'one line naming {named}, no space left' if errors else 'NO one-line error'}" + \
         (" (traceback or crash)" if crash and errors else "")
 
 
