@@ -10,8 +10,11 @@ Settings: config/config.yaml (checked against config/schema.yaml), overridable w
 """
 
 import os
+import sys
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from pipeline.config import config_problems
 
 min_version("9.0")
 
@@ -19,7 +22,10 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
-validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+# one line naming the key, not snakemake's dump of the whole schema
+problems = config_problems(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+if problems:
+    sys.exit("\n".join(f"config error: {p}" for p in problems))
 
 
 include: "pipeline/rules/common.smk"

@@ -7,6 +7,7 @@ rerun after a kill redoes only the unfinished chunk, and a second run does nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -106,19 +107,6 @@ class ImageDataset(Dataset):
                 "orig_hw": (im.height, im.width), "note": note, "error": None}
 
 
-class ChunkBatches:
-    """Batches of rows that never cross a chunk boundary (a resumed chunk sees the same batches)."""
-
-    def __init__(self, chunks: list[Chunk], batch_size: int):
-        self.batches = [c.rows[i:i + batch_size].tolist() for c in chunks for i in range(0, len(c.rows), batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 # ---------------------------------------------------------------------------------------------
 # one output file per kind and chunk
 
@@ -158,10 +146,6 @@ class GridOutput:
         pass
 
 
-def output_path(layout, kind, split, k) -> Path:
-    return {"regions": layout.regions, "grid": layout.grid}[kind](split, k)
-
-
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -169,6 +153,7 @@ def output_path(layout, kind, split, k) -> Path:
 class Report:
     written: dict = field(default_factory=lambda: {"regions": 0, "grid": 0})
     reused: int = 0
+    meanwhile: int = 0                               # of those, written by another process meanwhile
     images: int = 0
     bad: list = field(default_factory=list)          # (image_id, path, split, action, reason)
     removed: list = field(default_factory=list)
@@ -180,6 +165,10 @@ class Report:
 def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = RANDOM, seed: int = 0,
             device: str = "cpu", shard_size: int = 1000, batch_size: int = 2, workers: int = 2,
             split: str | None = None, chunk: int | None = None, progress: bool = True) -> Report:
+    """Write the shards of ``kinds`` that are not current. Another process may run on the same
+    dataset at the same time: each shard is written under its claim, a shard another process is
+    writing is done last (by then it is usually current, and reused), and what is registered is
+    always what is on disk."""
     index = layout.index
     images = shards.read_table(layout.images, "images")
     given = read_given_boxes(layout, images) if cfg.boxes == "given" else None
@@ -187,65 +176,126 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
     cfg_hash = {kind: cfg.shard_hash(kind, info.sha256) for kind in kinds}
     chunks = plan_chunks(images, shard_size, given, split, chunk)
     report = Report()
+    altered = []
     for c in chunks:
-        c.kinds = [k for k in kinds if not index.is_valid(k, output_path(layout, k, c.split, c.index),
-                                                           cfg_hash[k], c.inputs_hash[k])]
+        status = {k: index.status(k, layout.shard(k, c.split, c.index), cfg_hash[k], c.inputs_hash[k])
+                  for k in kinds}
+        c.kinds = [k for k in kinds if status[k] != "current"]
+        altered += [layout.shard(k, c.split, c.index) for k in kinds if status[k] == "altered"]
         report.reused += len(kinds) - len(c.kinds)
+    todo = [c for c in chunks if c.kinds]
+    model, t0 = None, time.perf_counter()
+    if todo:  # building and filling the model costs seconds: only when there is work
+        model = BottomUpRCNN(cfg)
+        load_weights(model, weights, seed)   # refused weights stop the run before anything is said
+        model.to(device)
+    report.setup_seconds = time.perf_counter() - t0
+    if todo and info.is_random:
+        print(f"features extract: weights {info.description}", file=sys.stderr)
     for kind in kinds:
         stale = index.stale(kind, cfg_hash[kind])
         if stale:
             print(f"features extract: {len(stale)} {kind} shard(s) were written with another config "
                   f"({sorted({e.config_hash for e in stale})}); those in this run are replaced", file=sys.stderr)
-    todo = [c for c in chunks if c.kinds]
-    ids, paths = images["image_id"].to_numpy(), images["path"].to_pylist()
+    if altered:
+        print(f"features extract: {len(altered)} shard(s) differ from shards.json (altered), "
+              f"rewriting them: {', '.join(p.name for p in altered[:5])}", file=sys.stderr)
     attrs = {"extractor": cfg.to_dict(), "config_hash": cfg_hash, "weights": info.description,
              "weights_sha256": info.sha256, "dataset": layout.name}
-    model, t0 = None, time.perf_counter()
-    if todo:  # building and filling the model costs seconds: only when there is work
-        model = BottomUpRCNN(cfg)
-        load_weights(model, weights, seed)
-        model.to(device)
-    report.setup_seconds = time.perf_counter() - t0
-    if todo and info.is_random:
-        print(f"features extract: weights {info.description}", file=sys.stderr)
-    loader = DataLoader(ImageDataset(paths, cfg), batch_sampler=ChunkBatches(todo, batch_size),
-                        num_workers=workers, collate_fn=list)
-    owner = {int(r): c for c in todo for r in c.rows}
+    run = ChunkRunner(layout, cfg, model, images, given, attrs, cfg_hash, report, batch_size, workers)
     t0 = time.perf_counter()
-    outputs, done, current = {}, 0, None
-    bar = tqdm(total=sum(len(c.rows) for c in todo), unit="img", desc=f"extract {layout.name}",
-               disable=not progress, dynamic_ncols=True)
-    try:
-        for batch in loader:
-            c = owner[batch[0]["row"]]
-            if c is not current:
-                current = c
-                outputs = _open_outputs(layout, c, attrs, cfg, given, ids)
-            _run_batch(model, batch, c, outputs, given, ids, paths, report)
-            done += len(batch)
-            bar.update(len(batch))
-            if batch[-1]["row"] == int(c.rows[-1]):
-                _finish(index, layout, c, outputs, cfg_hash, report)
-                outputs = {}
-    except BaseException:
-        for out in outputs.values():
-            out.abort()
-        raise
-    finally:
-        bar.close()
+    with tqdm(total=sum(len(c.rows) for c in todo), unit="img", desc=f"extract {layout.name}",
+              disable=not progress, dynamic_ncols=True) as bar:
+        busy = run(todo, bar, wait=False)
+        if busy:  # another process is writing them: wait for it, then take what is left
+            print(f"features extract: {len(busy)} chunk(s) are being written by another process; "
+                  "waiting for them", file=sys.stderr)
+            run(busy, bar, wait=True)
     report.loop_seconds = time.perf_counter() - t0
     if chunk is None:
-        report.removed = _remove_leftovers(index, layout, kinds, chunks, split)
+        for kind in kinds:
+            planned = [layout.shard(kind, c.split, c.index) for c in chunks]
+            report.removed += index.prune(kind, planned, splits={c.split for c in chunks}).removed
     _write_bad_report(layout, kinds, report)
-    report.images = done
     return report
+
+
+class ChunkRunner:
+    """Runs chunks through the model: claims each chunk's outputs before its images are decoded
+    (in DataLoader workers), and writes and registers each output when its chunk ends. Batches
+    never cross a chunk boundary, so a resumed chunk sees the same batches."""
+
+    def __init__(self, layout, cfg, model, images, given, attrs, cfg_hash, report, batch_size, workers):
+        self.layout, self.cfg, self.model, self.given = layout, cfg, model, given
+        self.ids, self.paths = images["image_id"].to_numpy(), images["path"].to_pylist()
+        self.attrs, self.cfg_hash, self.report = attrs, cfg_hash, report
+        self.batch_size, self.workers = batch_size, workers
+
+    def __call__(self, chunks: list[Chunk], bar, wait: bool) -> list[Chunk]:
+        """Write ``chunks``; return those another process holds (only when ``wait`` is False)."""
+        busy, claims = [], {}   # claims: id(chunk) -> the ExitStack that holds its outputs
+
+        def batches():  # runs in this process, a few batches ahead of the model
+            for c in chunks:
+                stack = contextlib.ExitStack()
+                state = self._claim(stack, c, wait)
+                if state == "busy":
+                    busy.append(c)
+                if state != "write":
+                    bar.update(len(c.rows))
+                    continue
+                claims[id(c)] = stack
+                for i in range(0, len(c.rows), self.batch_size):
+                    yield c.rows[i:i + self.batch_size].tolist()
+
+        loader = DataLoader(ImageDataset(self.paths, self.cfg), batch_sampler=batches(),
+                            num_workers=self.workers, collate_fn=list)
+        owner = {int(r): c for c in chunks for r in c.rows}
+        current, outputs = None, {}
+        try:
+            for batch in loader:
+                c = owner[batch[0]["row"]]
+                if c is not current:
+                    current = c
+                    outputs = _open_outputs(self.layout, c, self.attrs, self.cfg, self.given, self.ids)
+                _run_batch(self.model, batch, c, outputs, self.given, self.ids, self.paths, self.report)
+                self.report.images += len(batch)
+                bar.update(len(batch))
+                if batch[-1]["row"] == int(c.rows[-1]):
+                    _finish(self.layout.index, self.layout, c, outputs, self.cfg_hash, self.report)
+                    outputs = {}
+                    claims.pop(id(c)).close()
+        except BaseException:
+            for out in outputs.values():
+                out.abort()
+            raise
+        finally:
+            for stack in claims.values():
+                stack.close()
+        return busy
+
+    def _claim(self, claims: contextlib.ExitStack, c: Chunk, wait: bool) -> str:
+        """'write' (``claims`` holds the chunk's outputs that are still to do), 'busy' (another
+        process holds one) or 'done' (another process wrote them meanwhile)."""
+        for kind in c.kinds:
+            if not claims.enter_context(shards.claim(self.layout.shard(kind, c.split, c.index), wait=wait)):
+                claims.close()
+                return "busy"
+        todo = [k for k in c.kinds if not self.layout.index.is_valid(
+            k, self.layout.shard(k, c.split, c.index), self.cfg_hash[k], c.inputs_hash[k])]
+        self.report.reused += len(c.kinds) - len(todo)
+        self.report.meanwhile += len(c.kinds) - len(todo)
+        c.kinds = todo
+        if not todo:
+            claims.close()
+        return "write" if todo else "done"
 
 
 def _open_outputs(layout, c: Chunk, attrs, cfg, given, ids) -> dict:
     outs = {}
     for kind in c.kinds:
         a = dict(attrs, split=c.split, chunk=c.index, kind=kind, config_hash=attrs["config_hash"][kind])
-        path = output_path(layout, kind, c.split, c.index)
+        path = layout.shard(kind, c.split, c.index)
         if kind == "regions":
             per = cfg.fixed_boxes or (max([len(given.get(int(ids[r]), ())) for r in c.rows], default=1)
                                       if given is not None else cfg.max_boxes)
@@ -282,26 +332,9 @@ def _finish(index, layout, c: Chunk, outputs, cfg_hash, report):
     skipped = sorted({b[0] for b in report.bad if b[3] == "skipped" and b[0] in chunk_ids})
     for kind, out in outputs.items():
         rows = out.close()
-        index.register(kind, output_path(layout, kind, c.split, c.index), rows=rows, config_hash=cfg_hash[kind],
+        index.register(kind, layout.shard(kind, c.split, c.index), rows=rows, config_hash=cfg_hash[kind],
                        inputs_hash=c.inputs_hash[kind], extra={"skipped_images": skipped} if skipped else None)
         report.written[kind] += 1
-
-
-def _remove_leftovers(index, layout, kinds, chunks, split) -> list[str]:
-    """After a whole-split run, shards of that split outside the plan (e.g. from a larger
-    shard count) are unregistered and deleted, so old chunks never mix with new ones."""
-    planned = {Path(os.path.relpath(output_path(layout, k, c.split, c.index), index.dir)).as_posix()
-               for k in kinds for c in chunks}
-    splits = {c.split for c in chunks}
-    removed = []
-    for kind in kinds:
-        for e in index.entries(kind):
-            s = e.path.rsplit("/", 1)[-1][len(kind) + 1:].rsplit("-", 1)[0]
-            if s in splits and e.path not in planned:
-                index.unregister(kind, [e.path])
-                (index.dir / e.path).unlink(missing_ok=True)
-                removed.append(e.path)
-    return removed
 
 
 def _write_bad_report(layout, kinds, report) -> Path | None:
@@ -403,6 +436,8 @@ def main(args) -> int:
              f"reused {r.reused} current shard(s)"]
     if skipped or converted:
         parts.append(f"{skipped} bad image(s) skipped, {converted} converted (see {r.bad_path})")
+    if r.meanwhile:
+        parts.append(f"{r.meanwhile} of them written meanwhile by another process")
     if r.removed:
         parts.append(f"removed {len(r.removed)} leftover shard(s) of an older plan")
     weights = "RANDOM weights" if args.weights == RANDOM else f"weights {Path(args.weights).name}"

@@ -18,6 +18,7 @@ COMMANDS = {
     "vocab": ("pipeline.vocab", "build the vocabulary from the train split"),
     "inspect": ("pipeline.tools", "print the schema, counts and attributes of a shard"),
     "verify": ("pipeline.tools", "re-hash a dataset folder against its shards.json"),
+    "prune": ("pipeline.tools", "remove the shards of a kind that are not in the current plan"),
 }
 
 

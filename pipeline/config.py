@@ -29,3 +29,23 @@ def resolve_root(cli_value: str | None = None, config_file: Path = CONFIG_FILE) 
 def add_root_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None,
                         help="data root (default: $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
+
+
+def config_problems(config: dict, schema_file) -> list[str]:
+    """One line per way ``config`` breaks the JSON schema in ``schema_file``, each naming the
+    key (the workflow prints the first and stops, instead of a dump of the schema)."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_file).read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config),
+                    key=lambda e: list(map(str, e.absolute_path)))
+    out = []
+    for e in errors:
+        key = ".".join(map(str, e.absolute_path))
+        if e.validator == "additionalProperties":
+            unknown = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+            msg = f"unknown key(s) {', '.join(unknown)} (the keys are listed in {Path(schema_file).name})"
+        else:
+            msg = e.message
+        out.append(f"{key}: {msg}" if key else msg)
+    return out

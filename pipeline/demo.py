@@ -486,6 +486,9 @@ def main(args) -> int:
     except ValueError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
+    except shards.ShardError as e:  # e.g. a full disk
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 1
     if s["skipped"]:
         print(f"demo: {s['dir']} is up to date ({s['images']} images, seed {cfg.seed}, "
               f"config {s['config_hash']}); nothing written (use --force to regenerate)")

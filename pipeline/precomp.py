@@ -204,12 +204,7 @@ def import_precomp(folder, name: str, root, cfg: PrecompConfig = PrecompConfig()
             result.split_counts[s.split] += len(s.keep)
 
     # shards of an earlier import (or extraction) under names this one did not write are stale
-    stale = [e for e in index.entries("regions") if e.path not in current]
-    for e in stale:
-        (layout.dir / e.path).unlink(missing_ok=True)
-        result.removed.append(e.path)
-    if stale:
-        index.unregister("regions", [e.path for e in stale])
+    result.removed += index.prune("regions", current).removed
 
     images, caps = [], []
     for s in splits:

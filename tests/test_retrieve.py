@@ -206,7 +206,7 @@ def test_bad_input_gets_one_line_and_exit_1_or_2(run, tmp_path):
         ((out, "--root", root, "-k", 0, "--image-id", 33), 2, "-k must be at least 1"),
         ((tmp_path, "--image-id", 33), 1, "not a run dir (no config.json)"),
         ((out, "--root", root, "--image-id", 33, "--shortlist", out), 1, "is a two-tower run"),
-        ((out, "--root", root, "--image-id", 33, "--split", "nope"), 1, "no regions shards registered for split 'nope'"),
+        ((out, "--root", root, "--image-id", 33, "--split", "nope"), 1, "no regions registered for split 'nope'"),
         ((out, "--root", root, "--image-id", 33, "--index", "ivf", "--nlist", 50,
           "--index-dir", tmp_path / "i"), 1, "--nlist 50 is more than the 40 vectors"),
     ]

@@ -23,7 +23,6 @@ Batch format (the contract every model codes against; see docs/training.md "Mode
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,36 +172,28 @@ def collate_pairs(items: list[tuple[dict, dict]], half: bool = False) -> Batch:
 # ---------------------------------------------------------------------------------------------
 # shard selection
 
-def split_files(layout: Layout, kind: str, split: str, config_hash: str | None = None) -> tuple[list[Path], str]:
-    """The registered ``kind`` files (regions or grid) of one split, in chunk order, and their
-    config hash. Files of several configs are refused unless ``config_hash`` picks one."""
-    pattern = re.compile(rf"(^|/){kind}-{re.escape(split)}-\d+\.h5$")
-    entries = sorted((e for e in layout.index.entries(kind) if pattern.search(e.path)),
-                     key=lambda e: e.path)
-    if not entries:
-        raise ShardError(f"{layout.index.path}: no {kind} shards registered for split '{split}'")
-    hashes = sorted({e.config_hash for e in entries})
-    if config_hash is not None:
-        if hashes != [config_hash]:
-            raise ShardError(f"{layout.index.path}: the run expects {kind} shards of config "
-                             f"{config_hash}, but split '{split}' has configs {hashes}; "
-                             f"re-extract with the run's config or start a new run")
-    elif len(hashes) > 1:
-        raise ShardError(f"{layout.index.path}: {kind} shards of split '{split}' were written with "
-                         f"several configs {hashes}; remove the stale ones or rerun extraction")
-    return [layout.dir / e.path for e in entries], hashes[0]
+def run_kinds(grid: bool) -> tuple[str, ...]:
+    """The kinds of file a run reads: region (and grid) shards of its splits, captions, graphs."""
+    return ("regions", "grid", "captions", "graphs") if grid else ("regions", "captions", "graphs")
 
 
-def text_hash(layout: Layout, kind: str, config_hash: str | None = None) -> str:
-    hashes = sorted({e.config_hash for e in layout.index.entries(kind)})
-    if not hashes:
-        raise ShardError(f"{layout.index.path}: no {kind} registered")
-    if config_hash is not None and hashes != [config_hash]:
-        raise ShardError(f"{layout.index.path}: the run expects {kind} of config {config_hash}, "
-                         f"found {hashes}; rerun that step with the run's config or start a new run")
-    if len(hashes) > 1:
-        raise ShardError(f"{layout.index.path}: {kind} written with several configs {hashes}")
-    return hashes[0]
+def shard_hashes(layout: Layout, splits, grid: bool, pinned: dict | None = None) -> dict[str, str]:
+    """``{kind: config hash}`` of every file a run on ``splits`` reads, checked against
+    ``pinned`` (the hashes the run was trained on, e.g. ``RunConfig.shard_hashes``). A run calls
+    this once and hands the result to each of its ShardData; it raises ShardError when a kind
+    mixes configs or differs from ``pinned``."""
+    return resolve_read_set(layout, splits, grid, pinned)[0]
+
+
+def resolve_read_set(layout: Layout, splits, grid: bool, pinned: dict | None = None):
+    """(config hashes, entries) of the files a run on ``splits`` reads."""
+    index = layout.index
+    if grid and not index.entries("grid"):
+        raise ShardError(f"{layout.dir}: the model needs grid features but the dataset has "
+                         f"no grid shards; run python -m features extract --dataset "
+                         f"{layout.name} --kind grid")
+    entries = index.read_set(run_kinds(grid), list(splits))
+    return shards.resolve_config_hashes(entries, pinned, str(index.path)), entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,18 +282,27 @@ class DataConfig:
     max_len: int = 64            # tokens per caption, <start> and <end> included
     grid: bool = False
     max_images: int | None = None  # first N images of the split (quick runs and tests)
+    verify: bool = True          # re-hash every file read against shards.json before reading
 
 
 class ShardData:
     """Everything one split needs, opened lazily: region (and grid) shards are HDF5 handles
-    opened per process on first read; captions are encoded once into compact arrays."""
+    opened per process on first read; captions are encoded once into compact arrays.
+
+    ``hashes`` are the run's config hashes (see ``shard_hashes``); the files of this split must
+    match them. Every file it reads is re-hashed against shards.json when it is built (unless
+    ``cfg.verify`` is False), so an altered shard is refused, never read."""
 
     def __init__(self, root, name: str, vocab: Vocabulary, cfg: DataConfig,
                  hashes: dict[str, str] | None = None):
         self.layout, self.cfg, self.vocab = Layout(Path(root), name), cfg, vocab
-        hashes = dict(hashes or {})
-        files, hashes["regions"] = split_files(self.layout, "regions", cfg.split, hashes.get("regions"))
-        self.shards = [RegionShard(p) for p in files]
+        self.hashes, entries = resolve_read_set(self.layout, [cfg.split], cfg.grid, hashes)
+        if cfg.verify:
+            self.layout.index.check(entries)
+        files = {kind: [self.layout.dir / e.path for e in entries if e.kind == kind]
+                 for kind in ("regions", "grid", "graphs")}
+
+        self.shards = [RegionShard(p) for p in files["regions"]]
         ids = [s.image_ids for s in self.shards]
         self.image_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self.loc = np.concatenate([np.stack([np.full(len(a), k), np.arange(len(a))], 1)
@@ -314,11 +314,9 @@ class ShardData:
 
         self.grid_shards, self.grid_loc, self.grid_hw = [], None, None
         if cfg.grid:
-            self._open_grid(hashes)
+            self._open_grid(files["grid"])
 
         # captions: the first captions_per_image of each image, by caption_id, image-major
-        hashes["captions"] = text_hash(self.layout, "captions", hashes.get("captions"))
-        hashes["graphs"] = text_hash(self.layout, "graphs", hashes.get("graphs"))
         cap = shards.read_table(self.layout.captions, "captions", ["caption_id", "image_id", "split"])
         cap = cap.filter(pc.equal(cap["split"], cfg.split))
         cid, iid = cap["caption_id"].to_numpy(), cap["image_id"].to_numpy()
@@ -333,15 +331,9 @@ class ShardData:
                              f"'{cfg.split}' has {int(counts[short[0]])} caption(s), need "
                              f"{k} ({len(short)} image(s) short)")
         take = (starts[:, None] + np.arange(k)[None, :]).reshape(-1)
-        self.text = TextStore(cid[take], iid[take], self.layout.index.files("graphs"), vocab, cfg.max_len)
-        self.hashes = hashes
+        self.text = TextStore(cid[take], iid[take], sorted(files["graphs"]), vocab, cfg.max_len)
 
-    def _open_grid(self, hashes: dict) -> None:
-        if not self.layout.index.entries("grid"):
-            raise ShardError(f"{self.layout.dir}: the model needs grid features but the dataset has "
-                             f"no grid shards; run python -m features extract --dataset "
-                             f"{self.layout.name} --kind grid")
-        files, hashes["grid"] = split_files(self.layout, "grid", self.cfg.split, hashes.get("grid"))
+    def _open_grid(self, files: list[Path]) -> None:
         self.grid_shards = [GridShard(p) for p in files]
         where = {int(i): (k, r) for k, s in enumerate(self.grid_shards) for r, i in enumerate(s.image_ids)}
         missing = [int(i) for i in self.image_ids if int(i) not in where]

@@ -31,7 +31,7 @@ from training import checkpoint, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_overrides
 from training.data import (CaptionDataset, ImageDataset, PairDataset, collate_images, collate_pairs,
-                           collate_text, make_loader)
+                           collate_text, make_loader, shard_hashes)
 from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
 from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split
 
@@ -64,9 +64,9 @@ def lr_at(cfg: models.ModelConfig, epoch: int) -> float:
 def pick_val_split(layout: Layout, wanted: str) -> str:
     if wanted:
         return wanted
-    paths = [e.path for e in layout.index.entries("regions")]
+    splits = layout.index.splits("regions")
     for split in ("val", "dev"):
-        if any(f"regions-{split}-" in p for p in paths):
+        if split in splits:
             return split
     raise ShardError(f"{layout.index.path}: no val or dev region shards; pass --val-split")
 
@@ -118,10 +118,14 @@ def main(argv=None) -> int:
     run.vocab_fingerprint = vocab.fingerprint
     torch.manual_seed(run.seed)
 
-    # data (a new run records the shard configs it finds, a resumed one insists on its own)
+    # data
     cls = models.get(run.model)
+    layout = Layout(root, run.dataset)
+    run.val_split = pick_val_split(layout, run.val_split)
+    # resolved once for both splits: a new run records what it finds, a resumed one insists on its own
+    run.shard_hashes = shard_hashes(layout, [run.train_split, run.val_split], cls.needs_grid,
+                                    run.shard_hashes or None)
     train_data = open_split(root, run, vocab, run.train_split, run.max_images)
-    run.val_split = pick_val_split(Layout(root, run.dataset), run.val_split)
     val_data = open_split(root, run, vocab, run.val_split)
     chance = chance_metrics(val_data.n_images)["rsum"]
     if master and (warning := small_split_warning(run.val_split, val_data.n_images)):

@@ -5,11 +5,10 @@
 import sys
 from pathlib import Path
 
-import pyarrow.compute as pc
 from snakemake.exceptions import WorkflowError
 
 from pipeline import manifest as manifests
-from pipeline import shards
+from pipeline.shards import Layout
 
 PY = sys.executable
 BASE = Path(workflow.basedir)
@@ -25,7 +24,7 @@ REAL = ("coco", "f30k")        # datasets read from a local copy; `demo` is gene
 wildcard_constraints:
     dataset="coco|f30k|demo",
     split="train|val|test",
-    k=r"\d{4}",
+    chunk=r"\d{4}\d*",
     model=r"[a-z0-9_]+",
 
 
@@ -35,6 +34,8 @@ def data(ds, *parts):
 
 
 DONE = {kind: data("{dataset}", ".workflow", f"{kind}.done") for kind in ("regions", "grid", "graphs")}
+# the shard files of a rule's output, with {dataset}, {split} and {chunk} wildcards: Layout names them
+SHARD = {kind: Layout(ROOT, "{dataset}").pattern(kind) for kind in ("regions", "grid", "graphs")}
 
 
 def manifest(ds):
@@ -112,29 +113,19 @@ def parse_flags(wc):
     return f"--model {config['spacy_model']} --chunk-size {config['parse_chunk_size']}"
 
 
-def split_counts(ds):
-    """Images per split, read from images.parquet once ingest (a checkpoint) has written it."""
-    path = checkpoints.ingest.get(dataset=ds).output.images
-    table = shards.read_table(path, "images", columns=["split"])
-    return {v["values"]: v["counts"] for v in pc.value_counts(table["split"]).to_pylist()}
-
-
 def extract_shards(kind):
     """Gather: every shard of every split, at the dataset's shard size."""
     def shards_of(wc):
         ds = wc.dataset
         extractor_inputs(wc)  # fail before ingest runs when weights or images are missing
-        size = setting(ds, "shard_size")
-        return [data(ds, kind, f"{kind}-{split}-{k:04d}.h5")
-                for split, n in sorted(split_counts(ds).items()) for k in range(-(-n // size))]
+        checkpoints.ingest.get(dataset=ds)  # the plan is read from images.parquet
+        return [str(p) for p in Layout(ROOT, ds).planned(kind, setting(ds, "shard_size"))]
     return shards_of
 
 
 def graph_shards(wc):
-    path = checkpoints.ingest.get(dataset=wc.dataset).output.captions
-    n = shards.read_table(path, "captions", columns=["caption_id"]).num_rows
-    return [data(wc.dataset, "text", "graphs", f"graphs-{k:04d}.parquet")
-            for k in range(-(-n // config["parse_chunk_size"]))]
+    checkpoints.ingest.get(dataset=wc.dataset)  # the plan is read from captions.parquet
+    return [str(p) for p in Layout(ROOT, wc.dataset).planned("graphs", config["parse_chunk_size"])]
 
 
 def gpus(wc):

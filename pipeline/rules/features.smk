@@ -1,5 +1,6 @@
 # Region and grid features: one job per shard (scatter), then one job per dataset and kind that
-# checks every shard against shards.json and removes shards of an older plan (gather).
+# removes the shards of an older plan and checks that every shard of this one is registered
+# (gather, `python -m pipeline prune`).
 
 
 rule extract_regions:
@@ -8,7 +9,7 @@ rule extract_regions:
         images=data("{dataset}", "images.parquet"),
         extractor=extractor_inputs,
     output:
-        data("{dataset}", "regions", "regions-{split}-{k}.h5"),
+        SHARD["regions"],
     params:
         flags=extract_flags("regions"),
         device=lambda wc: setting(wc.dataset, "device"),
@@ -17,12 +18,12 @@ rule extract_regions:
     resources:
         gpu=gpus,
     log:
-        str(LOGS / "{dataset}" / "regions-{split}-{k}.log"),
+        str(LOGS / "{dataset}" / "regions-{split}-{chunk}.log"),
     benchmark:
-        str(BENCH / "{dataset}" / "regions-{split}-{k}.tsv")
+        str(BENCH / "{dataset}" / "regions-{split}-{chunk}.tsv")
     shell:
         "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind regions"
-        " --split {wildcards.split} --chunk {wildcards.k} {params.flags} --device {params.device}"
+        " --split {wildcards.split} --chunk {wildcards.chunk} {params.flags} --device {params.device}"
         " --batch-size {config[extract_batch_size]} --workers {params.workers} --threads {threads}"
         " --no-progress > {log} 2>&1"
 
@@ -33,7 +34,7 @@ rule extract_grid:
         images=data("{dataset}", "images.parquet"),
         extractor=extractor_inputs,
     output:
-        data("{dataset}", "grid", "grid-{split}-{k}.h5"),
+        SHARD["grid"],
     params:
         flags=extract_flags("grid"),
         device=lambda wc: setting(wc.dataset, "device"),
@@ -42,41 +43,41 @@ rule extract_grid:
     resources:
         gpu=gpus,
     log:
-        str(LOGS / "{dataset}" / "grid-{split}-{k}.log"),
+        str(LOGS / "{dataset}" / "grid-{split}-{chunk}.log"),
     benchmark:
-        str(BENCH / "{dataset}" / "grid-{split}-{k}.tsv")
+        str(BENCH / "{dataset}" / "grid-{split}-{chunk}.tsv")
     shell:
         "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind grid"
-        " --split {wildcards.split} --chunk {wildcards.k} {params.flags} --device {params.device}"
+        " --split {wildcards.split} --chunk {wildcards.chunk} {params.flags} --device {params.device}"
         " --batch-size {config[extract_batch_size]} --workers {params.workers} --threads {threads}"
         " --no-progress > {log} 2>&1"
 
 
 rule gather_regions:
-    """All region shards of a dataset, checked against shards.json; leftovers removed."""
+    """All region shards of a dataset: shards of an older plan removed, the plan checked in shards.json."""
     input:
         extract_shards("regions"),
     output:
         touch(DONE["regions"]),
     params:
-        flags=extract_flags("regions"),
+        dir=lambda wc: data(wc.dataset),
+        size=lambda wc: setting(wc.dataset, "shard_size"),
     log:
         str(LOGS / "{dataset}" / "regions.log"),
     shell:
-        "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind regions"
-        " {params.flags} --device cpu --workers 0 --no-progress > {log} 2>&1"
+        "{PY} -m pipeline prune {params.dir} --kind regions --shard-size {params.size} > {log} 2>&1"
 
 
 rule gather_grid:
-    """All grid shards of a dataset, checked against shards.json; leftovers removed."""
+    """All grid shards of a dataset: shards of an older plan removed, the plan checked in shards.json."""
     input:
         extract_shards("grid"),
     output:
         touch(DONE["grid"]),
     params:
-        flags=extract_flags("grid"),
+        dir=lambda wc: data(wc.dataset),
+        size=lambda wc: setting(wc.dataset, "shard_size"),
     log:
         str(LOGS / "{dataset}" / "grid.log"),
     shell:
-        "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind grid"
-        " {params.flags} --device cpu --workers 0 --no-progress > {log} 2>&1"
+        "{PY} -m pipeline prune {params.dir} --kind grid --shard-size {params.size} > {log} 2>&1"
