@@ -63,6 +63,9 @@ def data_root(run: RunConfig, cli_root: str | None = None) -> Path:
 def load_vocab(root, run: RunConfig) -> Vocabulary:
     """The dataset's vocabulary; refused when the run was trained with another one."""
     layout = Layout(Path(root), run.dataset)
+    if not layout.vocab.exists():
+        raise ShardError(f"{layout.vocab} not found: run `itmkit parse --dataset {run.dataset}` and "
+                         f"`itmkit vocab --dataset {run.dataset}` (ingest and import-precomp write captions only)")
     vocab = Vocabulary.load(layout.vocab)
     if run.vocab_fingerprint and vocab.fingerprint != run.vocab_fingerprint:
         raise CheckpointError(f"the run was trained with another vocabulary than {layout.vocab} "
