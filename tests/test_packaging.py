@@ -73,7 +73,7 @@ def test_installed_wheel_ingests_from_another_directory(wheel, tmp_path):
         for k in range(5)))
     (work / "mine.yaml").write_text(json.dumps({"name": "mine", "format": "folder", "source_root": "mine",
                                                 "images": "photos", "annotations": "captions.csv"}))
-    r = run([python, "-m", "pipeline", "ingest", "--manifest", "mine.yaml", "--root", "data", "--quiet"], cwd=work)
+    r = run([venv / "bin" / "itmkit", "ingest", "--manifest", "mine.yaml", "--root", "data", "--quiet"], cwd=work)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "wrote 2 images (1 train / 0 val / 1 test) and 10 captions" in r.stdout
     assert (work / "data" / "mine" / "images.parquet").exists()
@@ -84,7 +84,7 @@ def test_installed_wheel_ingests_from_another_directory(wheel, tmp_path):
     (work / "f30k" / "dataset_flickr30k.json").write_text(json.dumps({"images": [
         {"filename": "1.jpg", "imgid": 1, "split": "train",
          "sentences": [{"raw": f"a photo {k}", "sentid": k} for k in range(5)]}]}))
-    for manifest in ("f30k", "manifests/f30k.yaml"):
+    for manifest in ("f30k", "manifests/f30k.yaml"):   # and the earlier spelling
         r = run([python, "-m", "pipeline", "ingest", "--manifest", manifest, "--source-root", "f30k",
                  "--root", "data", "--set", "expected=null", "--force", "--quiet"], cwd=work)
         assert r.returncode == 0, r.stdout + r.stderr

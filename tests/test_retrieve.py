@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from itmkit.cli import main as itmkit
 from pipeline import shards
 from pipeline.shards import Layout
 from training import models, retrieve, train
@@ -27,7 +28,7 @@ def cli(*argv) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            rc = retrieve.main([str(a) for a in argv] + ["--no-progress"])
+            rc = itmkit(["retrieve", *[str(a) for a in argv], "--quiet"])
         except SystemExit as e:      # argparse usage errors
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
@@ -203,7 +204,7 @@ def test_bad_input_gets_one_line_and_exit_1_or_2(run, tmp_path):
         ((out, "--root", root), 2, "give one query"),
         ((out, "--root", root, "--query", "a", "--image-id", 33), 2, "give one query"),
         ((out, "--root", root, "--image", "x.png"), 2, "--image needs --weights"),
-        ((out, "--root", root, "-k", 0, "--image-id", 33), 2, "-k must be at least 1"),
+        ((out, "--root", root, "-k", 0, "--image-id", 33), 2, "argument -k: must be at least 1"),
         ((tmp_path, "--image-id", 33), 1, "not a run dir (no config.json)"),
         ((out, "--root", root, "--image-id", 33, "--shortlist", out), 1, "is a two-tower run"),
         ((out, "--root", root, "--image-id", 33, "--split", "nope"), 1, "no regions registered for split 'nope'"),

@@ -189,9 +189,15 @@ def resolve_read_set(layout: Layout, splits, grid: bool, pinned: dict | None = N
     """(config hashes, entries) of the files a run on ``splits`` reads."""
     index = layout.index
     if grid and not index.entries("grid"):
+        from pipeline import precomp   # only on this error path: the trainer does not need it
+
+        if precomp.imported(layout):
+            raise ShardError(f"{layout.dir}: the model needs grid features, which are extracted from "
+                             f"the images; a dataset imported from precomp features has none (train a "
+                             f"region-only model, or ingest the images and extract)")
         raise ShardError(f"{layout.dir}: the model needs grid features but the dataset has "
-                         f"no grid shards; run python -m features extract --dataset "
-                         f"{layout.name} --kind grid")
+                         f"no grid shards; run `itmkit extract --dataset {layout.name} --kind grid "
+                         f"--weights WEIGHTS`")
     entries = index.read_set(run_kinds(grid), list(splits))
     return shards.resolve_config_hashes(entries, pinned, str(index.path)), entries
 
@@ -248,7 +254,7 @@ class TextStore:
         missing = [int(caption_ids[i]) for i, e in enumerate(encoded) if e is None]
         if missing:
             raise ShardError(f"{len(missing)} caption(s) have no row in the graph tables "
-                             f"(first: caption_id {missing[:5]}); rerun python -m pipeline parse")
+                             f"(first: caption_id {missing[:5]}); rerun `itmkit parse`")
         self.tokens = _Ragged([e[0] for e in encoded])
         self.objects = _Ragged([e[1] for e in encoded], 2)
         self.attributes = _Ragged([e[2] for e in encoded], 3)

@@ -1,6 +1,6 @@
 """Export the image and caption embeddings of a two-tower run for a vector index.
 
-    python training/evaluate.py runs/NAME --export-index DIR [--split test] [--checkpoint best]
+    itmkit evaluate runs/NAME --export-index DIR [--split test] [--checkpoint best]
 
 DIR gets ``images.npy`` [N, D] float16 and ``image_ids.npy`` [N] int64, ``captions.npy`` [M, D]
 float16, ``caption_ids.npy`` and ``caption_image_ids.npy`` [M] int64 (row k of the embeddings

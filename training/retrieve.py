@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from pipeline.config import UsageError, add_quiet_argument, positive_int, run_command
 from pipeline import shards
 from pipeline.images import BadImage
 from pipeline.shards import Layout, ShardError
@@ -524,73 +525,62 @@ def format_text(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # command line
 
-def build_parser() -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     d = IndexConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run folder written by train.py")
+    p.add_argument("run", help="run folder written by itmkit train")
     q = p.add_argument_group("the query (one of)")
     q.add_argument("--query", help="a text: the top-k images")
     q.add_argument("--caption-id", type=int, help="a caption of the split: the top-k images, its own marked")
     q.add_argument("--image-id", type=int, help="an image of the split: the top-k captions, its own marked")
     q.add_argument("--image", metavar="PATH", help="an image file not in the dataset (needs --weights): "
                    "the top-k captions")
-    p.add_argument("-k", type=int, default=10, help="results to show (default: %(default)s)")
-    p.add_argument("--split", default="test", help="the split searched (default: %(default)s)")
-    p.add_argument("--max-images", type=int, default=None,
+    p.add_argument("-k", type=positive_int, default=10, help="results to show")
+    p.add_argument("--split", default="test", help="the split searched")
+    p.add_argument("--max-images", type=positive_int, default=None,
                    help="search only the first N images of the split and their captions (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_run_arguments(p)
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="images per scoring or export block, captions: 5x (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="images per scoring or export block, captions: 5x")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    add_quiet_argument(p)
     f = p.add_argument_group("two-tower runs: the FAISS index")
     f.add_argument("--index", choices=list(INDEXES), default=d.kind,
-                   help="flat: exact inner product; ivf, hnsw: approximate, for large galleries "
-                        "(default: %(default)s)")
+                   help="flat: exact inner product; ivf, hnsw: approximate, for large galleries")
     f.add_argument("--index-dir", default=None,
                    help="where the embeddings are exported and indexes cached (default: RUN/index-SPLIT)")
-    f.add_argument("--nlist", type=int, default=d.nlist,
-                   help="ivf: clusters, 0 = sqrt(N) (at most N/39) (default: %(default)s)")
-    f.add_argument("--nprobe", type=int, default=d.nprobe,
-                   help="ivf: clusters searched (default: %(default)s)")
-    f.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help="hnsw: links per node (default: %(default)s)")
-    f.add_argument("--ef-construction", type=int, default=d.ef_construction,
-                   help="hnsw: build-time candidate list (default: %(default)s)")
-    f.add_argument("--ef-search", type=int, default=d.ef_search,
-                   help="hnsw: search-time candidate list (default: %(default)s)")
+    f.add_argument("--nlist", type=int, default=d.nlist, help="ivf: clusters, 0 = sqrt(N) (at most N/39)")
+    f.add_argument("--nprobe", type=positive_int, default=d.nprobe, help="ivf: clusters searched")
+    f.add_argument("--hnsw-m", type=positive_int, default=d.hnsw_m, help="hnsw: links per node")
+    f.add_argument("--ef-construction", type=positive_int, default=d.ef_construction,
+                   help="hnsw: build-time candidate list")
+    f.add_argument("--ef-search", type=positive_int, default=d.ef_search, help="hnsw: search-time candidate list")
     s = p.add_argument_group("cross-attention runs: shortlist and re-score")
     s.add_argument("--shortlist", metavar="RUN2", default=None,
                    help="a two-tower run of the same dataset (its best.pt) whose top --topk the "
                         "run re-scores (default: none, the run scores the whole gallery)")
-    s.add_argument("--topk", type=int, default=100, help="shortlist length (default: %(default)s)")
+    s.add_argument("--topk", type=positive_int, default=100, help="shortlist length")
     e = p.add_argument_group("--image: extraction")
     e.add_argument("--weights", default=None,
                    help="extractor weights the dataset was extracted with, or 'random' (default: none)")
     e.add_argument("--seed", type=int, default=None,
                    help="seed of random weights (default: the one the shards record)")
-    return p
 
 
-def check_args(p: argparse.ArgumentParser, args) -> None:
+def check_args(args) -> None:
     modes = [m for m in ("query", "caption_id", "image_id", "image") if getattr(args, m) is not None]
     if len(modes) != 1:
-        p.error("give one query: --query TEXT, --caption-id N, --image-id N or --image PATH")
+        raise UsageError("give one query: --query TEXT, --caption-id N, --image-id N or --image PATH")
     if args.query is not None and not args.query.strip():
-        p.error("--query is empty")
+        raise UsageError("--query is empty")
     if args.image is not None and args.weights is None:
-        p.error("--image needs --weights: the extractor weights the dataset was extracted with "
-                "(a file, or 'random')")
-    for name in ("k", "batch_size", "topk", "nprobe", "hnsw_m", "ef_construction", "ef_search"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_images is not None and args.max_images < 1:
-        p.error("--max-images must be at least 1")
+        raise UsageError("--image needs --weights: the extractor weights the dataset was extracted "
+                         "with (a file, or 'random')")
 
 
 def searcher(run: LoadedRun, side: str, args, root) -> BlockSearch | IndexSearch | ShortlistSearch:
     cfg = IndexConfig(args.index, args.nlist, args.nprobe, args.hnsw_m, args.ef_construction, args.ef_search)
-    kw = dict(batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+    kw = dict(batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     if run.model.two_tower:
         return IndexSearch(run, side, cfg, args.index_dir, **kw)
     blocks = BlockSearch(run, side, **kw)
@@ -636,20 +626,24 @@ def retrieve(args) -> dict:
             "seconds": {"load": t1 - t0, "index": t2 - t1, "search": t3 - t2}}
 
 
+ERRORS = (ShardError, CheckpointError, RetrieveError, ValueError, OSError)   # one line, exit 1
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    try:
-        result = retrieve(args)
-    except (ShardError, CheckpointError, RetrieveError, ValueError, OSError) as e:
-        print(f"retrieve: error: {e}", file=sys.stderr)
-        return 1
+    """``itmkit retrieve`` from Python; errors are raised."""
+    return run_command(add_arguments, command, argv)
+
+
+def command(args) -> int:
+    check_args(args)
+    result = retrieve(args)
     for note in result["notes"]:
         print(f"retrieve: note: {note}", file=sys.stderr)
     print(json.dumps(result) if args.json else format_text(result))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # python training/retrieve.py ...: the same as itmkit retrieve ...
+    from itmkit.cli import main as itmkit
+
+    sys.exit(itmkit(["retrieve", *sys.argv[1:]]))
