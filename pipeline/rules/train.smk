@@ -54,17 +54,17 @@ rule train:
         out=lambda wc: run_dir(wc.dataset, wc.model),
         flags=train_flags,
         device=train_device,
-        workers=train_workers,
     threads: lambda wc: 2 if wc.dataset == "demo" else config["train_workers"] + 1
     resources:
         gpu=lambda wc: int(train_device(wc).startswith("cuda")),
+        workers=train_workers,   # not a param: a changed worker count must not retrain
     log:
         str(LOGS / "{dataset}" / "train-{model}.log"),
     benchmark:
         str(BENCH / "{dataset}" / "train-{model}.tsv")
     shell:
         "{PY} {TRAIN} --model {wildcards.model} --dataset {wildcards.dataset} --root {ROOT}"
-        " --out {params.out} {params.flags} --device {params.device} --workers {params.workers} > {log} 2>&1"
+        " --out {params.out} {params.flags} --device {params.device} --workers {resources.workers} > {log} 2>&1"
 
 
 rule evaluate:
@@ -78,16 +78,16 @@ rule evaluate:
     params:
         run=lambda wc: run_dir(wc.dataset, wc.model),
         device=train_device,
-        workers=train_workers,
     resources:
         gpu=lambda wc: int(train_device(wc).startswith("cuda")),
+        workers=train_workers,
     log:
         str(LOGS / "{dataset}" / "evaluate-{model}.log"),
     benchmark:
         str(BENCH / "{dataset}" / "evaluate-{model}.tsv")
     shell:
         "{PY} {EVALUATE} {params.run} --root {ROOT} --hard-negatives --save-sims --device {params.device}"
-        " --workers {params.workers} > {log} 2>&1"
+        " --workers {resources.workers} > {log} 2>&1"
 
 
 rule report:
