@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from features.config import ExtractorConfig
 from features.rcnn import BottomUpRCNN
+from features.single import result_regions
 from features.transforms import BadImage, load_image, to_network_input
 from features.weights import RANDOM, WeightsError, load_weights, weights_info
 from pipeline import shards
@@ -116,9 +117,7 @@ class RegionsOutput:
 
     def add(self, image_id, hw, result):
         self.rows += 1
-        self.writer.append(shards.Regions(
-            image_id, hw, result["features"].cpu().numpy().astype(np.float16),
-            **{k: result[k].cpu().numpy() for k in ("boxes", "obj_labels", "obj_scores", "attr_labels", "attr_scores")}))
+        self.writer.append(result_regions(image_id, hw, result))
 
     def close(self) -> int:
         self.writer.close()
@@ -174,8 +173,7 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
     images = shards.read_table(layout.images, "images")
     given = read_given_boxes(layout, images) if cfg.boxes == "given" else None
     info = weights_info(weights, seed)
-    cfg_hash = {kind: shards.config_hash({"extractor": cfg.settings_for(kind), "weights": info.sha256})
-                for kind in kinds}
+    cfg_hash = {kind: cfg.shard_hash(kind, info.sha256) for kind in kinds}
     chunks = plan_chunks(images, shard_size, given, split, chunk)
     report = Report()
     altered = []

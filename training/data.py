@@ -258,11 +258,18 @@ class TextStore:
         return len(self.caption_ids)
 
     def get(self, i: int) -> dict:
-        o, a, r = self.objects[i], self.attributes[i], self.relations[i]
-        return {"caption_id": int(self.caption_ids[i]), "image_id": int(self.image_ids[i]),
-                "tokens": self.tokens[i], "obj_index": o[:, 0], "obj_word": o[:, 1],
-                "attr_object": a[:, 0], "attr_id": a[:, 1], "attr_word": a[:, 2],
-                "rel_subject": r[:, 0], "rel_predicate": r[:, 1], "rel_object": r[:, 2]}
+        return caption_item(self.caption_ids[i], self.image_ids[i], self.tokens[i],
+                            self.objects[i], self.attributes[i], self.relations[i])
+
+
+def caption_item(caption_id, image_id, tokens, objects, attributes, relations) -> dict:
+    """One caption as ``collate_text`` takes it, from the parts ``encode_graph`` returns as
+    arrays: tokens [L], objects [O, 2], attributes [A, 3], relations [E, 3]."""
+    o, a, r = objects, attributes, relations
+    return {"caption_id": int(caption_id), "image_id": int(image_id),
+            "tokens": tokens, "obj_index": o[:, 0], "obj_word": o[:, 1],
+            "attr_object": a[:, 0], "attr_id": a[:, 1], "attr_word": a[:, 2],
+            "rel_subject": r[:, 0], "rel_predicate": r[:, 1], "rel_object": r[:, 2]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,14 +352,7 @@ class ShardData:
 
     def image(self, i: int) -> dict:
         k, row = self.loc[i]
-        shard = self.shards[k]
-        r = shard.get(int(row), ("features", "boxes"))
-        h, w = r.image_hw
-        boxes = r.boxes / np.array([w, h, w, h], dtype=np.float32)
-        known = not np.isnan(boxes).any()
-        boxes = np.clip(boxes, 0.0, 1.0) if known else np.tile(np.float32([0, 0, 1, 1]), (len(boxes), 1))
-        item = {"image_id": r.image_id, "image_hw": (h, w), "features": r.features,
-                "boxes": boxes, "boxes_known": known}
+        item = image_item(self.shards[k].get(int(row), ("features", "boxes")))
         if self.grid_loc is not None:
             gk, grow = self.grid_loc[i]
             item["grid"], item["grid_hw"] = self.grid_shards[gk].get(int(grow)), self.grid_hw
@@ -360,6 +360,17 @@ class ShardData:
 
     def caption(self, j: int) -> dict:
         return self.text.get(j)
+
+
+def image_item(r: shards.Regions) -> dict:
+    """One image's regions as ``collate_images`` takes them: boxes divided by the image size
+    and clipped to [0, 1], or the whole image when the shard's boxes are unknown (NaN)."""
+    h, w = r.image_hw
+    boxes = r.boxes / np.array([w, h, w, h], dtype=np.float32)
+    known = not np.isnan(boxes).any()
+    boxes = np.clip(boxes, 0.0, 1.0) if known else np.tile(np.float32([0, 0, 1, 1]), (len(boxes), 1))
+    return {"image_id": r.image_id, "image_hw": (h, w), "features": r.features,
+            "boxes": boxes, "boxes_known": known}
 
 
 class PairDataset(Dataset):

@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline import shards
 from pipeline.shards import Layout, ShardError
@@ -31,7 +30,7 @@ from training.config import RunConfig
 from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
 from training.evaluation import (PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result,
                                  small_split_warning)
-from training.run import data_root, load_run
+from training.run import add_run_arguments, data_root, load_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=PROTOCOLS, action="append",
                    help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k; eccv and cxc "
                    "(COCO 5K test with COCO's ids, docs/training.md) on request")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
-                   help="weights to score (default: %(default)s)")
-    p.add_argument("--root", default=None, help="data root (default: the one the run was trained on, "
-                   "else $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: %(default)s")
+    add_run_arguments(p)
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per block, captions: 5x (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")

@@ -45,6 +45,16 @@ class LoadedRun:
         return self.config.shard_hashes
 
 
+def add_run_arguments(p) -> None:
+    """The options of every command that loads a run: --checkpoint, --root, --device."""
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="weights to load (default: %(default)s)")
+    p.add_argument("--root", default=None, help="data root (default: the one the run was trained on, "
+                   "else $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: %(default)s")
+
+
 def data_root(run: RunConfig, cli_root: str | None = None) -> Path:
     """``--root`` if given; else the root the run was trained on, when it still holds the
     dataset; else the usual default (``$ITMKIT_DATA``, config/config.yaml, data/)."""
