@@ -20,7 +20,6 @@ from pipeline import shards
 from pipeline.labels import LabelNames, attribute_names, object_names
 from pipeline.shards import Layout, Regions, RegionShard, RegionShardWriter
 from training import evaluate, report
-from training.checkpoint import CheckpointError
 from training.evaluation import recall_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,9 +47,11 @@ def label_test_split(root: Path) -> dict[int, list[str]]:
                 w.append(Regions(r.image_id, r.image_hw, r.features, r.boxes, obj.astype(np.int32),
                                  np.linspace(0.9, 0.1, n, dtype=np.float32), attr.astype(np.int32),
                                  np.full(n, 0.5, np.float32)))
-                written[r.image_id] = [f"{attribute_names()[a]} {object_names()[o]}" for o, a in zip(obj, attr)]
+                written[r.image_id] = [f"{attribute_names()[a]} {object_names()[o]}"
+                                       for o, a in zip(obj, attr)]
                 if r.image_id % 2 == 0:
-                    Image.new("RGB", (640, 480), (30 * (r.image_id % 8), 120, 200)).save(layout.dir / f"{r.image_id}.png")
+                    colour = (30 * (r.image_id % 8), 120, 200)
+                    Image.new("RGB", (640, 480), colour).save(layout.dir / f"{r.image_id}.png")
         index.register("regions", path, rows=len(images), config_hash=entry.config_hash)
     return written
 
@@ -91,7 +92,7 @@ def test_label_names_are_the_visual_genome_vocabularies():
 def test_another_label_set_gets_numbers_not_wrong_names():
     other = LabelNames.for_extractor({"num_classes": 80, "num_attributes": 400})
     assert other.object(3) == "#3" and other.attribute(4) == "red"
-    assert LabelNames.for_extractor({}).object(0) == "yolk"   # shards that do not say: the extractor's default
+    assert LabelNames.for_extractor({}).object(0) == "yolk"   # shards that do not say: the default
 
 
 def test_inspect_prints_the_top_labels_by_name(run):
@@ -219,7 +220,8 @@ def test_report_reads_eval_json_and_saved_sims(run, tmp_path):
     root, run_dir, _ = run
     copy = tmp_path / "run-b"
     shutil.copytree(run_dir, copy)
-    assert evaluate.main([str(copy), "--save-sims", "--hard-negatives", "--workers", "0", "--device", "cpu"]) == 0
+    args = ["--save-sims", "--hard-negatives", "--workers", "0", "--device", "cpu"]
+    assert evaluate.main([str(copy), *args]) == 0
     saved = json.loads((copy / "eval.json").read_text())["test/f30k-1k"]
     sims = np.load(copy / "sims-test.npz")["sims"]
     assert saved["rsum"] == pytest.approx(recall_metrics(sims)["rsum"])
@@ -240,15 +242,23 @@ def test_several_runs_get_one_comparison_table_and_the_same_queries(run, tmp_pat
                         "--queries", "3", "--failures", "1", "--pairs", "1"]) == 0
     text = out.read_text()
     assert rows(text, "compare") == 2 and text.count('<section class="run"') == 2
-    per_run = [re.findall(r'<tr class="t2i"><td>(.*?)<br>', part) for part in text.split('<section class="run"')[1:]]
+    per_run = [re.findall(r'<tr class="t2i"><td>(.*?)<br>', part)
+               for part in text.split('<section class="run"')[1:]]
     assert len(per_run[0]) == 3 and per_run[0] == per_run[1]          # the same seeded queries
     assert text.count("alt=\"training curves") == 3                     # both runs', and one per run
 
 
-def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="not a run dir"):
-        report.main([str(tmp_path), "--out", str(tmp_path / "r.html")])
+def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"report: error: {tmp_path}: not a run dir (no config.json)\n"
     assert not (tmp_path / "r.html").exists()
+
+
+def test_bad_counts_are_usage_errors(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path), "--queries", "0"])
+    assert e.value.code == 2
 
 
 def test_every_flag_shows_its_default():
@@ -299,7 +309,7 @@ def test_report_renders_in_headless_chromium(page, tmp_path):
     assert seen == {"images": page.count("<img"), "broken": 0, "t2i": 10, "i2t": 8, "pairs": 4}
 
     shot = tmp_path / "shot.png"
-    r = chromium(f"--screenshot={shot}", "--window-size=1280,2000", (tmp_path / "probed.html").as_uri(), cwd=tmp_path)
+    r = chromium(f"--screenshot={shot}", "--window-size=1280,2000", probed.as_uri(), cwd=tmp_path)
     assert shot.exists(), r.stderr[-2000:]
     im = np.asarray(Image.open(shot).convert("RGB"))
     assert im.shape[:2] == (2000, 1280)

@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import shards
@@ -41,11 +41,12 @@ from pipeline.labels import LabelNames
 from pipeline.shards import Layout, ShardError
 from training import plot
 from training.checkpoint import CheckpointError
-from training.data import CaptionDataset, ShardData, ImageDataset, collate_images, collate_text, make_loader
+from training.data import (CaptionDataset, ImageDataset, ShardData, collate_images, collate_text,
+                           make_loader)
 from training.evaluate import load_sims, sims_path
 from training.evaluation import (chance_metrics, compute_sims, hard_negative_accuracy, i2t_ranks,
                                  protocol_result, t2i_ranks)
-from training.run import LoadedRun, load_run
+from training.run import LoadedRun, add_run_arguments, load_run
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
            "#fabed4", "#469990", "#dcbeff", "#9a6324"]
@@ -56,12 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by train.py")
     p.add_argument("--out", default=None, help="HTML file to write (default: <first run>/report.html)")
     p.add_argument("--split", default="test", help="split whose results are shown (default: %(default)s)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
-                   help="weights to score (default: %(default)s)")
-    p.add_argument("--root", default=None, help="data root (default: the one each run was trained on, "
-                   "else $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: %(default)s")
+    add_run_arguments(p)
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per block when the similarities are computed (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")
@@ -87,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # the split of one run: similarities, captions, images and their regions
 
-def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int, device) -> tuple[np.ndarray, str]:
+def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int,
+               device) -> tuple[np.ndarray, str]:
     """The [images, captions] similarities of the run's split and where they come from."""
     data, saved = run.data, sims_path(run.dir, split)
     if saved.exists() and saved.stat().st_mtime >= run.checkpoint_path.stat().st_mtime:
@@ -95,7 +92,8 @@ def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int, device
         if (np.array_equal(s["image_ids"], data.image_ids)
                 and np.array_equal(s["caption_ids"], data.text.caption_ids)):
             return s["sims"], f"read from {saved.name}"
-    images = make_loader(ImageDataset(data), partial(collate_images, half=True), batch_size, workers=workers)
+    images = make_loader(ImageDataset(data), partial(collate_images, half=True), batch_size,
+                         workers=workers)
     texts = make_loader(CaptionDataset(data), collate_text, batch_size * PER, workers=workers)
     return compute_sims(run.model, images, texts, device), f"computed from {run.which}.pt"
 
@@ -106,11 +104,9 @@ class Gallery:
     thumbnails (made once per image)."""
 
     layout: Layout
-    image_ids: np.ndarray
-    caption_ids: np.ndarray
-    texts: dict            # caption id -> text
-    paths: dict            # image id -> image file
-    data: ShardData        # the split: region shards (boxes and labels), read for the images shown
+    data: ShardData        # the split: ids, and region shards (boxes, labels) read for the images shown
+    texts: dict            # caption id -> text, of the split
+    paths: dict            # image id -> image file, of the split
     names: LabelNames
     thumb: int = 160
     boxes: int = 6
@@ -119,13 +115,23 @@ class Gallery:
     @classmethod
     def open(cls, run: LoadedRun, thumb: int, boxes: int) -> "Gallery":
         data, layout = run.data, Layout(run.root, run.config.dataset)
-        cap = shards.read_table(layout.captions, "captions", ["caption_id", "text"])
-        texts = dict(zip(cap["caption_id"].to_pylist(), cap["text"].to_pylist()))
-        img = shards.read_table(layout.images, "images", ["image_id", "path"])
-        paths = dict(zip(img["image_id"].to_pylist(), img["path"].to_pylist()))
+        split = data.cfg.split
+        cap = shards.read_table(layout.captions, "captions", ["caption_id", "split", "text"])
+        cap = cap.filter(pc.equal(cap["split"], split))
+        img = shards.read_table(layout.images, "images", ["image_id", "path", "split"])
+        img = img.filter(pc.equal(img["split"], split))
         extractor = data.shards[0].attrs.get("extractor") if data.shards else None
-        return cls(layout, data.image_ids, data.text.caption_ids, texts, paths, data,
+        return cls(layout, data, dict(zip(cap["caption_id"].to_pylist(), cap["text"].to_pylist())),
+                   dict(zip(img["image_id"].to_pylist(), img["path"].to_pylist())),
                    LabelNames.for_extractor(extractor), thumb, boxes)
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        return self.data.image_ids
+
+    @property
+    def caption_ids(self) -> np.ndarray:
+        return self.data.text.caption_ids
 
     def text(self, j: int) -> str:
         return self.texts.get(int(self.caption_ids[j]), "")
@@ -148,24 +154,35 @@ class Gallery:
             self._cache[i] = self._draw(i)
         return self._cache[i]
 
+    def _image(self, i: int, w: int, h: int) -> Image.Image:
+        """The image, or a grey one of its size saying why not (no file: features imported
+        without images, or a copy of the dataset without them)."""
+        path = self.image_file(i)
+        why = "image file not found"
+        if path is not None:
+            try:
+                with Image.open(path) as f:
+                    return f.convert("RGB")
+            except (OSError, Image.DecompressionBombError):
+                why = "image file unreadable"
+        im = Image.new("RGB", (w, h), (200, 200, 200))
+        ImageDraw.Draw(im).text((4, 4), why, fill=(60, 60, 60))
+        return im
+
     def _draw(self, i: int):
         k, row = self.data.loc[i]
         r = self.data.shards[k].get(int(row))
         h, w = r.image_hw
-        path = self.image_file(i)
-        if path is None:
-            im = Image.new("RGB", (w, h), (200, 200, 200))
-            ImageDraw.Draw(im).text((4, 4), "image file not found", fill=(60, 60, 60))
-        else:
-            with Image.open(path) as f:
-                im = f.convert("RGB")
+        im = self._image(i, w, h)
         scale = self.thumb / max(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.BILINEAR)
         sx, sy = im.width / w, im.height / h
         draw, font = ImageDraw.Draw(im), ImageFont.load_default(size=10)
         legend = []
         known = r.boxes is not None and len(r.boxes) and not np.isnan(r.boxes).any()
-        order = np.argsort(-np.nan_to_num(r.obj_scores, nan=0.0), kind="stable")[:self.boxes] if known else []
+        best = np.argsort(-np.nan_to_num(r.obj_scores, nan=0.0), kind="stable")
+        order = best[:self.boxes] if known else []
         for n, k in enumerate(order):
             colour = PALETTE[n % len(PALETTE)]
             x1, y1, x2, y2 = (float(v) for v in r.boxes[k] * [sx, sy, sx, sy])
@@ -195,7 +212,7 @@ def top(scores: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass
 class Results:
-    text_queries: list     # {"caption", "gt", "gt_rank", "hits": [(image row, score)]}
+    text_queries: list     # {"caption", "gt", "gt_rank", "gt_score", "hits": [(image row, score)]}
     image_queries: list    # {"image", "gt_rank", "hits": [(caption col, score)]}
     t2i_failures: list     # as text_queries, worst ground-truth rank first
     i2t_failures: list     # as image_queries
@@ -397,8 +414,12 @@ def rows_cell(c: str) -> str:
 
 def num(x, fmt: str = "{:.1f}", chance=None) -> str:
     text = fmt.format(x) if isinstance(x, (int, float)) else esc(x)
-    extra = f" <span class=\"chance\">({fmt.format(chance)})</span>" if chance is not None else ""
+    extra = f" {grey(chance, fmt)}" if chance is not None else ""
     return f"<td class=\"num\">{text}{extra}</td>"
+
+
+def grey(chance: float, fmt: str = "{:.1f}") -> str:
+    return f"<span class=\"chance\">({fmt.format(chance)})</span>"
 
 
 def figure(g: Gallery, i: int, label: str, gt: bool = False) -> str:
@@ -420,10 +441,11 @@ def recall_table(ev: dict) -> str:
         elif protocol != "hard_negatives":   # eccv, cxc: their metrics, with chance where recorded
             chance = e.get("chance", {})
             other.append(f"<p><b>{esc(protocol)}</b>: " + ", ".join(
-                f"{esc(k)} {v:.1f}" + (f" <span class=\"chance\">({chance[k]:.1f})</span>" if k in chance else "")
+                f"{esc(k)} {v:.1f}" + (f" {grey(chance[k])}" if k in chance else "")
                 for k, v in e.items() if isinstance(v, float)) + "</p>")
     out = table(["protocol", "images"] + [f"{d} R@{k}" for d, k in cols] + ["rSum"], rows, "recall")
-    out += "<p class=\"note\">In grey: what random scores get on as many images (chance).</p>" + "".join(other)
+    out += "<p class=\"note\">In grey: what random scores get on as many images (chance).</p>"
+    out += "".join(other)
     hn = {k: v for k, v in ev.get("hard_negatives", {}).items() if isinstance(v, dict)}
     if hn:
         out += "<h4>Hard negatives</h4>" + table(
@@ -482,10 +504,11 @@ def text_rows(r: RunReport, items: list, cls: str) -> str:
         figs = "".join(figure(g, i, f"{n + 1}. score {s:.3f}", gt=i == q["gt"])
                        for n, (i, s) in enumerate(q["hits"]))
         if not gt_shown:
-            figs += figure(g, q["gt"], f"ground truth: rank {q['gt_rank']}, score {q['gt_score']:.3f}", gt=True)
+            label = f"ground truth: rank {q['gt_rank']}, score {q['gt_score']:.3f}"
+            figs += figure(g, q["gt"], label, gt=True)
         caption_id = int(g.caption_ids[q["caption"]])
-        rows.append([f"{esc(g.text(q['caption']))}<br><span class=\"note\">caption {caption_id}, ground truth "
-                     f"at rank {q['gt_rank']}</span>", figs])
+        rows.append([f"{esc(g.text(q['caption']))}<br><span class=\"note\">caption {caption_id}, "
+                     f"ground truth at rank {q['gt_rank']}</span>", figs])
     return table(["query", "top images (ground truth framed in green)"], rows, cls)
 
 
@@ -589,29 +612,43 @@ def render(reports: list[RunReport], command: str, curves: str | None = None) ->
     return head + body + "</body></html>\n"
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    for flag in ("queries", "top", "thumb", "batch_size"):
-        if getattr(args, flag) < 1:
-            build_parser().error(f"--{flag.replace('_', '-')} must be at least 1")
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    for name in ("queries", "top", "thumb", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("failures", "pairs", "boxes", "workers"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be at least 0")
+
+
+def write_report(args, command: str) -> str:
+    """Write the report of ``args.runs`` to ``args.out``; the summary line."""
     started = time.perf_counter()
     reports = [collect(run, args) for run in args.runs]
     out = Path(args.out or Path(args.runs[0]) / "report.html")
-    page = render(reports, "python training/report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  curves_png([r.dir for r in reports]) if len(reports) > 1 else None)
+    page = render(reports, command, curves_png([r.dir for r in reports]) if len(reports) > 1 else None)
     with shards.atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
     res = reports[0].results
-    print(f"report: {len(reports)} run(s), {args.split} split ({reports[0].n_images} images): "
-          f"{len(res.text_queries)} text and {len(res.image_queries)} image queries, "
-          f"{len(res.t2i_failures)}+{len(res.i2t_failures)} failures, {len(res.pairs)} hard-negative pairs "
-          f"per run; {len(page.encode()) / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s -> {out}")
+    return (f"report: {len(reports)} run(s), {args.split} split ({reports[0].n_images} images): "
+            f"{len(res.text_queries)} text and {len(res.image_queries)} image queries, "
+            f"{len(res.t2i_failures)}+{len(res.i2t_failures)} failures, {len(res.pairs)} hard-negative "
+            f"pairs per run; {len(page.encode()) / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s "
+            f"-> {out}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    command = "python training/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        print(write_report(args, command))
+    except (ShardError, CheckpointError, ValueError, OSError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ShardError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(main())

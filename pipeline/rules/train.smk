@@ -64,7 +64,8 @@ rule train:
         str(BENCH / "{dataset}" / "train-{model}.tsv")
     shell:
         "{PY} {TRAIN} --model {wildcards.model} --dataset {wildcards.dataset} --root {ROOT}"
-        " --out {params.out} {params.flags} --device {params.device} --workers {resources.workers} > {log} 2>&1"
+        " --out {params.out} {params.flags} --device {params.device} --workers {resources.workers}"
+        " > {log} 2>&1"
 
 
 rule evaluate:

@@ -19,7 +19,8 @@ def label_lines(obj_labels: np.ndarray, attr_labels: np.ndarray, attrs: dict, to
         return ["  labels       none (features imported without labels)"] if len(obj_labels) else []
     names = LabelNames.for_extractor(attrs.get("extractor"))
     lines = []
-    for what, labels, name in (("objects", obj_labels, names.object), ("attributes", attr_labels, names.attribute)):
+    for what, labels, name in (("objects", obj_labels, names.object),
+                               ("attributes", attr_labels, names.attribute)):
         ids, counts = np.unique(labels[labels >= 0], return_counts=True)
         order = np.argsort(-counts, kind="stable")[:top]
         lines.append(f"  top {what:10s} " + ", ".join(f"{name(ids[i])} {counts[i]}" for i in order))
