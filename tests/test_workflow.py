@@ -102,7 +102,7 @@ def expected_jobs(target: str) -> dict[str, int]:
     return jobs
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("all", "demo")])
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.split("_")[0] not in ("all", "demo", "train")])
 def test_dry_run_lists_every_shard_job(fake_copy, target):
     work, cfg = fake_copy
     assert job_counts(ok(snakemake(work, "-n", target, config=cfg))) == expected_jobs(target)
@@ -143,6 +143,7 @@ def test_dry_run_train_target_takes_the_model_and_its_defaults(fake_copy):
     the model's own defaults (no flag), and it ends with evaluate (similarities kept) and report."""
     work, cfg = fake_copy
     out = ok(snakemake(work, "-n", "-p", "train_coco", config=dict(cfg, model="kidrr")))
+    assert job_counts(out) == expected_jobs("train_coco")   # every shard job, then train, evaluate, report
     run = work / "runs" / "coco-kidrr"
     train = shell_line(out, "training/train.py")
     assert "--model kidrr --dataset coco" in train and f"--out {run}" in train
@@ -156,7 +157,9 @@ def test_dry_run_train_target_passes_the_training_keys(fake_copy):
     work, cfg = fake_copy
     keys = dict(cfg, train_epochs=3, train_batch_size=64, train_device="cpu",
                 train_set={"lr": 0.0001, "lr_decay_epochs": [10, 20]})
-    train = shell_line(ok(snakemake(work, "-n", "-p", "train_f30k", config=keys)), "training/train.py")
+    out = ok(snakemake(work, "-n", "-p", "train_f30k", config=keys))
+    assert job_counts(out) == expected_jobs("train_f30k")
+    train = shell_line(out, "training/train.py")
     assert "--model vsepp --dataset f30k" in train   # the default model
     assert "--epochs 3 --batch-size 64 --set lr=0.0001 --set lr_decay_epochs=10,20" in train
     assert "--device cpu" in train
