@@ -83,15 +83,24 @@ def add_set_argument(parser: argparse.ArgumentParser, what: str, metavar: str = 
                         help=f"set {what}; VALUE is YAML (3, 1e-4, true, null, [1, 2], text); repeatable")
 
 
-def positive_int(text: str) -> int:
-    """The type of an option that counts something and must be at least 1."""
+def _count(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """The type of an option that counts something and must be at least 1."""
+    return _count(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """The type of an option that counts something and may be 0."""
+    return _count(text, 0)
 
 
 def run_command(add_arguments, command, argv=None) -> int:

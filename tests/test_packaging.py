@@ -1,5 +1,5 @@
 """The package as a wheel: it carries every module and what the code reads (the manifests and
-their schema), and a non-editable install ingests a dataset from another working directory."""
+their schema, the label names), and a non-editable install ingests a dataset from another working directory."""
 
 import json
 import os
@@ -50,6 +50,8 @@ def test_wheel_carries_every_module_and_the_manifests(wheel):
     manifests = {f"pipeline/manifests/{p.name}" for p in (ROOT / "manifests").glob("*.yaml")}
     assert "pipeline/manifests/schema.yaml" in manifests and manifests <= names, sorted(manifests - names)
     assert {f"pipeline/rules/{p.name}" for p in (ROOT / "pipeline" / "rules").glob("*.smk")} <= names
+    labels = {f"pipeline/data/genome/{p.name}" for p in (ROOT / "pipeline" / "data" / "genome").iterdir()}
+    assert "pipeline/data/genome/objects_vocab.txt" in labels and labels <= names, sorted(labels - names)
 
 
 @pytest.mark.slow  # a venv, an install and three CLI runs: over 10 s on a loaded machine
@@ -91,3 +93,6 @@ def test_installed_wheel_ingests_from_another_directory(wheel, tmp_path):
         assert "wrote 1 images" in r.stdout
     r = run([python, "-c", "import pipeline.manifest as m; print(m.MANIFEST_DIR)"], cwd=work)
     assert Path(r.stdout.strip()) == Path(site) / "pipeline" / "manifests", r.stdout + r.stderr
+    r = run([python, "-c", "from pipeline.labels import LabelNames as L; print(L.for_extractor(None).region(0, 4))"],
+            cwd=work)
+    assert r.stdout.strip() == "red yolk", r.stdout + r.stderr   # the label names are package data

@@ -14,6 +14,7 @@ PY = sys.executable
 BASE = Path(workflow.basedir)
 TRAIN = BASE / "training" / "train.py"
 EVALUATE = BASE / "training" / "evaluate.py"
+REPORT = BASE / "training" / "report.py"
 # absolute, because shards.json keeps paths relative to the dataset folder
 ROOT = Path(config["root"]).expanduser().resolve()
 RUNS = Path(config["runs"]).expanduser().resolve()
