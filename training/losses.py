@@ -38,21 +38,8 @@ def triplet_loss(sims: torch.Tensor, margin: float = 0.2, max_violation: bool = 
     return cost_t.sum() + cost_i.sum()
 
 
-def infonce_loss(sims: torch.Tensor, temperature: float = 0.05,
-                 positives: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric cross-entropy over the batch (CLIP-style); other positives are masked out."""
-    n = min(sims.shape)
-    pos = _positives(sims, positives)
-    logits = sims / temperature
-    eye = torch.eye(*sims.shape, dtype=torch.bool, device=sims.device)
-    logits = logits.masked_fill(pos & ~eye, float("-inf"))
-    target = torch.arange(n, device=sims.device)
-    return 0.5 * (torch.nn.functional.cross_entropy(logits[:n], target)
-                  + torch.nn.functional.cross_entropy(logits[:, :n].t(), target))
-
-
 # ---------------------------------------------------------------------------------------------
-# ReSG (issue #12): center hinge loss and positive-negative margin loss
+# ReSG: center hinge loss and positive-negative margin loss
 
 def center_hinge_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor,
                       positives: torch.Tensor | None = None, intra_margin: float = 0.2,
@@ -105,7 +92,7 @@ def pos_neg_margin_loss(sims: torch.Tensor, pos_margin: float = 0.6, neg_margin:
 
 
 # ---------------------------------------------------------------------------------------------
-# CIMN (issue #9): gravitation loss
+# CIMN: gravitation loss
 
 def _gravity_hinge(anchor_sims: torch.Tensor, pos_sims: torch.Tensor, negatives: torch.Tensor,
                    mass_anchor: torch.Tensor, mass_other: torch.Tensor, margin: float,

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                             workers=run.workers)
 
     # model and optimiser
-    model = models.build(run.model, cfg, vocab).to(device)
+    model = models.build(run.model, cfg, vocab, vectors=layout.vocab_vectors).to(device)
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = device.type == "cuda"

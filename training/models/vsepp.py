@@ -5,30 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
+from training.models.layers import masked_mean
 
 
 @dataclass
 class VSEPPConfig(ModelConfig):
-    embed_dim: int = 1024
-    word_dim: int = 300
-    feature_dim: int = 2048
-    lr: float = 2e-4
-    epochs: int = 30
-    lr_decay_epochs: tuple[int, ...] = (15,)
-    margin: float = 0.2
-    warmup_epochs: int = 1     # sum of violations first, then the hardest negative
+    """VSE++ is the base recipe: no field of its own."""
 
 
 @register("vsepp")
 class VSEPP(ITMModel):
     config_class = VSEPPConfig
-    DATASET_DEFAULTS = {"coco": {"lr_decay_epochs": (15,), "epochs": 30},
-                        "f30k": {"lr_decay_epochs": (15,), "epochs": 30}}
+    DATASET_DEFAULTS = {}      # VSE++ trains 30 epochs (decay after 15) on COCO too
     two_tower = True
 
     def __init__(self, cfg: VSEPPConfig, vocab):
@@ -38,9 +30,7 @@ class VSEPP(ITMModel):
         self.gru = nn.GRU(cfg.word_dim, cfg.embed_dim, batch_first=True)
 
     def encode_image(self, img):
-        mask = img.region_mask.unsqueeze(-1).float()
-        pooled = (img.regions * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(self.img_fc(pooled), dim=-1)
+        return F.normalize(self.img_fc(masked_mean(img.regions, img.region_mask)), dim=-1)
 
     def encode_text(self, txt):
         x = self.embed(txt.tokens)
