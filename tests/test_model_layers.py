@@ -12,7 +12,8 @@ import torch
 
 from pipeline import shards
 from pipeline.shards import Vocabulary
-from training import models, train
+from training import checkpoint, models, train
+from training.config import RunConfig
 from training.models import layers
 from training.synthetic import make_dataset, random_caption_batches, random_image_batches, random_vocab
 
@@ -114,6 +115,46 @@ def _small(name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# region feature standardisation (vsepp)
+
+def test_feature_norm_ignores_padding_and_depends_on_the_item_alone_at_evaluation():
+    g = torch.Generator().manual_seed(0)
+    norm = layers.FeatureNorm(6)
+    x = 50 + torch.randn(4, 3, 6, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    garbage = torch.where(mask.unsqueeze(-1), x, torch.full_like(x, 1e6))
+    out = norm.train()(garbage, mask)
+    real = out[mask]
+    torch.testing.assert_close(real.mean(0), torch.zeros(6), atol=1e-5, rtol=0)   # standardised
+    torch.testing.assert_close(real.var(0, unbiased=False), torch.ones(6), atol=1e-3, rtol=0)
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    torch.testing.assert_close(norm.running_mean, 0.1 * x[mask].mean(0))   # padding not counted
+    norm.eval()
+    torch.testing.assert_close(norm(x, mask)[1:2], norm(x[1:2], mask[1:2]))
+
+
+def test_vsepp_tells_apart_images_that_share_a_large_common_component():
+    """The cause of vsepp's collapse on random-weight features: every image is a big shared
+    vector plus a small own part, and without standardisation the projection maps them all to
+    nearly one point (cosine 0.99 on the demo), where the hardest-negative loss stays."""
+    g = torch.Generator().manual_seed(0)
+    common = 1.6 + 0.6 * torch.rand(32, generator=g)
+    img = random_image_batches(16, 3, 32, 16)[0]
+    img = dataclasses.replace(img, regions=common + 0.15 * torch.randn(16, 3, 32, generator=g))
+    vocab = random_vocab(30)
+
+    def mean_cosine(feature_norm):
+        torch.manual_seed(0)
+        m = models.build("vsepp", dict(_small("vsepp"), feature_norm=feature_norm), vocab).train()
+        with torch.no_grad():
+            v = m.encode_image(img)
+        return (v @ v.t())[~torch.eye(16, dtype=torch.bool)].mean().item()
+
+    assert mean_cosine(False) > 0.95
+    assert mean_cosine(True) < 0.3
+
+
+# ---------------------------------------------------------------------------------------------
 # registry and configs
 
 def test_a_model_module_registers_itself_when_its_file_exists(tmp_path, monkeypatch):
@@ -148,6 +189,26 @@ def test_saved_configs_of_older_runs_load_as_they_were_trained():
     old = {k: v for k, v in models.dataclasses.asdict(cls()).items() if k != "sim_block_elems"}
     old["sim_budget"] = 1234                                       # renamed since
     assert models.make_config(cls, old, saved=True).sim_block_elems == 1234
+    vsepp = models.get("vsepp").config_class
+    saved = {k: v for k, v in models.dataclasses.asdict(vsepp()).items() if k != "feature_norm"}
+    assert models.make_config(vsepp, saved, saved=True).feature_norm is False   # added since
+    assert models.default_config("vsepp").feature_norm is True                    # new runs
+
+
+def test_a_vsepp_run_saved_before_feature_norm_loads_and_scores_the_same(tmp_path):
+    vocab = random_vocab(30)
+    cfg = dict(embed_dim=16, word_dim=8, feature_dim=32)
+    torch.manual_seed(0)
+    old = models.build("vsepp", dict(cfg, feature_norm=False), vocab).eval()
+    checkpoint.save(tmp_path / "best.pt", {"model": old.state_dict()})
+    saved = {k: v for k, v in models.dataclasses.asdict(models.default_config("vsepp", **cfg)).items()
+             if k != "feature_norm"}
+    run = RunConfig(model="vsepp", dataset="synth", root=str(tmp_path), model_config=saved)
+    again = models.build("vsepp", run.model_cfg(), vocab).eval()
+    again.load_state_dict(checkpoint.load(tmp_path / "best.pt")["model"])   # strict: same keys
+    img = random_image_batches(4, 3, 32, 4)[0]
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(img), old.encode_image(img))
 
 
 # ---------------------------------------------------------------------------------------------

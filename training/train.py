@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline import shards
 from pipeline.config import add_root_argument, resolve_root
 from pipeline.shards import Layout, ShardError, Vocabulary
-from training import checkpoint, models
+from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_overrides
 from training.data import (CaptionDataset, DataConfig, ImageDataset, PairDataset, ShardData,
@@ -221,9 +221,10 @@ def main(argv=None) -> int:
             for k, v in row.items():
                 writer.add_scalar(f"val/{k}" if k in metrics else f"epoch/{k}", v, step)
             writer.flush()
+            collapsed = losses.collapse_note(row["train_loss"], sims, cfg.margin, cfg.batch_size // world)
             print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} rsum {metrics['rsum']:.1f} "
                   f"(R@1 i2t {metrics['i2t_r1']:.1f} t2i {metrics['t2i_r1']:.1f})"
-                  f"{' best' if is_best else ''}", file=sys.stderr)
+                  f"{' best' if is_best else ''}{collapsed}", file=sys.stderr)
         if ddp:
             dist.barrier()
 

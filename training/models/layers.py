@@ -3,6 +3,7 @@
 * masked operations: ``masked_softmax`` (the one way padding is kept out of an attention),
   ``masked_mean``;
 * the text side of the SCAN family: ``bigru_states``;
+* ``FeatureNorm``: per-channel standardisation of region features;
 * box geometry: ``box_features`` (a box as a 5-d input), ``relative_offsets`` and
   ``relative_geometry`` (relation networks' geometry of box pairs);
 * matching: ``attended_cosine`` (SCAN's attention without materialising the attended vectors);
@@ -32,6 +33,26 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     none is); padded entries never reach the result, even when they hold NaN."""
     m = mask.unsqueeze(-1)
     return torch.where(m, x, 0).sum(-2) / m.sum(-2).clamp(min=1).to(x.dtype)
+
+
+class FeatureNorm(nn.BatchNorm1d):
+    """Per-channel standardisation of region features [B, R, C] over the real regions (``mask``
+    [B, R]) of the training batch, with running statistics at evaluation (an item's encoding
+    then depends on that item alone); padded regions come out as zeros. No affine parameters:
+    the projection that follows has its own.
+
+    Why: detector features share a large common component (ReLU outputs are all positive; with
+    RANDOM extractor weights the mean-pooled features of any two images have cosine 0.99), so a
+    linear projection maps every image to nearly the same point and the hardest-negative loss
+    settles where all scores are equal (docs/models.md, "vsepp")."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        out[mask] = super().forward(x[mask])
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
