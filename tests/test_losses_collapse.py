@@ -22,3 +22,7 @@ def test_no_warning_for_a_model_that_separates_or_a_loss_elsewhere():
     equal = np.full((40, 200), 0.5)
     assert losses.collapse_note(3.1, equal, margin=0.2, batch_size=16) == ""      # loss elsewhere
     assert losses.collapse_note(6.45, equal + rng.normal(0, 1e-4, equal.shape), 0.2, 16) != ""
+    # one side collapsed: every image scores a caption the same, captions differ by an offset
+    offsets = equal + rng.normal(0, 0.05, (1, 200))
+    assert losses.collapse_note(6.6, offsets, 0.2, 16) != ""
+    assert losses.collapse_note(6.6, offsets + rng.normal(0, 0.05, (40, 1)) * rng.normal(0, 1, (1, 200)), 0.2, 16) == ""

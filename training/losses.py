@@ -41,16 +41,18 @@ def triplet_loss(sims: torch.Tensor, margin: float = 0.2, max_violation: bool = 
 def collapse_note(mean_loss: float, sims, margin: float, batch_size: int) -> str:
     """A warning for the epoch line when training has collapsed, else "".
 
-    When every score is equal, each of the 2 x batch anchors of the hardest-negative hinge loss
-    pays exactly the margin, so the loss is 2 x margin x batch, and its gradient cancels: the
-    run stays there. Both signs are required: the epoch's mean loss within 1 % of that value,
-    and validation scores ``sims`` (any array) whose spread is below 1 % of the margin (so a
-    loss of another form that passes that value is not flagged)."""
+    When the scores of every image for a caption are equal (or of every caption for an image),
+    each of the 2 x batch anchors of the hardest-negative hinge loss pays about the margin, so
+    the loss sits at 2 x margin x batch, and its gradient cancels: the run stays there. Both
+    signs are required: the epoch's mean loss within 5 % of that value, and validation scores
+    ``sims`` [images, captions] (numpy) whose spread along one of the two axes is below 1 % of
+    the margin (so a loss of another form that passes that value is not flagged)."""
     collapsed = 2 * margin * batch_size
-    if abs(mean_loss - collapsed) > 0.01 * collapsed or float(sims.std()) >= 0.01 * margin:
+    spread = min(float(sims.std(0).mean()), float(sims.std(1).mean()))
+    if abs(mean_loss - collapsed) > 0.05 * collapsed or spread >= 0.01 * margin:
         return ""
-    return (f" COLLAPSED: loss at 2 x margin x batch = {collapsed:g}, validation scores all "
-            f"equal (std {float(sims.std()):.1e})")
+    return (f" COLLAPSED: loss near 2 x margin x batch = {collapsed:g}, validation scores "
+            f"equal (spread {spread:.1e})")
 
 
 # ---------------------------------------------------------------------------------------------
