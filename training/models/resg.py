@@ -16,7 +16,6 @@ See docs/models.md, section "ReSG", for which choices the paper leaves open and 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +43,7 @@ class ReSGConfig(ModelConfig):
     neg_margin: float = 0.2
 
 
-@dataclasses.dataclass
+@dataclass
 class SceneGraph(Encoding):
     """A graph encoding (VReG or TReG): L2-normalised object and relation nodes with their masks,
     and the global embedding (mean of the object nodes) that the center hinge loss works on."""
