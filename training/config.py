@@ -30,7 +30,7 @@ class RunConfig:
     vocab_fingerprint: str = ""
 
     def model_cfg(self) -> models.ModelConfig:
-        return models.make_config(models.get(self.model).config_class, self.model_config)
+        return models.make_config(models.get(self.model).config_class, self.model_config, saved=True)
 
     def save(self, run_dir) -> None:
         shards.write_json(Path(run_dir) / "config.json", dataclasses.asdict(self))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import shards
-from pipeline.config import UsageError, add_quiet_argument, add_root_argument, positive_int, run_command
+from pipeline.config import UsageError, add_quiet_argument, positive_int, run_command
 from pipeline.shards import Layout, ShardError
 from training import models
 from training.checkpoint import CheckpointError

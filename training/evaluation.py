@@ -213,7 +213,7 @@ def protocol_result(sims: np.ndarray, protocol: str, fold_size: int = 1000,
 # similarity of a model over a split
 
 def _to(x, device):
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "to"):   # a tensor, or a model's named encoding (training.models.layers.Encoding)
         return x.to(device)
     if isinstance(x, (tuple, list)):
         return type(x)(_to(v, device) for v in x)

@@ -428,9 +428,18 @@ class IndexSearch:
         return enc.float().cpu().numpy()
 
     def search(self, query: Query, k: int) -> Ranking:
-        scores, rows = self.index.search(self.embed(query), min(k, self.index.ntotal))
-        scores, rows = scores[0][rows[0] >= 0], rows[0][rows[0] >= 0]   # IVF/HNSW may find fewer than k
-        order = np.lexsort((rows, -scores))                             # equal scores: gallery order
+        x, n = self.embed(query), self.index.ntotal
+        k = min(k, n)
+        # ask for more until the k-th score is not repeated past the end of what came back, so
+        # that equal scores at the cut are decided by gallery order, not by FAISS's heap
+        want = min(k + 1, n)
+        while True:
+            scores, rows = self.index.search(x, want)
+            scores, rows = scores[0][rows[0] >= 0], rows[0][rows[0] >= 0]   # IVF/HNSW may find fewer
+            if want == n or len(scores) < want or k == 0 or scores[-1] < scores[k - 1]:
+                break
+            want = min(2 * want, n)
+        order = np.lexsort((rows, -scores))[:k]                         # equal scores: gallery order
         return Ranking(rows[order], scores[order])
 
 

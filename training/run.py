@@ -93,8 +93,9 @@ def open_split(root, run: RunConfig, vocab: Vocabulary, split: str,
     return data
 
 
-def create_model(run: RunConfig, vocab: Vocabulary) -> torch.nn.Module:
-    return models.build(run.model, run.model_cfg(), vocab)
+def create_model(run: RunConfig, vocab: Vocabulary, vectors=None) -> torch.nn.Module:
+    """The run's model; ``vectors`` (a word-vectors file) only where no checkpoint follows."""
+    return models.build(run.model, run.model_cfg(), vocab, vectors=vectors)
 
 
 def load_checkpoint(model: torch.nn.Module, path, run: RunConfig, vocab: Vocabulary) -> dict:

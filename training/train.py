@@ -30,7 +30,7 @@ from pipeline import shards
 from pipeline.config import (add_quiet_argument, add_root_argument, add_set_argument, positive_int,
                              resolve_root, run_command)
 from pipeline.shards import Layout, ShardError
-from training import checkpoint, models
+from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_overrides
 from training.data import (CaptionDataset, ImageDataset, PairDataset, collate_images, collate_pairs,
@@ -152,7 +152,8 @@ def command(args) -> int:
                             workers=run.workers)
 
     # model and optimiser
-    model = create_model(run, vocab).to(device)
+    # the word vectors (word_vectors=true) start a new run; a resumed one takes its checkpoint's
+    model = create_model(run, vocab, vectors=None if args.resume else layout.vocab_vectors).to(device)
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = device.type == "cuda"
@@ -230,9 +231,10 @@ def command(args) -> int:
             for k, v in row.items():
                 writer.add_scalar(f"val/{k}" if k in metrics else f"epoch/{k}", v, step)
             writer.flush()
+            collapsed = losses.collapse_note(row["train_loss"], sims, cfg.margin, cfg.batch_size // world)
             print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} rsum {metrics['rsum']:.1f} "
                   f"(chance {chance:.1f}; R@1 i2t {metrics['i2t_r1']:.1f} t2i {metrics['t2i_r1']:.1f})"
-                  f"{' best' if is_best else ''}", file=sys.stderr)
+                  f"{' best' if is_best else ''}{collapsed}", file=sys.stderr)
         if ddp:
             dist.barrier()
 
