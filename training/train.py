@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import os
 import sys
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import (add_quiet_argument, add_root_argument, add_set_argument, positive_int,
+from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument, positive_int,
                              resolve_root, run_command)
 from pipeline.shards import Layout, ShardError
 from training import checkpoint, losses, models
@@ -74,6 +75,16 @@ def pick_val_split(layout: Layout, wanted: str) -> str:
     raise ShardError(f"{layout.index.path}: no val or dev region shards; pass --val-split")
 
 
+def model_overrides(args) -> dict:
+    """The model config fields the command line sets: --set, --epochs, --batch-size."""
+    overrides = parse_overrides(args.set, models.get(args.model).config_class)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    return overrides
+
+
 def make_run(args, out: Path) -> RunConfig:
     """A new run's config, or the saved one when resuming (checked against the arguments)."""
     if args.resume:
@@ -82,20 +93,20 @@ def make_run(args, out: Path) -> RunConfig:
             raise CheckpointError(f"{out}: run dir of model '{run.model}', not '{args.model}'")
         if run.dataset != args.dataset:
             raise CheckpointError(f"{out}: run dir of dataset '{run.dataset}', not '{args.dataset}'")
+        saved = dataclasses.asdict(run.model_cfg())
+        changed = {k: (saved[k], v) for k, v in model_overrides(args).items() if saved[k] != v}
+        if changed:   # a resumed run keeps its recipe; silently ignoring the new one would mislead
+            raise UsageError(f"{out}: --resume continues the run with its own config; it differs in "
+                             + ", ".join(f"{k} ({a!r} saved, {b!r} given)" for k, (a, b) in changed.items())
+                             + "; start a new run (another --out) to change them")
         return run
     if (out / "config.json").exists():
         raise CheckpointError(f"{out}: already holds a run; pass --resume to continue it or "
                               "choose another --out")
-    cls = models.get(args.model)
-    overrides = parse_overrides(args.set, cls.config_class)
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    cfg = models.default_config(args.model, dataset_key(args.dataset), **overrides)
+    cfg = models.default_config(args.model, dataset_key(args.dataset), **model_overrides(args))
     return RunConfig(model=args.model, dataset=args.dataset, root=str(resolve_root(args.root).absolute()),
                      seed=args.seed, workers=args.workers, val_split=args.val_split,
-                     max_images=args.max_images, model_config=models.dataclasses.asdict(cfg))
+                     max_images=args.max_images, model_config=dataclasses.asdict(cfg))
 
 
 def main(argv=None) -> int:
@@ -180,7 +191,7 @@ def command(args) -> int:
         writer = SummaryWriter(str(out / "tb"), purge_step=step)
     meta = {"model": run.model, "vocab_fingerprint": vocab.fingerprint, "shard_hashes": run.shard_hashes,
             "dataset": run.dataset}
-    run_config = models.dataclasses.asdict(run)
+    run_config = dataclasses.asdict(run)
 
     # loop
     last_epoch = cfg.epochs if args.stop_after is None else min(cfg.epochs, start_epoch + args.stop_after)
