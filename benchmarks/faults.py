@@ -184,8 +184,9 @@ def traversal_rows(work: Path, root: Path) -> tuple[bool, str]:
     outside.mkdir()
     secret = outside / "secret.png"
     shutil.copy(sorted((root / "demo" / "images").rglob("*.png"))[0], secret)
-    bad = {"../outside/secret.png": "a ../ path", str(secret): "an absolute path",
-           "sub/../img0.png": "img0.png again under a second name"}
+    bad = {"../outside/secret.png": "a ../ path",          # rows 3, 4, 5 of the CSV: test, train, test
+           "sub/../img0.png": "img0.png (a test image) again, under a second name, in train",
+           str(secret): "an absolute path"}
     src, manifest = folder_dataset(work, root, "folder_paths",
                                    [("img0.png", ""), ("img1.png", ""), *[(f, "") for f in bad]])
     (src / "images" / "sub").mkdir()

@@ -264,17 +264,21 @@ def read_folder(m: Manifest, report: Report) -> list[Source]:
         except UnicodeEncodeError:
             report.add("malformed entry", where, "image file name is not valid UTF-8")
             continue
+        given = row.get(cols["split"])
+        if given not in (None, ""):
+            split = mapping.get(given, given)
+            if split not in SPLITS:
+                report.add("unknown split", where, f"split {given!r} is not one of {SPLITS}")
+                continue
+        else:
+            split = hashed_split(key, m["split_fractions"])
         src = by_key.get(key)
         if src is None:
-            given = row.get(cols["split"])
-            if given not in (None, ""):
-                split = mapping.get(given, given)
-                if split not in SPLITS:
-                    report.add("unknown split", where, f"split {given!r} is not one of {SPLITS}")
-                    continue
-            else:
-                split = hashed_split(key, m["split_fractions"])
             src = by_key[key] = Source(stable_id(key), ann["images"] / key, split, f"{where} ({key})")
+        elif split != src.split:   # one file in two splits would leak test images into training
+            report.add("split conflict", where, f"{file.strip()!r} is the image of {src.where}, "
+                       f"which is in {src.split}, not {split}")
+            continue
         src.captions.append(Caption(n, row.get(cols["caption"]), where))
     return list(by_key.values())
 
