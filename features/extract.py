@@ -270,7 +270,8 @@ def main(args) -> int:
     skipped = sum(1 for b in r.bad if b[3] == "skipped")
     converted = sum(1 for b in r.bad if b[3] == "converted")
     parts = [f"wrote {r.written['regions']} regions + {r.written['grid']} grid shard(s) for {r.images} image(s) "
-             f"in {secs:.1f}s ({r.images / max(secs, 1e-9):.2f} img/s)",
+             f"in {secs:.1f}s ({r.images / max(secs, 1e-9):.2f} img/s; model setup {r.setup_seconds:.1f}s, "
+             f"images {r.loop_seconds:.1f}s)",
              f"reused {r.reused} current shard(s)"]
     if skipped or converted:
         parts.append(f"{skipped} bad image(s) skipped, {converted} converted (see {r.bad_path})")

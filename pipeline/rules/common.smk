@@ -2,6 +2,7 @@
 # step is a package CLI, and the flags that decide what a step writes are also its `params`, so a
 # changed setting reruns exactly the rules whose flags changed (Snakemake's params trigger).
 
+import functools
 import os
 import sys
 import tempfile
@@ -40,8 +41,10 @@ DONE = {kind: data("{dataset}", ".workflow", f"{kind}.done") for kind in ("regio
 SHARD = {kind: Layout(ROOT, "{dataset}").pattern(kind) for kind in ("regions", "grid", "graphs")}
 
 
+@functools.cache
 def manifest(ds):
-    """The dataset's manifest with the config's paths applied (the ingest CLI gets the same)."""
+    """The dataset's manifest with the config's paths applied (the ingest CLI gets the same).
+    Read once per snakemake call: every job of the dataset asks for it (COCO plans 250 jobs)."""
     opts = {key: config.get(f"{ds}_{key}") or None for key in ("source_root", "images", "annotations")}
     return manifests.load(BASE / "manifests" / f"{ds}.yaml", source_root=opts["source_root"],
                           images_dir=opts["images"], annotations=opts["annotations"])
