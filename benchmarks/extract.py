@@ -52,6 +52,8 @@ from pipeline.demo import DemoConfig, generate
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 PARTS = ("way", "overhead", "amp", "plan")
+DEMO_CFG = ExtractorConfig(boxes=CONFIG["demo_boxes"], min_size=CONFIG["demo_min_size"], max_size=CONFIG["demo_max_size"])
+BIG_CFG = ExtractorConfig()   # adaptive boxes, 600/1000, 300 proposals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,12 +116,14 @@ def job(layout: shards.Layout, kind: str, flags: list[str], threads: int) -> dic
     m = SUMMARY.search(p.stdout)
     if p.returncode != 0 or not m:
         raise SystemExit(f"extract benchmark: job failed ({' '.join(cmd)}):\n{p.stdout}{p.stderr[-3000:]}")
-    return {"kind": kind, "wall": wall, "images": int(m[1]), "setup": float(m[3]), "loop": float(m[4])}
+    profile = p.stderr[p.stderr.index("stage "):] if "--profile" in flags else ""
+    return {"kind": kind, "wall": wall, "images": int(m[1]), "setup": float(m[3]), "loop": float(m[4]),
+            "profile": profile}
 
 
 def compare_ways(title: str, make, flags: list[str], threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        one = job(make(Path(tmp) / "one"), "both", flags, threads)
+        one = job(make(Path(tmp) / "one"), "both", [*flags, "--profile"], threads)
         two = make(Path(tmp) / "two")
         regions, grid = job(two, "regions", flags, threads), job(two, "grid", flags, threads)
     n = one["images"]
@@ -133,6 +137,7 @@ def compare_ways(title: str, make, flags: list[str], threads: int) -> dict:
           f"images {regions['loop']:.1f}+{grid['loop']:.1f}s)")
     print(f"  => {new / old:.2f}x per job as the workflow runs it; {new_loop / old_loop:.2f}x on the images "
           f"alone (setup and process start left out)")
+    print("  where the one job's time went (--profile):\n    " + one["profile"].strip().replace("\n", "\n    "))
     return one
 
 
@@ -156,24 +161,35 @@ def decoded(layout: shards.Layout, cfg: ExtractorConfig, split: str | None = Non
 
 
 def bare_seconds(model, tensors, sizes, boxes, batch_size: int, device: str) -> float:
-    def run(i):
-        b = None if boxes is None else boxes[i:i + batch_size]
-        model(tensors[i:i + batch_size], sizes[i:i + batch_size], b)
-    run(0)  # warm-up
+    """Seconds of the model on every image, batch by batch, from cold (as a job starts)."""
     sync(device)
     t = time.perf_counter()
     for i in range(0, len(tensors), batch_size):
-        run(i)
+        model(tensors[i:i + batch_size], sizes[i:i + batch_size], None if boxes is None else boxes[i:i + batch_size])
     sync(device)
     return time.perf_counter() - t
 
 
-def overhead(title: str, layout, cfg, split, batch_size, device, runner_job: dict) -> None:
-    tensors, sizes, boxes = decoded(layout, cfg, split)
-    secs = bare_seconds(random_model(cfg, device), tensors, sizes, boxes, batch_size, device)
-    bare, runner = len(tensors) / secs, runner_job["images"] / runner_job["loop"]
-    print(f"\n{title}: runner (1 job, both kinds) {runner:.3f} img/s vs bare model {bare:.3f} img/s: "
-          f"overhead {bare / runner:.2f}x")
+def overhead(title: str, layout, kind: str, split, batch_size: int, threads: int, runner_job: dict) -> None:
+    """The bare model in a process of its own, as cold as the job it is compared with."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare", str(layout.root), kind, str(split),
+           str(batch_size), "--threads", str(threads)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if p.returncode != 0:
+        raise SystemExit(f"extract benchmark: bare model run failed:\n{p.stderr[-3000:]}")
+    images, secs = map(float, p.stdout.split()[-2:])
+    bare, runner = images / secs, runner_job["images"] / runner_job["loop"]
+    print(f"\n{title}: runner (1 job, both kinds) {runner:.3f} img/s vs bare model {bare:.3f} img/s "
+          f"(regions + grid on pre-decoded tensors, nothing written): overhead {bare / runner:.2f}x")
+
+
+def bare_child(root: str, kind: str, split: str, batch_size: str) -> None:
+    """``--bare``: prints the number of images and the seconds the bare model took on them."""
+    cfg = DEMO_CFG if kind == "demo" else BIG_CFG
+    layout = shards.Layout(Path(root), "demo" if kind == "demo" else "bench")
+    tensors, sizes, boxes = decoded(layout, cfg, None if split == "None" else split)
+    secs = bare_seconds(random_model(cfg, "cpu"), tensors, sizes, boxes, int(batch_size), "cpu")
+    print(len(tensors), secs)
 
 
 def sync(device: str):
@@ -274,16 +290,18 @@ def main(argv=None) -> int:
     p.add_argument("--amp-images", type=int, default=2, help="600x1000 images for the AMP comparison (default 2)")
     p.add_argument("--workers", type=int, default=1, help="decoding workers of the 600x1000 jobs (default 1)")
     p.add_argument("--device", default="cpu", help="device of the AMP comparison (default cpu)")
+    p.add_argument("--bare", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.bare:
+        torch.set_num_threads(args.threads)
+        bare_child(*args.bare)
+        return 0
     parts = args.parts.split(",")
     if set(parts) - set(PARTS):
         p.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; parts are {', '.join(PARTS)}")
     torch.set_num_threads(args.threads)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()}: CPU, {os.cpu_count()} cores, torch threads "
           f"{args.threads}, load average {os.getloadavg()[0]:.1f} at start", flush=True)
-    demo_cfg = ExtractorConfig(boxes=CONFIG["demo_boxes"], min_size=CONFIG["demo_min_size"],
-                               max_size=CONFIG["demo_max_size"])
-    big_cfg = ExtractorConfig()
     if "way" in parts or "overhead" in parts:
         demo_job = compare_ways(f"given boxes at the demo size ({CONFIG['demo_min_size']} px)",
                                 lambda r: make_demo(r, args.demo_images), demo_flags(), args.threads)
@@ -291,14 +309,14 @@ def main(argv=None) -> int:
                                lambda r: make_jpegs(r, args.adaptive_images), adaptive_flags(args.workers), args.threads)
         if "overhead" in parts:
             with tempfile.TemporaryDirectory() as tmp:
-                overhead("demo size, given boxes", make_demo(Path(tmp), args.demo_images), demo_cfg, "test",
-                         CONFIG["extract_batch_size"], "cpu", demo_job)
-                overhead("600x1000, adaptive boxes", make_jpegs(Path(tmp), args.adaptive_images), big_cfg, None, 1,
-                         "cpu", big_job)
+                overhead("demo size, given boxes", make_demo(Path(tmp), args.demo_images), "demo", "test",
+                         CONFIG["extract_batch_size"], args.threads, demo_job)
+                overhead("600x1000, adaptive boxes", make_jpegs(Path(tmp), args.adaptive_images), "adaptive", None, 1,
+                         args.threads, big_job)
     if "amp" in parts:
         with tempfile.TemporaryDirectory() as tmp:
-            tensors, sizes, _ = decoded(make_jpegs(Path(tmp), args.amp_images, seed=1), big_cfg)
-        print_amp(amp_difference(big_cfg, tensors, sizes, args.device), "600x1000, adaptive boxes")
+            tensors, sizes, _ = decoded(make_jpegs(Path(tmp), args.amp_images, seed=1), BIG_CFG)
+        print_amp(amp_difference(BIG_CFG, tensors, sizes, args.device), "600x1000, adaptive boxes")
     if "plan" in parts:
         plan()
     print(f"# load average {os.getloadavg()[0]:.1f} at the end", flush=True)
