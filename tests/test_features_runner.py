@@ -22,7 +22,7 @@ def test_size_batches_hold_one_size_and_stay_near_row_order(batch_size):
                                           p=[0.6, 0.25, 0.1, 0.05])]
     sizes[17] = None   # unknown size: a group of its own kind
     rows = np.arange(1000, 1200)
-    window = 8 * batch_size
+    window = 32 * batch_size
     batches = size_batches(rows, sizes, batch_size, window)
     assert sorted(r for b in batches for r in b) == rows.tolist()
     assert all(1 <= len(b) <= batch_size and len({sizes[r - 1000] for r in b}) == 1 for b in batches)
