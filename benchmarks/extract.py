@@ -29,6 +29,7 @@ import dataclasses
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -103,22 +104,27 @@ def adaptive_flags(workers: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # jobs as Snakemake starts them
 
-SUMMARY = re.compile(r"for (\d+) image\(s\) in ([\d.]+)s .*?model setup ([\d.]+)s, images ([\d.]+)s")
+SUMMARY = re.compile(r"for (\d+) image\(s\) in ([\d.]+)s .*?model setup ([\d.]+)s, images ([\d.]+)s, CPU ([\d.]+)s")
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def job(layout: shards.Layout, kind: str, flags: list[str], threads: int) -> dict:
     cmd = [sys.executable, "-m", "features", "extract", "--dataset", layout.name, "--root", str(layout.root),
            "--kind", kind, "--weights", "random", "--device", "cpu", "--threads", str(threads), "--no-progress",
            *flags]
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), children_cpu()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, children_cpu() - cpu
     m = SUMMARY.search(p.stdout)
     if p.returncode != 0 or not m:
         raise SystemExit(f"extract benchmark: job failed ({' '.join(cmd)}):\n{p.stdout}{p.stderr[-3000:]}")
     profile = p.stderr[p.stderr.index("stage "):] if "--profile" in flags else ""
-    return {"kind": kind, "wall": wall, "images": int(m[1]), "setup": float(m[3]), "loop": float(m[4]),
-            "profile": profile}
+    return {"kind": kind, "wall": wall, "cpu": cpu, "images": int(m[1]), "setup": float(m[3]), "loop": float(m[4]),
+            "loop_cpu": float(m[5]), "profile": profile}
 
 
 def compare_ways(title: str, make, flags: list[str], threads: int) -> dict:
@@ -127,16 +133,18 @@ def compare_ways(title: str, make, flags: list[str], threads: int) -> dict:
         two = make(Path(tmp) / "two")
         regions, grid = job(two, "regions", flags, threads), job(two, "grid", flags, threads)
     n = one["images"]
-    new, old = n / one["wall"], n / (regions["wall"] + grid["wall"])
-    new_loop, old_loop = n / one["loop"], n / (regions["loop"] + grid["loop"])
-    print(f"\n{title}: {n} images")
-    print(f"  workflow's way, 1 job (both kinds, one pass)   {new:8.3f} img/s   "
-          f"(job {one['wall']:.1f}s: model setup {one['setup']:.1f}s, images {one['loop']:.1f}s)")
-    print(f"  old way, 2 jobs (regions, then grid)           {old:8.3f} img/s   "
-          f"(jobs {regions['wall']:.1f}s + {grid['wall']:.1f}s: setup {regions['setup']:.1f}+{grid['setup']:.1f}s, "
+    two_jobs = {k: regions[k] + grid[k] for k in ("wall", "cpu", "loop", "loop_cpu")}
+    print(f"\n{title}: {n} images; img/s by wall time, and by CPU seconds (steadier on a loaded machine)")
+    print(f"  workflow's way, 1 job (both kinds, one pass)   {n / one['wall']:8.3f} img/s wall, "
+          f"{n / one['cpu']:8.3f} per CPU-s   (job {one['wall']:.1f}s wall, {one['cpu']:.1f}s CPU; "
+          f"model setup {one['setup']:.1f}s, images {one['loop']:.1f}s)")
+    print(f"  old way, 2 jobs (regions, then grid)           {n / two_jobs['wall']:8.3f} img/s wall, "
+          f"{n / two_jobs['cpu']:8.3f} per CPU-s   (jobs {regions['wall']:.1f}+{grid['wall']:.1f}s wall, "
+          f"{regions['cpu']:.1f}+{grid['cpu']:.1f}s CPU; setup {regions['setup']:.1f}+{grid['setup']:.1f}s, "
           f"images {regions['loop']:.1f}+{grid['loop']:.1f}s)")
-    print(f"  => {new / old:.2f}x per job as the workflow runs it; {new_loop / old_loop:.2f}x on the images "
-          f"alone (setup and process start left out)")
+    print(f"  => per job as the workflow runs it: {two_jobs['wall'] / one['wall']:.2f}x by wall, "
+          f"{two_jobs['cpu'] / one['cpu']:.2f}x by CPU; the images alone (no process start, no setup): "
+          f"{two_jobs['loop'] / one['loop']:.2f}x by wall, {two_jobs['loop_cpu'] / one['loop_cpu']:.2f}x by CPU")
     print("  where the one job's time went (--profile):\n    " + one["profile"].strip().replace("\n", "\n    "))
     return one
 
@@ -177,10 +185,12 @@ def overhead(title: str, layout, kind: str, split, batch_size: int, threads: int
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     if p.returncode != 0:
         raise SystemExit(f"extract benchmark: bare model run failed:\n{p.stderr[-3000:]}")
-    images, secs = map(float, p.stdout.split()[-2:])
-    bare, runner = images / secs, runner_job["images"] / runner_job["loop"]
-    print(f"\n{title}: runner (1 job, both kinds) {runner:.3f} img/s vs bare model {bare:.3f} img/s "
-          f"(regions + grid on pre-decoded tensors, nothing written): overhead {bare / runner:.2f}x")
+    images, secs, cpu = map(float, p.stdout.split()[-3:])
+    n = runner_job["images"]
+    print(f"\n{title}: runner (1 job, both kinds) against the bare model (regions + grid on pre-decoded "
+          f"tensors, nothing written), {n} images: wall {runner_job['loop']:.1f}s vs {secs:.1f}s, overhead "
+          f"{runner_job['loop'] / secs * images / n:.2f}x; CPU {runner_job['loop_cpu']:.1f}s vs {cpu:.1f}s, "
+          f"overhead {runner_job['loop_cpu'] / cpu * images / n:.2f}x")
 
 
 def bare_child(root: str, kind: str, split: str, batch_size: str) -> None:
@@ -188,8 +198,10 @@ def bare_child(root: str, kind: str, split: str, batch_size: str) -> None:
     cfg = DEMO_CFG if kind == "demo" else BIG_CFG
     layout = shards.Layout(Path(root), "demo" if kind == "demo" else "bench")
     tensors, sizes, boxes = decoded(layout, cfg, None if split == "None" else split)
-    secs = bare_seconds(random_model(cfg, "cpu"), tensors, sizes, boxes, int(batch_size), "cpu")
-    print(len(tensors), secs)
+    model = random_model(cfg, "cpu")
+    cpu = time.process_time()
+    secs = bare_seconds(model, tensors, sizes, boxes, int(batch_size), "cpu")
+    print(len(tensors), secs, time.process_time() - cpu)
 
 
 def sync(device: str):

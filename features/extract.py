@@ -126,7 +126,7 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
     report.stages = Stages(options.device) if options.profile else None
     run = ChunkRunner(layout, cfg, model, images, given, attrs, cfg_hash, report, options,
                       report.stages or no_stages)
-    t0, benchmark = time.perf_counter(), torch.backends.cudnn.benchmark
+    t0, cpu0, benchmark = time.perf_counter(), time.process_time(), torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = options.cudnn_benchmark
         with tqdm(total=sum(len(c.rows) for c in todo), unit="img", desc=f"extract {layout.name}",
@@ -138,7 +138,7 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
                 run(busy, bar, wait=True)
     finally:
         torch.backends.cudnn.benchmark = benchmark
-    report.loop_seconds = time.perf_counter() - t0
+    report.loop_seconds, report.loop_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if chunk is None:
         for kind in kinds:
             planned = [layout.shard(kind, c.split, c.index) for c in chunks]
@@ -271,7 +271,7 @@ def main(args) -> int:
     converted = sum(1 for b in r.bad if b[3] == "converted")
     parts = [f"wrote {r.written['regions']} regions + {r.written['grid']} grid shard(s) for {r.images} image(s) "
              f"in {secs:.1f}s ({r.images / max(secs, 1e-9):.2f} img/s; model setup {r.setup_seconds:.1f}s, "
-             f"images {r.loop_seconds:.1f}s)",
+             f"images {r.loop_seconds:.1f}s, CPU {r.loop_cpu_seconds:.1f}s)",
              f"reused {r.reused} current shard(s)"]
     if skipped or converted:
         parts.append(f"{skipped} bad image(s) skipped, {converted} converted (see {r.bad_path})")

@@ -60,6 +60,7 @@ class Report:
     bad_path: Path | None = None
     setup_seconds: float = 0.0                       # building the model and filling its weights
     loop_seconds: float = 0.0                        # decoding, forward passes and writing shards
+    loop_cpu_seconds: float = 0.0                    # CPU time of this process meanwhile (all threads)
     stages: object = None                            # features.profile.Stages with --profile
 
 
