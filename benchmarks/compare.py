@@ -24,22 +24,27 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.config import HelpFormatter, UsageError, add_root_argument, add_set_argument, positive_int, resolve_root
 from training import models
+from training.config import parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def model_sets(items: list[str], name: str) -> list[str]:
+    """The ``--set`` items for model ``name``: ``KEY=VALUE`` (every model) and ``name:KEY=VALUE``,
+    checked against its config now rather than in its training process."""
     out = []
     for item in items:
         target, sep, rest = item.partition(":")
         if sep and "=" not in target:
             if target not in models.names():
-                raise SystemExit(f"compare: --set {item}: unknown model '{target}'")
+                raise UsageError(f"--set {item}: unknown model '{target}'; the models: {', '.join(models.names())}")
             if target == name:
                 out.append(rest)
         else:
             out.append(item)
+    parse_overrides(out, models.get(name).config_class)
     return out
 
 
@@ -55,26 +60,33 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="demo")
-    ap.add_argument("--root", required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--dataset", default="demo", help="dataset name (folder under the data root)")
+    add_root_argument(ap)
     ap.add_argument("--out", required=True, help="folder of the runs, one per model")
-    ap.add_argument("--models", default=",".join(models.names()))
-    ap.add_argument("--epochs", type=int, required=True)
-    ap.add_argument("--batch-size", type=int, required=True)
-    ap.add_argument("--set", action="append", default=[], metavar="[MODEL:]KEY=VALUE")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default=",".join(models.names()), help="comma-separated registered models")
+    ap.add_argument("--epochs", type=positive_int, required=True, help="epochs of every model")
+    ap.add_argument("--batch-size", type=positive_int, required=True, help="batch size of every model")
+    add_set_argument(ap, "a model config field of every model, or of one with MODEL:KEY=VALUE",
+                     metavar="[MODEL:]KEY=VALUE")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every run")
     ap.add_argument("--max-images", type=int, default=None, help="train on the first N images")
     ap.add_argument("--eval-images", type=int, default=None, help="test on the first N images")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="split to test on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="torch device")
     args = ap.parse_args(argv)
+    args.root = str(resolve_root(args.root))
 
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in models.names()]
     if unknown:
-        raise SystemExit(f"compare: unknown model(s) {unknown}; known: {', '.join(models.names())}")
+        ap.error(f"unknown model(s) {unknown}; known: {', '.join(models.names())}")
+    try:
+        for name in names:
+            model_sets(args.set, name)
+    except UsageError as e:
+        ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}

@@ -322,7 +322,7 @@ WEIGHTS = textwrap.dedent("""
     from features.extract import config_from_args
     from features.rcnn import BottomUpRCNN
     from features.weights import load_weights, save_detectron2_pickle
-    args = build_parser().parse_args(["extract", "--dataset", "x", *sys.argv[2:]])
+    args = build_parser().parse_args(["extract", "--dataset", "x", "--weights", "random", *sys.argv[2:]])
     model = BottomUpRCNN(config_from_args(args))
     load_weights(model, "random", seed=5)
     save_detectron2_pickle(model, sys.argv[1])

@@ -1,4 +1,4 @@
-"""``python -m features extract``: images.parquet -> region and/or grid shards, chunk by chunk.
+"""``itmkit extract``: images.parquet -> region and/or grid shards, chunk by chunk.
 
 Chunk k of a split holds that split's images k*shard_size ... in images.parquet order. A chunk
 whose shard is registered in shards.json with the same config hash and inputs is skipped, so a
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -24,8 +23,9 @@ from features.profile import Stages, no_stages
 from features.rcnn import BottomUpRCNN
 from features.runner import Chunk, ChunkRunner, Report, RunOptions
 from features.weights import RANDOM, WeightsError, load_weights, weights_info
-from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline import precomp, shards
+from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument,
+                             positive_int, resolve_root, typed_settings)
 
 KIND_CHOICES = {"regions": ("regions",), "grid": ("grid",), "both": ("regions", "grid")}
 
@@ -91,8 +91,7 @@ def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = R
     images = shards.read_table(layout.images, "images")
     given = read_given_boxes(layout, images) if cfg.boxes == "given" else None
     info = weights_info(weights, seed)
-    cfg_hash = {kind: shards.config_hash({"extractor": cfg.settings_for(kind), "weights": info.sha256})
-                for kind in kinds}
+    cfg_hash = {kind: cfg.shard_hash(kind, info.sha256) for kind in kinds}
     chunks = plan_chunks(images, shard_size, given, split, chunk)
     report = Report()
     altered = []
@@ -173,54 +172,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
     add_root_argument(p)
     p.add_argument("--kind", choices=list(KIND_CHOICES), default="both",
-                   help="region features, grid features, or both from one backbone pass (default both)")
-    p.add_argument("--weights", default=RANDOM,
-                   help="detectron2 pickle or torch state dict, or 'random' (seeded; features not "
-                        "meaningful) (default random)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model (--weights random) (default 0)")
+                   help="region features, grid features, or both from one backbone pass")
+    p.add_argument("--weights", required=True,
+                   help="detectron2 pickle or torch state dict of the bottom-up Faster R-CNN, or "
+                        f"'{RANDOM}' for a seeded model whose features mean nothing (tests, the demo)")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the random model (--weights {RANDOM})")
     p.add_argument("--boxes", type=parse_boxes, default="adaptive",
-                   help="adaptive (score >= --conf-thresh, 10..100 boxes), fixed:K, or given (boxes.parquet) "
-                        "(default adaptive)")
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", default=default_device,
-                   help=f"cpu, cuda or cuda:N (default {default_device}: cuda when this machine has it)")
+                   help="adaptive (score >= --conf-thresh, 10..100 boxes), fixed:K, or given (boxes.parquet)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda or cuda:N")
     p.add_argument("--gpu-locks", default=None, metavar="DIR",
-                   help="with --device cuda: take the first GPU whose lock in DIR is free and keep it while "
-                        "running, so jobs started at once use different GPUs (default: none, GPU 0)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--batch-size", type=int, default=r.batch_size,
-                   help=f"images per forward call; only images of one resized size are stacked "
-                        f"(default {r.batch_size})")
-    p.add_argument("--workers", type=int, default=r.workers,
-                   help=f"DataLoader decoding workers (0: in-process) (default {r.workers})")
+                   help="with --device cuda: take the first GPU whose lock in DIR no other process holds and "
+                        "keep it while running, so jobs started at once use different GPUs (default: GPU 0)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
+    p.add_argument("--batch-size", type=positive_int, default=r.batch_size,
+                   help="images per forward pass (only images of one resized size are stacked)")
+    p.add_argument("--workers", type=int, default=r.workers, help="DataLoader decoding workers (0: in-process)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--amp", action="store_true",
-                   help="mixed precision (float16 on CUDA, bfloat16 on CPU); part of the config hash (default off)")
+                   help="mixed precision (float16 on CUDA, bfloat16 on CPU); other numbers, so another config hash")
     p.add_argument("--channels-last", action="store_true",
-                   help="NHWC convolutions, faster on tensor-core GPUs; same numbers up to rounding (default off)")
+                   help="NHWC convolutions, faster on tensor-core GPUs; the same numbers up to rounding")
     p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="let cuDNN time its algorithms for each new input size (default off)")
+                   help="let cuDNN time its algorithms for each new input size (GPU)")
     p.add_argument("--profile", action="store_true",
-                   help="print where the time goes (decode wait, backbone, RPN, box head, box selection, "
-                        "writing); synchronises CUDA per stage (default off)")
+                   help="print where the time went: decode wait, backbone, RPN, box head, box selection, "
+                        "writing (synchronises CUDA at every stage)")
     p.add_argument("--split", default=None, help="only this split (default: all)")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="only this chunk of each split, for scattering jobs (default: all)")
-    p.add_argument("--min-size", type=int, default=d.min_size, help=f"short side after resize (default {d.min_size})")
-    p.add_argument("--max-size", type=int, default=d.max_size, help=f"long side limit (default {d.max_size})")
-    p.add_argument("--proposals", type=int, default=d.rpn_post_nms_topk,
-                   help=f"RPN proposals per image (default {d.rpn_post_nms_topk})")
+    p.add_argument("--chunk", type=int, default=None, help="only this chunk of each split (for scattering jobs)")
+    p.add_argument("--min-size", type=int, default=d.min_size, help="short side after resize")
+    p.add_argument("--max-size", type=int, default=d.max_size, help="long side limit")
+    p.add_argument("--proposals", type=int, default=d.rpn_post_nms_topk, help="RPN proposals per image")
     p.add_argument("--conf-thresh", type=float, default=d.conf_thresh,
-                   help=f"adaptive boxes: class score threshold (default {d.conf_thresh})")
-    p.add_argument("--min-boxes", type=int, default=d.min_boxes, help=f"adaptive boxes: at least (default {d.min_boxes})")
-    p.add_argument("--max-boxes", type=int, default=d.max_boxes, help=f"adaptive boxes: at most (default {d.max_boxes})")
+                   help="adaptive boxes: keep detections scoring at least this")
+    p.add_argument("--min-boxes", type=int, default=d.min_boxes, help="adaptive boxes: at least this many")
+    p.add_argument("--max-boxes", type=int, default=d.max_boxes, help="adaptive boxes: at most this many")
     p.add_argument("--grid", type=int, nargs=2, default=list(d.grid_size), metavar=("H", "W"),
-                   help="grid cells (default {} {})".format(*d.grid_size))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other extractor setting (see features/config.py), e.g. --set pooler=roi_pool; "
-                        "values are JSON (numbers, true/false, lists) or plain strings (default: none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+                   help="grid features: H x W cells")
+    add_set_argument(p, "any other extractor setting of features/config.py (e.g. --set pooler=roi_pool)")
+    add_quiet_argument(p)
 
 
 def run_options(args, device: str) -> RunOptions:
@@ -233,26 +224,21 @@ def config_from_args(args) -> ExtractorConfig:
     values = dict(min_size=args.min_size, max_size=args.max_size, boxes=args.boxes,
                   rpn_post_nms_topk=args.proposals, conf_thresh=args.conf_thresh, min_boxes=args.min_boxes,
                   max_boxes=args.max_boxes, grid_size=tuple(args.grid), amp=args.amp)
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
+    values.update(typed_settings(args.set, ExtractorConfig, "the extractor (features/config.py)"))
     return ExtractorConfig.from_dict(values)
 
 
-def main(args) -> int:
+def command(args) -> int:
     layout = shards.Layout(resolve_root(args.root).resolve(), args.dataset)
     if not layout.images.exists():
-        print(f"features extract: {layout.images} not found; run `python -m pipeline ingest` "
-              f"(or `demo`) first", file=sys.stderr)
-        return 2
-    if args.shard_size < 1 or args.batch_size < 1:
-        print("features extract: --shard-size and --batch-size must be >= 1", file=sys.stderr)
-        return 2
+        print(f"features extract: {layout.images} not found; run `itmkit ingest` (or `itmkit demo`) first",
+              file=sys.stderr)
+        return 1
+    if precomp.imported(layout):
+        print(f"features extract: {layout.name} was imported from precomp features, which come without "
+              "images: there is nothing to extract from (ingest the images with `itmkit ingest` to "
+              "extract features of your own)", file=sys.stderr)
+        return 1
     kinds = KIND_CHOICES[args.kind]
     t0, threads = time.time(), torch.get_num_threads()
     try:
@@ -260,7 +246,9 @@ def main(args) -> int:
             torch.set_num_threads(args.threads)
         with _device(args) as device:
             r = extract(layout, config_from_args(args), kinds, args.weights, args.seed, args.shard_size,
-                        args.split, args.chunk, run_options(args, device), progress=not args.no_progress)
+                        args.split, args.chunk, run_options(args, device), progress=not args.quiet)
+    except UsageError:
+        raise   # exit 2 (itmkit.cli)
     except (shards.ShardError, WeightsError, ValueError, RuntimeError) as e:
         print(f"features extract: error: {e}", file=sys.stderr)
         return 1

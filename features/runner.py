@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from features.config import ExtractorConfig
 from features.profile import no_stages
+from features.single import result_regions
 from features.transforms import BadImage, load_image, resized_size, to_network_input
 from pipeline import shards
 
@@ -118,9 +119,7 @@ class RegionsOutput:
 
     def add(self, image_id, hw, result):
         self.rows += 1
-        self.writer.append(shards.Regions(
-            image_id, hw, result["features"].numpy().astype(np.float16),
-            **{k: result[k].numpy() for k in ("boxes", "obj_labels", "obj_scores", "attr_labels", "attr_scores")}))
+        self.writer.append(result_regions(image_id, hw, result))
 
     def close(self) -> int:
         self.writer.close()

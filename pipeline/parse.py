@@ -1,4 +1,4 @@
-"""``python -m pipeline parse``: captions.parquet -> scene-graph chunks, in parallel with dask.
+"""``itmkit parse``: captions.parquet -> scene-graph chunks, in parallel with dask.
 
 Chunk k holds caption rows [k * chunk_size, (k + 1) * chunk_size) of captions.parquet, in file
 order, at ``Layout.graphs(k)``. Each chunk is written atomically and registered in shards.json
@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import sgparse, shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import add_quiet_argument, add_root_argument, positive_int, resolve_root
 
 LONG_CAPTION_TOKENS = 200  # captions longer than this are parsed, and counted in the summary
 
@@ -171,33 +171,30 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
     add_root_argument(p)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="local dask worker processes (1: parse in this process)")
     p.add_argument("--scheduler", default=None,
                    help="address of an existing dask scheduler (tcp://host:8786); workers must "
                         "see the same data root")
-    p.add_argument("--chunk-size", type=int, default=ParseConfig.chunk_size,
+    p.add_argument("--chunk-size", type=positive_int, default=ParseConfig.chunk_size,
                    help="captions per graph chunk (part of the config hash)")
     p.add_argument("--chunk", type=int, action="append", default=None,
                    help="parse only chunk K (repeatable); for schedulers that scatter chunks")
-    p.add_argument("--batch-size", type=int, default=ParseConfig.batch_size, help="nlp.pipe batch size")
+    p.add_argument("--batch-size", type=positive_int, default=ParseConfig.batch_size, help="nlp.pipe batch size")
     p.add_argument("--model", default=sgparse.DEFAULT_MODEL,
-                   help=f"spaCy model name or path (default {sgparse.DEFAULT_MODEL}, falling back "
-                        f"to {', '.join(sgparse.FALLBACK_MODELS)})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help=f"spaCy model name or path (falling back to {', '.join(sgparse.FALLBACK_MODELS)})")
+    add_quiet_argument(p)
 
 
-def main(args) -> int:
+def command(args) -> int:
     # absolute, so that paths registered in shards.json resolve from any working directory
     layout = shards.Layout(resolve_root(args.root).absolute(), args.dataset)
     cfg = ParseConfig(model=args.model, chunk_size=args.chunk_size, batch_size=args.batch_size)
-    if cfg.chunk_size < 1 or args.workers < 1:
-        print("parse: --chunk-size and --workers must be at least 1", file=sys.stderr)
-        return 2
     try:
         tasks, todo, chash, n_chunks = plan(layout, cfg, args.chunk)
     except shards.ShardError as e:
-        print(f"parse: {e} (run `python -m pipeline ingest` first)", file=sys.stderr)
+        made_by = "" if layout.captions.exists() else " (made by `itmkit ingest`, `demo` or `import-precomp`)"
+        print(f"parse: {e}{made_by}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:
         print(f"parse: {e}", file=sys.stderr)
@@ -209,13 +206,13 @@ def main(args) -> int:
               file=sys.stderr)
     start = time.perf_counter()
     try:
-        results = run_tasks(todo, cfg, args.workers, args.scheduler, progress=not args.no_progress, wait=False)
+        results = run_tasks(todo, cfg, args.workers, args.scheduler, progress=not args.quiet, wait=False)
         busy = {r["chunk"] for r in results if r["state"] == "busy"}
         if busy:  # another process is writing them: wait for it, then take what is left
             print(f"parse: {len(busy)} chunk(s) are being written by another process; waiting for them",
                   file=sys.stderr)
             results += run_tasks([t for t in todo if t.chunk in busy], cfg, args.workers, args.scheduler,
-                                 progress=not args.no_progress)
+                                 progress=not args.quiet)
     except shards.ShardError as e:
         print(f"parse: error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipeline.config import positive_int
 from pipeline.shards import SHARD_FILES, Layout, ShardError, ShardIndex, describe
 
 
@@ -13,7 +14,7 @@ def add_arguments_inspect(p):
     p.add_argument("file", help="a .h5 shard, a .parquet table, a vocab.json or shards.json")
 
 
-def main_inspect(args) -> int:
+def command_inspect(args) -> int:
     try:
         print(describe(args.file))
     except (ShardError, FileNotFoundError) as e:
@@ -26,7 +27,7 @@ def add_arguments_verify(p):
     p.add_argument("dataset_dir", help="a dataset folder holding shards.json, e.g. data/coco")
 
 
-def main_verify(args) -> int:
+def command_verify(args) -> int:
     index = ShardIndex(args.dataset_dir)
     if not index.path.exists():
         print(f"verify: {index.path}: no shards.json here", file=sys.stderr)
@@ -47,21 +48,21 @@ def main_verify(args) -> int:
 def add_arguments_prune(p):
     p.add_argument("dataset_dir", help="a dataset folder holding shards.json, e.g. data/coco")
     p.add_argument("--kind", required=True, choices=list(SHARD_FILES), help="which shards to prune")
-    p.add_argument("--shard-size", type=int, default=None,
+    p.add_argument("--shard-size", type=positive_int, default=None,
                    help="images per shard of the current plan (regions, grid; extract's --shard-size); "
                         "no default: it decides what is removed")
-    p.add_argument("--chunk-size", type=int, default=None,
+    p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="captions per chunk of the current plan (graphs; parse's --chunk-size); no default")
 
 
-def main_prune(args) -> int:
+def command_prune(args) -> int:
     """Remove the shards of one kind outside the current plan, then check that the plan is
     complete: every planned file registered and on disk, all of one config."""
     d = Path(args.dataset_dir)
     layout = Layout(d.parent, d.name)
     size, flag = ((args.chunk_size, "--chunk-size") if args.kind == "graphs" else (args.shard_size, "--shard-size"))
-    if size is None or size < 1:
-        print(f"prune: --kind {args.kind} needs {flag} N (N >= 1): the plan it keeps", file=sys.stderr)
+    if size is None:
+        print(f"prune: --kind {args.kind} needs {flag} N: the plan it keeps", file=sys.stderr)
         return 2
     try:
         planned = layout.planned(args.kind, size)

@@ -176,7 +176,7 @@ def test_earlier_format_is_refused_with_the_command_that_converts_it(run, capsys
     before = capsys.readouterr().out.splitlines()[0]
     last = old_format(out / "last.pt")
     (out / "best.pt").write_bytes((out / "last.pt").read_bytes())    # as the earlier version saved it
-    with pytest.raises(CheckpointError, match=r"earlier itmkit version.*training/checkpoint.py upgrade"):
+    with pytest.raises(CheckpointError, match=r"earlier itmkit version.*`itmkit upgrade "):
         evaluate.main([str(out), "--workers", "0"])
     assert checkpoint.main(["upgrade", str(out)]) == 0
     assert "optimizer" not in checkpoint.load(out / "best.pt")        # best.pt keeps inference only

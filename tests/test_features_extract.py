@@ -26,7 +26,8 @@ from pipeline.shards import GridShard, Layout, RegionShard
 
 # tiny images, few proposals, and a smaller network (ResNet-50 C4, 20 classes) keep the runner
 # tests fast; the full-size network is covered by test_features_model.py
-FAST = ["--min-size", "64", "--max-size", "96", "--proposals", "8", "--no-progress", "--workers", "0", "--threads", "1",
+FAST = ["--weights", "random", "--min-size", "64", "--max-size", "96", "--proposals", "8", "--no-progress",
+        "--workers", "0", "--threads", "1",
         "--set", "depth=50", "--set", "num_classes=20", "--set", "bbox_reg_classes=21",
         "--set", "num_attributes=10"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def test_given_boxes_error_names_the_row(tmp_path, capsys):
 
 
 def test_missing_images_table(tmp_path, capsys):
-    assert features_main(["extract", "--dataset", "nothing", "--root", str(tmp_path)]) == 2
+    assert features_main(["extract", "--dataset", "nothing", "--root", str(tmp_path), "--weights", "random"]) == 1
     assert "images.parquet not found" in capsys.readouterr().err
 
 
@@ -279,5 +280,7 @@ def test_weights_file_through_the_cli(tmp_path, capsys):
     # a checkpoint of another shape is refused with the names of what does not fit
     rc, _ = extract(layout, "--kind", "regions", "--weights", str(weights), "--set", "num_attributes=12")
     assert rc == 1 and "attr_score.weight: checkpoint (11, 512) != model (13, 512)" in capsys.readouterr().err
-    rc, _ = extract(layout, "--set", "no_such_setting=1")
-    assert rc == 1 and "unknown extractor settings ['no_such_setting']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:   # a usage error, as argparse's own
+        extract(layout, "--set", "no_such_setting=1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has no setting 'no_such_setting'" in err and "pooler" in err   # the keys

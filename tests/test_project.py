@@ -1,4 +1,5 @@
-"""The project's entry points: README set-up commands that CI runs, and every CLI's --help."""
+"""The project's entry points: README set-up commands that CI runs, and the --help of `itmkit` and of
+its earlier spellings."""
 
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def test_ci_runs_the_readme_commands():
 
 
 @pytest.mark.parametrize("cmd", [
+    [sys.executable, "-m", "itmkit", "--help"],
     [sys.executable, "-m", "pipeline", "--help"],
     [sys.executable, "-m", "features", "--help"],
     [sys.executable, "training/train.py", "--help"],

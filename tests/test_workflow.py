@@ -21,7 +21,7 @@ from pipeline.shards import Layout, ShardIndex
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
 TARGETS = ["all", "demo", "features_coco", "features_f30k", "text_coco", "text_f30k",
-           "regions_coco", "regions_f30k", "grid_coco", "grid_f30k"]
+           "regions_coco", "regions_f30k", "grid_coco", "grid_f30k", "train_coco", "train_f30k"]
 # a tiny, fast demo: 12 images (5 train / 1 val / 6 test), 96-pixel images, one shard per split
 TINY_DEMO = {"demo_images": 12, "demo_image_size": 96, "demo_min_size": 96, "demo_max_size": 96,
              "demo_batch_size": 4, "demo_epochs": 1}
@@ -96,10 +96,12 @@ def expected_jobs(target: str) -> dict[str, int]:
            "text": {"parse": n_chunks, "gather_graphs": 1, "vocab": 1}}
     kind, _, ds = target.partition("_")
     parts = {"features": ["features", "text"], "regions": ["regions"], "grid": ["grid"],
-             "text": ["text"]}[kind]
+             "text": ["text"], "train": ["features", "text"]}[kind]
     jobs = {target: 1}
     for part in parts:
         jobs.update(per[part])
+    if kind == "train":   # from the features to a report
+        jobs.update({"train": 1, "evaluate": 1, "report": 1})
     return jobs
 
 
@@ -111,7 +113,7 @@ def merged(*job_counts: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("all", "demo")])
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.split("_")[0] not in ("all", "demo", "train")])
 def test_dry_run_lists_every_shard_job(fake_copy, target):
     work, cfg = fake_copy
     assert job_counts(ok(snakemake(work, "-n", target, config=cfg))) == expected_jobs(target)
@@ -169,7 +171,51 @@ def test_dry_run_demo_on_a_fresh_root(tmp_path):
     """Before ingest has run, the shard jobs are unknown: the DAG stops at the checkpoint."""
     jobs = job_counts(ok(snakemake(tmp_path, "-n", "demo")))
     assert jobs == {"ingest": 1, "gather_regions": 1, "gather_grid": 1, "gather_graphs": 1,
-                    "vocab": 1, "train": 1, "evaluate": 1, "demo": 1}
+                    "vocab": 1, "train": 1, "evaluate": 1, "report": 1, "demo": 1}
+
+
+def shell_line(out: str, marker: str) -> str:
+    return next(line for line in out.splitlines() if marker in line)
+
+
+def test_dry_run_train_target_takes_the_model_and_its_defaults(fake_copy):
+    """`train_coco --config model=kidrr`: the run is the model's, its epochs and batch size are
+    the model's own defaults (no flag), and it ends with evaluate (similarities kept) and report."""
+    work, cfg = fake_copy
+    out = ok(snakemake(work, "-n", "-p", "train_coco", config=dict(cfg, model="kidrr")))
+    assert job_counts(out) == expected_jobs("train_coco")   # every shard job, then train, evaluate, report
+    run = work / "runs" / "coco-kidrr"
+    train = shell_line(out, "training/train.py")
+    assert "--model kidrr --dataset coco" in train and f"--out {run}" in train
+    assert "--epochs" not in train and "--batch-size" not in train and "--set" not in train
+    assert "--device cuda" in train and "--workers 4" in train
+    assert "--save-sims" in shell_line(out, "training/evaluate.py")
+    assert f"--out {run / 'report.html'}" in shell_line(out, "training/report.py")
+
+
+def test_dry_run_train_target_passes_the_training_keys(fake_copy):
+    work, cfg = fake_copy
+    keys = dict(cfg, train_epochs=3, train_batch_size=64, train_device="cpu",
+                train_set={"lr": 0.0001, "lr_decay_epochs": [10, 20]})
+    out = ok(snakemake(work, "-n", "-p", "train_f30k", config=keys))
+    assert job_counts(out) == expected_jobs("train_f30k")
+    train = shell_line(out, "training/train.py")
+    assert "--model vsepp --dataset f30k" in train   # the default model
+    assert "--epochs 3 --batch-size 64 --set lr=0.0001 --set lr_decay_epochs=10,20" in train
+    assert "--device cpu" in train
+
+
+def test_unknown_model_fails_before_anything_runs(fake_copy):
+    work, cfg = fake_copy
+    r = snakemake(work, "-n", "train_coco", config=dict(cfg, model="nosuch"))
+    assert r.returncode != 0
+    assert "unknown model 'nosuch'" in output(r) and "kidrr" in output(r)
+
+
+@pytest.mark.parametrize("key,value", [("train_epochs", 0), ("train_set", "lr"), ("model", "Kid-RR")])
+def test_bad_training_keys_fail_naming_the_key(tmp_path, key, value):
+    r = snakemake(tmp_path, "-n", "demo", config={key: value})
+    assert r.returncode != 0 and key in output(r)
 
 
 def test_text_targets_need_no_images_nor_weights(tmp_path):
@@ -313,10 +359,12 @@ def one_pass_per_image(index: ShardIndex) -> None:
 @pytest.mark.slow
 def test_demo_end_to_end_reuse_and_changed_boxes(tmp_path):
     root = tmp_path / "data"
-    ok(snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO, timeout=1800))
+    out = ok(snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO, timeout=1800))
     run = tmp_path / "runs" / f"demo-{default('demo_model')}"
     evaluation = json.loads((run / "eval.json").read_text())
     assert any(k.startswith("test/") for k in evaluation)
+    assert "-> " + str(run / "report.html") in out   # the report's path ends the output
+    assert "RANDOM EXTRACTOR WEIGHTS" in (run / "report.html").read_text()
     index = ShardIndex(root / "demo")
     assert {"images", "captions", "boxes", "regions", "grid", "graphs", "vocab"} <= set(index.load()["kinds"])
     assert index.verify() == []
@@ -329,7 +377,8 @@ def test_demo_end_to_end_reuse_and_changed_boxes(tmp_path):
 
     changed = dict(TINY_DEMO, demo_boxes="fixed:4")
     jobs = job_counts(ok(snakemake(tmp_path, "-n", "demo", config=changed)))
-    assert jobs == {"extract": 3, "gather_regions": 1, "gather_grid": 1, "train": 1, "evaluate": 1, "demo": 1}
+    assert jobs == {"extract": 3, "gather_regions": 1, "gather_grid": 1, "train": 1, "evaluate": 1, "report": 1,
+                    "demo": 1}
     grid_before = shard_state(root, ["grid", "graphs", "vocab"])
     ok(snakemake(tmp_path, "--cores", "2", "demo", config=changed, timeout=1800))
     # the one-pass jobs rewrote the region shards only: the grid shards are the same files

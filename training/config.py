@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import shards
+from pipeline.config import typed_settings
 from training import models
 from training.checkpoint import CheckpointError
 
@@ -54,27 +55,11 @@ def dataset_key(name: str) -> str:
 
 def parse_overrides(items: list[str], config_class) -> dict:
     """``--set lr=1e-4 --set lr_decay_epochs=10,20`` -> typed dict (types from the dataclass)."""
-    defaults = config_class()
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not hasattr(defaults, key):
-            names = ", ".join(f.name for f in dataclasses.fields(config_class))
-            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY one of: {names}")
-        current = getattr(defaults, key)
-        if isinstance(current, bool):
-            out[key] = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, tuple):
-            out[key] = tuple(type(current[0])(v) if current else int(v) for v in value.split(",") if v)
-        elif current is None:
-            out[key] = value
-        else:
-            out[key] = type(current)(value)
-    return out
+    return typed_settings(items, config_class, f"model config {config_class.__name__}")
 
 
 def parse_shared_overrides(items: list[str], config_class) -> dict:
     """``parse_overrides`` of the items whose key ``config_class`` has; the others are skipped,
     so one ``--set`` list can serve several models (the benchmarks' use)."""
     known = {f.name for f in dataclasses.fields(config_class)}
-    return parse_overrides([s for s in items if s.partition("=")[0] in known], config_class)
+    return parse_overrides([s for s in items if s.partition("=")[0].strip() in known], config_class)

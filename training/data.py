@@ -189,9 +189,15 @@ def resolve_read_set(layout: Layout, splits, grid: bool, pinned: dict | None = N
     """(config hashes, entries) of the files a run on ``splits`` reads."""
     index = layout.index
     if grid and not index.entries("grid"):
+        from pipeline import precomp   # only on this error path: the trainer does not need it
+
+        if precomp.imported(layout):
+            raise ShardError(f"{layout.dir}: the model needs grid features, which are extracted from "
+                             f"the images; a dataset imported from precomp features has none (train a "
+                             f"region-only model, or ingest the images and extract)")
         raise ShardError(f"{layout.dir}: the model needs grid features but the dataset has "
-                         f"no grid shards; run python -m features extract --dataset "
-                         f"{layout.name} --kind grid")
+                         f"no grid shards; run `itmkit extract --dataset {layout.name} --kind grid "
+                         f"--weights WEIGHTS`")
     entries = index.read_set(run_kinds(grid), list(splits))
     return shards.resolve_config_hashes(entries, pinned, str(index.path)), entries
 
@@ -248,7 +254,7 @@ class TextStore:
         missing = [int(caption_ids[i]) for i, e in enumerate(encoded) if e is None]
         if missing:
             raise ShardError(f"{len(missing)} caption(s) have no row in the graph tables "
-                             f"(first: caption_id {missing[:5]}); rerun python -m pipeline parse")
+                             f"(first: caption_id {missing[:5]}); rerun `itmkit parse`")
         self.tokens = _Ragged([e[0] for e in encoded])
         self.objects = _Ragged([e[1] for e in encoded], 2)
         self.attributes = _Ragged([e[2] for e in encoded], 3)
@@ -258,11 +264,18 @@ class TextStore:
         return len(self.caption_ids)
 
     def get(self, i: int) -> dict:
-        o, a, r = self.objects[i], self.attributes[i], self.relations[i]
-        return {"caption_id": int(self.caption_ids[i]), "image_id": int(self.image_ids[i]),
-                "tokens": self.tokens[i], "obj_index": o[:, 0], "obj_word": o[:, 1],
-                "attr_object": a[:, 0], "attr_id": a[:, 1], "attr_word": a[:, 2],
-                "rel_subject": r[:, 0], "rel_predicate": r[:, 1], "rel_object": r[:, 2]}
+        return caption_item(self.caption_ids[i], self.image_ids[i], self.tokens[i],
+                            self.objects[i], self.attributes[i], self.relations[i])
+
+
+def caption_item(caption_id, image_id, tokens, objects, attributes, relations) -> dict:
+    """One caption as ``collate_text`` takes it, from the parts ``encode_graph`` returns as
+    arrays: tokens [L], objects [O, 2], attributes [A, 3], relations [E, 3]."""
+    o, a, r = objects, attributes, relations
+    return {"caption_id": int(caption_id), "image_id": int(image_id),
+            "tokens": tokens, "obj_index": o[:, 0], "obj_word": o[:, 1],
+            "attr_object": a[:, 0], "attr_id": a[:, 1], "attr_word": a[:, 2],
+            "rel_subject": r[:, 0], "rel_predicate": r[:, 1], "rel_object": r[:, 2]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,14 +358,7 @@ class ShardData:
 
     def image(self, i: int) -> dict:
         k, row = self.loc[i]
-        shard = self.shards[k]
-        r = shard.get(int(row), ("features", "boxes"))
-        h, w = r.image_hw
-        boxes = r.boxes / np.array([w, h, w, h], dtype=np.float32)
-        known = not np.isnan(boxes).any()
-        boxes = np.clip(boxes, 0.0, 1.0) if known else np.tile(np.float32([0, 0, 1, 1]), (len(boxes), 1))
-        item = {"image_id": r.image_id, "image_hw": (h, w), "features": r.features,
-                "boxes": boxes, "boxes_known": known}
+        item = image_item(self.shards[k].get(int(row), ("features", "boxes")))
         if self.grid_loc is not None:
             gk, grow = self.grid_loc[i]
             item["grid"], item["grid_hw"] = self.grid_shards[gk].get(int(grow)), self.grid_hw
@@ -360,6 +366,17 @@ class ShardData:
 
     def caption(self, j: int) -> dict:
         return self.text.get(j)
+
+
+def image_item(r: shards.Regions) -> dict:
+    """One image's regions as ``collate_images`` takes them: boxes divided by the image size
+    and clipped to [0, 1], or the whole image when the shard's boxes are unknown (NaN)."""
+    h, w = r.image_hw
+    boxes = r.boxes / np.array([w, h, w, h], dtype=np.float32)
+    known = not np.isnan(boxes).any()
+    boxes = np.clip(boxes, 0.0, 1.0) if known else np.tile(np.float32([0, 0, 1, 1]), (len(boxes), 1))
+    return {"image_id": r.image_id, "image_hw": (h, w), "features": r.features,
+            "boxes": boxes, "boxes_known": known}
 
 
 class PairDataset(Dataset):

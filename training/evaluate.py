@@ -1,9 +1,11 @@
 """Evaluate a run as the image-text matching literature does.
 
-    python training/evaluate.py runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc]
+    itmkit evaluate runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc]
            [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
            [--export-index DIR]
-    python training/evaluate.py --ensemble runs/A runs/B [--split test]   # averages saved sims
+    itmkit evaluate --ensemble runs/A runs/B [--split test]   # averages saved sims
+
+``python training/evaluate.py ...`` is the same as ``itmkit evaluate ...``.
 
 Results are printed and merged into <run>/eval.json under "<split>/<protocol>" (an ensemble's
 into eval-ensemble.json of RUN, else of its first member, with the member runs). A part that
@@ -21,9 +23,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline import shards
+from pipeline.config import UsageError, add_quiet_argument, add_root_argument, positive_int, run_command
 from pipeline.shards import Layout, ShardError
 from training import models
 from training.checkpoint import CheckpointError
@@ -31,25 +33,20 @@ from training.config import RunConfig
 from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
 from training.evaluation import (PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result,
                                  small_split_warning)
-from training.run import data_root, load_run
+from training.run import add_run_arguments, data_root, load_run
+
+ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", nargs="?", help="run folder written by train.py")
-    p.add_argument("--split", default="test", help="split to score (default: %(default)s)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", nargs="?", help="run folder written by itmkit train")
+    p.add_argument("--split", default="test", help="split to score")
     p.add_argument("--protocol", choices=PROTOCOLS, action="append",
                    help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k; eccv and cxc "
                    "(COCO 5K test with COCO's ids, docs/training.md) on request")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
-                   help="weights to score (default: %(default)s)")
-    p.add_argument("--root", default=None, help="data root (default: the one the run was trained on, "
-                   "else $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="images per block, captions: 5x (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")
+    add_run_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per block, captions: 5x")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--save-sims", action="store_true", help="write <run>/sims-<split>.npz")
     p.add_argument("--ensemble", nargs="+", metavar="RUN",
                    help="average the saved sims (--save-sims) of these runs; the results go to "
@@ -59,11 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None,
                    help="score only the first N images of the split and their captions (quick checks; "
                         "default: all)")
-    p.add_argument("--fold-size", type=int, default=1000,
-                   help="images per coco-1k fold (default: %(default)s)")
+    p.add_argument("--fold-size", type=positive_int, default=1000, help="images per coco-1k fold")
     p.add_argument("--export-index", metavar="DIR", help="two-tower models: also write the image and "
                    "caption embeddings (float16 + ids) to DIR for a vector index (training/export.py)")
-    return p
+    add_quiet_argument(p)
 
 
 def sims_path(run_dir, split: str) -> Path:
@@ -80,7 +76,7 @@ def load_sims(path: Path) -> dict:
     """The arrays of a sims-<split>.npz; plain arrays only (``allow_pickle=False``: an object
     array, whose loading could run code, is refused)."""
     if not path.exists():
-        raise CheckpointError(f"{path}: no saved similarities; run evaluate.py with --save-sims first")
+        raise CheckpointError(f"{path}: no saved similarities; run `itmkit evaluate RUN --save-sims` first")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -103,10 +99,13 @@ def ensemble_sims(members: list[str], split: str) -> tuple[np.ndarray, np.ndarra
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """``itmkit evaluate`` from Python; errors are raised."""
+    return run_command(add_arguments, command, argv)
+
+
+def command(args) -> int:
     if not args.run and not args.ensemble:
-        parser.error("give a run folder (or --ensemble RUN1 RUN2 ...)")
+        raise UsageError("give a run folder (or --ensemble RUN1 RUN2 ...)")
     written, skipped = [], []
 
     def skip(part: str, why: str) -> None:
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
         images = make_loader(ImageDataset(data), partial(collate_images, half=True), args.batch_size,
                              workers=args.workers)
         texts = make_loader(CaptionDataset(data), collate_text, args.batch_size * 5, workers=args.workers)
-        sims = compute_sims(run.model, images, texts, args.device)
+        sims = compute_sims(run.model, images, texts, args.device, progress=not args.quiet)
         image_ids, caption_ids = data.image_ids, data.text.caption_ids
         dataset, root = run.config.dataset, run.root
         out, tag, what = run.dir / "eval.json", {}, f"{args.run} ({args.checkpoint}.pt)"
@@ -187,9 +186,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ShardError, CheckpointError, ValueError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        sys.exit(1)
+if __name__ == "__main__":   # python training/evaluate.py ...: the same as itmkit evaluate ...
+    from itmkit.cli import main as itmkit
+
+    sys.exit(itmkit(["evaluate", *sys.argv[1:]]))

@@ -1,8 +1,10 @@
 """Train an image-text matching model on a dataset's cached shards.
 
-    python training/train.py --model vsepp --dataset demo --root data --out runs/demo-vsepp
-    python training/train.py ... --resume                       # continue from <out>/last.pt
+    itmkit train --model vsepp --dataset demo --root data --out runs/demo-vsepp
+    itmkit train ... --resume                                   # continue from <out>/last.pt
     torchrun --nproc_per_node 2 training/train.py ...           # DDP (nccl on CUDA, gloo on CPU)
+
+``python training/train.py ...`` is the same as ``itmkit train ...``.
 
 Config, data, model, optimiser, loop, validation, checkpoint, in that order. The run folder gets
 config.json, best.pt (the weights of the best validation rSum: what inference needs), last.pt (the
@@ -25,7 +27,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import (add_quiet_argument, add_root_argument, add_set_argument, positive_int,
+                             resolve_root, run_command)
 from pipeline.shards import Layout, ShardError
 from training import checkpoint, models
 from training.checkpoint import CheckpointError
@@ -35,26 +38,26 @@ from training.data import (CaptionDataset, ImageDataset, PairDataset, collate_im
 from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
 from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split
 
+ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=models.names())
-    p.add_argument("--dataset", required=True)
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, choices=models.names(), help="a registered model")
+    p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
     add_root_argument(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field (lr, epochs, batch_size, margin, ...)")
-    p.add_argument("--epochs", type=int, default=None, help="shortcut for --set epochs=N")
-    p.add_argument("--batch-size", type=int, default=None, help="shortcut for --set batch_size=N")
-    p.add_argument("--seed", type=int, default=0)
+    add_set_argument(p, "any field of the model's config (lr, epochs, batch_size, margin, ...)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="shortcut for --set epochs=N (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="shortcut for --set batch_size=N (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--val-split", default="", help="validation split (default: val, else dev)")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after N epochs of this invocation (resume later with --resume)")
-    return p
+    add_quiet_argument(p)
 
 
 def lr_at(cfg: models.ModelConfig, epoch: int) -> float:
@@ -96,7 +99,11 @@ def make_run(args, out: Path) -> RunConfig:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """``itmkit train`` from Python; errors are raised."""
+    return run_command(add_arguments, command, argv)
+
+
+def command(args) -> int:
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = torch.device(args.device)
@@ -183,7 +190,7 @@ def main(argv=None) -> int:
             group["lr"] = lr_at(cfg, epoch)
         train_model.train()
         total, count = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master, leave=False)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master or args.quiet, leave=False)
         for batch in bar:
             batch = batch.to(device, non_blocking=pin)
             with torch.autocast(device.type, enabled=use_amp):
@@ -254,9 +261,7 @@ def append_metrics(path: Path, row: dict) -> None:
         w.writerows(rows)
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ShardError, CheckpointError, ValueError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+if __name__ == "__main__":   # python training/train.py ...: the same as itmkit train ...
+    from itmkit.cli import main as itmkit
+
+    sys.exit(itmkit(["train", *sys.argv[1:]]))

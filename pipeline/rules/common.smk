@@ -17,6 +17,7 @@ PY = sys.executable
 BASE = Path(workflow.basedir)
 TRAIN = BASE / "training" / "train.py"
 EVALUATE = BASE / "training" / "evaluate.py"
+REPORT = BASE / "training" / "report.py"
 # absolute, because shards.json keeps paths relative to the dataset folder
 ROOT = Path(config["root"]).expanduser().resolve()
 RUNS = Path(config["runs"]).expanduser().resolve()
@@ -150,7 +151,8 @@ GPU_LOCKS = Path(tempfile.gettempdir()) / f"itmkit-gpu-locks-{os.getuid()}"
 # target -> (its dataset, the feature kinds it needs); other targets (all, demo, a file name)
 # count as needing both kinds of every dataset
 TARGET_KINDS = {f"{prefix}_{ds}": (ds, kinds) for ds in REAL for prefix, kinds in (
-    ("features", {"regions", "grid"}), ("regions", {"regions"}), ("grid", {"grid"}), ("text", set()))}
+    ("features", {"regions", "grid"}), ("train", {"regions", "grid"}), ("regions", {"regions"}),
+    ("grid", {"grid"}), ("text", set()))}
 
 
 def wanted_kinds(ds):

@@ -42,9 +42,10 @@ rule vocab:
     output:
         data("{dataset}", "text", "vocab.json"),
     params:
-        min_count=config["min_count"],
+        # unset: the command's own default, so that the workflow and `itmkit vocab` agree
+        min_count="" if config.get("min_count") is None else f"--min-count {config['min_count']}",
     log:
         str(LOGS / "{dataset}" / "vocab.log"),
     shell:
         "{PY} -m pipeline vocab --dataset {wildcards.dataset} --root {ROOT}"
-        " --min-count {params.min_count} --no-progress > {log} 2>&1"
+        " {params.min_count} --no-progress > {log} 2>&1"

@@ -7,9 +7,26 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.labels import LabelNames
 from pipeline.shards.atomic import ShardError, read_json
 from pipeline.shards.h5 import get_attrs, open_h5
 from pipeline.shards.tables import read_table, table_metadata
+
+
+def label_lines(obj_labels: np.ndarray, attr_labels: np.ndarray, attrs: dict, top: int = 10) -> list[str]:
+    """The most frequent object and attribute labels of a region shard, by name."""
+    if len(obj_labels) == 0 or (obj_labels < 0).all():
+        return ["  labels       none (features imported without labels)"] if len(obj_labels) else []
+    names = LabelNames.for_extractor(attrs.get("extractor"))
+    lines = []
+    for what, labels, name in (("objects", obj_labels, names.object),
+                               ("attributes", attr_labels, names.attribute)):
+        ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+        order = np.argsort(-counts, kind="stable")[:top]
+        lines.append(f"  top {what:10s} " + ", ".join(f"{name(ids[i])} {counts[i]}" for i in order))
+    if str(attrs.get("weights", "")).startswith("RANDOM"):
+        lines.append("  (labels of an extractor with RANDOM weights: they name nothing in the images)")
+    return lines
 
 
 def describe(path) -> str:
@@ -27,7 +44,10 @@ def describe(path) -> str:
                 counts = np.diff(f["offsets"][:])
                 if len(counts):
                     lines.append(f"  boxes/image  min {counts.min()} mean {counts.mean():.1f} max {counts.max()}")
-            for k, v in get_attrs(f).items():
+            attrs = get_attrs(f)
+            if "obj_labels" in f and "attr_labels" in f:
+                lines += label_lines(f["obj_labels"][:], f["attr_labels"][:], attrs)
+            for k, v in attrs.items():
                 lines.append(f"  @{k} = {json.dumps(v) if not isinstance(v, str) else v}")
     elif path.suffix == ".parquet":
         table = read_table(path)

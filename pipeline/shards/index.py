@@ -59,7 +59,7 @@ def resolve_config_hashes(entries: Iterable[Entry], pinned: Mapping[str, str] | 
         if len(hashes) > 1:
             raise ShardError(f"{where}: the {kind} files read together were written with several "
                              f"configs {hashes}; rerun that step, or remove the old files with "
-                             f"`python -m pipeline prune`")
+                             f"`itmkit prune`")
         out[kind] = hashes[0]
     return out
 
@@ -175,7 +175,7 @@ class ShardIndex:
             raise ShardError(f"{len(problems)} file(s) differ from {self.path}: "
                              + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
                              + ". Rerun the step that writes them (it rewrites altered files); "
-                             "`python -m pipeline verify` lists them all")
+                             "`itmkit verify DATASET_DIR` lists them all")
 
     def _problem(self, e: Entry) -> str:
         p = self.dir / e.path
