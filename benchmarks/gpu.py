@@ -107,41 +107,45 @@ def pair_batch(name: str, cfg, vocab, batch: int, boxes: int):
 
 
 def training(args) -> None:
-    device = torch.device(args.device)
-    vocab = random_vocab()
-    use_amp = device.type == "cuda"   # as training/train.py
+    use_amp = torch.device(args.device).type == "cuda"   # as training/train.py
     print(f"samples/s of one optimiser step per batch (COCO defaults{', tiny: ' + ' '.join(args.set) if args.set else ''}); "
           f"{args.boxes} regions per image; AMP {'on' if use_amp else 'off'}")
+    vocab = random_vocab()
     for name in models.names():
         cls = models.get(name)
         cfg = models.default_config(name, "coco", **parse_shared_overrides(args.set, cls.config_class))
         batch_size = args.train_batch or cfg.batch_size
-        model = models.build(name, cfg, vocab).to(device).train()
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-        batch = pair_batch(name, cfg, vocab, batch_size, args.boxes).to(device)
-
-        def step():
-            with torch.autocast(device.type, enabled=use_amp):
-                out = model(batch, epoch=cfg.warmup_epochs)
-            loss = out["loss"] if isinstance(out, dict) else out
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-        for _ in range(args.warmup_steps):
-            step()
-        sync(device)
-        t, steps = time.perf_counter(), 0
-        while steps < args.train_steps and (steps == 0 or time.perf_counter() - t < args.train_budget_s):
-            step()
-            steps += 1
-            sync(device)
-        secs = time.perf_counter() - t
+        steps, secs = train_steps(name, cfg, vocab, batch_size, args, use_amp)
         print(f"  {name:<6} ({'two-tower' if cls.two_tower else 'cross-attention'}) batch {batch_size}: "
               f"{steps * batch_size / secs:10.1f} samples/s ({steps} steps in {secs:.2f}s)", flush=True)
-        del model, opt, batch
+
+
+def train_steps(name: str, cfg, vocab, batch_size: int, args, use_amp: bool) -> tuple[int, float]:
+    """Timed optimiser steps of one model on one synthetic batch: (steps, seconds)."""
+    device = torch.device(args.device)
+    model = models.build(name, cfg, vocab).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    batch = pair_batch(name, cfg, vocab, batch_size, args.boxes).to(device)
+
+    def step():
+        with torch.autocast(device.type, enabled=use_amp):
+            out = model(batch, epoch=cfg.warmup_epochs)
+        loss = out["loss"] if isinstance(out, dict) else out
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(args.warmup_steps):
+        step()
+    sync(device)
+    t, steps = time.perf_counter(), 0
+    while steps < args.train_steps and (steps == 0 or time.perf_counter() - t < args.train_budget_s):
+        step()
+        steps += 1
+        sync(device)
+    return steps, time.perf_counter() - t
 
 
 # ---------------------------------------------------------------------------------------------

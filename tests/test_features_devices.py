@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from features.devices import held_gpu, lock_path
+from test_features_extract import extract, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = ["GPU-fake-0", "GPU-fake-1", "GPU-fake-2", "GPU-fake-3"]
@@ -56,3 +60,12 @@ def _stop(p) -> str:
         p.stdin.close()
     p.wait(timeout=30)
     return p.stderr.read()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_locks_without_a_gpu_is_one_line(tmp_path, capsys):
+    layout, _ = make_dataset(tmp_path)
+    rc, _ = extract(layout, "--device", "cuda", "--gpu-locks", str(tmp_path / "locks"))
+    assert rc == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "features extract: error: --gpu-locks: no CUDA device is visible to this process"
