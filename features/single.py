@@ -8,7 +8,7 @@ them, with the extractor config those shards recorded.
     out.grid         # [H*W, C] float16, out.grid_hw = (H, W)
 
 Decoding (``load_image``, with its bad-image policy), resizing, the network and the float16
-casts are those of the extraction runner (``features/extract.py``), so an image of a dataset
+casts are those of the extraction runner (``features/runner.py``), so an image of a dataset
 extracted here gets the features its shard holds.
 """
 

@@ -97,6 +97,10 @@ def test_extract_writes_registers_and_reuses(tmp_path):
     assert grid_before == {p: p.stat().st_mtime_ns for p in (layout.dir / "grid").glob("*.h5")}
     reg = RegionShard(layout.regions("train", 0))
     assert reg.box_counts().tolist() == [4, 4] and reg.file["features"].chunks[0] == 4
+    # shards.json: how many backbone passes wrote each shard, and which kinds each pass wrote
+    assert {e.extra["backbone"]["kinds"] == ["regions"] and e.extra["backbone"]["passes"] == 1
+            for e in index.entries("regions")} == {True}
+    assert {e.extra["backbone"]["kinds"] == ["grid", "regions"] for e in index.entries("grid")} == {True}
 
 
 def test_config_change_replaces_old_shards_never_mixes(tmp_path, capsys):
@@ -124,6 +128,7 @@ def test_split_and_chunk_restrict_the_run(tmp_path):
     layout, _ = make_dataset(tmp_path)
     rc, summary = extract(layout, "--kind", "grid", "--shard-size", "2", "--split", "train", "--chunk", "1")
     assert rc == 0 and [e.path for e in layout.index.entries("grid")] == ["grid/grid-train-0001.h5"]
+    assert layout.index.entries("grid")[0].extra["backbone"] == {"passes": 1, "kinds": ["grid"]}
     with pytest.raises(SystemExit, match="chunk 7 does not exist"):
         extract(layout, "--kind", "grid", "--shard-size", "2", "--split", "train", "--chunk", "7")
 

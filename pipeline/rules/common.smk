@@ -2,7 +2,10 @@
 # step is a package CLI, and the flags that decide what a step writes are also its `params`, so a
 # changed setting reruns exactly the rules whose flags changed (Snakemake's params trigger).
 
+import functools
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -39,8 +42,10 @@ DONE = {kind: data("{dataset}", ".workflow", f"{kind}.done") for kind in ("regio
 SHARD = {kind: Layout(ROOT, "{dataset}").pattern(kind) for kind in ("regions", "grid", "graphs")}
 
 
+@functools.cache
 def manifest(ds):
-    """The dataset's manifest with the config's paths applied (the ingest CLI gets the same)."""
+    """The dataset's manifest with the config's paths applied (the ingest CLI gets the same).
+    Read once per snakemake call: every job of the dataset asks for it (COCO plans 250 jobs)."""
     opts = {key: config.get(f"{ds}_{key}") or None for key in ("source_root", "images", "annotations")}
     return manifests.load(BASE / "manifests" / f"{ds}.yaml", source_root=opts["source_root"],
                           images_dir=opts["images"], annotations=opts["annotations"])
@@ -92,22 +97,81 @@ def setting(ds, key):
     return config.get(f"demo_{key}", config.get(key)) if ds == "demo" else config[key]
 
 
-def extract_flags(kind):
-    """Flags that decide what an extraction shard holds. Grid shards get no box settings, so a
-    change of boxes reruns the region shards only."""
+def extract_flags(*kinds):
+    """Flags that decide what the shards of ``kinds`` hold. Grid shards get no box settings, so
+    a change of boxes reruns only jobs that write region shards (and a job that writes both
+    rewrites only the region shard: the grid one is still current)."""
     def flags(wc):
         ds = wc.dataset
         out = [f"--weights {'random' if ds == 'demo' else config['weights']}",
                f"--shard-size {setting(ds, 'shard_size')}",
                f"--min-size {setting(ds, 'min_size')} --max-size {setting(ds, 'max_size')}"]
-        if kind == "regions":
+        if config["extract_amp"]:
+            out.append("--amp")
+        if "regions" in kinds:
             out += [f"--boxes {setting(ds, 'boxes')}", f"--min-boxes {config['min_boxes']}",
                     f"--max-boxes {config['max_boxes']}", f"--conf-thresh {config['conf_thresh']}",
                     f"--proposals {config['proposals']}"]
-        else:
+        if "grid" in kinds:
             out.append("--grid {} {}".format(*config["grid_size"]))
         return " ".join(out)
     return flags
+
+
+class RunFlags:
+    """How a job runs (device, batch size, workers, GPU levers), for its command line. Not a
+    str: Snakemake's params trigger compares only params of plain types, so changing how a job
+    runs does not rerun it (were it ever to, the CLI would find its shards current)."""
+
+    def __init__(self, flags):
+        self.flags = " ".join(flags)
+
+    def __str__(self):
+        return self.flags
+
+
+def run_flags(wc):
+    ds = wc.dataset
+    out = [f"--device {setting(ds, 'device')}", f"--batch-size {config['extract_batch_size']}",
+           f"--workers {0 if ds == 'demo' else config['extract_workers']}"]
+    if gpus(wc):
+        out.append(f"--gpu-locks {GPU_LOCKS}")
+        out += [flag for key, flag in (("extract_channels_last", "--channels-last"),
+                                       ("extract_cudnn_benchmark", "--cudnn-benchmark")) if config[key]]
+    return RunFlags(out)
+
+
+# the command of every extraction job; the rules differ in --kind, outputs and flags
+EXTRACT = ("{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind {params.kind}"
+           " --split {wildcards.split} --chunk {wildcards.chunk} {params.flags} {params.run}"
+           " --threads {threads} --no-progress > {log} 2>&1")
+# With several GPUs on one machine (--resources gpu=N), each extraction job takes a free one.
+# GPUs belong to a machine, so their locks live in its temporary folder (not on a shared disk).
+GPU_LOCKS = Path(tempfile.gettempdir()) / f"itmkit-gpu-locks-{os.getuid()}"
+# target -> (its dataset, the feature kinds it needs); other targets (all, demo, a file name)
+# count as needing both kinds of every dataset
+TARGET_KINDS = {f"{prefix}_{ds}": (ds, kinds) for ds in REAL for prefix, kinds in (
+    ("features", {"regions", "grid"}), ("train", {"regions", "grid"}), ("regions", {"regions"}),
+    ("grid", {"grid"}), ("text", set()))}
+
+
+def wanted_kinds(ds):
+    """The feature kinds of ``ds`` that the targets of this snakemake call need."""
+    kinds = set()
+    for target in getattr(workflow.dag_settings, "targets", None) or ["all"]:
+        name, needs = TARGET_KINDS.get(target, (ds, {"regions", "grid"}))
+        if name == ds:
+            kinds |= needs
+    return kinds
+
+
+def one_pass(wc):
+    """Input of the one-pass rule `extract`: nothing when both kinds of the dataset are wanted.
+    When only one is (`snakemake regions_coco`), a file no rule makes: Snakemake then drops
+    `extract` from this DAG and takes `extract_regions` / `extract_grid`, as `ruleorder` says."""
+    if {"regions", "grid"} <= wanted_kinds(wc.dataset):
+        return []
+    return [data(wc.dataset, ".workflow", "one-kind-only")]
 
 
 def parse_flags(wc):

@@ -1,6 +1,39 @@
 # Region and grid features: one job per shard (scatter), then one job per dataset and kind that
 # removes the shards of an older plan and checks that every shard of this one is registered
 # (gather, `python -m pipeline prune`).
+#
+# When both kinds of a dataset are wanted (features_*, all, demo), one `extract` job per shard
+# writes both from one backbone pass; regions_* / grid_* targets take `extract_regions` /
+# `extract_grid` instead (see `one_pass`). Outputs are `update()`d, not deleted before a job
+# runs: the CLI rewrites only the shards that are not current, so a changed box setting makes
+# an `extract` job rewrite the region shard and leave the grid shard as it was.
+
+ruleorder: extract > extract_regions
+ruleorder: extract > extract_grid
+
+
+rule extract:
+    """Region and grid features of one shard of one split, from one backbone pass."""
+    input:
+        images=data("{dataset}", "images.parquet"),
+        extractor=extractor_inputs,
+        one_pass=one_pass,
+    output:
+        regions=update(SHARD["regions"]),
+        grid=update(SHARD["grid"]),
+    params:
+        kind="both",
+        flags=extract_flags("regions", "grid"),
+        run=run_flags,
+    threads: config["extract_threads"]
+    resources:
+        gpu=gpus,
+    log:
+        str(LOGS / "{dataset}" / "features-{split}-{chunk}.log"),
+    benchmark:
+        str(BENCH / "{dataset}" / "features-{split}-{chunk}.tsv")
+    shell:
+        EXTRACT
 
 
 rule extract_regions:
@@ -9,11 +42,11 @@ rule extract_regions:
         images=data("{dataset}", "images.parquet"),
         extractor=extractor_inputs,
     output:
-        SHARD["regions"],
+        update(SHARD["regions"]),
     params:
+        kind="regions",
         flags=extract_flags("regions"),
-        device=lambda wc: setting(wc.dataset, "device"),
-        workers=lambda wc: 0 if wc.dataset == "demo" else config["extract_workers"],
+        run=run_flags,
     threads: config["extract_threads"]
     resources:
         gpu=gpus,
@@ -22,10 +55,7 @@ rule extract_regions:
     benchmark:
         str(BENCH / "{dataset}" / "regions-{split}-{chunk}.tsv")
     shell:
-        "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind regions"
-        " --split {wildcards.split} --chunk {wildcards.chunk} {params.flags} --device {params.device}"
-        " --batch-size {config[extract_batch_size]} --workers {params.workers} --threads {threads}"
-        " --no-progress > {log} 2>&1"
+        EXTRACT
 
 
 rule extract_grid:
@@ -34,11 +64,11 @@ rule extract_grid:
         images=data("{dataset}", "images.parquet"),
         extractor=extractor_inputs,
     output:
-        SHARD["grid"],
+        update(SHARD["grid"]),
     params:
+        kind="grid",
         flags=extract_flags("grid"),
-        device=lambda wc: setting(wc.dataset, "device"),
-        workers=lambda wc: 0 if wc.dataset == "demo" else config["extract_workers"],
+        run=run_flags,
     threads: config["extract_threads"]
     resources:
         gpu=gpus,
@@ -47,10 +77,7 @@ rule extract_grid:
     benchmark:
         str(BENCH / "{dataset}" / "grid-{split}-{chunk}.tsv")
     shell:
-        "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind grid"
-        " --split {wildcards.split} --chunk {wildcards.chunk} {params.flags} --device {params.device}"
-        " --batch-size {config[extract_batch_size]} --workers {params.workers} --threads {threads}"
-        " --no-progress > {log} 2>&1"
+        EXTRACT
 
 
 rule gather_regions:
