@@ -1,0 +1,133 @@
+"""Training samples/s of each model on the demo data, trained the way `snakemake demo` trains.
+
+    python benchmarks/train_speed.py [--root /tmp/itmkit-train-speed] [--models vsepp,cimn,dsrln,kidrr,resg]
+                                     [--epochs 2] [--max-images 48] [--threads 0] [--set KEY=VALUE ...]
+
+The data is the demo's: the workflow's own targets (config/config.yaml's demo_* settings: images,
+given boxes, RANDOM extractor weights, scene graphs, vocabulary) built into ROOT/data with
+snakemake, which does nothing when they are already there. Each model then trains in its own
+process with ``training/train.py`` and the demo's recipe (``demo_batch_size`` and ``demo_set``; the
+models' own defaults otherwise) for --epochs epochs on the first --max-images training images
+(0: all of them), validating on the val split after every epoch as the trainer does.
+
+Per model: training pairs/s of the training loop (metrics.csv ``train_seconds``: loading, forward,
+backward, optimiser step, logging), over all epochs and over the epochs after the first (the first
+pays one-time costs); validation and checkpoint seconds per epoch; the whole command's wall
+seconds and CPU seconds (process start, imports, opening the shards and hashing them included).
+``--set KEY=VALUE`` overrides the recipe for every model (e.g. ``embed_dim=1024``: the demo's size
+before it became 256). ``--threads N`` sets OMP_NUM_THREADS of the training processes (0: torch's
+default, one thread per core). On a shared machine, read the figures with the load average it
+prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = "vsepp,cimn,dsrln,kidrr,resg"
+
+
+def demo_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def build_demo(root: Path) -> None:
+    """The demo's region and grid shards, graphs and vocabulary under ``root``/data (the
+    workflow's targets; nothing is redone when they are current)."""
+    data = root / "data" / "demo"
+    targets = [data / ".workflow" / "regions.done", data / ".workflow" / "grid.done", data / "text" / "vocab.json"]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(root),
+           "--cores", "2", *map(str, targets), "--config", f"root={root / 'data'}", f"runs={root / 'runs'}"]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"train_speed: building the demo data failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    built = "Nothing to be done" not in done.stdout + done.stderr
+    print(f"demo data: {data} ({'built' if built else 'reused'}, {time.perf_counter() - t:.1f} s)", flush=True)
+
+
+def cpu_seconds_of_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def train_one(model: str, args, recipe: list[str], env: dict) -> dict:
+    out = Path(args.root) / "runs" / f"speed-{model}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(REPO / "training" / "train.py"), "--model", model, "--dataset", "demo",
+           "--root", str(Path(args.root) / "data"), "--out", str(out), "--epochs", str(args.epochs),
+           "--device", "cpu", "--workers", "0", "--quiet", *recipe]
+    if args.max_images:
+        cmd += ["--max-images", str(args.max_images)]
+    cpu, t = cpu_seconds_of_children(), time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    wall, cpu = time.perf_counter() - t, cpu_seconds_of_children() - cpu
+    if done.returncode:
+        return {"model": model, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    batch = json.loads((out / "config.json").read_text())["model_config"]["batch_size"]
+    pairs = int(rows[0]["step"]) * batch            # pairs of one epoch's full batches
+    loop = [float(r["train_seconds"]) for r in rows]
+    epoch = [float(r["seconds"]) for r in rows]
+    later = loop[1:] or loop
+    return {"model": model, "pairs": pairs, "epochs": len(rows),
+            "all": pairs * len(loop) / sum(loop), "later": pairs * len(later) / sum(later),
+            "val": sum(e - lp for e, lp in zip(epoch, loop)) / len(rows),
+            "wall": wall, "cpu": cpu, "rsum": float(rows[-1]["rsum"])}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="/tmp/itmkit-train-speed",
+                   help="folder of the demo data (ROOT/data) and the runs (default /tmp/itmkit-train-speed)")
+    p.add_argument("--models", default=MODELS, help=f"comma-separated (default {MODELS})")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per model (default 2)")
+    p.add_argument("--max-images", type=int, default=48,
+                   help="train on the first N training images, 5 pairs each; 0: all (default 48)")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (default 0: torch's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the demo recipe for every model (default: none)")
+    args = p.parse_args(argv)
+
+    root = Path(args.root).absolute()
+    args.root = str(root)
+    build_demo(root)
+    cfg = demo_config()
+    recipe = ["--batch-size", str(cfg["demo_batch_size"])]
+    for key, value in {**(cfg.get("demo_set") or {}), **dict(s.split("=", 1) for s in args.set)}.items():
+        value = ",".join(map(str, value)) if isinstance(value, list) else value
+        recipe += ["--set", f"{key}={value}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"recipe: {' '.join(recipe)}, {args.epochs} epoch(s), "
+          f"{args.max_images or 'all'} training images; threads {args.threads or 'torch default'}; "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    print(f"| model | pairs/epoch | train pairs/s (all epochs) | (after the first) | validation + checkpoint s/epoch "
+          f"| command wall s | command CPU s | last val rSum |\n|---|---|---|---|---|---|---|---|", flush=True)
+    for model in args.models.split(","):
+        r = train_one(model, args, recipe, env)
+        if "error" in r:
+            print(f"| {model} | failed: {r['error']} |||||||", flush=True)
+            continue
+        print(f"| {model} | {r['pairs']} | {r['all']:.1f} | {r['later']:.1f} | {r['val']:.2f} | {r['wall']:.1f} "
+              f"| {r['cpu']:.1f} | {r['rsum']:.1f} |", flush=True)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
