@@ -1,19 +1,20 @@
 """Training samples/s of each model on the demo data, trained the way `snakemake demo` trains.
 
-    python benchmarks/train_speed.py [--root /tmp/itmkit-train-speed] [--models vsepp,cimn,dsrln,kidrr,resg]
-                                     [--epochs 2] [--max-images 48] [--threads 0] [--set KEY=VALUE ...]
+    python benchmarks/train_speed.py [--root /tmp/itmkit-train-speed/data] [--out /tmp/itmkit-train-speed/runs]
+        [--models vsepp,cimn,dsrln,kidrr,resg] [--epochs 2] [--max-images 48] [--threads 0] [--set KEY=VALUE ...]
 
-The data is the demo's: the workflow's own targets (config/config.yaml's demo_* settings: images,
-given boxes, RANDOM extractor weights, scene graphs, vocabulary) built into ROOT/data with
-snakemake, which does nothing when they are already there. Each model then trains in its own
-process with ``training/train.py`` and the demo's recipe (``demo_batch_size`` and ``demo_set``; the
-models' own defaults otherwise) for --epochs epochs on the first --max-images training images
+The data is the demo's, in the data root --root: reused when ROOT/demo has region and grid shards
+and a vocabulary (e.g. the data/ of a `snakemake demo` run), else built there by the workflow's own
+targets (config/config.yaml's demo_* settings: images, given boxes, RANDOM extractor weights,
+scene graphs, vocabulary; a few minutes). Each model then trains in its own process with
+``training/train.py`` into OUT/MODEL, with the demo's recipe (``demo_batch_size`` and ``demo_set``;
+the model's own defaults otherwise) for --epochs epochs on the first --max-images training images
 (0: all of them), validating on the val split after every epoch as the trainer does.
 
 Per model: training pairs/s of the training loop (metrics.csv ``train_seconds``: loading, forward,
 backward, optimiser step, logging), over all epochs and over the epochs after the first (the first
 pays one-time costs); validation and checkpoint seconds per epoch; the whole command's wall
-seconds and CPU seconds (process start, imports, opening the shards and hashing them included).
+seconds and CPU seconds (process start, imports, opening and hashing the shards included).
 ``--set KEY=VALUE`` overrides the recipe for every model (e.g. ``embed_dim=1024``: the demo's size
 before it became 256). ``--threads N`` sets OMP_NUM_THREADS of the training processes (0: torch's
 default, one thread per core). On a shared machine, read the figures with the load average it
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.shards import Layout
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = "vsepp,cimn,dsrln,kidrr,resg"
 
@@ -43,19 +46,23 @@ def demo_config() -> dict:
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
-def build_demo(root: Path) -> None:
-    """The demo's region and grid shards, graphs and vocabulary under ``root``/data (the
-    workflow's targets; nothing is redone when they are current)."""
-    data = root / "data" / "demo"
+def build_demo(root: Path, workdir: Path) -> None:
+    """The demo's region and grid shards, graphs and vocabulary in the data root ``root``: reused
+    when there, else made by the workflow's targets (snakemake's bookkeeping goes to ``workdir``)."""
+    data = root / "demo"
+    index = Layout(root, "demo").index if (data / "shards.json").exists() else None
+    if index and index.entries("regions") and index.entries("grid") and (data / "text" / "vocab.json").exists():
+        print(f"demo data: {data} (reused)", flush=True)
+        return
     targets = [data / ".workflow" / "regions.done", data / ".workflow" / "grid.done", data / "text" / "vocab.json"]
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(root),
-           "--cores", "2", *map(str, targets), "--config", f"root={root / 'data'}", f"runs={root / 'runs'}"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", *map(str, targets), "--config", f"root={root}", f"runs={workdir}"]
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"train_speed: building the demo data failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    built = "Nothing to be done" not in done.stdout + done.stderr
-    print(f"demo data: {data} ({'built' if built else 'reused'}, {time.perf_counter() - t:.1f} s)", flush=True)
+    print(f"demo data: {data} (built in {time.perf_counter() - t:.0f} s)", flush=True)
 
 
 def cpu_seconds_of_children() -> float:
@@ -64,10 +71,10 @@ def cpu_seconds_of_children() -> float:
 
 
 def train_one(model: str, args, recipe: list[str], env: dict) -> dict:
-    out = Path(args.root) / "runs" / f"speed-{model}"
+    out = Path(args.out) / model
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(REPO / "training" / "train.py"), "--model", model, "--dataset", "demo",
-           "--root", str(Path(args.root) / "data"), "--out", str(out), "--epochs", str(args.epochs),
+           "--root", args.root, "--out", str(out), "--epochs", str(args.epochs),
            "--device", "cpu", "--workers", "0", "--quiet", *recipe]
     if args.max_images:
         cmd += ["--max-images", str(args.max_images)]
@@ -91,8 +98,10 @@ def train_one(model: str, args, recipe: list[str], env: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="/tmp/itmkit-train-speed",
-                   help="folder of the demo data (ROOT/data) and the runs (default /tmp/itmkit-train-speed)")
+    p.add_argument("--root", default="/tmp/itmkit-train-speed/data",
+                   help="data root holding (or to hold) the demo dataset (default /tmp/itmkit-train-speed/data)")
+    p.add_argument("--out", default="/tmp/itmkit-train-speed/runs",
+                   help="folder of the runs, one per model, replaced (default /tmp/itmkit-train-speed/runs)")
     p.add_argument("--models", default=MODELS, help=f"comma-separated (default {MODELS})")
     p.add_argument("--epochs", type=int, default=2, help="epochs per model (default 2)")
     p.add_argument("--max-images", type=int, default=48,
@@ -102,9 +111,8 @@ def main(argv=None) -> int:
                    help="override the demo recipe for every model (default: none)")
     args = p.parse_args(argv)
 
-    root = Path(args.root).absolute()
-    args.root = str(root)
-    build_demo(root)
+    args.root, args.out = str(Path(args.root).absolute()), str(Path(args.out).absolute())
+    build_demo(Path(args.root), Path(args.out))
     cfg = demo_config()
     recipe = ["--batch-size", str(cfg["demo_batch_size"])]
     for key, value in {**(cfg.get("demo_set") or {}), **dict(s.split("=", 1) for s in args.set)}.items():
