@@ -1,7 +1,7 @@
 """Training samples/s of each model on the demo data, trained the way `snakemake demo` trains.
 
     python benchmarks/train_speed.py [--root /tmp/itmkit-train-speed/data] [--out /tmp/itmkit-train-speed/runs]
-        [--models vsepp,cimn,dsrln,kidrr,resg] [--epochs 2] [--max-images 48] [--threads 0] [--set KEY=VALUE ...]
+        [--models vsepp,cimn,dsrln,kidrr,resg] [--epochs 2] [--max-images 48] [--threads 1] [--set KEY=VALUE ...]
 
 The data is the demo's, in the data root --root: reused when ROOT/demo has region and grid shards
 and a vocabulary (e.g. the data/ of a `snakemake demo` run), else built there by the workflow's own
@@ -16,9 +16,8 @@ backward, optimiser step, logging), over all epochs and over the epochs after th
 pays one-time costs); validation and checkpoint seconds per epoch; the whole command's wall
 seconds and CPU seconds (process start, imports, opening and hashing the shards included).
 ``--set KEY=VALUE`` overrides the recipe for every model (e.g. ``embed_dim=1024``: the demo's size
-before it became 256). ``--threads N`` sets OMP_NUM_THREADS of the training processes (0: torch's
-default, one thread per core). On a shared machine, read the figures with the load average it
-prints.
+before it became 256). ``--threads N`` is train.py's (1, as the demo trains; 0: torch's choice,
+one thread per core). On a shared machine, read the figures with the load average it prints.
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ def train_one(model: str, args, recipe: list[str], env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(REPO / "training" / "train.py"), "--model", model, "--dataset", "demo",
            "--root", args.root, "--out", str(out), "--epochs", str(args.epochs),
-           "--device", "cpu", "--workers", "0", "--quiet", *recipe]
+           "--device", "cpu", "--workers", "0", "--threads", str(args.threads), "--quiet", *recipe]
     if args.max_images:
         cmd += ["--max-images", str(args.max_images)]
     cpu, t = cpu_seconds_of_children(), time.perf_counter()
@@ -106,7 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="epochs per model (default 2)")
     p.add_argument("--max-images", type=int, default=48,
                    help="train on the first N training images, 5 pairs each; 0: all (default 48)")
-    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (default 0: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="train.py --threads: CPU threads per run (default 1, as the demo trains; 0: torch's choice)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the demo recipe for every model (default: none)")
     args = p.parse_args(argv)
@@ -119,8 +119,6 @@ def main(argv=None) -> int:
         value = ",".join(map(str, value)) if isinstance(value, list) else value
         recipe += ["--set", f"{key}={value}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     print(f"recipe: {' '.join(recipe)}, {args.epochs} epoch(s), "
           f"{args.max_images or 'all'} training images; threads {args.threads or 'torch default'}; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)

@@ -117,6 +117,12 @@ def test_epoch_line_and_metrics_show_chance_and_a_small_split_is_warned(root, tm
     assert 0 < float(row["train_seconds"]) < float(row["seconds"])   # the loop, then validation
 
 
+def test_threads_option_sets_torchs_cpu_threads(root, tmp_path):
+    torch.set_num_threads(2)   # the module's fixture restores the count afterwards
+    run_train(root, tmp_path / "r", "--epochs", "1", "--threads", "1")
+    assert torch.get_num_threads() == 1
+
+
 @pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_foreach_optimiser_step_and_clipping_are_bitwise_torchs_default(opt_cls):
     """The trainer steps and clips with foreach=True, which on the CPU replaces torch's default

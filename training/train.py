@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="", help="validation split (default: val, else dev)")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the model (default 0: torch's choice, one per core; 1 is far faster "
+                        "on a busy machine and for small models)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after N epochs of this invocation (resume later with --resume)")
     add_quiet_argument(p)
@@ -125,6 +128,8 @@ def command(args) -> int:
             torch.cuda.set_device(device)
     master = rank == 0
     out = Path(args.out)
+    if args.threads:   # threads that wait for a busy core at every op cost more than they give
+        torch.set_num_threads(args.threads)
 
     # config
     run = make_run(args, out)

@@ -57,10 +57,13 @@ rule train:
         out=lambda wc: run_dir(wc.dataset, wc.model),
         flags=train_flags,
         device=train_device,
-    threads: lambda wc: 2 if wc.dataset == "demo" else config["train_workers"] + 1
+    threads: lambda wc: 1 if wc.dataset == "demo" else config["train_workers"] + 1
     resources:
         gpu=lambda wc: int(train_device(wc).startswith("cuda")),
         workers=train_workers,   # not a param: a changed worker count must not retrain
+        # the demo's small model on the CPU: one thread (two are many times slower on a shared
+        # machine, docs/BENCHMARKS.md); 0: torch's choice
+        torch_threads=lambda wc: 1 if wc.dataset == "demo" else 0,
     log:
         str(LOGS / "{dataset}" / "train-{model}.log"),
     benchmark:
@@ -68,6 +71,7 @@ rule train:
     shell:
         "{PY} {TRAIN} --model {wildcards.model} --dataset {wildcards.dataset} --root {ROOT}"
         " --out {params.out} {params.flags} --device {params.device} --workers {resources.workers}"
+        " --threads {resources.torch_threads}"
         " > {log} 2>&1"
 
 
