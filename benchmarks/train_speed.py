@@ -122,8 +122,8 @@ def main(argv=None) -> int:
     print(f"recipe: {' '.join(recipe)}, {args.epochs} epoch(s), "
           f"{args.max_images or 'all'} training images; threads {args.threads or 'torch default'}; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-    print(f"| model | pairs/epoch | train pairs/s (all epochs) | (after the first) | validation + checkpoint s/epoch "
-          f"| command wall s | command CPU s | last val rSum |\n|---|---|---|---|---|---|---|---|", flush=True)
+    print("| model | pairs/epoch | train pairs/s (all epochs) | (after the first) | validation + checkpoint s/epoch "
+          "| command wall s | command CPU s | last val rSum |\n|---|---|---|---|---|---|---|---|", flush=True)
     for model in args.models.split(","):
         r = train_one(model, args, recipe, env)
         if "error" in r:
