@@ -207,6 +207,19 @@ def _png_with_size(path, width, height):
     path.write_bytes(bytes(data))
 
 
+def test_max_pixels_decides_what_is_too_large(tmp_path):
+    from pipeline.images import MAX_PIXELS, BadImage, open_image
+
+    _png_with_size(tmp_path / "big.png", 10_000, 9_500)       # over Pillow's own warning level
+    with open_image(tmp_path / "big.png") as im:               # opened lazily: nothing decoded
+        assert im.size == (10_000, 9_500)
+    _png_with_size(tmp_path / "bigger.png", 10_001, 10_000)
+    with pytest.raises(BadImage, match=f"10001x10000 is over {MAX_PIXELS:,} pixels"):
+        open_image(tmp_path / "bigger.png")
+    with pytest.raises(BadImage, match="too large"):
+        open_image(tmp_path / "big.png", max_pixels=90_000_000)
+
+
 def make_bad_images(d: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     base = np.zeros((60, 80, 3), np.uint8)
