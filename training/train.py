@@ -29,11 +29,12 @@ from pipeline.config import add_root_argument, resolve_root
 from pipeline.shards import Layout, ShardError
 from training import checkpoint, models
 from training.checkpoint import CheckpointError
-from training.config import RunConfig, dataset_key, parse_overrides
+from training.config import RunConfig, dataset_key, parse_run_settings
 from training.data import (CaptionDataset, ImageDataset, PairDataset, collate_images, collate_pairs,
                            collate_text, make_loader)
 from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
 from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split
+from training.shortlist import rerank_split, split_shortlist
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field (lr, epochs, batch_size, margin, ...)")
+                   help="override a model config field (lr, epochs, batch_size, margin, ...) or a run "
+                   "setting: val_shortlist=RUN2 (validate re-scoring only the val_topk=20 best candidates "
+                   "of a two-tower run; default: every pair)")
     p.add_argument("--epochs", type=int, default=None, help="shortcut for --set epochs=N")
     p.add_argument("--batch-size", type=int, default=None, help="shortcut for --set batch_size=N")
     p.add_argument("--seed", type=int, default=0)
@@ -84,7 +87,11 @@ def make_run(args, out: Path) -> RunConfig:
         raise CheckpointError(f"{out}: already holds a run; pass --resume to continue it or "
                               "choose another --out")
     cls = models.get(args.model)
-    overrides = parse_overrides(args.set, cls.config_class)
+    settings, overrides = parse_run_settings(args.set, cls.config_class)
+    if settings.get("val_topk", 1) < 1:
+        raise ValueError(f"--set val_topk={settings['val_topk']}: must be at least 1")
+    if settings.get("val_shortlist"):   # the run may be resumed from another directory
+        settings["val_shortlist"] = str(Path(settings["val_shortlist"]).absolute())
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.batch_size is not None:
@@ -92,7 +99,7 @@ def make_run(args, out: Path) -> RunConfig:
     cfg = models.default_config(args.model, dataset_key(args.dataset), **overrides)
     return RunConfig(model=args.model, dataset=args.dataset, root=str(resolve_root(args.root).absolute()),
                      seed=args.seed, workers=args.workers, val_split=args.val_split,
-                     max_images=args.max_images, model_config=models.dataclasses.asdict(cfg))
+                     max_images=args.max_images, model_config=models.dataclasses.asdict(cfg), **settings)
 
 
 def main(argv=None) -> int:
@@ -139,6 +146,11 @@ def main(argv=None) -> int:
                              run.eval_batch_size, workers=run.workers)
     val_texts = make_loader(CaptionDataset(val_data), collate_text, run.eval_batch_size * 5,
                             workers=run.workers)
+    shortlist = None   # the shortlisting run does not train: its candidates are made once
+    if master and run.val_shortlist:
+        with torch.random.fork_rng(devices=[]):   # building its model must not move this run's seed
+            shortlist, _ = split_shortlist(run.val_shortlist, val_data, run.val_topk, device,
+                                           run.eval_batch_size, run.workers, progress=False)
 
     # model and optimiser
     model = create_model(run, vocab).to(device)
@@ -202,8 +214,12 @@ def main(argv=None) -> int:
 
         # validation on the first process; the others wait
         if master:
-            sims = compute_sims(model, val_images, val_texts, device, progress=False)
-            metrics = recall_metrics(sims, val_data.cfg.captions_per_image)
+            per = val_data.cfg.captions_per_image
+            if shortlist is None:
+                metrics = recall_metrics(compute_sims(model, val_images, val_texts, device, progress=False), per)
+            else:
+                done = rerank_split(model, val_images, val_texts, shortlist, device, progress=False)
+                metrics = recall_metrics(done.i2t, per, done.t2i)
             row = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, epoch),
                    "train_loss": total / max(count, 1), **metrics, "val_images": val_data.n_images,
                    "chance_rsum": chance, "seconds": time.time() - t0}
