@@ -229,8 +229,12 @@ class Shortlist:
 class Reranked:
     i2t: np.ndarray       # rows rank each image's captions (Shortlist.rankings)
     t2i: np.ndarray       # columns rank each caption's images
-    pairs: int            # pairs the re-ranking run scored
+    scores: np.ndarray    # [P] the re-ranking run's scores of Shortlist.pairs (rankings(scores, fuse=...))
     seconds: float        # encoding the split and scoring the pairs
+
+    @property
+    def pairs(self) -> int:
+        return len(self.scores)
 
 
 def rerank_split(model, image_loader, text_loader, shortlist: Shortlist | None, device="cpu",
@@ -250,7 +254,7 @@ def rerank_split(model, image_loader, text_loader, shortlist: Shortlist | None, 
     scores = score_pairs(model, img, txt, pairs, device, rank, world, progress)
     if scores is None:
         return None
-    return Reranked(*shortlist.rankings(scores, fuse), len(pairs), time.perf_counter() - t)
+    return Reranked(*shortlist.rankings(scores, fuse), scores, time.perf_counter() - t)
 
 
 def split_shortlist(run_dir, data, k: int, device="cpu", batch_size: int = 128, workers: int = 0,
