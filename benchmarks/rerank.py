@@ -15,7 +15,8 @@ scoring, the top-K selection, the model encoding the split and scoring the pairs
 re-rank the same pair scores with ``--fuse`` weights, at no extra scoring cost.
 
 Results are kept in RUNS/rerank.json cell by cell (with the load average while each ran), so a
-stopped benchmark resumes with the cells not yet measured; the tables are printed from it. The
+stopped benchmark resumes with the cells not yet measured, and two processes (e.g. --models kidrr
+and --models resg,dsrln) can fill the same file; the tables are printed from it. The
 goal line names, per model and shortlister, the smallest K reaching at least 98 % of full
 scoring's rSum in at most a tenth of its time.
 """
@@ -23,6 +24,7 @@ scoring's rSum in at most a tenth of its time.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 import time
@@ -171,9 +173,12 @@ def main(argv=None) -> int:
     path = Path(args.results or Path(args.runs) / "rerank.json")
     results = shards.read_json(path) if path.exists() else {}
 
-    def save(key: str, value: dict) -> None:
-        results[key] = value
-        shards.write_json(path, results)
+    def save(key: str, value: dict) -> None:   # merged under a lock: several processes may share the file
+        with open(f"{path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results.update(shards.read_json(path) if path.exists() else {})
+            results[key] = value
+            shards.write_json(path, results)
 
     if not args.report_only:
         measure(args, results, save)

@@ -306,7 +306,8 @@ def compute_sims(model, image_loader, text_loader, device="cpu", progress: bool 
     blocks = [(a, b) for a in range(len(img)) for b in range(len(txt))][rank::world]
     scored = []
     for a, b in tqdm(blocks, desc="similarity", leave=False, disable=not progress or len(blocks) == 1):
-        scored.append((a, b, model.similarity(to_device(img[a], device), to_device(txt[b], device)).float().cpu().numpy()))
+        block = model.similarity(to_device(img[a], device), to_device(txt[b], device))
+        scored.append((a, b, block.float().cpu().numpy()))
     model.train(was_training)
     scored = gather_to_first(scored, rank, world)
     if scored is None:

@@ -14,9 +14,10 @@ Only rankings are read: image->text uses the order of the scores within each row
 similarity matrix, text->image the order within each column; scores of different rows (or
 columns) are never compared. A matrix in which some entries only encode a shortlist's order is
 therefore fine, and a shortlisted evaluation, which ranks each direction on its own
-(``training/shortlist.py``), passes its text->image matrix as ``t2i_sims``. Ties count against the model, as in ``training/evaluation.py``: a positive ranks
-below every non-positive with the same score. ``training/evaluation.py`` registers both by name
-next to SCAN's protocols (``evaluate.py --protocol eccv|cxc``).
+(``training/shortlist.py``), passes its text->image matrix as ``t2i_sims``. Ties count against
+the model, as in ``training/evaluation.py``: a positive ranks below every non-positive with the
+same score. ``training/evaluation.py`` registers both by name next to SCAN's protocols
+(``evaluate.py --protocol eccv|cxc``).
 """
 
 from __future__ import annotations
