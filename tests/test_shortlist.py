@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from training import evaluate, protocols, train
-from training.evaluation import compute_sims, encode, hard_negative_accuracy, recall_metrics
+from training.evaluation import (compute_sims, encode, evaluate_protocol, hard_negative_accuracy,
+                                 recall_metrics)
 from training.protocols import Annotations
 from training.shortlist import (Shortlist, rerank, rerank_split, score_pairs, standardise, take,
                                 top_k)
@@ -222,7 +223,7 @@ def test_rerank_queries_against_a_gallery_matches_the_split_rankings(monkeypatch
         rerank(_stub(fast), _stub(slow), texts, images, k=3)
 
 
-def test_eccv_and_cxc_read_each_direction_from_its_own_matrix():
+def test_eccv_and_cxc_read_each_direction_from_its_own_matrix(monkeypatch):
     rng = np.random.default_rng(4)
     images, captions = np.arange(100, 104), np.arange(200, 220)
     ann = Annotations("eccv", images, captions, {100: [200, 201, 205], 102: [210, 211]},
@@ -237,6 +238,10 @@ def test_eccv_and_cxc_read_each_direction_from_its_own_matrix():
             elif key.startswith("t2i_"):
                 assert v == only_b[key]
         assert fn(a, images, captions, annotations=ann, t2i_sims=a) == only_a
+    # through the protocol registry, as evaluate.py --protocol eccv --shortlist calls it
+    monkeypatch.setattr(protocols, "load_annotations", lambda name: ann)
+    via = evaluate_protocol(a, "eccv", image_ids=images, caption_ids=captions, t2i_sims=b)
+    assert via == protocols.eccv(a, images, captions, annotations=ann, t2i_sims=b)
 
 
 # ---------------------------------------------------------------------------------------------
