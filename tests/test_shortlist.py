@@ -309,7 +309,7 @@ def test_evaluate_shortlist_usage_and_bad_shortlisters(runs, capsys):
     assert not (resg / "sims-test.npz").exists()
 
 
-def test_validation_with_a_shortlist(runs, tmp_path):
+def test_validation_with_a_shortlist(runs, tmp_path, capsys):
     """train.py --set val_shortlist=RUN2 --set val_topk=K: with K covering every caption the
     validation metrics equal full validation's; with a small K they come from the shortlist."""
     small = ["--model", "resg", "--dataset", "synth", "--root", str(runs / "data"), "--epochs", "1",
@@ -325,6 +325,7 @@ def test_validation_with_a_shortlist(runs, tmp_path):
     assert train.main([*small, "--out", str(tmp_path / "k2"), "--set", f"val_shortlist={runs / 'vsepp'}",
                        "--set", "val_topk=2"]) == 0
     assert len(rows(tmp_path / "k2")) == 2
+    assert f"train: validation re-scores the top 2 of {(runs / 'vsepp').absolute()}: " in capsys.readouterr().err
     with pytest.raises(ValueError, match="val_topk"):
         train.main([*small, "--out", str(tmp_path / "bad"), "--set", "val_topk=x"])
 

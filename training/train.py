@@ -151,6 +151,10 @@ def main(argv=None) -> int:
         with torch.random.fork_rng(devices=[]):   # building its model must not move this run's seed
             shortlist, _ = split_shortlist(run.val_shortlist, val_data, run.val_topk, device,
                                            run.eval_batch_size, run.workers, progress=False)
+        rec = shortlist.recall(val_data.cfg.captions_per_image)
+        print(f"train: validation re-scores the top {run.val_topk} of {run.val_shortlist}: "
+              f"{len(shortlist.pairs):,} of {shortlist.sims.size:,} pairs; its shortlist holds a ground "
+              f"truth for {rec['i2t']:.1f} % of images, {rec['t2i']:.1f} % of captions", file=sys.stderr)
 
     # model and optimiser
     model = create_model(run, vocab).to(device)
