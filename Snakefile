@@ -1,8 +1,9 @@
-"""itmkit workflow: datasets -> region/grid feature shards, scene graphs and vocabulary -> (demo)
-a short training run and its evaluation.
+"""itmkit workflow: datasets -> region/grid feature shards, scene graphs and vocabulary -> a
+training run, its evaluation and its HTML report.
 
     snakemake --cores 2 demo                   # generated demo data, end to end, on CPU
     snakemake --cores 8 features_coco          # regions + grid + graphs + vocab of MS-COCO
+    snakemake --cores 8 train_coco --config model=kidrr   # ... then train, evaluate, report
     snakemake --list-target-rules              # every target with its description
 
 Settings: config/config.yaml (checked against config/schema.yaml), overridable with
@@ -10,8 +11,11 @@ Settings: config/config.yaml (checked against config/schema.yaml), overridable w
 """
 
 import os
+import sys
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from pipeline.config import config_problems
 
 min_version("9.0")
 
@@ -19,7 +23,10 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
-validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+# one line naming the key, not snakemake's dump of the whole schema
+problems = config_problems(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+if problems:
+    sys.exit("\n".join(f"config error: {p}" for p in problems))
 
 
 include: "pipeline/rules/common.smk"
@@ -38,10 +45,24 @@ rule all:
 
 
 rule demo:
-    """Demo end to end on CPU: generate, extract (given boxes, RANDOM weights), parse, train, evaluate."""
+    """Demo end to end on CPU: generate, extract (given boxes, RANDOM weights), parse, train, evaluate, report."""
     localrule: True
     input:
-        str(RUNS / f"demo-{config['demo_model']}" / "eval.json"),
+        str(RUNS / f"demo-{config['demo_model']}" / "report.html"),
+
+
+rule train_coco:
+    """MS-COCO from raw data to a report: features, graphs, vocabulary, train `model`, evaluate, report."""
+    localrule: True
+    input:
+        str(RUNS / f"coco-{config['model']}" / "report.html"),
+
+
+rule train_f30k:
+    """Flickr30K from raw data to a report: features, graphs, vocabulary, train `model`, evaluate, report."""
+    localrule: True
+    input:
+        str(RUNS / f"f30k-{config['model']}" / "report.html"),
 
 
 rule features_coco:

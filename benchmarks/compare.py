@@ -1,16 +1,18 @@
 """Train several registered models on the same split with the same settings, evaluate them on
-the same test images, and print one comparison table.
+the same test images, and print one comparison table; with ``--seeds N`` each model is trained
+N times (seeds --seed .. --seed+N-1) and every figure is the mean ± sample std over the seeds.
 
     python benchmarks/compare.py --dataset demo --root data --out runs/compare \\
-        --models vsepp,cimn,dsrln,kidrr,resg --epochs 10 --batch-size 64 \\
+        --models vsepp,cimn,dsrln,kidrr,resg --epochs 10 --batch-size 64 --seeds 3 \\
         --set embed_dim=256 --set kidrr:sim_dim=64 [--threads 1] [--eval-images 500]
 
-Each model runs the commands a user runs, in its own process: ``training/train.py`` into
-``<out>/<model>`` and ``training/evaluate.py --hard-negatives`` (when the dataset has
+Each run is the commands a user runs, in its own process: ``training/train.py`` into
+``<out>/<model>-seed<S>`` and ``training/evaluate.py --hard-negatives`` (when the dataset has
 hard-negative pairs). ``--set KEY=VALUE`` goes to every model, ``--set MODEL:KEY=VALUE`` to one.
-A model whose run is complete and evaluated is not run again, and an interrupted run is resumed,
-so the command can be repeated after a stop. Chance is the expected rSum of random scores on
-the same number of test images.
+A run that is complete and evaluated is not run again, and an interrupted run is resumed, so the
+command can be repeated after a stop (or run for a few models at a time, then for all to print
+the table). Chance is the expected rSum of random scores on the same number of test images.
+Every run's figures go to ``<out>/compare.json`` too.
 """
 
 from __future__ import annotations
@@ -19,27 +21,34 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pipeline import shards
+from pipeline.config import HelpFormatter, UsageError, add_root_argument, add_set_argument, positive_int, resolve_root
 from training import models
+from training.config import parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def model_sets(items: list[str], name: str) -> list[str]:
+    """The ``--set`` items for model ``name``: ``KEY=VALUE`` (every model) and ``name:KEY=VALUE``,
+    checked against its config now rather than in its training process."""
     out = []
     for item in items:
         target, sep, rest = item.partition(":")
         if sep and "=" not in target:
             if target not in models.names():
-                raise SystemExit(f"compare: --set {item}: unknown model '{target}'")
+                raise UsageError(f"--set {item}: unknown model '{target}'; the models: {', '.join(models.names())}")
             if target == name:
                 out.append(rest)
         else:
             out.append(item)
+    parse_overrides(out, models.get(name).config_class)
     return out
 
 
@@ -54,79 +63,112 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
     return time.perf_counter() - t
 
 
+def run_figures(result: dict, best_val: float, times: dict, key: str, split: str) -> dict:
+    """The figures of one evaluated run, flat: name -> value."""
+    m = result[key]
+    out = {"train_s": times["train_s"], "eval_s": times.get("eval_s", 0.0), "best_val_rsum": best_val,
+           **{k: m[k] for k in ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}}
+    for kind, v in result.get(f"{split}/hard_negatives", {}).items():
+        if isinstance(v, dict):
+            out[f"{kind}_i2t_acc"], out[f"{kind}_t2i_acc"] = v["i2t_acc"], v["t2i_acc"]
+    return out
+
+
+def mean_std(values: list[float], digits: int = 1) -> str:
+    """``m`` for one value, ``m ± s`` (sample standard deviation) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(rows: dict[str, list[dict]]) -> list[str]:
+    """Markdown table, one row per model: mean ± std over its runs of every figure."""
+    kinds = sorted({k[:-len("_i2t_acc")] for runs in rows.values() for r in runs for k in r
+                    if k.endswith("_i2t_acc")})
+    cols = [("train s", "train_s", 0), ("eval s", "eval_s", 0), ("best val rSum", "best_val_rsum", 1),
+            ("test rSum", "rsum", 1)]
+    cols += [(f"{d} R@{k}", f"{d}_r{k}", 1) for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    cols += [(f"{kind} {d} %", f"{kind}_{d}_acc", 1) for kind in kinds for d in ("i2t", "t2i")]
+    lines = ["| model | seeds | " + " | ".join(c for c, _, _ in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for name, runs in rows.items():
+        cells = [mean_std([r[key] for r in runs], digits) if all(key in r for r in runs) else "-"
+                 for _, key, digits in cols]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="demo")
-    ap.add_argument("--root", required=True)
-    ap.add_argument("--out", required=True, help="folder of the runs, one per model")
-    ap.add_argument("--models", default=",".join(models.names()))
-    ap.add_argument("--epochs", type=int, required=True)
-    ap.add_argument("--batch-size", type=int, required=True)
-    ap.add_argument("--set", action="append", default=[], metavar="[MODEL:]KEY=VALUE")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--dataset", default="demo", help="dataset name (folder under the data root)")
+    add_root_argument(ap)
+    ap.add_argument("--out", required=True, help="folder of the runs, one per model and seed")
+    ap.add_argument("--models", default=",".join(models.names()), help="comma-separated registered models")
+    ap.add_argument("--epochs", type=positive_int, required=True, help="epochs of every model")
+    ap.add_argument("--batch-size", type=positive_int, required=True, help="batch size of every model")
+    add_set_argument(ap, "a model config field of every model, or of one with MODEL:KEY=VALUE",
+                     metavar="[MODEL:]KEY=VALUE")
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--seeds", type=positive_int, default=1, help="runs per model, with seeds --seed, --seed+1, ...")
     ap.add_argument("--max-images", type=int, default=None, help="train on the first N images")
     ap.add_argument("--eval-images", type=int, default=None, help="test on the first N images")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="split to test on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="torch device")
     args = ap.parse_args(argv)
+    args.root = str(resolve_root(args.root))
 
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in models.names()]
     if unknown:
-        raise SystemExit(f"compare: unknown model(s) {unknown}; known: {', '.join(models.names())}")
+        ap.error(f"unknown model(s) {unknown}; known: {', '.join(models.names())}")
+    try:
+        for name in names:
+            model_sets(args.set, name)
+    except UsageError as e:
+        ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     py, key = sys.executable, f"{args.split}/f30k-1k"
     hard = (Path(args.root) / args.dataset / "hard_negatives.parquet").exists()
-    rows = []
+    rows: dict[str, list[dict]] = {}
+    chance = {}
     for name in names:
-        run_dir, log = out / name, out / f"{name}.log"
-        timing_path = run_dir / "compare-times.json"
-        times = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_s": 0.0}
-        evaluated = (run_dir / "eval.json").exists() and key in json.loads((run_dir / "eval.json").read_text())
-        if not evaluated:
-            train = [py, "training/train.py", "--model", name, "--dataset", args.dataset, "--root", args.root,
-                     "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                     "--seed", str(args.seed), "--workers", "0", "--device", args.device]
-            train += [a for s in model_sets(args.set, name) for a in ("--set", s)]
-            train += ["--max-images", str(args.max_images)] if args.max_images else []
-            train += ["--resume"] if (run_dir / "config.json").exists() else []
-            print(f"compare: training {name} (log {log})", file=sys.stderr)
-            times["train_s"] += run(train, log, env)
-            evaluate = [py, "training/evaluate.py", str(run_dir), "--root", args.root, "--split", args.split,
-                        "--protocol", "f30k-1k", "--workers", "0", "--device", args.device]
-            evaluate += ["--hard-negatives"] if hard else []
-            evaluate += ["--max-images", str(args.eval_images)] if args.eval_images else []
-            print(f"compare: evaluating {name}", file=sys.stderr)
-            times["eval_s"] = run(evaluate, log, env)
-            timing_path.write_text(json.dumps(times))
-        result = json.loads((run_dir / "eval.json").read_text())
-        with open(run_dir / "metrics.csv", newline="") as f:
-            best_val = max(float(r["rsum"]) for r in csv.DictReader(f))
-        rows.append((name, result, best_val, times))
+        for seed in range(args.seed, args.seed + args.seeds):
+            run_dir, log = out / f"{name}-seed{seed}", out / f"{name}-seed{seed}.log"
+            timing_path = run_dir / "compare-times.json"
+            times = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_s": 0.0}
+            evaluated = (run_dir / "eval.json").exists() and key in json.loads((run_dir / "eval.json").read_text())
+            if not evaluated:
+                train = [py, "training/train.py", "--model", name, "--dataset", args.dataset, "--root", args.root,
+                         "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                         "--seed", str(seed), "--workers", "0", "--device", args.device]
+                train += [a for s in model_sets(args.set, name) for a in ("--set", s)]
+                train += ["--max-images", str(args.max_images)] if args.max_images else []
+                train += ["--resume"] if (run_dir / "config.json").exists() else []
+                print(f"compare: training {name}, seed {seed} (log {log})", file=sys.stderr)
+                times["train_s"] += run(train, log, env)
+                evaluate = [py, "training/evaluate.py", str(run_dir), "--root", args.root, "--split", args.split,
+                            "--protocol", "f30k-1k", "--workers", "0", "--device", args.device]
+                evaluate += ["--hard-negatives"] if hard else []
+                evaluate += ["--max-images", str(args.eval_images)] if args.eval_images else []
+                print(f"compare: evaluating {name}, seed {seed}", file=sys.stderr)
+                times["eval_s"] = run(evaluate, log, env)
+                timing_path.write_text(json.dumps(times))
+            result = json.loads((run_dir / "eval.json").read_text())
+            with open(run_dir / "metrics.csv", newline="") as f:
+                best_val = max(float(r["rsum"]) for r in csv.DictReader(f))
+            rows.setdefault(name, []).append(run_figures(result, best_val, times, key, args.split))
+            chance = {"images": result[key]["images"], "rsum": result[key]["chance_rsum"]}
 
+    seeds = f"seed {args.seed}" if args.seeds == 1 else f"seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std)"
     print(f"\n{args.dataset}/{args.split}, {args.epochs} epochs, batch {args.batch_size}, "
-          f"--set {' '.join(args.set) or '(none)'}; seed {args.seed}\n")
-    head = "| model | train s | eval s | best val rSum | test rSum | i2t R@1 / 5 / 10 | t2i R@1 / 5 / 10 |"
-    kinds = sorted({k for _, r, _, _ in rows for k, v in r.get(f"{args.split}/hard_negatives", {}).items()
-                    if isinstance(v, dict)})
-    head += "".join(f" {k} i2t / t2i |" for k in kinds)
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for name, r, best_val, times in rows:
-        m = r[key]
-        hn = r.get(f"{args.split}/hard_negatives", {})
-        line = (f"| {name} | {times['train_s']:.0f} | {times.get('eval_s', 0):.0f} | {best_val:.1f} | "
-                f"{m['rsum']:.1f} | {m['i2t_r1']:.1f} / {m['i2t_r5']:.1f} / {m['i2t_r10']:.1f} | "
-                f"{m['t2i_r1']:.1f} / {m['t2i_r5']:.1f} / {m['t2i_r10']:.1f} |")
-        line += "".join(f" {hn[k]['i2t_acc']:.1f} / {hn[k]['t2i_acc']:.1f} % ({hn[k]['pairs']}) |"
-                        if k in hn else " - |" for k in kinds)
-        print(line)
-    m = rows[0][1][key]
-    print(f"\nrandom scores on {m['images']} test images: rSum {m['chance_rsum']:.1f}; "
+          f"--set {' '.join(args.set) or '(none)'}; {seeds}\n")
+    print("\n".join(table(rows)))
+    print(f"\nrandom scores on {chance['images']} test images: rSum {chance['rsum']:.1f}; "
           "hard-negative pairs: 50 %")
+    shards.write_json(out / "compare.json", {"args": vars(args), "chance": chance, "runs": rows})
     return 0
 
 

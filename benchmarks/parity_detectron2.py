@@ -39,6 +39,7 @@ from features.config import ExtractorConfig  # noqa: E402
 from features.rcnn import BottomUpRCNN  # noqa: E402
 from features.transforms import to_network_input  # noqa: E402
 from features.weights import load_weights, read_state, save_detectron2_pickle  # noqa: E402
+from pipeline.config import add_set_argument, typed_settings  # noqa: E402
 
 
 def synthetic_images(n: int, seed: int) -> list[Image.Image]:
@@ -150,13 +151,7 @@ def load_reference(model, pkl: Path) -> list[str]:
 
 
 def run(args) -> dict:
-    overrides = {}
-    for item in args.set:
-        key, _, raw = item.partition("=")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
+    overrides = typed_settings(args.set, ExtractorConfig, "the extractor (features/config.py)")
     cfg_itm = ExtractorConfig.from_dict({**dict(min_size=args.min_size, max_size=args.max_size,
                                                 rpn_post_nms_topk=args.proposals), **overrides})
     torch.manual_seed(args.seed)
@@ -265,8 +260,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ref-config", required=True, help="the reference repository's BUTD config (yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="itmkit extractor setting (features/config.py); JSON values")
+    add_set_argument(p, "an itmkit extractor setting (features/config.py)")
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--min-size", type=int, default=600)
     p.add_argument("--max-size", type=int, default=1000)

@@ -5,7 +5,8 @@ two-tower run, on trained runs of one dataset.
     python benchmarks/rerank.py --runs RUNS [--models kidrr,resg,dsrln] [--shortlisters vsepp,cimn]
            [--topk 10,20,50,100] [--fuse 0.25,0.5,0.75] [--split test] [--eval-images N] [--threads 1]
 
-RUNS holds one run per model, named by the model (compare.py's --out). For each re-ranking model:
+RUNS holds one run per model, named by the model (compare.py's --out); a run whose training
+stopped before its last epoch is resumed first (train --resume). For each re-ranking model:
 full scoring of the split (every pair, ``compute_sims``), then for each shortlister its full
 scoring (one matrix product) and, for each K, the model re-scoring the K best candidates of every
 query in both directions (``training/shortlist.py``, as ``evaluate.py --shortlist`` does). Each
@@ -35,6 +36,8 @@ import torch
 
 from pipeline import shards
 from pipeline.shards import Layout
+from training import checkpoint, train
+from training.config import RunConfig
 from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
 from training.evaluation import compute_sims, hard_negative_accuracy, recall_metrics
 from training.run import load_run
@@ -56,7 +59,20 @@ def cell(i2t, t2i, image_ids, pairs: list, n_pairs: int, seconds: float, load: t
             "pairs": int(n_pairs), "seconds": seconds, "load": [load[0], os.getloadavg()[0]]}
 
 
+def finish_training(run_dir: Path) -> None:
+    """Resume a run whose training stopped before its last epoch (train --resume, the run's own
+    recipe): a benchmark of a half-trained model would say nothing about the trained one."""
+    cfg, last = RunConfig.load(run_dir), run_dir / "last.pt"
+    done, epochs = (checkpoint.load(last)["epoch"] + 1 if last.exists() else 0), cfg.model_cfg().epochs
+    if done >= epochs:
+        return
+    print(f"rerank: {run_dir.name}: trained {done} of {epochs} epochs; resuming its training", file=sys.stderr)
+    train.main(["--model", cfg.model, "--dataset", cfg.dataset, "--out", str(run_dir), "--resume", "--quiet"])
+
+
 def measure(args, results: dict, save) -> None:
+    for name in dict.fromkeys(args.models + args.shortlisters):
+        finish_training(Path(args.runs) / name)
     for name in args.models:
         run = load_run(Path(args.runs) / name, args.root, split=args.split, max_images=args.eval_images)
         images, texts = loaders(run.data, args.batch_size)

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.images import MAX_PIXELS
+from pipeline.shards import config_hash
 
 
 @dataclass
@@ -84,6 +85,10 @@ class ExtractorConfig:
         these, so changing the box rule does not invalidate grid shards (and vice versa)."""
         drop = {"regions": GRID_ONLY, "grid": REGION_ONLY}[kind]
         return {k: v for k, v in self.to_dict().items() if k not in drop}
+
+    def shard_hash(self, kind: str, weights_sha256: str) -> str:
+        """The config hash shards of ``kind`` are registered under in shards.json."""
+        return config_hash({"extractor": self.settings_for(kind), "weights": weights_sha256})
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExtractorConfig":

@@ -1,4 +1,4 @@
-"""``python -m features extract``: images.parquet -> region and/or grid shards, chunk by chunk.
+"""``itmkit extract``: images.parquet -> region and/or grid shards, chunk by chunk.
 
 Chunk k of a split holds that split's images k*shard_size ... in images.parquet order. A chunk
 whose shard is registered in shards.json with the same config hash and inputs is skipped, so a
@@ -7,40 +7,31 @@ rerun after a kill redoes only the unfinished chunk, and a second run does nothi
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from features.config import ExtractorConfig
+from features.devices import held_gpu, visible_gpus
+from features.profile import Stages, no_stages
 from features.rcnn import BottomUpRCNN
-from features.transforms import BadImage, load_image, to_network_input
+from features.runner import Chunk, ChunkRunner, Report, RunOptions
 from features.weights import RANDOM, WeightsError, load_weights, weights_info
-from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline import precomp, shards
+from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument,
+                             positive_int, resolve_root, typed_settings)
 
 KIND_CHOICES = {"regions": ("regions",), "grid": ("grid",), "both": ("regions", "grid")}
 
 
 # ---------------------------------------------------------------------------------------------
 # what to do
-
-@dataclass
-class Chunk:
-    split: str
-    index: int
-    rows: np.ndarray                 # positions in images.parquet
-    ids: list                        # their image ids
-    inputs_hash: dict                # kind -> hash of what the chunk's shard is made from
-    kinds: list = field(default_factory=list)   # kinds whose shard must be (re)written
-
 
 def plan_chunks(images, shard_size: int, given: dict | None, split=None, chunk=None) -> list[Chunk]:
     splits = np.asarray(images["split"].to_pylist(), dtype=object)
@@ -86,224 +77,73 @@ def read_given_boxes(layout: shards.Layout, images) -> dict[int, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# decoding in DataLoader workers
-
-class ImageDataset(Dataset):
-    def __init__(self, paths: list[str], cfg: ExtractorConfig):
-        self.paths, self.cfg = paths, cfg
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, row):
-        cfg = self.cfg
-        try:
-            im, note = load_image(self.paths[row], cfg.max_pixels, cfg.min_image_side)
-        except BadImage as e:
-            return {"row": row, "image": None, "error": str(e)}
-        return {"row": row, "image": to_network_input(im, cfg.min_size, cfg.max_size),
-                "orig_hw": (im.height, im.width), "note": note, "error": None}
-
-
-class ChunkBatches:
-    """Batches of rows that never cross a chunk boundary (a resumed chunk sees the same batches)."""
-
-    def __init__(self, chunks: list[Chunk], batch_size: int):
-        self.batches = [c.rows[i:i + batch_size].tolist() for c in chunks for i in range(0, len(c.rows), batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-# ---------------------------------------------------------------------------------------------
-# one output file per kind and chunk
-
-class RegionsOutput:
-    def __init__(self, path, attrs, boxes_per_chunk):
-        self.writer = shards.RegionShardWriter(path, boxes_per_chunk=boxes_per_chunk, attrs=attrs)
-        self.rows = 0
-
-    def add(self, image_id, hw, result):
-        self.rows += 1
-        self.writer.append(shards.Regions(
-            image_id, hw, result["features"].cpu().numpy().astype(np.float16),
-            **{k: result[k].cpu().numpy() for k in ("boxes", "obj_labels", "obj_scores", "attr_labels", "attr_scores")}))
-
-    def close(self) -> int:
-        self.writer.close()
-        return self.rows
-
-    def abort(self):
-        self.writer.abort()
-
-
-class GridOutput:
-    def __init__(self, path, attrs, grid_size):
-        self.path, self.attrs, self.grid_size = path, attrs, grid_size
-        self.ids, self.features = [], []
-
-    def add(self, image_id, hw, result):
-        self.ids.append(image_id)
-        self.features.append(result["grid"].cpu().numpy().astype(np.float16))
-
-    def close(self) -> int:
-        feats = (np.stack(self.features) if self.features else
-                 np.zeros((0, self.grid_size[0] * self.grid_size[1], shards.FEATURE_DIM), np.float16))
-        shards.write_grid(self.path, np.asarray(self.ids, np.int64), feats, self.grid_size, attrs=self.attrs)
-        return len(self.ids)
-
-    def abort(self):
-        pass
-
-
-def output_path(layout, kind, split, k) -> Path:
-    return {"regions": layout.regions, "grid": layout.grid}[kind](split, k)
-
-
-# ---------------------------------------------------------------------------------------------
 # the run
 
-@dataclass
-class Report:
-    written: dict = field(default_factory=lambda: {"regions": 0, "grid": 0})
-    reused: int = 0
-    images: int = 0
-    bad: list = field(default_factory=list)          # (image_id, path, split, action, reason)
-    removed: list = field(default_factory=list)
-    bad_path: Path | None = None
-    setup_seconds: float = 0.0                       # building the model and filling its weights
-    loop_seconds: float = 0.0                        # decoding, forward passes and writing shards
-
-
 def extract(layout: shards.Layout, cfg: ExtractorConfig, kinds, weights: str = RANDOM, seed: int = 0,
-            device: str = "cpu", shard_size: int = 1000, batch_size: int = 2, workers: int = 2,
-            split: str | None = None, chunk: int | None = None, progress: bool = True) -> Report:
+            shard_size: int = 1000, split: str | None = None, chunk: int | None = None,
+            options: RunOptions | None = None, progress: bool = True) -> Report:
+    """Write the shards of ``kinds`` that are not current. Another process may run on the same
+    dataset at the same time: each shard is written under its claim, a shard another process is
+    writing is done last (by then it is usually current, and reused), and what is registered is
+    always what is on disk."""
+    options = options or RunOptions()
     index = layout.index
     images = shards.read_table(layout.images, "images")
     given = read_given_boxes(layout, images) if cfg.boxes == "given" else None
     info = weights_info(weights, seed)
-    cfg_hash = {kind: shards.config_hash({"extractor": cfg.settings_for(kind), "weights": info.sha256})
-                for kind in kinds}
+    cfg_hash = {kind: cfg.shard_hash(kind, info.sha256) for kind in kinds}
     chunks = plan_chunks(images, shard_size, given, split, chunk)
     report = Report()
+    altered = []
     for c in chunks:
-        c.kinds = [k for k in kinds if not index.is_valid(k, output_path(layout, k, c.split, c.index),
-                                                           cfg_hash[k], c.inputs_hash[k])]
+        status = {k: index.status(k, layout.shard(k, c.split, c.index), cfg_hash[k], c.inputs_hash[k])
+                  for k in kinds}
+        c.kinds = [k for k in kinds if status[k] != "current"]
+        altered += [layout.shard(k, c.split, c.index) for k in kinds if status[k] == "altered"]
         report.reused += len(kinds) - len(c.kinds)
+    todo = [c for c in chunks if c.kinds]
+    model, t0 = None, time.perf_counter()
+    if todo:  # building and filling the model costs seconds: only when there is work
+        model = BottomUpRCNN(cfg)
+        load_weights(model, weights, seed)   # refused weights stop the run before anything is said
+        model.to(options.device)
+        if options.channels_last:
+            model.channels_last()
+    report.setup_seconds = time.perf_counter() - t0
+    if todo and info.is_random:
+        print(f"features extract: weights {info.description}", file=sys.stderr)
     for kind in kinds:
         stale = index.stale(kind, cfg_hash[kind])
         if stale:
             print(f"features extract: {len(stale)} {kind} shard(s) were written with another config "
                   f"({sorted({e.config_hash for e in stale})}); those in this run are replaced", file=sys.stderr)
-    todo = [c for c in chunks if c.kinds]
-    ids, paths = images["image_id"].to_numpy(), images["path"].to_pylist()
+    if altered:
+        print(f"features extract: {len(altered)} shard(s) differ from shards.json (altered), "
+              f"rewriting them: {', '.join(p.name for p in altered[:5])}", file=sys.stderr)
     attrs = {"extractor": cfg.to_dict(), "config_hash": cfg_hash, "weights": info.description,
              "weights_sha256": info.sha256, "dataset": layout.name}
-    model, t0 = None, time.perf_counter()
-    if todo:  # building and filling the model costs seconds: only when there is work
-        model = BottomUpRCNN(cfg)
-        load_weights(model, weights, seed)
-        model.to(device)
-    report.setup_seconds = time.perf_counter() - t0
-    if todo and info.is_random:
-        print(f"features extract: weights {info.description}", file=sys.stderr)
-    loader = DataLoader(ImageDataset(paths, cfg), batch_sampler=ChunkBatches(todo, batch_size),
-                        num_workers=workers, collate_fn=list)
-    owner = {int(r): c for c in todo for r in c.rows}
-    t0 = time.perf_counter()
-    outputs, done, current = {}, 0, None
-    bar = tqdm(total=sum(len(c.rows) for c in todo), unit="img", desc=f"extract {layout.name}",
-               disable=not progress, dynamic_ncols=True)
+    report.stages = Stages(options.device) if options.profile else None
+    run = ChunkRunner(layout, cfg, model, images, given, attrs, cfg_hash, report, options,
+                      report.stages or no_stages)
+    t0, cpu0, benchmark = time.perf_counter(), time.process_time(), torch.backends.cudnn.benchmark
     try:
-        for batch in loader:
-            c = owner[batch[0]["row"]]
-            if c is not current:
-                current = c
-                outputs = _open_outputs(layout, c, attrs, cfg, given, ids)
-            _run_batch(model, batch, c, outputs, given, ids, paths, report)
-            done += len(batch)
-            bar.update(len(batch))
-            if batch[-1]["row"] == int(c.rows[-1]):
-                _finish(index, layout, c, outputs, cfg_hash, report)
-                outputs = {}
-    except BaseException:
-        for out in outputs.values():
-            out.abort()
-        raise
+        torch.backends.cudnn.benchmark = options.cudnn_benchmark
+        with tqdm(total=sum(len(c.rows) for c in todo), unit="img", desc=f"extract {layout.name}",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            busy = run(todo, bar, wait=False)
+            if busy:  # another process is writing them: wait for it, then take what is left
+                print(f"features extract: {len(busy)} chunk(s) are being written by another process; "
+                      "waiting for them", file=sys.stderr)
+                run(busy, bar, wait=True)
     finally:
-        bar.close()
-    report.loop_seconds = time.perf_counter() - t0
+        torch.backends.cudnn.benchmark = benchmark
+    report.loop_seconds, report.loop_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if chunk is None:
-        report.removed = _remove_leftovers(index, layout, kinds, chunks, split)
+        for kind in kinds:
+            planned = [layout.shard(kind, c.split, c.index) for c in chunks]
+            report.removed += index.prune(kind, planned, splits={c.split for c in chunks}).removed
     _write_bad_report(layout, kinds, report)
-    report.images = done
     return report
-
-
-def _open_outputs(layout, c: Chunk, attrs, cfg, given, ids) -> dict:
-    outs = {}
-    for kind in c.kinds:
-        a = dict(attrs, split=c.split, chunk=c.index, kind=kind, config_hash=attrs["config_hash"][kind])
-        path = output_path(layout, kind, c.split, c.index)
-        if kind == "regions":
-            per = cfg.fixed_boxes or (max([len(given.get(int(ids[r]), ())) for r in c.rows], default=1)
-                                      if given is not None else cfg.max_boxes)
-            outs[kind] = RegionsOutput(path, a, max(1, per))
-        else:
-            outs[kind] = GridOutput(path, a, cfg.grid_size)
-    return outs
-
-
-def _run_batch(model, batch, c: Chunk, outputs, given, ids, paths, report):
-    good = []
-    for item in batch:
-        image_id, path = int(ids[item["row"]]), paths[item["row"]]
-        if item["error"] is None and given is not None and image_id not in given:
-            item["error"] = "no boxes for this image in boxes.parquet"
-        if item["error"] is not None:
-            report.bad.append((image_id, path, c.split, "skipped", item["error"]))
-            continue
-        if item["note"]:
-            report.bad.append((image_id, path, c.split, "converted", item["note"]))
-        good.append(item)
-    if not good:
-        return
-    boxes = None if given is None else [torch.from_numpy(given[int(ids[it["row"]])]) for it in good]
-    results = model([it["image"] for it in good], [it["orig_hw"] for it in good], boxes,
-                    regions="regions" in outputs, grid="grid" in outputs)
-    for it, res in zip(good, results):
-        for out in outputs.values():
-            out.add(int(ids[it["row"]]), it["orig_hw"], res)
-
-
-def _finish(index, layout, c: Chunk, outputs, cfg_hash, report):
-    chunk_ids = set(c.ids)
-    skipped = sorted({b[0] for b in report.bad if b[3] == "skipped" and b[0] in chunk_ids})
-    for kind, out in outputs.items():
-        rows = out.close()
-        index.register(kind, output_path(layout, kind, c.split, c.index), rows=rows, config_hash=cfg_hash[kind],
-                       inputs_hash=c.inputs_hash[kind], extra={"skipped_images": skipped} if skipped else None)
-        report.written[kind] += 1
-
-
-def _remove_leftovers(index, layout, kinds, chunks, split) -> list[str]:
-    """After a whole-split run, shards of that split outside the plan (e.g. from a larger
-    shard count) are unregistered and deleted, so old chunks never mix with new ones."""
-    planned = {Path(os.path.relpath(output_path(layout, k, c.split, c.index), index.dir)).as_posix()
-               for k in kinds for c in chunks}
-    splits = {c.split for c in chunks}
-    removed = []
-    for kind in kinds:
-        for e in index.entries(kind):
-            s = e.path.rsplit("/", 1)[-1][len(kind) + 1:].rsplit("-", 1)[0]
-            if s in splits and e.path not in planned:
-                index.unregister(kind, [e.path])
-                (index.dir / e.path).unlink(missing_ok=True)
-                removed.append(e.path)
-    return removed
 
 
 def _write_bad_report(layout, kinds, report) -> Path | None:
@@ -328,70 +168,87 @@ def parse_boxes(value: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = ExtractorConfig()
+    d, r = ExtractorConfig(), RunOptions()
     p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
     add_root_argument(p)
     p.add_argument("--kind", choices=list(KIND_CHOICES), default="both",
-                   help="region features, grid features, or both from one backbone pass (default both)")
-    p.add_argument("--weights", default=RANDOM,
-                   help="detectron2 pickle or torch state dict, or 'random' (seeded; features not meaningful)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model (--weights random)")
+                   help="region features, grid features, or both from one backbone pass")
+    p.add_argument("--weights", required=True,
+                   help="detectron2 pickle or torch state dict of the bottom-up Faster R-CNN, or "
+                        f"'{RANDOM}' for a seeded model whose features mean nothing (tests, the demo)")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the random model (--weights {RANDOM})")
     p.add_argument("--boxes", type=parse_boxes, default="adaptive",
                    help="adaptive (score >= --conf-thresh, 10..100 boxes), fixed:K, or given (boxes.parquet)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0: in-process)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--gpu-locks", default=None, metavar="DIR",
+                   help="with --device cuda: take the first GPU whose lock in DIR no other process holds and "
+                        "keep it while running, so jobs started at once use different GPUs (default: GPU 0)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
+    p.add_argument("--batch-size", type=positive_int, default=r.batch_size,
+                   help="images per forward pass (only images of one resized size are stacked)")
+    p.add_argument("--workers", type=int, default=r.workers, help="DataLoader decoding workers (0: in-process)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: torch's choice; 1 is fastest on a busy machine)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    p.add_argument("--split", default=None, help="only this split")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision (float16 on CUDA, bfloat16 on CPU); other numbers, so another config hash")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC convolutions, faster on tensor-core GPUs; the same numbers up to rounding")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its algorithms for each new input size (GPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="print where the time went: decode wait, backbone, RPN, box head, box selection, "
+                        "writing (synchronises CUDA at every stage)")
+    p.add_argument("--split", default=None, help="only this split (default: all)")
     p.add_argument("--chunk", type=int, default=None, help="only this chunk of each split (for scattering jobs)")
-    p.add_argument("--min-size", type=int, default=d.min_size, help="short side after resize (default 600)")
-    p.add_argument("--max-size", type=int, default=d.max_size, help="long side limit (default 1000)")
-    p.add_argument("--proposals", type=int, default=d.rpn_post_nms_topk, help="RPN proposals per image (default 300)")
-    p.add_argument("--conf-thresh", type=float, default=d.conf_thresh)
-    p.add_argument("--min-boxes", type=int, default=d.min_boxes)
-    p.add_argument("--max-boxes", type=int, default=d.max_boxes)
-    p.add_argument("--grid", type=int, nargs=2, default=list(d.grid_size), metavar=("H", "W"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other extractor setting (see features/config.py), e.g. --set pooler=roi_pool; "
-                        "values are JSON (numbers, true/false, lists) or plain strings")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--min-size", type=int, default=d.min_size, help="short side after resize")
+    p.add_argument("--max-size", type=int, default=d.max_size, help="long side limit")
+    p.add_argument("--proposals", type=int, default=d.rpn_post_nms_topk, help="RPN proposals per image")
+    p.add_argument("--conf-thresh", type=float, default=d.conf_thresh,
+                   help="adaptive boxes: keep detections scoring at least this")
+    p.add_argument("--min-boxes", type=int, default=d.min_boxes, help="adaptive boxes: at least this many")
+    p.add_argument("--max-boxes", type=int, default=d.max_boxes, help="adaptive boxes: at most this many")
+    p.add_argument("--grid", type=int, nargs=2, default=list(d.grid_size), metavar=("H", "W"),
+                   help="grid features: H x W cells")
+    add_set_argument(p, "any other extractor setting of features/config.py (e.g. --set pooler=roi_pool)")
+    add_quiet_argument(p)
+
+
+def run_options(args, device: str) -> RunOptions:
+    return RunOptions(device=device, batch_size=args.batch_size, workers=args.workers,
+                      channels_last=args.channels_last, cudnn_benchmark=args.cudnn_benchmark,
+                      profile=args.profile)
 
 
 def config_from_args(args) -> ExtractorConfig:
     values = dict(min_size=args.min_size, max_size=args.max_size, boxes=args.boxes,
                   rpn_post_nms_topk=args.proposals, conf_thresh=args.conf_thresh, min_boxes=args.min_boxes,
                   max_boxes=args.max_boxes, grid_size=tuple(args.grid), amp=args.amp)
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
+    values.update(typed_settings(args.set, ExtractorConfig, "the extractor (features/config.py)"))
     return ExtractorConfig.from_dict(values)
 
 
-def main(args) -> int:
+def command(args) -> int:
     layout = shards.Layout(resolve_root(args.root).resolve(), args.dataset)
     if not layout.images.exists():
-        print(f"features extract: {layout.images} not found; run `python -m pipeline ingest` "
-              f"(or `demo`) first", file=sys.stderr)
-        return 2
-    if args.shard_size < 1 or args.batch_size < 1:
-        print("features extract: --shard-size and --batch-size must be >= 1", file=sys.stderr)
-        return 2
+        print(f"features extract: {layout.images} not found; run `itmkit ingest` (or `itmkit demo`) first",
+              file=sys.stderr)
+        return 1
+    if precomp.imported(layout):
+        print(f"features extract: {layout.name} was imported from precomp features, which come without "
+              "images: there is nothing to extract from (ingest the images with `itmkit ingest` to "
+              "extract features of your own)", file=sys.stderr)
+        return 1
     kinds = KIND_CHOICES[args.kind]
     t0, threads = time.time(), torch.get_num_threads()
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        r = extract(layout, config_from_args(args), kinds, args.weights, args.seed, args.device,
-                    args.shard_size, args.batch_size, args.workers, args.split, args.chunk,
-                    progress=not args.no_progress)
+        with _device(args) as device:
+            r = extract(layout, config_from_args(args), kinds, args.weights, args.seed, args.shard_size,
+                        args.split, args.chunk, run_options(args, device), progress=not args.quiet)
+    except UsageError:
+        raise   # exit 2 (itmkit.cli)
     except (shards.ShardError, WeightsError, ValueError, RuntimeError) as e:
         print(f"features extract: error: {e}", file=sys.stderr)
         return 1
@@ -401,12 +258,32 @@ def main(args) -> int:
     skipped = sum(1 for b in r.bad if b[3] == "skipped")
     converted = sum(1 for b in r.bad if b[3] == "converted")
     parts = [f"wrote {r.written['regions']} regions + {r.written['grid']} grid shard(s) for {r.images} image(s) "
-             f"in {secs:.1f}s ({r.images / max(secs, 1e-9):.2f} img/s)",
+             f"in {secs:.1f}s ({r.images / max(secs, 1e-9):.2f} img/s; model setup {r.setup_seconds:.1f}s, "
+             f"images {r.loop_seconds:.1f}s, CPU {r.loop_cpu_seconds:.1f}s)",
              f"reused {r.reused} current shard(s)"]
     if skipped or converted:
         parts.append(f"{skipped} bad image(s) skipped, {converted} converted (see {r.bad_path})")
+    if r.meanwhile:
+        parts.append(f"{r.meanwhile} of them written meanwhile by another process")
     if r.removed:
         parts.append(f"removed {len(r.removed)} leftover shard(s) of an older plan")
+    if r.stages is not None:
+        print(f"features extract: where the time went ({device}):\n{r.stages.table(r.loop_seconds, r.images)}",
+              file=sys.stderr)
     weights = "RANDOM weights" if args.weights == RANDOM else f"weights {Path(args.weights).name}"
     print(f"features extract: {args.dataset} [{args.kind}, boxes {args.boxes}, {weights}]: " + "; ".join(parts))
     return 0
+
+
+@contextlib.contextmanager
+def _device(args):
+    """The device this run uses: ``--device``, or with ``--gpu-locks`` and ``--device cuda`` the
+    first free GPU (held until the run ends)."""
+    if not (args.gpu_locks and args.device == "cuda"):
+        yield args.device
+        return
+    gpus = visible_gpus()
+    with held_gpu(gpus, args.gpu_locks) as i:
+        torch.cuda.set_device(i)
+        print(f"features extract: on GPU {i} of {len(gpus)} ({gpus[i]}), lock in {args.gpu_locks}", file=sys.stderr)
+        yield f"cuda:{i}"

@@ -12,6 +12,7 @@ from torchvision.ops import boxes as box_ops
 
 from features.backbone import ResNetC4
 from features.config import RESNET_BLOCKS, ExtractorConfig
+from features.profile import no_stages
 from features.roi_heads import Res5ROIHeads, max_class_scores, select_boxes
 from features.rpn import RegionProposalNetwork
 
@@ -36,51 +37,69 @@ class BottomUpRCNN(nn.Module):
             attr_hidden_dim=cfg.attr_hidden_dim, background_last=cfg.background_last)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean_bgr).view(3, 1, 1), persistent=False)
+        self.memory_format = torch.contiguous_format
         self.eval()
+
+    def channels_last(self) -> "BottomUpRCNN":
+        """NHWC weights and inputs: faster convolutions on tensor-core GPUs, the same numbers up
+        to float rounding."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def forward(self, images: list[torch.Tensor], orig_sizes: list[tuple[int, int]],
                 given_boxes: list[torch.Tensor] | None = None, regions: bool = True,
-                grid: bool = True) -> list[dict]:
+                grid: bool = True, stages=no_stages) -> list[dict]:
         """``images``: resized uint8 BGR [3, h, w] tensors; ``orig_sizes``: (H, W) before resizing;
         ``given_boxes``: optional [n, 4] boxes per image in original pixels. Returns per image
-        ``features``/``boxes`` (original pixels)/labels/scores when ``regions``, ``grid`` when grid."""
+        ``features``/``boxes`` (original pixels)/labels/scores when ``regions``, ``grid`` when grid.
+        ``stages`` times each stage (``features.profile.Stages``)."""
         out = [dict() for _ in images]
         for group in _same_size_groups(images):
-            x = torch.stack([images[i] for i in group]).to(self.pixel_mean.device).float() - self.pixel_mean
+            # copied one by one: an image the DataLoader pinned is copied asynchronously
+            dev = self.pixel_mean.device
+            x = torch.stack([images[i].to(dev, non_blocking=True) for i in group])
+            x = (x.float() - self.pixel_mean).contiguous(memory_format=self.memory_format)
             with self._autocast(x.device):
-                c4 = self.backbone(x)
+                with stages("backbone"):
+                    c4 = self.backbone(x)
                 if grid:
-                    g = self.roi_heads.grid_features(c4, self.cfg.grid_size).float()
+                    with stages("grid head"):
+                        g = self.roi_heads.grid_features(c4, self.cfg.grid_size).float()
                     for j, i in enumerate(group):
                         out[i]["grid"] = g[j]
                 if regions:
                     sizes = [tuple(images[i].shape[1:]) for i in group]
-                    proposals = (self.proposal_generator(c4, sizes) if given_boxes is None else
-                                 [self._to_input_pixels(given_boxes[i], images[i], orig_sizes[i]) for i in group])
+                    with stages("rpn"):
+                        proposals = (self.proposal_generator(c4, sizes) if given_boxes is None else
+                                     [self._to_input_pixels(given_boxes[i], images[i], orig_sizes[i]) for i in group])
                     for j, i in enumerate(group):
                         given = None if given_boxes is None else given_boxes[i]
-                        out[i].update(self._regions(c4[j:j + 1], proposals[j], sizes[j], orig_sizes[i], given))
+                        out[i].update(self._regions(c4[j:j + 1], proposals[j], sizes[j], orig_sizes[i], given,
+                                                    stages))
         return out
 
-    def _regions(self, c4, proposals, size, orig_size, given) -> dict:
+    def _regions(self, c4, proposals, size, orig_size, given, stages=no_stages) -> dict:
         cfg, heads = self.cfg, self.roi_heads
         if given is None:  # too few proposals (tiny image, degenerate scores): pad with the whole image
             need = (cfg.fixed_boxes or 1) - len(proposals)
             if need > 0:
                 whole = torch.tensor([[0.0, 0.0, size[1], size[0]]], device=c4.device)
                 proposals = torch.cat([proposals, whole.expand(need, 4)])
-        features = heads.region_features(c4, [proposals]).float()
-        cls_logits, deltas = heads.box_predictor(features)
-        fg = heads.foreground_probs(cls_logits)
-        if given is None:
-            keep = select_boxes(max_class_scores(proposals, fg, cfg.nms), cfg.conf_thresh,
-                                cfg.min_boxes, cfg.max_boxes, cfg.fixed_boxes)
-        else:
-            keep = torch.arange(len(proposals), device=c4.device)
+        with stages("box head"):
+            features = heads.region_features(c4, [proposals]).float()
+            cls_logits, deltas = heads.box_predictor(features)
+            fg = heads.foreground_probs(cls_logits)
+        with stages("box selection"):
+            if given is None:
+                keep = select_boxes(max_class_scores(proposals, fg, cfg.nms), cfg.conf_thresh,
+                                    cfg.min_boxes, cfg.max_boxes, cfg.fixed_boxes)
+            else:
+                keep = torch.arange(len(proposals), device=c4.device)
         features, fg = features[keep], fg[keep]
         obj_scores, obj_labels = fg.max(dim=1) if len(fg) else (fg.new_zeros(0), fg.new_zeros(0, dtype=torch.long))
-        attr_labels, attr_scores = heads.attributes(features, obj_labels)
+        with stages("attributes"):
+            attr_labels, attr_scores = heads.attributes(features, obj_labels)
         if given is not None:
             boxes = given.float()
         else:

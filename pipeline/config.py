@@ -1,8 +1,10 @@
-"""Where the data root is, and other settings every command shares."""
+"""Where the data root is, and what every command shares: the options ``--root``, ``--set`` and
+``--quiet``, the ``--set KEY=VALUE`` grammar, the help format and the usage error."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -26,6 +28,160 @@ def resolve_root(cli_value: str | None = None, config_file: Path = CONFIG_FILE) 
     return Path(DEFAULT_ROOT)
 
 
-def add_root_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", default=None,
-                        help="data root (default: $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
+def config_problems(config: dict, schema_file) -> list[str]:
+    """One line per way ``config`` breaks the JSON schema in ``schema_file``, each naming the
+    key (the workflow prints the first and stops, instead of a dump of the schema)."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_file).read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config),
+                    key=lambda e: list(map(str, e.absolute_path)))
+    out = []
+    for e in errors:
+        key = ".".join(map(str, e.absolute_path))
+        if e.validator == "additionalProperties":
+            unknown = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+            msg = f"unknown key(s) {', '.join(unknown)} (the keys are listed in {Path(schema_file).name})"
+        else:
+            msg = e.message
+        out.append(f"{key}: {msg}" if key else msg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line every command shares
+
+class UsageError(ValueError):
+    """The command line cannot work as given (an unknown ``--set`` key, a value that does not
+    fit): exit status 2, where a failure is 1."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows the default of every option that takes a value and has a default."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        if ("%(default)" in help_ or not action.option_strings or action.nargs == 0
+                or action.default in (None, "", [], argparse.SUPPRESS)):
+            return help_
+        return f"{help_} (default: %(default)s)"
+
+
+def add_root_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    parser.add_argument("--root", default=None, help=help or
+                        "data root (default: $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    # the earlier spelling of parse, vocab and extract, still used by scripts
+    parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_set_argument(parser: argparse.ArgumentParser, what: str, metavar: str = "KEY=VALUE") -> None:
+    parser.add_argument("--set", action="append", default=[], type=_setting_item, metavar=metavar,
+                        help=f"set {what}; VALUE is YAML (3, 1e-4, true, null, [1, 2], text); repeatable")
+
+
+def _count(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """The type of an option that counts something and must be at least 1."""
+    return _count(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """The type of an option that counts something and may be 0."""
+    return _count(text, 0)
+
+
+def run_command(add_arguments, command, argv=None) -> int:
+    """One command run from Python (``train.main([...])``): ``argv`` parsed, ``command`` run.
+    A UsageError exits 2 with the usage line, as argparse's own errors do; failures are raised."""
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return command(args)
+    except UsageError as e:
+        parser.error(str(e))
+
+
+def parse_settings(items) -> dict[str, str]:
+    """``--set`` items -> {key: value text}, e.g. ``["lr=1e-4", "expected.images=8"]`` ->
+    ``{"lr": "1e-4", "expected.images": "8"}``; a later item wins. Consumers type the values
+    (``typed_settings``, ``setting_value``) and check the keys against their own config."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE (e.g. --set lr=1e-4)")
+        out[key.strip()] = value
+    return out
+
+
+def _setting_item(text: str) -> str:
+    try:
+        parse_settings([text])
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def setting_value(key: str, text: str):
+    """The value of one ``--set`` item: YAML, so ``3``, ``0.5``, ``true``, ``null``, ``[1, 2]``
+    and ``{a: 1}`` are typed and anything else is text."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"--set {key}={text}: not a YAML value: {e}") from None
+
+
+def typed_settings(items, config_class, what: str) -> dict:
+    """``--set`` items as values of the fields of the dataclass ``config_class``, each of the
+    type of the field's default (so ``lr=1e-4`` is a float, and a tuple field takes ``[10, 20]``
+    or ``10,20``). A key it lacks, or a value that does not fit, is a UsageError naming the keys."""
+    defaults = config_class()
+    names = [f.name for f in dataclasses.fields(config_class)]
+    out = {}
+    for key, text in parse_settings(items).items():
+        if key not in names:
+            raise UsageError(f"--set {key}: {what} has no setting '{key}'; its settings: {', '.join(names)}")
+        default = getattr(defaults, key)
+        try:
+            out[key] = _typed(setting_value(key, text), default, text)
+        except (TypeError, ValueError):
+            raise UsageError(f"--set {key}={text}: expected a value like the default "
+                             f"{key}={default!r} of {what}") from None
+    return out
+
+
+def _typed(value, default, text: str | None = None):
+    """``value`` (the YAML of ``text``) as the type of ``default``."""
+    if default is None or isinstance(default, (list, dict)):
+        return value
+    if isinstance(default, str):   # the text as written: 'on' stays 'on'
+        return text.strip() if text is not None else str(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):   # 10,20
+            parts = [(setting_value("", t), t) for t in value.split(",") if t.strip()]
+        else:
+            parts = [(v, None) for v in (value if isinstance(value, list) else [value])]
+        return tuple(_typed(v, default[0], t) if default else v for v, t in parts)
+    if isinstance(default, bool):
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        raise ValueError(value)
+    if isinstance(value, bool) or (isinstance(default, int) and isinstance(value, float)):
+        raise ValueError(value)
+    return type(default)(value)

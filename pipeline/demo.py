@@ -1,4 +1,4 @@
-"""``python -m pipeline demo``: the built-in demo dataset.
+"""``itmkit demo``: the built-in demo dataset.
 
 Procedurally drawn scenes of 2-4 objects (a shape with a colour, a size and a texture) placed on a
 3x3 grid, each with its ground-truth boxes and five template-varied captions that name objects,
@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import add_quiet_argument, add_root_argument, resolve_root
 from pipeline.shards import Layout
 
 GENERATOR_VERSION = 1
@@ -468,17 +468,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     sp = d.splits()
     p.add_argument("--images", type=int, default=d.images,
-                   help=f"number of images (default {d.images}: {sp['train']} train / {sp['val']} val / "
+                   help=f"number of images (default %(default)s: {sp['train']} train / {sp['val']} val / "
                         f"{sp['test']} test; the test split is min(1000, N/2))")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")
     p.add_argument("--pair-fraction", type=float, default=d.pair_fraction,
-                   help="fraction of scenes that get a hard-negative partner (default %(default)s)")
+                   help="fraction of scenes that get a hard-negative partner")
     p.add_argument("--force", action="store_true", help="regenerate even if shards.json says it is current")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_argument(p)
 
 
-def main(args) -> int:
+def command(args) -> int:
     cfg = DemoConfig(images=args.images, seed=args.seed, image_size=args.image_size,
                      pair_fraction=args.pair_fraction)
     try:
@@ -486,6 +486,9 @@ def main(args) -> int:
     except ValueError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
+    except (shards.ShardError, OSError) as e:  # e.g. a full disk, a root that cannot be a folder
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 1
     if s["skipped"]:
         print(f"demo: {s['dir']} is up to date ({s['images']} images, seed {cfg.seed}, "
               f"config {s['config_hash']}); nothing written (use --force to regenerate)")

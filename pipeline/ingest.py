@@ -1,4 +1,4 @@
-"""``python -m pipeline ingest``: read a dataset manifest into images.parquet + captions.parquet.
+"""``itmkit ingest``: read a dataset manifest into images.parquet + captions.parquet.
 
 One reader per source format (Karpathy split file, official COCO captions files, a folder of
 images with a CSV/JSONL of captions, the generated demo) turns the annotations into a list of
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline import manifest as manifests
 from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import UsageError, add_quiet_argument, add_root_argument, add_set_argument, resolve_root
 from pipeline.images import BadImage, open_image
 from pipeline.manifest import SPLITS, Manifest, ManifestError
 from pipeline.shards import Layout
@@ -264,17 +264,21 @@ def read_folder(m: Manifest, report: Report) -> list[Source]:
         except UnicodeEncodeError:
             report.add("malformed entry", where, "image file name is not valid UTF-8")
             continue
+        given = row.get(cols["split"])
+        if given not in (None, ""):
+            split = mapping.get(given, given)
+            if split not in SPLITS:
+                report.add("unknown split", where, f"split {given!r} is not one of {SPLITS}")
+                continue
+        else:
+            split = hashed_split(key, m["split_fractions"])
         src = by_key.get(key)
         if src is None:
-            given = row.get(cols["split"])
-            if given not in (None, ""):
-                split = mapping.get(given, given)
-                if split not in SPLITS:
-                    report.add("unknown split", where, f"split {given!r} is not one of {SPLITS}")
-                    continue
-            else:
-                split = hashed_split(key, m["split_fractions"])
             src = by_key[key] = Source(stable_id(key), ann["images"] / key, split, f"{where} ({key})")
+        elif split != src.split:   # one file in two splits would leak test images into training
+            report.add("split conflict", where, f"{file.strip()!r} is the image of {src.where}, "
+                       f"which is in {src.split}, not {split}")
+            continue
         src.captions.append(Caption(n, row.get(cols["caption"]), where))
     return list(by_key.values())
 
@@ -532,23 +536,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-dir", help="image folder (overrides the manifest's 'images')")
     p.add_argument("--annotations", help="annotation file (overrides the manifest's 'annotations')")
     p.add_argument("--name", help="dataset name, i.e. folder under the data root (overrides 'name')")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any manifest field, dotted keys, YAML values "
-                        "(e.g. --set expected=null --set max_tokens=100); repeatable")
+    add_set_argument(p, "any manifest field, dotted keys for nested ones (e.g. --set expected=null "
+                        "--set expected.splits.test=1000)")
     p.add_argument("--strict", action="store_true",
                    help="fail on the first bad row or count mismatch instead of skipping it")
     p.add_argument("--without-images", action="store_true",
                    help="text-only: do not look at image files (width/height 0, no missing-image check)")
     p.add_argument("--force", action="store_true", help="ingest again even if shards.json says it is current")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_argument(p)
 
 
-def main(args) -> int:
+def command(args) -> int:
     try:
         m = manifests.load(args.manifest, source_root=args.source_root, images_dir=args.images_dir,
                            annotations=args.annotations, name=args.name, sets=args.set)
         r = ingest(m, resolve_root(args.root), strict=args.strict, with_images=not args.without_images,
                    force=args.force, progress=not args.quiet)
+    except UsageError:
+        raise   # exit 2 (itmkit.cli)
     except (ManifestError, IngestError, ValueError, shards.ShardError) as e:
         print(f"ingest: error: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from pipeline.config import UsageError, parse_settings, setting_value
 from pipeline.images import MAX_PIXELS
 
 # The shipped manifests: the checkout's top-level manifests/, which a wheel carries as
@@ -104,17 +105,19 @@ def find(name_or_path: str | os.PathLike) -> Path:
 
 
 def parse_set(items: list[str] | None) -> dict:
-    """``["expected=null", "demo.images=50"]`` -> {"expected": None, "demo.images": 50}."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ManifestError(f"--set {item!r}: expected KEY=VALUE (e.g. --set expected=null)")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as e:
-            raise ManifestError(f"--set {item!r}: value is not valid YAML: {e}") from e
-    return out
+    """``["expected=null", "demo.images=50"]`` -> {"expected": None, "demo.images": 50}: the
+    ``--set`` grammar of every command (pipeline/config.py); a key must start with a field of the
+    schema."""
+    try:
+        settings = parse_settings(items)
+    except UsageError as e:
+        raise ManifestError(str(e)) from None
+    fields = sorted(_schema()["properties"])
+    for key in settings:
+        if key.split(".")[0] not in fields:
+            raise UsageError(f"--set {key}: a manifest has no field '{key.split('.')[0]}'; "
+                             f"its fields: {', '.join(fields)}")
+    return {key: setting_value(key, text) for key, text in settings.items()}
 
 
 def apply_overrides(data: dict, overrides: dict) -> dict:

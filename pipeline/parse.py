@@ -1,4 +1,4 @@
-"""``python -m pipeline parse``: captions.parquet -> scene-graph chunks, in parallel with dask.
+"""``itmkit parse``: captions.parquet -> scene-graph chunks, in parallel with dask.
 
 Chunk k holds caption rows [k * chunk_size, (k + 1) * chunk_size) of captions.parquet, in file
 order, at ``Layout.graphs(k)``. Each chunk is written atomically and registered in shards.json
@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import sgparse, shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import add_quiet_argument, add_root_argument, positive_int, resolve_root
 
 LONG_CAPTION_TOKENS = 200  # captions longer than this are parsed, and counted in the summary
 
@@ -65,24 +65,35 @@ def _model(name: str):
     return sgparse.load_model(name)
 
 
-def parse_chunk(task: ChunkTask, cfg: ParseConfig) -> dict:
-    """Parse one chunk, write it, register it; return its counts. Runs in a dask worker."""
+def parse_chunk(task: ChunkTask, cfg: ParseConfig, wait: bool = True) -> dict:
+    """Parse one chunk, write it, register it; return its counts. Runs in a dask worker.
+
+    The chunk is written under its claim: when another process holds it, this returns at once
+    (``state`` "busy", with ``wait=False``) or waits for it and then finds the chunk current
+    ("meanwhile"); otherwise the chunk is parsed ("written")."""
     start = time.perf_counter()
-    nlp = _model(cfg.model)
-    texts = [t if isinstance(t, str) else "" for t in task.texts]
-    rows, counts = [], {"empty": 0, "no_objects": 0, "long": 0}
-    for cid, graph in zip(task.caption_ids, sgparse.parse_texts(nlp, texts, cfg.batch_size)):
-        rows.append(graph.row(cid))
-        n = len(graph.tokens)
-        counts["empty"] += n == 0
-        counts["no_objects"] += n > 0 and not graph.objects
-        counts["long"] += n > LONG_CAPTION_TOKENS
     layout = shards.Layout(Path(task.root).absolute(), task.dataset)
     path = layout.graphs(task.chunk)
-    shards.write_table(path, rows, "graphs", metadata={"config": cfg.identity(), "chunk": task.chunk})
-    layout.index.register("graphs", path, rows=len(rows), config_hash=task.config_hash,
-                          inputs_hash=task.inputs_hash, extra=counts)
-    return dict(counts, chunk=task.chunk, rows=len(rows), seconds=time.perf_counter() - start)
+    counts = {"chunk": task.chunk, "rows": 0, "empty": 0, "no_objects": 0, "long": 0}
+    with shards.claim(path, wait=wait) as held:
+        if not held:
+            return dict(counts, state="busy", seconds=0.0)
+        if layout.index.is_valid("graphs", path, task.config_hash, task.inputs_hash):
+            return dict(counts, state="meanwhile", seconds=time.perf_counter() - start)
+        nlp = _model(cfg.model)
+        texts = [t if isinstance(t, str) else "" for t in task.texts]
+        rows = []
+        for cid, graph in zip(task.caption_ids, sgparse.parse_texts(nlp, texts, cfg.batch_size)):
+            rows.append(graph.row(cid))
+            n = len(graph.tokens)
+            counts["empty"] += n == 0
+            counts["no_objects"] += n > 0 and not graph.objects
+            counts["long"] += n > LONG_CAPTION_TOKENS
+        shards.write_table(path, rows, "graphs", metadata={"config": cfg.identity(), "chunk": task.chunk})
+        extra = {k: counts[k] for k in ("empty", "no_objects", "long")}
+        layout.index.register("graphs", path, rows=len(rows), config_hash=task.config_hash,
+                              inputs_hash=task.inputs_hash, extra=extra)
+    return dict(counts, rows=len(rows), state="written", seconds=time.perf_counter() - start)
 
 
 def plan(layout: shards.Layout, cfg: ParseConfig, chunks: list[int] | None = None):
@@ -91,7 +102,7 @@ def plan(layout: shards.Layout, cfg: ParseConfig, chunks: list[int] | None = Non
     ids = table["caption_id"].to_pylist()
     texts = table["text"].to_pylist()
     chash = shards.config_hash(cfg.identity())
-    n_chunks = (len(ids) + cfg.chunk_size - 1) // cfg.chunk_size
+    n_chunks = len(layout.plan("graphs", {None: len(ids)}, cfg.chunk_size))
     wanted = range(n_chunks) if chunks is None else chunks
     tasks, todo = [], []
     for k in wanted:
@@ -102,7 +113,11 @@ def plan(layout: shards.Layout, cfg: ParseConfig, chunks: list[int] | None = Non
         task = ChunkTask(str(layout.root), layout.name, k, ids[sl], texts[sl], chash,
                          inputs_hash(ids[sl], texts[sl]))
         tasks.append(task)
-        if not layout.index.is_valid("graphs", layout.graphs(k), chash, task.inputs_hash):
+        status = layout.index.status("graphs", layout.graphs(k), chash, task.inputs_hash)
+        if status == "altered":
+            print(f"parse: {layout.graphs(k)} differs from shards.json (altered); rewriting it",
+                  file=sys.stderr)
+        if status != "current":
             todo.append(task)
     return tasks, todo, chash, n_chunks
 
@@ -110,20 +125,16 @@ def plan(layout: shards.Layout, cfg: ParseConfig, chunks: list[int] | None = Non
 def drop_stale(layout: shards.Layout, chash: str, n_chunks: int) -> list[str]:
     """Forget (and delete) graph chunks of another config, or past the last chunk: they must
     never be read together with the current ones."""
-    index = layout.index
-    current = {layout.graphs(k).relative_to(layout.dir).as_posix() for k in range(n_chunks)}
-    gone = [e for e in index.entries("graphs") if e.config_hash != chash or e.path not in current]
-    if gone:
-        index.unregister("graphs", [e.path for e in gone])
-        for e in gone:
-            (index.dir / e.path).unlink(missing_ok=True)
-    return [e.path for e in gone]
+    planned = [layout.graphs(k) for k in range(n_chunks)]
+    return layout.index.prune("graphs", planned, config_hash=chash).removed
 
 
 def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
-              scheduler: str | None = None, progress: bool = True, client=None) -> list[dict]:
+              scheduler: str | None = None, progress: bool = True, client=None,
+              wait: bool = True) -> list[dict]:
     """Parse the chunks here (one worker, no scheduler) or on a dask cluster: a local one of
-    ``workers`` processes, the one at ``scheduler``, or the one of an open ``client``."""
+    ``workers`` processes, the one at ``scheduler``, or the one of an open ``client``. With
+    ``wait=False`` a chunk another process is writing comes back with state "busy"."""
     bar = tqdm(total=sum(len(t.caption_ids) for t in todo), unit="caption", disable=not progress,
                desc="parse", file=sys.stderr)
     results = []
@@ -132,7 +143,7 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
         return results
     if client is None and scheduler is None and workers <= 1:
         for task in todo:
-            results.append(parse_chunk(task, cfg))
+            results.append(parse_chunk(task, cfg, wait))
             bar.update(results[-1]["rows"])
         bar.close()
         return results
@@ -145,8 +156,8 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
         with contextlib.ExitStack() as stack:
             if client is None:
                 client = stack.enter_context(Client(scheduler or cluster))
-            futures = [client.submit(parse_chunk, t, cfg, pure=False, key=f"parse-{t.chunk}-{t.inputs_hash}")
-                       for t in todo]
+            futures = [client.submit(parse_chunk, t, cfg, wait, pure=False,
+                                     key=f"parse-{t.chunk}-{t.inputs_hash}-{wait}") for t in todo]
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update(results[-1]["rows"])
@@ -160,33 +171,30 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
     add_root_argument(p)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="local dask worker processes (1: parse in this process)")
     p.add_argument("--scheduler", default=None,
                    help="address of an existing dask scheduler (tcp://host:8786); workers must "
                         "see the same data root")
-    p.add_argument("--chunk-size", type=int, default=ParseConfig.chunk_size,
+    p.add_argument("--chunk-size", type=positive_int, default=ParseConfig.chunk_size,
                    help="captions per graph chunk (part of the config hash)")
     p.add_argument("--chunk", type=int, action="append", default=None,
                    help="parse only chunk K (repeatable); for schedulers that scatter chunks")
-    p.add_argument("--batch-size", type=int, default=ParseConfig.batch_size, help="nlp.pipe batch size")
+    p.add_argument("--batch-size", type=positive_int, default=ParseConfig.batch_size, help="nlp.pipe batch size")
     p.add_argument("--model", default=sgparse.DEFAULT_MODEL,
-                   help=f"spaCy model name or path (default {sgparse.DEFAULT_MODEL}, falling back "
-                        f"to {', '.join(sgparse.FALLBACK_MODELS)})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help=f"spaCy model name or path (falling back to {', '.join(sgparse.FALLBACK_MODELS)})")
+    add_quiet_argument(p)
 
 
-def main(args) -> int:
+def command(args) -> int:
     # absolute, so that paths registered in shards.json resolve from any working directory
     layout = shards.Layout(resolve_root(args.root).absolute(), args.dataset)
     cfg = ParseConfig(model=args.model, chunk_size=args.chunk_size, batch_size=args.batch_size)
-    if cfg.chunk_size < 1 or args.workers < 1:
-        print("parse: --chunk-size and --workers must be at least 1", file=sys.stderr)
-        return 2
     try:
         tasks, todo, chash, n_chunks = plan(layout, cfg, args.chunk)
     except shards.ShardError as e:
-        print(f"parse: {e} (run `python -m pipeline ingest` first)", file=sys.stderr)
+        made_by = "" if layout.captions.exists() else " (made by `itmkit ingest`, `demo` or `import-precomp`)"
+        print(f"parse: {e}{made_by}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:
         print(f"parse: {e}", file=sys.stderr)
@@ -197,13 +205,26 @@ def main(args) -> int:
               f"the last chunk: {', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}",
               file=sys.stderr)
     start = time.perf_counter()
-    results = run_tasks(todo, cfg, args.workers, args.scheduler, progress=not args.no_progress)
+    try:
+        results = run_tasks(todo, cfg, args.workers, args.scheduler, progress=not args.quiet, wait=False)
+        busy = {r["chunk"] for r in results if r["state"] == "busy"}
+        if busy:  # another process is writing them: wait for it, then take what is left
+            print(f"parse: {len(busy)} chunk(s) are being written by another process; waiting for them",
+                  file=sys.stderr)
+            results += run_tasks([t for t in todo if t.chunk in busy], cfg, args.workers, args.scheduler,
+                                 progress=not args.quiet)
+    except shards.ShardError as e:
+        print(f"parse: error: {e}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
-    rows = sum(r["rows"] for r in results)
-    totals = {k: sum(r[k] for r in results) for k in ("empty", "no_objects", "long")}
+    written = [r for r in results if r["state"] == "written"]
+    meanwhile = sum(r["state"] == "meanwhile" for r in results)
+    rows = sum(r["rows"] for r in written)
+    totals = {k: sum(r[k] for r in written) for k in ("empty", "no_objects", "long")}
     rate = f", {rows / seconds:,.0f} captions/s" if rows else ""
-    print(f"parse {args.dataset}: wrote {len(results)} chunk(s) ({rows:,} captions) to "
-          f"{layout.graphs(0).parent} in {seconds:.1f}s{rate}; skipped {len(tasks) - len(todo)} "
-          f"chunk(s) already current (config {chash}); {totals['empty']} empty, "
+    other = f" ({meanwhile} written meanwhile by another process)" if meanwhile else ""
+    print(f"parse {args.dataset}: wrote {len(written)} chunk(s) ({rows:,} captions) to "
+          f"{layout.graphs(0).parent} in {seconds:.1f}s{rate}; skipped {len(tasks) - len(written)} "
+          f"chunk(s) already current{other} (config {chash}); {totals['empty']} empty, "
           f"{totals['no_objects']} without objects, {totals['long']} over {LONG_CAPTION_TOKENS} tokens")
     return 0

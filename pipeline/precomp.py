@@ -1,4 +1,4 @@
-"""``python -m pipeline import-precomp``: SCAN / VSE-infinity "precomp" features into itmkit shards.
+"""``itmkit import-precomp``: SCAN / VSE-infinity "precomp" features into itmkit shards.
 
 A precomp folder holds, per split, ``{split}_ims.npy`` (float32 [N, 36, 2048] bottom-up features)
 and ``{split}_caps.txt`` (5 lines per image, in image order). Split names: ``train``, ``dev``
@@ -21,11 +21,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import add_quiet_argument, add_root_argument, positive_int, resolve_root
 from pipeline.ingest import IngestError, Report, clean_caption
 from pipeline.shards import Layout, Regions, RegionShardWriter
 
 PRECOMP_VERSION = 1
+SOURCE = "scan-precomp"   # the "source" of the config its files record
 SCAN_SPLITS = {"train": "train", "dev": "val", "test": "test", "testall": "test"}
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -159,6 +160,14 @@ class Result:
     report: Report | None = None
 
 
+def imported(layout: Layout) -> bool:
+    """Whether the dataset's images.parquet was written by ``import-precomp``: it has features
+    but no images (so no grid features, and nothing to extract from)."""
+    if not layout.images.exists():
+        return False
+    return shards.table_metadata(layout.images).get("config", {}).get("source") == SOURCE
+
+
 def import_precomp(folder, name: str, root, cfg: PrecompConfig = PrecompConfig(), *,
                    strict: bool = False, force: bool = False, progress: bool = True) -> Result:
     folder = Path(folder)
@@ -180,9 +189,9 @@ def import_precomp(folder, name: str, root, cfg: PrecompConfig = PrecompConfig()
 
     layout = Layout(Path(root), name)
     index = layout.index
-    chash = shards.config_hash({"source": "scan-precomp", "dir": str(folder.resolve()), **asdict(cfg)})
+    chash = shards.config_hash({"source": SOURCE, "dir": str(folder.resolve()), **asdict(cfg)})
     result = Result(layout.dir, {s: 0 for s in ("train", "val", "test")}, 0, notes=notes, report=report)
-    attrs = {"config": {"source": "scan-precomp", **asdict(cfg)}, "config_hash": chash,
+    attrs = {"config": {"source": SOURCE, **asdict(cfg)}, "config_hash": chash,
              "boxes": "unknown (NaN): imported from precomp features"}
     total = sum(len(s.keep) for s in splits)
     current = set()
@@ -204,12 +213,7 @@ def import_precomp(folder, name: str, root, cfg: PrecompConfig = PrecompConfig()
             result.split_counts[s.split] += len(s.keep)
 
     # shards of an earlier import (or extraction) under names this one did not write are stale
-    stale = [e for e in index.entries("regions") if e.path not in current]
-    for e in stale:
-        (layout.dir / e.path).unlink(missing_ok=True)
-        result.removed.append(e.path)
-    if stale:
-        index.unregister("regions", [e.path for e in stale])
+    result.removed += index.prune("regions", current).removed
 
     images, caps = [], []
     for s in splits:
@@ -234,18 +238,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="dataset name (folder under the data root), e.g. f30k")
     add_root_argument(p)
     d = PrecompConfig()
-    p.add_argument("--images-per-shard", type=int, default=d.images_per_shard,
-                   help="images per region shard (default %(default)s)")
+    p.add_argument("--images-per-shard", type=positive_int, default=d.images_per_shard,
+                   help="images per region shard")
     p.add_argument("--min-captions", type=int, default=d.min_captions,
-                   help="images with fewer valid captions are left out (default %(default)s)")
+                   help="images with fewer valid captions are left out")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                   help="captions with more tokens are left out (default %(default)s)")
+                   help="captions with more tokens are left out")
     p.add_argument("--strict", action="store_true", help="fail on the first bad caption instead of skipping it")
     p.add_argument("--force", action="store_true", help="rewrite shards even if shards.json says they are current")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_argument(p)
 
 
-def main(args) -> int:
+def command(args) -> int:
     cfg = PrecompConfig(images_per_shard=args.images_per_shard, min_captions=args.min_captions,
                         max_tokens=args.max_tokens)
     try:

@@ -1,4 +1,4 @@
-"""``python -m pipeline vocab``: the word, predicate and attribute vocabularies of a dataset.
+"""``itmkit vocab``: the word, predicate and attribute vocabularies of a dataset.
 
 Built from the graph tokens of the train split only (the split of each caption comes from
 captions.parquet); words are lowercased parser tokens; ``<pad>`` = 0, ``<start>``, ``<end>``,
@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import add_quiet_argument, add_root_argument, positive_int, resolve_root
 
 VOCAB_VERSION = "1"
 TRAIN_SPLIT = "train"
@@ -27,7 +27,8 @@ TRAIN_SPLIT = "train"
 
 @dataclass
 class VocabConfig:
-    min_count: int = 5
+    # the one default of the CLI and the workflow; the threshold of SCAN and VSE++ (count >= 4)
+    min_count: int = 4
 
 
 @dataclass
@@ -43,11 +44,11 @@ def graph_files(layout: shards.Layout) -> tuple[list[Path], str]:
     entries = layout.index.entries("graphs")
     if not entries:
         raise shards.ShardError(f"{layout.index.path}: no graph chunks registered; run "
-                                f"`python -m pipeline parse --dataset {layout.name}` first")
+                                f"`itmkit parse --dataset {layout.name}` first")
     hashes = sorted({e.config_hash for e in entries})
     if len(hashes) > 1:
         raise shards.ShardError(f"{layout.index.path}: graph chunks of {len(hashes)} parser configs "
-                                f"{hashes}; rerun `python -m pipeline parse` to replace the old ones")
+                                f"{hashes}; rerun `itmkit parse --dataset {layout.name}` to replace the old ones")
     return layout.index.files("graphs", hashes[0]), hashes[0]
 
 
@@ -62,8 +63,8 @@ def count(layout: shards.Layout, files: list[Path], progress: bool = True) -> Co
         for row in table.select(["caption_id", "tokens", "attributes", "relations"]).to_pylist():
             split = split_of.get(row["caption_id"])
             if split is None:
-                raise shards.ShardError(f"{path}: caption_id {row['caption_id']} is not in "
-                                        f"{layout.captions} (graphs of older captions? rerun parse)")
+                raise shards.ShardError(f"{path}: caption_id {row['caption_id']} is not in {layout.captions} "
+                                        f"(graphs of older captions? rerun `itmkit parse --dataset {layout.name}`)")
             tokens = [t.lower() for t in row["tokens"]]
             split_tokens.setdefault(split, Counter()).update(tokens)
             if split == TRAIN_SPLIT:
@@ -72,8 +73,8 @@ def count(layout: shards.Layout, files: list[Path], progress: bool = True) -> Co
                 attributes.update(a["attribute"] for a in row["attributes"])
             seen += 1
     if seen != len(split_of):
-        raise shards.ShardError(f"{layout.dir}: graph chunks hold {seen:,} captions but "
-                                f"{layout.captions} has {len(split_of):,}; finish `python -m pipeline parse`")
+        raise shards.ShardError(f"{layout.dir}: graph chunks hold {seen:,} captions but {layout.captions} "
+                                f"has {len(split_of):,}; finish `itmkit parse --dataset {layout.name}`")
     return Counts(words, predicates, attributes, split_tokens)
 
 
@@ -147,14 +148,14 @@ def _file_identity(path: Path) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
     add_root_argument(p)
-    p.add_argument("--min-count", type=int, default=VocabConfig.min_count,
+    p.add_argument("--min-count", type=positive_int, default=VocabConfig.min_count,
                    help="keep words, predicates and attributes seen at least this often in train")
     p.add_argument("--vectors", default=None,
                    help="GloVe-format text file; writes text/vocab.vectors.npy in vocabulary order")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_quiet_argument(p)
 
 
-def main(args) -> int:
+def command(args) -> int:
     layout = shards.Layout(resolve_root(args.root).absolute(), args.dataset)
     cfg = VocabConfig(min_count=args.min_count)
     index = layout.index
@@ -169,7 +170,7 @@ def main(args) -> int:
             vocab = shards.read_vocab(layout.vocab)
             skipped = "vocabulary already current"
         else:
-            vocab = build_vocab(count(layout, files, not args.no_progress), cfg)
+            vocab = build_vocab(count(layout, files, not args.quiet), cfg)
             vocab["config"] = {"vocab": VOCAB_VERSION, **asdict(cfg), "graphs": graphs_hash}
             shards.write_vocab(layout.vocab, vocab)
             index.register("vocab", layout.vocab, rows=len(vocab["words"]), config_hash=chash,
@@ -192,7 +193,7 @@ def main(args) -> int:
                 skipped += ("; " if skipped else "") + "vectors already current"
             else:
                 itos = [w for w, _ in vocab["words"]]
-                found, dim = read_glove(glove, {w: i for i, w in enumerate(itos)}, not args.no_progress)
+                found, dim = read_glove(glove, {w: i for i, w in enumerate(itos)}, not args.quiet)
                 shards.write_vectors(vec_path, build_vectors(itos, found, dim))
                 index.register("vocab", vec_path, rows=len(itos), config_hash=vhash, inputs_hash=vinputs,
                                extra={"dim": dim, "found": len(found), "source": str(glove)})

@@ -99,7 +99,7 @@ def test_crafted_checkpoint_is_refused_by_every_command(run, tmp_path):
         "evaluate --checkpoint last": lambda: evaluate.main([str(out), "--workers", "0", "--checkpoint", "last"]),
         "export": lambda: evaluate.main([str(out), "--workers", "0", "--export-index", str(tmp_path / "idx")]),
         "train --resume": lambda: train.main(["--model", "vsepp", "--dataset", "synth", "--out", str(out),
-                                              "--resume", "--epochs", "2", *SMALL]),
+                                              "--resume", *SMALL]),
         "upgrade": lambda: checkpoint.main(["upgrade", str(out)]),
     }
     for name, attempt in attempts.items():
@@ -176,7 +176,7 @@ def test_earlier_format_is_refused_with_the_command_that_converts_it(run, capsys
     before = capsys.readouterr().out.splitlines()[0]
     last = old_format(out / "last.pt")
     (out / "best.pt").write_bytes((out / "last.pt").read_bytes())    # as the earlier version saved it
-    with pytest.raises(CheckpointError, match=r"earlier itmkit version.*training/checkpoint.py upgrade"):
+    with pytest.raises(CheckpointError, match=r"earlier itmkit version.*`itmkit upgrade "):
         evaluate.main([str(out), "--workers", "0"])
     assert checkpoint.main(["upgrade", str(out)]) == 0
     assert "optimizer" not in checkpoint.load(out / "best.pt")        # best.pt keeps inference only
@@ -185,4 +185,4 @@ def test_earlier_format_is_refused_with_the_command_that_converts_it(run, capsys
     up = checkpoint.load(out / "last.pt")
     assert np.array_equal(up["rng"]["numpy"]["keys"].numpy(), last["rng"]["numpy"][1])
     assert train.main(["--model", "vsepp", "--dataset", "synth", "--out", str(out), "--resume",
-                       "--epochs", "2", *SMALL]) == 0                  # and resumes
+                       *SMALL]) == 0                                     # and resumes

@@ -26,7 +26,8 @@ from pipeline.shards import GridShard, Layout, RegionShard
 
 # tiny images, few proposals, and a smaller network (ResNet-50 C4, 20 classes) keep the runner
 # tests fast; the full-size network is covered by test_features_model.py
-FAST = ["--min-size", "64", "--max-size", "96", "--proposals", "8", "--no-progress", "--workers", "0", "--threads", "1",
+FAST = ["--weights", "random", "--min-size", "64", "--max-size", "96", "--proposals", "8", "--no-progress",
+        "--workers", "0", "--threads", "1",
         "--set", "depth=50", "--set", "num_classes=20", "--set", "bbox_reg_classes=21",
         "--set", "num_attributes=10"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,10 @@ def test_extract_writes_registers_and_reuses(tmp_path):
     assert grid_before == {p: p.stat().st_mtime_ns for p in (layout.dir / "grid").glob("*.h5")}
     reg = RegionShard(layout.regions("train", 0))
     assert reg.box_counts().tolist() == [4, 4] and reg.file["features"].chunks[0] == 4
+    # shards.json: how many backbone passes wrote each shard, and which kinds each pass wrote
+    assert {e.extra["backbone"]["kinds"] == ["regions"] and e.extra["backbone"]["passes"] == 1
+            for e in index.entries("regions")} == {True}
+    assert {e.extra["backbone"]["kinds"] == ["grid", "regions"] for e in index.entries("grid")} == {True}
 
 
 def test_config_change_replaces_old_shards_never_mixes(tmp_path, capsys):
@@ -123,6 +128,7 @@ def test_split_and_chunk_restrict_the_run(tmp_path):
     layout, _ = make_dataset(tmp_path)
     rc, summary = extract(layout, "--kind", "grid", "--shard-size", "2", "--split", "train", "--chunk", "1")
     assert rc == 0 and [e.path for e in layout.index.entries("grid")] == ["grid/grid-train-0001.h5"]
+    assert layout.index.entries("grid")[0].extra["backbone"] == {"passes": 1, "kinds": ["grid"]}
     with pytest.raises(SystemExit, match="chunk 7 does not exist"):
         extract(layout, "--kind", "grid", "--shard-size", "2", "--split", "train", "--chunk", "7")
 
@@ -154,7 +160,7 @@ def test_given_boxes_error_names_the_row(tmp_path, capsys):
 
 
 def test_missing_images_table(tmp_path, capsys):
-    assert features_main(["extract", "--dataset", "nothing", "--root", str(tmp_path)]) == 2
+    assert features_main(["extract", "--dataset", "nothing", "--root", str(tmp_path), "--weights", "random"]) == 1
     assert "images.parquet not found" in capsys.readouterr().err
 
 
@@ -274,5 +280,7 @@ def test_weights_file_through_the_cli(tmp_path, capsys):
     # a checkpoint of another shape is refused with the names of what does not fit
     rc, _ = extract(layout, "--kind", "regions", "--weights", str(weights), "--set", "num_attributes=12")
     assert rc == 1 and "attr_score.weight: checkpoint (11, 512) != model (13, 512)" in capsys.readouterr().err
-    rc, _ = extract(layout, "--set", "no_such_setting=1")
-    assert rc == 1 and "unknown extractor settings ['no_such_setting']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:   # a usage error, as argparse's own
+        extract(layout, "--set", "no_such_setting=1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has no setting 'no_such_setting'" in err and "pooler" in err   # the keys

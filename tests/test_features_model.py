@@ -202,3 +202,25 @@ def test_config_validation():
     cfg = ExtractorConfig(boxes="fixed:36")
     assert cfg.fixed_boxes == 36 and ExtractorConfig.from_dict(cfg.to_dict()) == cfg
     assert dataclasses.replace(cfg, boxes="given").fixed_boxes is None
+
+
+def test_channels_last_keeps_the_numbers(state):
+    ims = [scene(), scene(size=(100, 100))]
+    want = run(make_model(state), ims)
+    got = run(make_model(state).channels_last(), ims)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b["grid"], a["grid"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b["features"], a["features"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-4, atol=1e-2)
+        assert torch.equal(b["obj_labels"], a["obj_labels"])
+
+
+def test_profile_times_every_stage(state):
+    from features.profile import Stages
+
+    stages = Stages("cpu")
+    run(make_model(state), [scene(), scene(size=(100, 100))], stages=stages)
+    assert set(stages.seconds) == {"backbone", "grid head", "rpn", "box head", "box selection", "attributes"}
+    assert all(s > 0 for s in stages.seconds.values())
+    table = stages.table(wall=sum(stages.seconds.values()), images=2)
+    assert table.splitlines()[1].startswith("backbone") and "loop wall" in table

@@ -351,6 +351,23 @@ def test_image_paths_must_resolve_inside_the_image_folder(tmp_path):
     assert len(caps) == 15 and {c["image_id"] for c in caps} == {x["image_id"] for x in images}
 
 
+def test_one_file_named_in_two_splits_keeps_its_first_split_and_reports_the_other(tmp_path):
+    src = tmp_path / "mine"
+    for name in ("a.png", "b.png"):
+        write_image(src / "photos" / name)
+    write_captions_csv(src / "captions.csv", [("a.png", "test"), ("b.png", "train"),
+                                              ("sub/../a.png", "train"), ("a.png", "test")])
+    r = ingest(manifests.load(folder_manifest(tmp_path, src, "captions.csv")), tmp_path / "data", progress=False)
+    assert r.problems == {"split conflict": 5}, r.messages           # the five captions of row 3
+    assert any(msg.startswith("captions.csv line 12: 'sub/../a.png' is the image of captions.csv line 2 (a.png)")
+               and msg.endswith("in test, not train")
+               for msg in r.messages), r.messages
+    images = rows(tmp_path / "data", "mine", "images")
+    assert {Path(x["path"]).name: x["split"] for x in images} == {"a.png": "test", "b.png": "train"}
+    caps = rows(tmp_path / "data", "mine", "captions")
+    assert len(caps) == 15                                           # rows 1 and 4 are one image
+
+
 def test_karpathy_and_coco_paths_cannot_leave_the_image_folder(f30k_src, tmp_path):
     outside = tmp_path / "outside.jpg"
     write_image(outside)

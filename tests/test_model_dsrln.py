@@ -91,8 +91,8 @@ def test_shapes_for_different_box_and_word_counts(data, items):
     for a, b in ((0, 5), (5, 8), (2, 11)):
         img, txt = batch_of(items[a:a + 3]).image, batch_of(items[b:b + 2]).text
         ie, te = model.encode_image(img), model.encode_text(txt)
-        assert ie["local"].shape == (3, img.regions.shape[1], d) and ie["global"].shape == (3, d)
-        assert te["local"].shape == (2, txt.tokens.shape[1], d) and te["global"].shape == (2, d)
+        assert ie.local.shape == (3, img.regions.shape[1], d) and ie.global_.shape == (3, d)
+        assert te.local.shape == (2, txt.tokens.shape[1], d) and te.global_.shape == (2, d)
         s = model.similarity(ie, te)
         assert s.shape == (3, 2) and torch.isfinite(s).all()
 
@@ -161,7 +161,7 @@ def test_geometry_matters_only_when_boxes_are_known(data, items):
     nobox = dataclasses.replace(img, boxes_known=torch.zeros_like(img.boxes_known))
     nobox_moved = dataclasses.replace(moved, boxes_known=nobox.boxes_known)
     with torch.no_grad():
-        enc = lambda i: model.encode_image(i)["local"]  # noqa: E731
+        enc = lambda i: model.encode_image(i).local  # noqa: E731
         assert (enc(img) - enc(moved)).abs().max() > 1e-4
         torch.testing.assert_close(enc(nobox), enc(nobox_moved))
 
@@ -175,12 +175,12 @@ def test_a_region_reads_only_grid_cells_near_its_box(data, items):
     far = img.grid.clone()
     far[0, 1:] += 10 * torch.randn_like(far[0, 1:])             # change every other cell
     with torch.no_grad():
-        a = model.encode_image(img)["local"]
-        b = model.encode_image(dataclasses.replace(img, grid=far))["local"]
+        a = model.encode_image(img).local
+        b = model.encode_image(dataclasses.replace(img, grid=far)).local
         torch.testing.assert_close(a, b)
         near = img.grid.clone()
         near[0, 0] += 10
-        c = model.encode_image(dataclasses.replace(img, grid=near))["local"]
+        c = model.encode_image(dataclasses.replace(img, grid=near)).local
     assert (a - c).abs().max() > 1e-4
 
 
@@ -188,7 +188,7 @@ def test_ablations_drop_what_they_name(data, items):
     img = batch_of(items[:3]).image
     noisy_grid = dataclasses.replace(img, grid=img.grid + 10 * torch.randn_like(img.grid))
     moved = dataclasses.replace(img, boxes=torch.rand(img.boxes.shape).sort(-1).values)
-    enc = lambda m, i: m.encode_image(i)["local"]  # noqa: E731
+    enc = lambda m, i: m.encode_image(i).local  # noqa: E731
     with torch.no_grad():
         full = make_model(data[1])
         assert (enc(full, img) - enc(full, noisy_grid)).abs().max() > 1e-4

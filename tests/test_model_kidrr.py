@@ -95,9 +95,9 @@ def test_shapes_for_different_box_and_word_counts(data, items):
     for a, b in ((0, 5), (5, 8), (2, 11)):
         img, txt = batch_of(items[a:a + 3]).image, batch_of(items[b:b + 2]).text
         ie, te = model.encode_image(img), model.encode_text(txt)
-        assert ie["local"].shape == (3, img.regions.shape[1], TINY["embed_dim"])
-        assert te["local"].shape == (2, txt.tokens.shape[1], TINY["embed_dim"])
-        assert ie["global"].shape == (3, TINY["embed_dim"]) and te["global"].shape == (2, TINY["embed_dim"])
+        assert ie.local.shape == (3, img.regions.shape[1], TINY["embed_dim"])
+        assert te.local.shape == (2, txt.tokens.shape[1], TINY["embed_dim"])
+        assert ie.global_.shape == (3, TINY["embed_dim"]) and te.global_.shape == (2, TINY["embed_dim"])
         s = model.similarity(ie, te)
         assert s.shape == (3, 2) and torch.isfinite(s).all()
 
@@ -139,7 +139,7 @@ def test_relation_direction_changes_the_text_encoding(data, items):
     model = make_model(vocab)
     t = batch_of(items[:8]).text
     swapped = dataclasses.replace(t, rel_subject=t.rel_object, rel_object=t.rel_subject)
-    a, b = model.encode_text(t)["local"], model.encode_text(swapped)["local"]
+    a, b = model.encode_text(t).local, model.encode_text(swapped).local
     has_rel = t.rel_mask.any(1)
     assert (a[has_rel] - b[has_rel]).abs().max() > 1e-4
     torch.testing.assert_close(a[~has_rel], b[~has_rel])
@@ -152,8 +152,8 @@ def test_images_without_boxes_ignore_geometry(data, items):
     nobox = dataclasses.replace(img, boxes_known=torch.zeros_like(img.boxes_known))
     moved = dataclasses.replace(nobox, boxes=torch.rand(img.boxes.shape))
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(nobox)["local"], model.encode_image(moved)["local"])
-        assert (model.encode_image(img)["local"] - model.encode_image(moved)["local"]).abs().max() > 0
+        torch.testing.assert_close(model.encode_image(nobox).local, model.encode_image(moved).local)
+        assert (model.encode_image(img).local - model.encode_image(moved).local).abs().max() > 0
 
 
 def test_save_load_gives_identical_scores(data, items, tmp_path):
@@ -194,9 +194,9 @@ def reference_score(model, ie, te, i: int, j: int) -> torch.Tensor:
     """Score of image i with caption j written out plainly, one pair, no padding: SCAN attention
     per query, SGRAF similarity vectors, then the relation graph with two separate projections."""
     cfg, rel = model.cfg, model.relation
-    r = ie["local"][i][ie["mask"][i]]                         # [R, D] real regions only
-    w = te["local"][j][te["mask"][j]]                         # [L, D]
-    vg, tg = ie["global"][i], te["global"][j]
+    r = ie.local[i][ie.mask[i]]                               # [R, D] real regions only
+    w = te.local[j][te.mask[j]]                               # [L, D]
+    vg, tg = ie.global_[i], te.global_[j]
 
     def att(q, k):                                            # each row of q over the rows of k
         return torch.softmax(cfg.attn_lambda * q @ k.t(), -1) @ k

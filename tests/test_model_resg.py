@@ -101,15 +101,15 @@ def test_registered_with_dataset_defaults():
 def test_shapes_with_different_box_and_word_counts(vocab, batch):
     m = model(vocab)
     ie, te = m.encode_image(batch.image), m.encode_text(batch.text)
-    v_obj, v_omask, v_rel, v_rmask, v_glob = ie
+    v_obj, v_omask, v_rel, v_rmask, v_glob = ie.objects, ie.object_mask, ie.relations, ie.relation_mask, ie.global_
     assert v_obj.shape == (4, 5, 16) and v_omask.sum(1).tolist() == [3, 5, 1, 4]
     assert v_rel.shape == (4, 10, 16)                       # 5 regions x 2 neighbours
     assert v_rmask.sum(1).tolist() == [6, 10, 0, 8]         # a lone region has no relation
-    t_obj, t_omask, t_rel, t_rmask, t_glob = te
+    t_obj, t_omask, t_rel, t_rmask, t_glob = te.objects, te.object_mask, te.relations, te.relation_mask, te.global_
     assert t_omask.sum(1).tolist() == [2, 1, 2, 2]          # the object-less caption uses its 2 words
     assert t_rel.shape == (4, 2, 16) and t_rmask.sum(1).tolist() == [1, 0, 2, 0]
     assert v_glob.shape == t_glob.shape == (4, 16)
-    s = m.similarity(ie, tuple(t[:3] for t in te))
+    s = m.similarity(ie, te[:3])
     assert s.shape == (4, 3) and torch.isfinite(s).all()
 
 
@@ -124,10 +124,10 @@ def test_batch_similarity_equals_pairs_one_by_one(vocab, batch):
     full = m.similarity(ie, te).detach()
     for i in range(4):
         for j in range(4):
-            one = m.similarity(tuple(t[i:i + 1] for t in ie), tuple(t[j:j + 1] for t in te))
+            one = m.similarity(ie[i:i + 1], te[j:j + 1])
             torch.testing.assert_close(one[0, 0].detach(), full[i, j], atol=1e-5, rtol=1e-5)
     # and the memory-bounded chunks (one image at a time) give the same matrix
-    m.cfg.sim_budget = 1
+    m.cfg.sim_block_elems = 1
     torch.testing.assert_close(m.similarity(ie, te).detach(), full)
 
 

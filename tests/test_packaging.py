@@ -1,5 +1,5 @@
 """The package as a wheel: it carries every module and what the code reads (the manifests and
-their schema), and a non-editable install ingests a dataset from another working directory."""
+their schema, the label names), and a non-editable install ingests a dataset from another working directory."""
 
 import json
 import os
@@ -50,6 +50,8 @@ def test_wheel_carries_every_module_and_the_manifests(wheel):
     manifests = {f"pipeline/manifests/{p.name}" for p in (ROOT / "manifests").glob("*.yaml")}
     assert "pipeline/manifests/schema.yaml" in manifests and manifests <= names, sorted(manifests - names)
     assert {f"pipeline/rules/{p.name}" for p in (ROOT / "pipeline" / "rules").glob("*.smk")} <= names
+    labels = {f"pipeline/data/genome/{p.name}" for p in (ROOT / "pipeline" / "data" / "genome").iterdir()}
+    assert "pipeline/data/genome/objects_vocab.txt" in labels and labels <= names, sorted(labels - names)
 
 
 @pytest.mark.slow  # a venv, an install and three CLI runs: over 10 s on a loaded machine
@@ -73,7 +75,7 @@ def test_installed_wheel_ingests_from_another_directory(wheel, tmp_path):
         for k in range(5)))
     (work / "mine.yaml").write_text(json.dumps({"name": "mine", "format": "folder", "source_root": "mine",
                                                 "images": "photos", "annotations": "captions.csv"}))
-    r = run([python, "-m", "pipeline", "ingest", "--manifest", "mine.yaml", "--root", "data", "--quiet"], cwd=work)
+    r = run([venv / "bin" / "itmkit", "ingest", "--manifest", "mine.yaml", "--root", "data", "--quiet"], cwd=work)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "wrote 2 images (1 train / 0 val / 1 test) and 10 captions" in r.stdout
     assert (work / "data" / "mine" / "images.parquet").exists()
@@ -84,10 +86,13 @@ def test_installed_wheel_ingests_from_another_directory(wheel, tmp_path):
     (work / "f30k" / "dataset_flickr30k.json").write_text(json.dumps({"images": [
         {"filename": "1.jpg", "imgid": 1, "split": "train",
          "sentences": [{"raw": f"a photo {k}", "sentid": k} for k in range(5)]}]}))
-    for manifest in ("f30k", "manifests/f30k.yaml"):
+    for manifest in ("f30k", "manifests/f30k.yaml"):   # and the earlier spelling
         r = run([python, "-m", "pipeline", "ingest", "--manifest", manifest, "--source-root", "f30k",
                  "--root", "data", "--set", "expected=null", "--force", "--quiet"], cwd=work)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "wrote 1 images" in r.stdout
     r = run([python, "-c", "import pipeline.manifest as m; print(m.MANIFEST_DIR)"], cwd=work)
     assert Path(r.stdout.strip()) == Path(site) / "pipeline" / "manifests", r.stdout + r.stderr
+    r = run([python, "-c", "from pipeline.labels import LabelNames as L; print(L.for_extractor(None).region(0, 4))"],
+            cwd=work)
+    assert r.stdout.strip() == "red yolk", r.stdout + r.stderr   # the label names are package data

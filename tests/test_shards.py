@@ -45,7 +45,7 @@ def test_region_round_trip(tmp_path, counts, chunk):
     for i, want in enumerate(images):
         assert_same(shard.get(i), want)
     assert shard.attrs["config"] == {"k": 1}
-    assert "created" in shard.attrs and "software" in shard.attrs
+    assert "software" in shard.attrs and "created" not in shard.attrs  # the time is in shards.json
     assert not (tmp_path / "r.h5.tmp").exists()
 
 
@@ -252,3 +252,112 @@ def test_describe_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "features" in out and "(2, 2048)" in out and "boxes/image  min 0" in out
     assert main(["inspect", str(tmp_path / "missing.h5")]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: the only code that names shards; prune; resolving a run's config hashes
+
+def test_layout_builds_and_parses_shard_names(tmp_path):
+    layout = shards.Layout(tmp_path, "demo")
+    assert layout.regions("val", 3) == tmp_path / "demo" / "regions" / "regions-val-0003.h5"
+    assert layout.graphs(12345).name == "graphs-12345.parquet"
+    for kind, split in (("regions", "my-split"), ("grid", "test"), ("graphs", None)):
+        for chunk in (0, 7, 10000):
+            path = layout.shard(kind, split, chunk)
+            assert layout.parse(path) == shards.ShardName(kind, split, chunk)
+            assert layout.parse(path.relative_to(layout.dir).as_posix(), kind).chunk == chunk
+    assert layout.parse("regions/regions-train-0001.h5.tmp") is None
+    assert layout.parse("regions/a.h5") is None and layout.parse("grid/grid-train-0001.h5", "regions") is None
+    assert layout.pattern("grid") == str(tmp_path / "demo" / "grid" / "grid-{split}-{chunk}.h5")
+    assert [p.name for p in layout.plan("grid", {"train": 5, "test": 2}, 2)] == \
+        ["grid-test-0000.h5", "grid-train-0000.h5", "grid-train-0001.h5", "grid-train-0002.h5"]
+    with pytest.raises(ValueError, match="named by split"):
+        layout.shard("graphs", "train", 0)
+
+
+def test_only_layout_knows_shard_names():
+    """No other code builds or parses a dataset shard's file name (a regex, an f-string)."""
+    import re
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    naming = re.compile(r"(regions|grid)-\{[^}]*\}-\{|graphs-\{|\{kind\}-\{")
+    offenders = []
+    for p in repo.rglob("*"):
+        if (p.suffix in (".py", ".smk") or p.name == "Snakefile") and not {"tests", ".venv"} & set(p.parts):
+            lines = p.read_text(errors="ignore").splitlines()
+            offenders += [f"{p.relative_to(repo)}: {line.strip()}" for line in lines
+                          if naming.search(line) and not re.search(r"\.(log|tsv)\b", line)]
+    assert [o.split(":")[0] for o in offenders] == ["pipeline/shards/layout.py"] * 3, offenders
+
+
+def _register_shard(layout, kind, split, chunk, config="c1"):
+    path = layout.shard(kind, split, chunk)
+    write_regions(path, make_regions(np.random.default_rng(chunk), [1]))
+    layout.index.register(kind, path, rows=1, config_hash=config)
+    return path
+
+
+def test_prune_removes_shards_outside_the_plan_and_reports_them(tmp_path, capsys):
+    layout = shards.Layout(tmp_path, "demo")
+    write_table(layout.images, [dict(image_id=i, path=f"/x/{i}.png", split="train", width=8, height=8)
+                                for i in range(4)], "images")
+    kept = [_register_shard(layout, "regions", "train", k) for k in (0, 1)]
+    old = [_register_shard(layout, "regions", "train", k) for k in (2, 3)]
+    orphan = layout.regions("train", 5)
+    orphan.write_bytes(b"unregistered leftover")
+    dead = orphan.with_name(orphan.name + ".tmp")          # an older version's temporary file
+    dead.write_bytes(b"half")
+    busy = _register_shard(layout, "regions", "train", 4)
+    from pipeline.__main__ import main
+    with shards.claim(busy) as held:
+        assert held
+        rc = main(["prune", str(layout.dir), "--kind", "regions", "--shard-size", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "removed 3 shard(s) outside the plan (regions/regions-train-0002.h5, " in out
+    assert "1 temporary file(s)" in out and "1 left because another process is writing" in out
+    assert all(p.exists() for p in kept + [busy]) and not any(p.exists() for p in old + [orphan, dead])
+    assert sorted(e.path for e in layout.index.entries("regions")) == \
+        ["regions/regions-train-0000.h5", "regions/regions-train-0001.h5", "regions/regions-train-0004.h5"]
+    # a plan that the shards do not cover: reported, exit 1
+    assert main(["prune", str(layout.dir), "--kind", "regions", "--shard-size", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "regions-train-0002.h5: not registered" in err and "regions-train-0003.h5" in err
+    assert main(["prune", str(layout.dir), "--kind", "regions"]) == 2   # the plan is not guessed
+
+
+def test_run_config_hashes_are_resolved_by_one_pure_function(tmp_path):
+    layout = shards.Layout(tmp_path, "demo")
+    _register_shard(layout, "regions", "train", 0, "a")
+    _register_shard(layout, "regions", "val", 0, "a")
+    _register_shard(layout, "regions", "test", 0, "b")
+    _register_shard(layout, "grid", "train", 0, "g")
+    index = layout.index
+    assert index.splits("regions") == {"train", "val", "test"}
+    assert index.config_hashes(["regions", "grid"], ["train"]) == {"regions": "a", "grid": "g"}
+    with pytest.raises(ShardError, match="no grid registered for split 'val'"):
+        index.config_hashes(["grid"], ["val"])
+    with pytest.raises(ShardError, match="several configs"):
+        index.config_hashes(["regions"], ["train", "test"])
+    entries = index.read_set(["regions"], ["test"])
+    assert shards.resolve_config_hashes(entries) == {"regions": "b"}
+    with pytest.raises(ShardError, match="expects regions shards of config a"):
+        shards.resolve_config_hashes(entries, {"regions": "a", "grid": "unused"})
+
+
+def test_files_of_earlier_versions_stay_readable(tmp_path):
+    """Shards with a `created` attribute, an index entry as earlier versions wrote it, and the
+    `<name>.tmp` an earlier writer left behind."""
+    layout = shards.Layout(tmp_path, "demo")
+    path = write_regions(layout.regions("train", 0), make_regions(np.random.default_rng(13), [2]),
+                         attrs={"created": "2026-11-20T10:00:00+00:00"})
+    (path.parent / (path.name + ".tmp")).write_bytes(b"half")
+    entry = {"kind": "regions", "path": "regions/regions-train-0000.h5", "sha256": shards.sha256_file(path),
+             "size": path.stat().st_size, "rows": 1, "config_hash": "c", "inputs_hash": "i",
+             "version": "0.1.0", "created": "2026-11-20T10:00:00+00:00", "extra": {}}
+    shards.write_json(layout.index.path, {"dataset": "demo", "itmkit_version": "0.1.0",
+                                          "kinds": {"regions": [entry]}})
+    assert RegionShard(path).attrs["created"] and len(RegionShard(path)) == 1
+    assert layout.index.is_valid("regions", path, "c", "i") and layout.index.verify() == []
+    assert layout.index.config_hashes(["regions"], ["train"]) == {"regions": "c"}
+    assert layout.index.prune("regions", [path]).temporary == ["regions/regions-train-0000.h5.tmp"]

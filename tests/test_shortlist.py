@@ -1,13 +1,12 @@
 """Shortlist and re-rank (training/shortlist.py): candidates, hand-worked rankings of both
 directions, re-ranking everything equals full scoring, fusion, padded gathering of encodings of
-different batches, the retrieval entry point, and the evaluate.py / train.py wiring."""
+different batches, and the evaluate.py / train.py wiring (retrieval's use: tests/test_retrieve.py)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,8 +16,7 @@ from training import evaluate, protocols, train
 from training.evaluation import (compute_sims, encode, evaluate_protocol, hard_negative_accuracy,
                                  recall_metrics)
 from training.protocols import Annotations
-from training.shortlist import (Shortlist, rerank, rerank_split, score_pairs, standardise, take,
-                                top_k)
+from training.shortlist import Shortlist, score_pairs, standardise, take, top_k
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,46 +181,6 @@ def test_score_pairs_equals_the_full_matrix_and_take_pads():
         enc[1].shape[1] - te[4][1].shape[1])
 
 
-def _stub(model, fingerprint="v"):
-    return SimpleNamespace(model=model, vocab=SimpleNamespace(fingerprint=fingerprint),
-                           config=SimpleNamespace(model="stub"))
-
-
-class _Tower(_Ragged):
-    two_tower = True
-
-    def encode_image(self, x):
-        return (x["x"] * x["mask"][..., None]).sum(1)
-
-    def encode_text(self, x):
-        return (x[0] * x[1][..., None]).sum(1)
-
-    def similarity(self, a, b):
-        return a @ b.t()
-
-
-def test_rerank_queries_against_a_gallery_matches_the_split_rankings(monkeypatch):
-    """The retrieval entry point orders each caption's candidates as the evaluation's t2i matrix
-    does (no ties here), and counts Q x K pairs."""
-    from training import shortlist as mod
-    monkeypatch.setattr(mod, "TextBatch", tuple)        # the stub caption batches are tuples
-    rng = np.random.default_rng(3)
-    images, texts = _ragged(rng, 6, 4), _ragged(rng, 30, 7, tuple_=True)
-    slow, fast = _Ragged(), _Tower()
-    got = rerank(_stub(slow), _stub(fast), texts, images, k=3)
-    assert got.index.shape == (30, 3) and got.pairs == 90
-    sl = Shortlist.from_sims(compute_sims(fast, images, texts, progress=False), 3)
-    done = rerank_split(slow, images, texts, sl, progress=False)
-    expected = np.argsort(-done.t2i, axis=0, kind="stable")[:3].T
-    assert got.index.tolist() == expected.tolist()
-    full = compute_sims(slow, images, texts, progress=False)
-    assert np.allclose(got.scores, np.take_along_axis(full.T, got.index, 1), atol=1e-6)
-    with pytest.raises(ValueError, match="different vocabularies"):
-        rerank(_stub(slow), _stub(fast, "other"), texts, images, k=3)
-    with pytest.raises(ValueError, match="two-tower"):
-        rerank(_stub(fast), _stub(slow), texts, images, k=3)
-
-
 def test_eccv_and_cxc_read_each_direction_from_its_own_matrix(monkeypatch):
     rng = np.random.default_rng(4)
     images, captions = np.arange(100, 104), np.arange(200, 220)
@@ -297,7 +255,7 @@ def test_evaluate_with_a_shortlist(runs, capsys):
 
 def test_evaluate_shortlist_usage_and_bad_shortlisters(runs, capsys):
     resg, vsepp = runs / "resg", runs / "vsepp"
-    for bad in (["--fuse", "0.5"], ["--topk", "5"], ["--shortlist", vsepp, "--fuse", "2"],
+    for bad in (["--fuse", "0.5"], ["--shortlist", vsepp, "--fuse", "2"],
                 ["--shortlist", vsepp, "--topk", "0"]):
         with pytest.raises(SystemExit) as e:
             run_eval(resg, *bad)
@@ -326,8 +284,11 @@ def test_validation_with_a_shortlist(runs, tmp_path, capsys):
                        "--set", "val_topk=2"]) == 0
     assert len(rows(tmp_path / "k2")) == 2
     assert f"train: validation re-scores the top 2 of {(runs / 'vsepp').absolute()}: " in capsys.readouterr().err
-    with pytest.raises(ValueError, match="val_topk"):
-        train.main([*small, "--out", str(tmp_path / "bad"), "--set", "val_topk=x"])
+    for bad in ("val_topk=x", "val_topk=0"):   # a usage error: exit 2 naming the setting
+        with pytest.raises(SystemExit) as e:
+            train.main([*small, "--out", str(tmp_path / "bad"), "--set", bad])
+        assert e.value.code == 2
+        assert "val_topk" in capsys.readouterr().err
 
 
 def _torchrun(*args):

@@ -63,6 +63,15 @@ def test_resume_gives_identical_results(root, tmp_path, capsys):
     assert any((tmp_path / "full" / "tb").iterdir())
 
 
+def test_resume_refuses_a_recipe_other_than_the_runs(root, tmp_path, capsys):
+    run_train(root, tmp_path / "r", "--epochs", "2", "--stop-after", "1")
+    run_train(root, tmp_path / "r", "--epochs", "2", "--resume")      # the same recipe: fine
+    with pytest.raises(SystemExit) as e:
+        run_train(root, tmp_path / "r", "--epochs", "3", "--set", "margin=0.5", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "epochs (2 saved, 3 given)" in err and "margin (0.2 saved, 0.5 given)" in err
+
+
 def test_evaluate_save_sims_ensemble_hard_negatives_and_plot(root, tmp_path, capsys):
     out = tmp_path / "r"
     run_train(root, out, "--epochs", "1")

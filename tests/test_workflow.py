@@ -21,7 +21,7 @@ from pipeline.shards import Layout, ShardIndex
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
 TARGETS = ["all", "demo", "features_coco", "features_f30k", "text_coco", "text_f30k",
-           "regions_coco", "regions_f30k", "grid_coco", "grid_f30k"]
+           "regions_coco", "regions_f30k", "grid_coco", "grid_f30k", "train_coco", "train_f30k"]
 # a tiny, fast demo: 12 images (5 train / 1 val / 6 test), 96-pixel images, one shard per split
 TINY_DEMO = {"demo_images": 12, "demo_image_size": 96, "demo_min_size": 96, "demo_max_size": 96,
              "demo_batch_size": 4, "demo_epochs": 1}
@@ -86,21 +86,34 @@ def fake_copy(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def expected_jobs(target: str) -> dict[str, int]:
+    """features_* write both kinds of a shard in one job (one backbone pass); regions_* and
+    grid_* extract their kind only."""
     n_shards = sum(-(-n // 2) for n in SPLITS.values())
     n_chunks = -(-5 * sum(SPLITS.values()) // CHUNK)
-    per = {"regions": {"extract_regions": n_shards, "gather_regions": 1},
+    per = {"features": {"extract": n_shards, "gather_regions": 1, "gather_grid": 1},
+           "regions": {"extract_regions": n_shards, "gather_regions": 1},
            "grid": {"extract_grid": n_shards, "gather_grid": 1},
            "text": {"parse": n_chunks, "gather_graphs": 1, "vocab": 1}}
     kind, _, ds = target.partition("_")
-    parts = {"features": ["regions", "grid", "text"], "regions": ["regions"], "grid": ["grid"],
-             "text": ["text"]}[kind]
+    parts = {"features": ["features", "text"], "regions": ["regions"], "grid": ["grid"],
+             "text": ["text"], "train": ["features", "text"]}[kind]
     jobs = {target: 1}
     for part in parts:
         jobs.update(per[part])
+    if kind == "train":   # from the features to a report
+        jobs.update({"train": 1, "evaluate": 1, "report": 1})
     return jobs
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("all", "demo")])
+def merged(*job_counts: dict) -> dict:
+    out = {}
+    for jobs in job_counts:
+        for job, n in jobs.items():
+            out[job] = out.get(job, 0) + n
+    return out
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.split("_")[0] not in ("all", "demo", "train")])
 def test_dry_run_lists_every_shard_job(fake_copy, target):
     work, cfg = fake_copy
     assert job_counts(ok(snakemake(work, "-n", target, config=cfg))) == expected_jobs(target)
@@ -109,12 +122,21 @@ def test_dry_run_lists_every_shard_job(fake_copy, target):
 def test_dry_run_all_covers_both_datasets(fake_copy):
     work, cfg = fake_copy
     jobs = job_counts(ok(snakemake(work, "-n", "all", config=cfg)))
-    want = {"all": 1}
-    for ds in ("coco", "f30k"):
-        for job, n in expected_jobs(f"features_{ds}").items():
-            if job != f"features_{ds}":
-                want[job] = want.get(job, 0) + n
+    want = merged({"all": 1}, *({k: n for k, n in expected_jobs(f"features_{ds}").items() if k != f"features_{ds}"}
+                                for ds in ("coco", "f30k")))
     assert jobs == want
+
+
+def test_one_kind_targets_extract_one_kind_per_dataset(fake_copy):
+    """One pass where a dataset's targets want both kinds, one kind where they want one."""
+    work, cfg = fake_copy
+    jobs = job_counts(ok(snakemake(work, "-n", "features_coco", "regions_f30k", config=cfg)))
+    assert jobs == merged(expected_jobs("features_coco"), expected_jobs("regions_f30k"))
+    jobs = job_counts(ok(snakemake(work, "-n", "regions_coco", "grid_coco", config=cfg)))
+    n_shards = sum(-(-n // 2) for n in SPLITS.values())
+    assert jobs == {"extract": n_shards, "gather_regions": 1, "gather_grid": 1, "regions_coco": 1, "grid_coco": 1}
+    jobs = job_counts(ok(snakemake(work, "-n", "grid_f30k", "text_f30k", config=cfg)))
+    assert jobs == merged(expected_jobs("grid_f30k"), expected_jobs("text_f30k"))
 
 
 def test_dry_run_commands_carry_the_config(fake_copy):
@@ -122,14 +144,78 @@ def test_dry_run_commands_carry_the_config(fake_copy):
     out = ok(snakemake(work, "-n", "-p", "regions_coco", config=dict(cfg, boxes="fixed:36")))
     cmd = next(line for line in out.splitlines() if "--split train --chunk 0001" in line)
     assert "--boxes fixed:36" in cmd and "--shard-size 2" in cmd and str(work / "weights.pkl") in cmd
-    assert "--kind regions" in cmd
+    assert "--kind regions" in cmd and "--grid" not in cmd
+    out = ok(snakemake(work, "-n", "-p", "features_coco", config=dict(cfg, boxes="fixed:36", extract_amp=True)))
+    cmd = next(line for line in out.splitlines() if "--split train --chunk 0001" in line)
+    assert "--kind both" in cmd and "--boxes fixed:36" in cmd and "--grid 7 7" in cmd and "--amp" in cmd
+
+
+def test_dry_run_local_gpus_one_job_per_gpu(fake_copy):
+    """`snakemake features_coco --cores 16 --resources gpu=4`: every extraction job asks for one
+    GPU, and picks a free one with --gpu-locks (tests/test_features_devices.py: four jobs at
+    once get four different GPUs)."""
+    work, cfg = fake_copy
+    out = ok(snakemake(work, "features_coco", "-n", "-p", "--cores", "16", "--resources", "gpu=4",
+                       config=dict(cfg, device="cuda", extract_channels_last=True)))
+    jobs = [block for block in out.split("\nrule ")[1:] if block.startswith("extract:")]
+    assert len(jobs) == expected_jobs("features_coco")["extract"]
+    for job in jobs:
+        assert re.search(r"resources: .*\bgpu=1\b", job), job
+        assert "--device cuda" in job and re.search(r"--gpu-locks \S+/itmkit-gpu-locks-\d+ ", job), job
+        assert "--channels-last" in job and "--cudnn-benchmark" not in job
+    cpu = ok(snakemake(work, "features_coco", "-n", "-p", config=dict(cfg, device="cpu")))
+    assert "--gpu-locks" not in cpu and not re.search(r"\bgpu=1\b", cpu)
 
 
 def test_dry_run_demo_on_a_fresh_root(tmp_path):
     """Before ingest has run, the shard jobs are unknown: the DAG stops at the checkpoint."""
     jobs = job_counts(ok(snakemake(tmp_path, "-n", "demo")))
     assert jobs == {"ingest": 1, "gather_regions": 1, "gather_grid": 1, "gather_graphs": 1,
-                    "vocab": 1, "train": 1, "evaluate": 1, "demo": 1}
+                    "vocab": 1, "train": 1, "evaluate": 1, "report": 1, "demo": 1}
+
+
+def shell_line(out: str, marker: str) -> str:
+    return next(line for line in out.splitlines() if marker in line)
+
+
+def test_dry_run_train_target_takes_the_model_and_its_defaults(fake_copy):
+    """`train_coco --config model=kidrr`: the run is the model's, its epochs and batch size are
+    the model's own defaults (no flag), and it ends with evaluate (similarities kept) and report."""
+    work, cfg = fake_copy
+    out = ok(snakemake(work, "-n", "-p", "train_coco", config=dict(cfg, model="kidrr")))
+    assert job_counts(out) == expected_jobs("train_coco")   # every shard job, then train, evaluate, report
+    run = work / "runs" / "coco-kidrr"
+    train = shell_line(out, "training/train.py")
+    assert "--model kidrr --dataset coco" in train and f"--out {run}" in train
+    assert "--epochs" not in train and "--batch-size" not in train and "--set" not in train
+    assert "--device cuda" in train and "--workers 4" in train
+    assert "--save-sims" in shell_line(out, "training/evaluate.py")
+    assert f"--out {run / 'report.html'}" in shell_line(out, "training/report.py")
+
+
+def test_dry_run_train_target_passes_the_training_keys(fake_copy):
+    work, cfg = fake_copy
+    keys = dict(cfg, train_epochs=3, train_batch_size=64, train_device="cpu",
+                train_set={"lr": 0.0001, "lr_decay_epochs": [10, 20]})
+    out = ok(snakemake(work, "-n", "-p", "train_f30k", config=keys))
+    assert job_counts(out) == expected_jobs("train_f30k")
+    train = shell_line(out, "training/train.py")
+    assert "--model vsepp --dataset f30k" in train   # the default model
+    assert "--epochs 3 --batch-size 64 --set lr=0.0001 --set lr_decay_epochs=10,20" in train
+    assert "--device cpu" in train
+
+
+def test_unknown_model_fails_before_anything_runs(fake_copy):
+    work, cfg = fake_copy
+    r = snakemake(work, "-n", "train_coco", config=dict(cfg, model="nosuch"))
+    assert r.returncode != 0
+    assert "unknown model 'nosuch'" in output(r) and "kidrr" in output(r)
+
+
+@pytest.mark.parametrize("key,value", [("train_epochs", 0), ("train_set", "lr"), ("model", "Kid-RR")])
+def test_bad_training_keys_fail_naming_the_key(tmp_path, key, value):
+    r = snakemake(tmp_path, "-n", "demo", config={key: value})
+    assert r.returncode != 0 and key in output(r)
 
 
 def test_text_targets_need_no_images_nor_weights(tmp_path):
@@ -262,28 +348,44 @@ def test_text_steps_run_reuse_and_rerun_the_right_subset(tmp_path):
     assert jobs == {"parse": 6, "gather_graphs": 1, "vocab": 1}   # 40 captions / 7
 
 
+def one_pass_per_image(index: ShardIndex) -> None:
+    """Every region and grid shard was written with the other kind from one backbone pass."""
+    entries = index.entries("regions") + index.entries("grid")
+    assert entries
+    for e in entries:
+        assert e.extra["backbone"] == {"passes": 1, "kinds": ["grid", "regions"]}, (e.path, e.extra)
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_reuse_and_changed_boxes(tmp_path):
     root = tmp_path / "data"
-    ok(snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO, timeout=1800))
+    out = ok(snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO, timeout=1800))
     run = tmp_path / "runs" / f"demo-{default('demo_model')}"
     evaluation = json.loads((run / "eval.json").read_text())
     assert any(k.startswith("test/") for k in evaluation)
+    assert "-> " + str(run / "report.html") in out   # the report's path ends the output
+    assert "RANDOM EXTRACTOR WEIGHTS" in (run / "report.html").read_text()
     index = ShardIndex(root / "demo")
     assert {"images", "captions", "boxes", "regions", "grid", "graphs", "vocab"} <= set(index.load()["kinds"])
     assert index.verify() == []
-    assert "RANDOM" in (root / "logs" / "demo" / "regions-train-0000.log").read_text()
+    one_pass_per_image(index)
+    assert "RANDOM" in (root / "logs" / "demo" / "features-train-0000.log").read_text()
 
     assert "Nothing to be done" in ok(snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO))
+    # how a job runs is no reason to rerun it
+    assert "Nothing to be done" in ok(snakemake(tmp_path, "-n", "demo", config=dict(TINY_DEMO, extract_batch_size=3)))
 
     changed = dict(TINY_DEMO, demo_boxes="fixed:4")
     jobs = job_counts(ok(snakemake(tmp_path, "-n", "demo", config=changed)))
-    assert jobs == {"extract_regions": 3, "gather_regions": 1, "train": 1, "evaluate": 1, "demo": 1}
+    assert jobs == {"extract": 3, "gather_regions": 1, "gather_grid": 1, "train": 1, "evaluate": 1, "report": 1,
+                    "demo": 1}
     grid_before = shard_state(root, ["grid", "graphs", "vocab"])
     ok(snakemake(tmp_path, "--cores", "2", "demo", config=changed, timeout=1800))
+    # the one-pass jobs rewrote the region shards only: the grid shards are the same files
     assert shard_state(root, ["grid", "graphs", "vocab"]) == grid_before
     regions = index.entries("regions")
     assert len(regions) == 3 and len({e.config_hash for e in regions}) == 1   # no old shard left
+    assert all(e.extra["backbone"] == {"passes": 1, "kinds": ["regions"]} for e in regions)
     assert all(len(r) == 4 for path in index.files("regions") for r in shards.RegionShard(path))
 
 

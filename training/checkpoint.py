@@ -5,9 +5,9 @@ A checkpoint holds tensors, numbers, strings, lists and dicts and nothing else, 
 A file that needs more than that (a pickled object, or the numpy RNG state that earlier versions
 saved) is refused with one line saying what to do.
 
-    python training/checkpoint.py upgrade runs/NAME [...]   # convert the checkpoints of an
-                                                             # earlier version, still without
-                                                             # running code from them
+    itmkit upgrade runs/NAME [...]   # convert the checkpoints of an earlier version, still
+                                     # without running code from them
+                                     # (or: python training/checkpoint.py upgrade ...)
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ _NUMPY_NAMES = {"numpy.ndarray", "numpy.dtype"} | {
 
 class CheckpointError(RuntimeError):
     """A checkpoint or run dir does not belong to the run that tries to use it, or is unsafe."""
+
+
+ERRORS = (CheckpointError,)   # what itmkit reports as one line (exit 1)
 
 
 def _not_plain(obj, where: str = "state") -> str | None:
@@ -87,7 +90,7 @@ def _refusal(path: Path, error: Exception) -> str:
         unsafe = []
     if unsafe and set(unsafe) <= _NUMPY_NAMES:
         return (f"{path}: checkpoint of an earlier itmkit version (numpy objects inside), refused; if it "
-                f"comes from your own training, convert it with `python training/checkpoint.py upgrade {path}`")
+                f"comes from your own training, convert it with `itmkit upgrade {path}`")
     if unsafe:
         return (f"{path}: refused: it holds Python objects ({', '.join(unsafe[:5])}) and loading them "
                 "could run code; itmkit never writes such a file: get the run again from a trusted "
@@ -103,7 +106,7 @@ def check(ckpt: dict, path, *, model: str, vocab_fingerprint: str, shard_hashes:
     """Refuse a checkpoint of another format, model, vocabulary or shard configs."""
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {ckpt.get('format', 1)}, this version reads "
-                              f"{FORMAT}; convert it with `python training/checkpoint.py upgrade {path}`")
+                              f"{FORMAT}; convert it with `itmkit upgrade {path}`")
     meta = ckpt.get("meta", {})
     if meta.get("model") != model:
         raise CheckpointError(f"{path}: checkpoint of model '{meta.get('model')}', not '{model}'")
@@ -183,12 +186,11 @@ def _plain_numbers(obj):
     return obj
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("upgrade", help="convert checkpoints of an earlier itmkit version in place")
-    up.add_argument("paths", nargs="+", metavar="RUN_OR_PT", help="run folders (best.pt and last.pt) or .pt files")
-    args = p.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_PT", help="run folders (best.pt and last.pt) or .pt files")
+
+
+def command(args) -> int:
     for arg in map(Path, args.paths):
         for path in [arg / "best.pt", arg / "last.pt"] if arg.is_dir() else [arg]:
             if path.exists() or not arg.is_dir():
@@ -196,9 +198,14 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CheckpointError as e:
-        print(f"checkpoint: error: {e}", file=sys.stderr)
-        sys.exit(1)
+def main(argv=None) -> int:
+    """``python training/checkpoint.py upgrade ...`` from Python; errors are raised."""
+    parser = argparse.ArgumentParser(prog="training/checkpoint.py")
+    add_arguments(parser.add_subparsers(dest="command", required=True).add_parser("upgrade"))
+    return command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":   # python training/checkpoint.py upgrade ...: the same as itmkit upgrade ...
+    from itmkit.cli import main as itmkit
+
+    sys.exit(itmkit(sys.argv[1:]))

@@ -8,8 +8,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import shards
+from pipeline.config import typed_settings
 from training import models
 from training.checkpoint import CheckpointError
+
+
+@dataclass
+class RunSettings:
+    """The RunConfig fields train.py's ``--set`` accepts next to the model config's. Validation
+    shortlisted by a two-tower run (training/shortlist.py): the model re-scores only each query's
+    val_topk best candidates; "" = every pair scored. Run settings, not model hyper-parameters:
+    they choose how best.pt is picked, not what the model computes."""
+    val_shortlist: str = ""
+    val_topk: int = 20
+
+
+RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(RunSettings))
 
 
 @dataclass
@@ -24,17 +38,14 @@ class RunConfig:
     max_len: int = 64
     max_images: int | None = None    # first N train images (quick runs)
     eval_batch_size: int = 128
-    # validation shortlisted by a two-tower run (training/shortlist.py): the model re-scores only
-    # each query's val_topk best candidates; "" = every pair scored. Run settings, not model
-    # hyper-parameters: they choose how best.pt is picked, not what the model computes.
-    val_shortlist: str = ""
+    val_shortlist: str = ""          # RunSettings
     val_topk: int = 20
     model_config: dict = field(default_factory=dict)   # the resolved ModelConfig
     shard_hashes: dict = field(default_factory=dict)   # kind -> config hash trained on
     vocab_fingerprint: str = ""
 
     def model_cfg(self) -> models.ModelConfig:
-        return models.make_config(models.get(self.model).config_class, self.model_config)
+        return models.make_config(models.get(self.model).config_class, self.model_config, saved=True)
 
     def save(self, run_dir) -> None:
         shards.write_json(Path(run_dir) / "config.json", dataclasses.asdict(self))
@@ -51,58 +62,28 @@ class RunConfig:
         return cls(**data)
 
 
-# RunConfig fields that train.py's --set accepts next to the model config's
-RUN_SETTINGS = ("val_shortlist", "val_topk")
-
-
 def dataset_key(name: str) -> str:
     """Per-dataset defaults are keyed ``coco`` / ``f30k``; other names get the plain defaults."""
     low = name.lower()
     return "coco" if "coco" in low else "f30k" if ("f30k" in low or "flickr" in low) else name
 
 
-def _defaults(config_class) -> dict:
-    """The default of every field that has one."""
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(config_class)
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-
-
-def parse_overrides(items: list[str], config_class, also: tuple[str, ...] = ()) -> dict:
-    """``--set lr=1e-4 --set lr_decay_epochs=10,20`` -> typed dict (types from the dataclass's
-    defaults). ``also``: keys accepted elsewhere, named in the error for an unknown key."""
-    defaults = _defaults(config_class)
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in defaults:
-            names = ", ".join([*defaults, *also])
-            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY one of: {names}")
-        current = defaults[key]
-        try:
-            if isinstance(current, bool):
-                out[key] = value.lower() in ("1", "true", "yes", "on")
-            elif isinstance(current, tuple):
-                out[key] = tuple(type(current[0])(v) if current else int(v) for v in value.split(",") if v)
-            elif current is None:
-                out[key] = value
-            else:
-                out[key] = type(current)(value)
-        except ValueError:
-            raise ValueError(f"--set {item}: '{value}' is not a valid {key} (like {current!r})") from None
-    return out
+def parse_overrides(items: list[str], config_class) -> dict:
+    """``--set lr=1e-4 --set lr_decay_epochs=10,20`` -> typed dict (types from the dataclass)."""
+    return typed_settings(items, config_class, f"model config {config_class.__name__}")
 
 
 def parse_run_settings(items: list[str], config_class) -> tuple[dict, dict]:
-    """train.py's ``--set`` items split into the run settings (``RUN_SETTINGS``, typed) and the
+    """train.py's ``--set`` items split into the run settings (``RunSettings``, typed) and the
     model config's overrides (typed by ``config_class``)."""
-    ours = [s for s in items if s.partition("=")[0] in RUN_SETTINGS]
-    return (parse_overrides(ours, RunConfig),
-            parse_overrides([s for s in items if s not in ours], config_class, RUN_SETTINGS))
+    ours = [s for s in items if s.partition("=")[0].strip() in RUN_SETTINGS]
+    return (typed_settings(ours, RunSettings, "the run settings"),
+            typed_settings([s for s in items if s not in ours], config_class,
+                           f"model config {config_class.__name__} (run settings: {', '.join(RUN_SETTINGS)})"))
 
 
 def parse_shared_overrides(items: list[str], config_class) -> dict:
     """``parse_overrides`` of the items whose key ``config_class`` has; the others are skipped,
     so one ``--set`` list can serve several models (the benchmarks' use)."""
     known = {f.name for f in dataclasses.fields(config_class)}
-    return parse_overrides([s for s in items if s.partition("=")[0] in known], config_class)
+    return parse_overrides([s for s in items if s.partition("=")[0].strip() in known], config_class)

@@ -23,7 +23,6 @@ Batch format (the contract every model codes against; see docs/training.md "Mode
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,36 +172,34 @@ def collate_pairs(items: list[tuple[dict, dict]], half: bool = False) -> Batch:
 # ---------------------------------------------------------------------------------------------
 # shard selection
 
-def split_files(layout: Layout, kind: str, split: str, config_hash: str | None = None) -> tuple[list[Path], str]:
-    """The registered ``kind`` files (regions or grid) of one split, in chunk order, and their
-    config hash. Files of several configs are refused unless ``config_hash`` picks one."""
-    pattern = re.compile(rf"(^|/){kind}-{re.escape(split)}-\d+\.h5$")
-    entries = sorted((e for e in layout.index.entries(kind) if pattern.search(e.path)),
-                     key=lambda e: e.path)
-    if not entries:
-        raise ShardError(f"{layout.index.path}: no {kind} shards registered for split '{split}'")
-    hashes = sorted({e.config_hash for e in entries})
-    if config_hash is not None:
-        if hashes != [config_hash]:
-            raise ShardError(f"{layout.index.path}: the run expects {kind} shards of config "
-                             f"{config_hash}, but split '{split}' has configs {hashes}; "
-                             f"re-extract with the run's config or start a new run")
-    elif len(hashes) > 1:
-        raise ShardError(f"{layout.index.path}: {kind} shards of split '{split}' were written with "
-                         f"several configs {hashes}; remove the stale ones or rerun extraction")
-    return [layout.dir / e.path for e in entries], hashes[0]
+def run_kinds(grid: bool) -> tuple[str, ...]:
+    """The kinds of file a run reads: region (and grid) shards of its splits, captions, graphs."""
+    return ("regions", "grid", "captions", "graphs") if grid else ("regions", "captions", "graphs")
 
 
-def text_hash(layout: Layout, kind: str, config_hash: str | None = None) -> str:
-    hashes = sorted({e.config_hash for e in layout.index.entries(kind)})
-    if not hashes:
-        raise ShardError(f"{layout.index.path}: no {kind} registered")
-    if config_hash is not None and hashes != [config_hash]:
-        raise ShardError(f"{layout.index.path}: the run expects {kind} of config {config_hash}, "
-                         f"found {hashes}; rerun that step with the run's config or start a new run")
-    if len(hashes) > 1:
-        raise ShardError(f"{layout.index.path}: {kind} written with several configs {hashes}")
-    return hashes[0]
+def shard_hashes(layout: Layout, splits, grid: bool, pinned: dict | None = None) -> dict[str, str]:
+    """``{kind: config hash}`` of every file a run on ``splits`` reads, checked against
+    ``pinned`` (the hashes the run was trained on, e.g. ``RunConfig.shard_hashes``). A run calls
+    this once and hands the result to each of its ShardData; it raises ShardError when a kind
+    mixes configs or differs from ``pinned``."""
+    return resolve_read_set(layout, splits, grid, pinned)[0]
+
+
+def resolve_read_set(layout: Layout, splits, grid: bool, pinned: dict | None = None):
+    """(config hashes, entries) of the files a run on ``splits`` reads."""
+    index = layout.index
+    if grid and not index.entries("grid"):
+        from pipeline import precomp   # only on this error path: the trainer does not need it
+
+        if precomp.imported(layout):
+            raise ShardError(f"{layout.dir}: the model needs grid features, which are extracted from "
+                             f"the images; a dataset imported from precomp features has none (train a "
+                             f"region-only model, or ingest the images and extract)")
+        raise ShardError(f"{layout.dir}: the model needs grid features but the dataset has "
+                         f"no grid shards; run `itmkit extract --dataset {layout.name} --kind grid "
+                         f"--weights WEIGHTS`")
+    entries = index.read_set(run_kinds(grid), list(splits))
+    return shards.resolve_config_hashes(entries, pinned, str(index.path)), entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +254,7 @@ class TextStore:
         missing = [int(caption_ids[i]) for i, e in enumerate(encoded) if e is None]
         if missing:
             raise ShardError(f"{len(missing)} caption(s) have no row in the graph tables "
-                             f"(first: caption_id {missing[:5]}); rerun python -m pipeline parse")
+                             f"(first: caption_id {missing[:5]}); rerun `itmkit parse`")
         self.tokens = _Ragged([e[0] for e in encoded])
         self.objects = _Ragged([e[1] for e in encoded], 2)
         self.attributes = _Ragged([e[2] for e in encoded], 3)
@@ -267,11 +264,18 @@ class TextStore:
         return len(self.caption_ids)
 
     def get(self, i: int) -> dict:
-        o, a, r = self.objects[i], self.attributes[i], self.relations[i]
-        return {"caption_id": int(self.caption_ids[i]), "image_id": int(self.image_ids[i]),
-                "tokens": self.tokens[i], "obj_index": o[:, 0], "obj_word": o[:, 1],
-                "attr_object": a[:, 0], "attr_id": a[:, 1], "attr_word": a[:, 2],
-                "rel_subject": r[:, 0], "rel_predicate": r[:, 1], "rel_object": r[:, 2]}
+        return caption_item(self.caption_ids[i], self.image_ids[i], self.tokens[i],
+                            self.objects[i], self.attributes[i], self.relations[i])
+
+
+def caption_item(caption_id, image_id, tokens, objects, attributes, relations) -> dict:
+    """One caption as ``collate_text`` takes it, from the parts ``encode_graph`` returns as
+    arrays: tokens [L], objects [O, 2], attributes [A, 3], relations [E, 3]."""
+    o, a, r = objects, attributes, relations
+    return {"caption_id": int(caption_id), "image_id": int(image_id),
+            "tokens": tokens, "obj_index": o[:, 0], "obj_word": o[:, 1],
+            "attr_object": a[:, 0], "attr_id": a[:, 1], "attr_word": a[:, 2],
+            "rel_subject": r[:, 0], "rel_predicate": r[:, 1], "rel_object": r[:, 2]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,18 +288,27 @@ class DataConfig:
     max_len: int = 64            # tokens per caption, <start> and <end> included
     grid: bool = False
     max_images: int | None = None  # first N images of the split (quick runs and tests)
+    verify: bool = True          # re-hash every file read against shards.json before reading
 
 
 class ShardData:
     """Everything one split needs, opened lazily: region (and grid) shards are HDF5 handles
-    opened per process on first read; captions are encoded once into compact arrays."""
+    opened per process on first read; captions are encoded once into compact arrays.
+
+    ``hashes`` are the run's config hashes (see ``shard_hashes``); the files of this split must
+    match them. Every file it reads is re-hashed against shards.json when it is built (unless
+    ``cfg.verify`` is False), so an altered shard is refused, never read."""
 
     def __init__(self, root, name: str, vocab: Vocabulary, cfg: DataConfig,
                  hashes: dict[str, str] | None = None):
         self.layout, self.cfg, self.vocab = Layout(Path(root), name), cfg, vocab
-        hashes = dict(hashes or {})
-        files, hashes["regions"] = split_files(self.layout, "regions", cfg.split, hashes.get("regions"))
-        self.shards = [RegionShard(p) for p in files]
+        self.hashes, entries = resolve_read_set(self.layout, [cfg.split], cfg.grid, hashes)
+        if cfg.verify:
+            self.layout.index.check(entries)
+        files = {kind: [self.layout.dir / e.path for e in entries if e.kind == kind]
+                 for kind in ("regions", "grid", "graphs")}
+
+        self.shards = [RegionShard(p) for p in files["regions"]]
         ids = [s.image_ids for s in self.shards]
         self.image_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self.loc = np.concatenate([np.stack([np.full(len(a), k), np.arange(len(a))], 1)
@@ -307,11 +320,9 @@ class ShardData:
 
         self.grid_shards, self.grid_loc, self.grid_hw = [], None, None
         if cfg.grid:
-            self._open_grid(hashes)
+            self._open_grid(files["grid"])
 
         # captions: the first captions_per_image of each image, by caption_id, image-major
-        hashes["captions"] = text_hash(self.layout, "captions", hashes.get("captions"))
-        hashes["graphs"] = text_hash(self.layout, "graphs", hashes.get("graphs"))
         cap = shards.read_table(self.layout.captions, "captions", ["caption_id", "image_id", "split"])
         cap = cap.filter(pc.equal(cap["split"], cfg.split))
         cid, iid = cap["caption_id"].to_numpy(), cap["image_id"].to_numpy()
@@ -326,15 +337,9 @@ class ShardData:
                              f"'{cfg.split}' has {int(counts[short[0]])} caption(s), need "
                              f"{k} ({len(short)} image(s) short)")
         take = (starts[:, None] + np.arange(k)[None, :]).reshape(-1)
-        self.text = TextStore(cid[take], iid[take], self.layout.index.files("graphs"), vocab, cfg.max_len)
-        self.hashes = hashes
+        self.text = TextStore(cid[take], iid[take], sorted(files["graphs"]), vocab, cfg.max_len)
 
-    def _open_grid(self, hashes: dict) -> None:
-        if not self.layout.index.entries("grid"):
-            raise ShardError(f"{self.layout.dir}: the model needs grid features but the dataset has "
-                             f"no grid shards; run python -m features extract --dataset "
-                             f"{self.layout.name} --kind grid")
-        files, hashes["grid"] = split_files(self.layout, "grid", self.cfg.split, hashes.get("grid"))
+    def _open_grid(self, files: list[Path]) -> None:
         self.grid_shards = [GridShard(p) for p in files]
         where = {int(i): (k, r) for k, s in enumerate(self.grid_shards) for r, i in enumerate(s.image_ids)}
         missing = [int(i) for i in self.image_ids if int(i) not in where]
@@ -353,14 +358,7 @@ class ShardData:
 
     def image(self, i: int) -> dict:
         k, row = self.loc[i]
-        shard = self.shards[k]
-        r = shard.get(int(row), ("features", "boxes"))
-        h, w = r.image_hw
-        boxes = r.boxes / np.array([w, h, w, h], dtype=np.float32)
-        known = not np.isnan(boxes).any()
-        boxes = np.clip(boxes, 0.0, 1.0) if known else np.tile(np.float32([0, 0, 1, 1]), (len(boxes), 1))
-        item = {"image_id": r.image_id, "image_hw": (h, w), "features": r.features,
-                "boxes": boxes, "boxes_known": known}
+        item = image_item(self.shards[k].get(int(row), ("features", "boxes")))
         if self.grid_loc is not None:
             gk, grow = self.grid_loc[i]
             item["grid"], item["grid_hw"] = self.grid_shards[gk].get(int(grow)), self.grid_hw
@@ -368,6 +366,17 @@ class ShardData:
 
     def caption(self, j: int) -> dict:
         return self.text.get(j)
+
+
+def image_item(r: shards.Regions) -> dict:
+    """One image's regions as ``collate_images`` takes them: boxes divided by the image size
+    and clipped to [0, 1], or the whole image when the shard's boxes are unknown (NaN)."""
+    h, w = r.image_hw
+    boxes = r.boxes / np.array([w, h, w, h], dtype=np.float32)
+    known = not np.isnan(boxes).any()
+    boxes = np.clip(boxes, 0.0, 1.0) if known else np.tile(np.float32([0, 0, 1, 1]), (len(boxes), 1))
+    return {"image_id": r.image_id, "image_hw": (h, w), "features": r.features,
+            "boxes": boxes, "boxes_known": known}
 
 
 class PairDataset(Dataset):

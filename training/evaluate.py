@@ -1,11 +1,13 @@
 """Evaluate a run as the image-text matching literature does.
 
-    python training/evaluate.py runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc]
+    itmkit evaluate runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc]
            [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
            [--export-index DIR]
-    python training/evaluate.py --ensemble runs/A runs/B [--split test]   # averages saved sims
-    python training/evaluate.py runs/KIDRR --shortlist runs/VSEPP [--topk 20] [--fuse 0.5]
-    torchrun --nproc_per_node N training/evaluate.py runs/NAME ...       # scoring split over N processes
+    itmkit evaluate --ensemble runs/A runs/B [--split test]   # averages saved sims
+    itmkit evaluate runs/KIDRR --shortlist runs/VSEPP [--topk 20] [--fuse 0.5]
+    torchrun --nproc_per_node N training/evaluate.py runs/NAME ...   # scoring split over N processes
+
+``python training/evaluate.py ...`` is the same as ``itmkit evaluate ...``.
 
 Results are printed and merged into <run>/eval.json under "<split>/<protocol>" (an ensemble's
 into eval-ensemble.json of RUN, else of its first member, with the member runs). A part that
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import shards
+from pipeline.config import UsageError, add_quiet_argument, positive_int, run_command
 from pipeline.shards import Layout, ShardError
 from training import models
 from training.checkpoint import CheckpointError
@@ -40,28 +43,21 @@ from training.config import RunConfig
 from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
 from training.evaluation import (PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result,
                                  small_split_warning)
-from training.run import data_root, load_run
+from training.run import add_run_arguments, data_root, load_run
 from training.shortlist import rerank_split, split_shortlist
 
-DEFAULT_TOPK = 20
+ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", nargs="?", help="run folder written by train.py")
-    p.add_argument("--split", default="test", help="split to score (default: %(default)s)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", nargs="?", help="run folder written by itmkit train")
+    p.add_argument("--split", default="test", help="split to score")
     p.add_argument("--protocol", choices=PROTOCOLS, action="append",
                    help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k; eccv and cxc "
                    "(COCO 5K test with COCO's ids, docs/training.md) on request")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
-                   help="weights to score (default: %(default)s)")
-    p.add_argument("--root", default=None, help="data root (default: the one the run was trained on, "
-                   "else $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="images per block, captions: 5x (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: %(default)s)")
+    add_run_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per block, captions: 5x")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--save-sims", action="store_true", help="write <run>/sims-<split>.npz")
     p.add_argument("--ensemble", nargs="+", metavar="RUN",
                    help="average the saved sims (--save-sims) of these runs; the results go to "
@@ -71,18 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None,
                    help="score only the first N images of the split and their captions (quick checks; "
                         "default: all)")
-    p.add_argument("--fold-size", type=int, default=1000,
-                   help="images per coco-1k fold (default: %(default)s)")
+    p.add_argument("--fold-size", type=positive_int, default=1000, help="images per coco-1k fold")
     p.add_argument("--export-index", metavar="DIR", help="two-tower models: also write the image and "
                    "caption embeddings (float16 + ids) to DIR for a vector index (training/export.py)")
-    p.add_argument("--shortlist", metavar="RUN2", help="a two-tower run of the same dataset ranks every "
-                   "candidate; RUN re-scores only each query's --topk best (default: off, every pair scored)")
-    p.add_argument("--topk", type=int, default=None, metavar="K",
-                   help=f"candidates per query that RUN re-scores, with --shortlist (default: {DEFAULT_TOPK})")
-    p.add_argument("--fuse", type=float, default=None, metavar="ALPHA",
+    s = p.add_argument_group("shortlist and re-rank (training/shortlist.py)")
+    s.add_argument("--shortlist", metavar="RUN2", default=None,
+                   help="a two-tower run of the same dataset ranks every candidate; RUN re-scores only "
+                        "each query's --topk best (default: none, every pair scored)")
+    s.add_argument("--topk", type=positive_int, default=20, metavar="K",
+                   help="candidates per query that RUN re-scores, with --shortlist")
+    s.add_argument("--fuse", type=float, default=None, metavar="ALPHA",
                    help="with --shortlist: rank the candidates by ALPHA * RUN + (1 - ALPHA) * RUN2, both "
-                   "standardised per query (default: off, RUN's scores alone)")
-    return p
+                        "standardised per query (default: none, RUN's scores alone)")
+    add_quiet_argument(p)
 
 
 def sims_path(run_dir, split: str) -> Path:
@@ -99,7 +96,7 @@ def load_sims(path: Path) -> dict:
     """The arrays of a sims-<split>.npz; plain arrays only (``allow_pickle=False``: an object
     array, whose loading could run code, is refused)."""
     if not path.exists():
-        raise CheckpointError(f"{path}: no saved similarities; run evaluate.py with --save-sims first")
+        raise CheckpointError(f"{path}: no saved similarities; run `itmkit evaluate RUN --save-sims` first")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -121,19 +118,17 @@ def ensemble_sims(members: list[str], split: str) -> tuple[np.ndarray, np.ndarra
             str(first["dataset"]))
 
 
-def check_args(parser: argparse.ArgumentParser, args, world: int) -> None:
+def check_args(args, world: int) -> None:
     if not args.run and not args.ensemble:
-        parser.error("give a run folder (or --ensemble RUN1 RUN2 ...)")
-    if not args.shortlist and (args.topk is not None or args.fuse is not None):
-        parser.error("--topk and --fuse need --shortlist RUN2")
+        raise UsageError("give a run folder (or --ensemble RUN1 RUN2 ...)")
+    if args.fuse is not None and not args.shortlist:
+        raise UsageError("--fuse needs --shortlist RUN2")
     if args.shortlist and args.ensemble:
-        parser.error("--shortlist re-scores with a run's model; an ensemble averages saved similarities")
-    if args.topk is not None and args.topk < 1:
-        parser.error(f"--topk must be at least 1, got {args.topk}")
+        raise UsageError("--shortlist re-scores with a run's model; an ensemble averages saved similarities")
     if args.fuse is not None and not 0.0 <= args.fuse <= 1.0:
-        parser.error(f"--fuse must be in [0, 1], got {args.fuse}")
+        raise UsageError(f"--fuse must be in [0, 1], got {args.fuse}")
     if args.ensemble and world > 1:
-        parser.error("--ensemble averages saved similarities: there is nothing to split over processes")
+        raise UsageError("--ensemble averages saved similarities: there is nothing to split over processes")
 
 
 def distributed(device: str) -> tuple[int, int, str]:
@@ -154,8 +149,8 @@ def shortlisted(run, args, images, texts, device: str, rank: int, world: int):
     part) on process 0, (None, None) on the others. The seconds are of scoring: RUN2 on every pair,
     then RUN encoding the split and scoring the shortlisted pairs (loading the runs is not counted)."""
     shortlist, shortlist_s = split_shortlist(args.shortlist, run.data, args.topk, device, args.batch_size,
-                                             args.workers) if rank == 0 else (None, 0.0)
-    done = rerank_split(run.model, images, texts, shortlist, device, args.fuse, rank, world)
+                                             args.workers, not args.quiet) if rank == 0 else (None, 0.0)
+    done = rerank_split(run.model, images, texts, shortlist, device, args.fuse, rank, world, not args.quiet)
     if done is None:
         return None, None
     n, m = shortlist.sims.shape
@@ -172,12 +167,13 @@ def shortlisted(run, args, images, texts, device: str, rank: int, world: int):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """``itmkit evaluate`` from Python; errors are raised."""
+    return run_command(add_arguments, command, argv)
+
+
+def command(args) -> int:
     rank, world, device = distributed(args.device)
-    check_args(parser, args, world)
-    if args.shortlist and args.topk is None:
-        args.topk = DEFAULT_TOPK
+    check_args(args, world)
     written, skipped = [], []
 
     def skip(part: str, why: str) -> None:
@@ -212,7 +208,8 @@ def main(argv=None) -> int:
             suffix = f" shortlist={args.shortlist}@{args.topk}" + (
                 f" fuse={args.fuse:g}" if args.fuse is not None else "")
         else:
-            sims, tag = compute_sims(run.model, images, texts, device, rank=rank, world=world), {}
+            sims, tag = compute_sims(run.model, images, texts, device, progress=not args.quiet,
+                                     rank=rank, world=world), {}
         if rank != 0:   # the other processes only scored their share
             dist.destroy_process_group()
             return 0
@@ -273,9 +270,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ShardError, CheckpointError, ValueError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        sys.exit(1)
+if __name__ == "__main__":   # python training/evaluate.py ...: the same as itmkit evaluate ...
+    from itmkit.cli import main as itmkit
+
+    sys.exit(itmkit(["evaluate", *sys.argv[1:]]))

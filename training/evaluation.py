@@ -8,6 +8,7 @@ the same score, so a scorer that returns a constant has the worst rank, not the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -232,9 +233,13 @@ def protocol_result(sims: np.ndarray, protocol: str, fold_size: int = 1000,
 # similarity of a model over a split
 
 def map_tensors(fn, x):
-    """``fn`` applied to every tensor of an encoding (a tensor, or a tuple/list/dict of them)."""
+    """``fn`` applied to every tensor of an encoding: a tensor, a model's named encoding
+    (a dataclass of tensors, ``training.models.layers.Encoding``) or a tuple/list/dict of them."""
     if isinstance(x, torch.Tensor):
         return fn(x)
+    if dataclasses.is_dataclass(x):
+        return dataclasses.replace(x, **{f.name: map_tensors(fn, getattr(x, f.name))
+                                         for f in dataclasses.fields(x)})
     if isinstance(x, (tuple, list)):
         return type(x)(map_tensors(fn, v) for v in x)
     if isinstance(x, dict):
@@ -250,6 +255,8 @@ def batch_len(enc) -> int:
     """Items in an encoding: the first dimension of its first tensor."""
     if isinstance(enc, torch.Tensor):
         return enc.shape[0]
+    if dataclasses.is_dataclass(enc):
+        enc = [getattr(enc, f.name) for f in dataclasses.fields(enc)]
     for v in enc.values() if isinstance(enc, dict) else enc:
         if isinstance(v, (torch.Tensor, tuple, list, dict)):
             return batch_len(v)

@@ -1,6 +1,6 @@
 """Export the image and caption embeddings of a two-tower run for a vector index.
 
-    python training/evaluate.py runs/NAME --export-index DIR [--split test] [--checkpoint best]
+    itmkit evaluate runs/NAME --export-index DIR [--split test] [--checkpoint best]
 
 DIR gets ``images.npy`` [N, D] float16 and ``image_ids.npy`` [N] int64, ``captions.npy`` [M, D]
 float16, ``caption_ids.npy`` and ``caption_image_ids.npy`` [M] int64 (row k of the embeddings
@@ -36,13 +36,14 @@ def check_two_tower(name: str) -> None:
 
 
 @torch.no_grad()
-def embeddings(model, image_loader, text_loader, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+def embeddings(model, image_loader, text_loader, device="cpu",
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """[N, D] image and [M, D] caption embeddings (float32) of a two-tower model."""
     check_two_tower(model.name)
     was_training = model.training
     model.eval()
-    img = torch.cat(encode(model.encode_image, image_loader, device, "encode images"))
-    txt = torch.cat(encode(model.encode_text, text_loader, device, "encode captions"))
+    img = torch.cat(encode(model.encode_image, image_loader, device, "encode images" if progress else None))
+    txt = torch.cat(encode(model.encode_text, text_loader, device, "encode captions" if progress else None))
     model.train(was_training)
     return img.float().numpy(), txt.float().numpy()
 
@@ -92,7 +93,8 @@ def read_index(out_dir) -> dict:
     return out
 
 
-def export_run(run: LoadedRun, out_dir, *, batch_size: int = 128, workers: int = 0) -> tuple[list[Path], str]:
+def export_run(run: LoadedRun, out_dir, *, batch_size: int = 128, workers: int = 0,
+               progress: bool = True) -> tuple[list[Path], str]:
     """Export the embeddings of the split ``run`` was loaded with (``load_run(..., split=)``)
     to ``out_dir``. Returns (files written, summary)."""
     check_two_tower(run.config.model)
@@ -108,7 +110,7 @@ def export_run(run: LoadedRun, out_dir, *, batch_size: int = 128, workers: int =
     device = next(run.model.parameters()).device
     images = make_loader(ImageDataset(data), collate_images, batch_size, workers=workers)
     texts = make_loader(CaptionDataset(data), collate_text, batch_size * 5, workers=workers)
-    img, txt = embeddings(run.model, images, texts, device)
+    img, txt = embeddings(run.model, images, texts, device, progress)
     files = write_index(out_dir, img, txt, data.image_ids, data.text.caption_ids,
                         data.text.image_ids, meta)
     return files, f"exported {len(img)} image and {len(txt)} caption embeddings (dim {img.shape[1]}) to {out_dir}"

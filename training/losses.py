@@ -38,21 +38,28 @@ def triplet_loss(sims: torch.Tensor, margin: float = 0.2, max_violation: bool = 
     return cost_t.sum() + cost_i.sum()
 
 
-def infonce_loss(sims: torch.Tensor, temperature: float = 0.05,
-                 positives: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric cross-entropy over the batch (CLIP-style); other positives are masked out."""
-    n = min(sims.shape)
-    pos = _positives(sims, positives)
-    logits = sims / temperature
-    eye = torch.eye(*sims.shape, dtype=torch.bool, device=sims.device)
-    logits = logits.masked_fill(pos & ~eye, float("-inf"))
-    target = torch.arange(n, device=sims.device)
-    return 0.5 * (torch.nn.functional.cross_entropy(logits[:n], target)
-                  + torch.nn.functional.cross_entropy(logits[:, :n].t(), target))
+def collapse_note(mean_loss: float, sims, margin: float, batch_size: int) -> str:
+    """A warning for the epoch line when training has collapsed, else "".
+
+    When the scores of every image for a caption are equal (or of every caption for an image),
+    each of the 2 x batch anchors of the hardest-negative hinge loss pays about the margin, so
+    the loss sits at 2 x margin x batch, and its gradient cancels: the run stays there. Both
+    signs are required: the epoch's mean loss within 5 % of that value, and validation scores
+    ``sims`` [images, captions] (numpy) whose spread along one of the two axes is below 1 % of
+    the margin (so a loss of another form that passes that value is not flagged). A shortlisted
+    validation gives the pair (each image's scores of its candidate captions [images, K], each
+    caption's scores of its candidate images [captions, K]) instead of the matrix."""
+    collapsed = 2 * margin * batch_size
+    i2t, t2i = sims if isinstance(sims, tuple) else (sims, sims.T)
+    spread = min(float(i2t.std(1).mean()), float(t2i.std(1).mean()))
+    if abs(mean_loss - collapsed) > 0.05 * collapsed or spread >= 0.01 * margin:
+        return ""
+    return (f" COLLAPSED: loss near 2 x margin x batch = {collapsed:g}, validation scores "
+            f"equal (spread {spread:.1e})")
 
 
 # ---------------------------------------------------------------------------------------------
-# ReSG (issue #12): center hinge loss and positive-negative margin loss
+# ReSG: center hinge loss and positive-negative margin loss
 
 def center_hinge_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor,
                       positives: torch.Tensor | None = None, intra_margin: float = 0.2,
@@ -105,7 +112,7 @@ def pos_neg_margin_loss(sims: torch.Tensor, pos_margin: float = 0.6, neg_margin:
 
 
 # ---------------------------------------------------------------------------------------------
-# CIMN (issue #9): gravitation loss
+# CIMN: gravitation loss
 
 def _gravity_hinge(anchor_sims: torch.Tensor, pos_sims: torch.Tensor, negatives: torch.Tensor,
                    mass_anchor: torch.Tensor, mass_other: torch.Tensor, margin: float,

@@ -1,6 +1,6 @@
 """Draw runs' training loss and validation rSum per epoch to a PNG.
 
-    python training/plot.py runs/NAME [runs/OTHER ...] [--out curves.png]
+    itmkit plot runs/NAME [runs/OTHER ...] [--out curves.png]   # or: python training/plot.py ...
 
 One loss panel (log scale) for all runs, then one rSum panel per validation size, each with the
 rSum that random scores get on that many images (dashed): rSums on different numbers of images
@@ -20,7 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pipeline.config import run_command  # noqa: E402
 from pipeline.shards import atomic_path  # noqa: E402
+
+ERRORS = (FileNotFoundError, ValueError)   # what itmkit reports as one line (exit 1)
 
 
 def read_metrics(run_dir) -> dict[str, list[float]]:
@@ -68,11 +71,17 @@ def draw(runs: list[str]) -> plt.Figure:
     return fig
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run folders written by itmkit train")
     p.add_argument("--out", default=None, help="PNG path (default: <first run>/curves.png)")
-    args = p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """``itmkit plot`` from Python; errors are raised."""
+    return run_command(add_arguments, command, argv)
+
+
+def command(args) -> int:
     out = Path(args.out or Path(args.runs[0]) / "curves.png")
     fig = draw(args.runs)
     with atomic_path(out) as tmp:
@@ -82,9 +91,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FileNotFoundError as e:
-        print(f"plot: error: {e}", file=sys.stderr)
-        sys.exit(1)
+if __name__ == "__main__":   # python training/plot.py ...: the same as itmkit plot ...
+    from itmkit.cli import main as itmkit
+
+    sys.exit(itmkit(["plot", *sys.argv[1:]]))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import resolve_root
+from pipeline.config import add_root_argument, resolve_root
 from pipeline.shards import Layout, ShardError, Vocabulary
 from training import checkpoint, models
 from training.checkpoint import CheckpointError
@@ -45,6 +45,14 @@ class LoadedRun:
         return self.config.shard_hashes
 
 
+def add_run_arguments(p) -> None:
+    """The options of every command that loads a run: --checkpoint, --root, --device."""
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="weights to load")
+    add_root_argument(p, help="data root (default: the one the run was trained on, else $ITMKIT_DATA, "
+                              "else 'root' in config/config.yaml, else data/)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+
+
 def data_root(run: RunConfig, cli_root: str | None = None) -> Path:
     """``--root`` if given; else the root the run was trained on, when it still holds the
     dataset; else the usual default (``$ITMKIT_DATA``, config/config.yaml, data/)."""
@@ -63,6 +71,9 @@ def data_root(run: RunConfig, cli_root: str | None = None) -> Path:
 def load_vocab(root, run: RunConfig) -> Vocabulary:
     """The dataset's vocabulary; refused when the run was trained with another one."""
     layout = Layout(Path(root), run.dataset)
+    if not layout.vocab.exists():
+        raise ShardError(f"{layout.vocab} not found: run `itmkit parse --dataset {run.dataset}` and "
+                         f"`itmkit vocab --dataset {run.dataset}` (ingest and import-precomp write captions only)")
     vocab = Vocabulary.load(layout.vocab)
     if run.vocab_fingerprint and vocab.fingerprint != run.vocab_fingerprint:
         raise CheckpointError(f"the run was trained with another vocabulary than {layout.vocab} "
@@ -82,8 +93,9 @@ def open_split(root, run: RunConfig, vocab: Vocabulary, split: str,
     return data
 
 
-def create_model(run: RunConfig, vocab: Vocabulary) -> torch.nn.Module:
-    return models.build(run.model, run.model_cfg(), vocab)
+def create_model(run: RunConfig, vocab: Vocabulary, vectors=None) -> torch.nn.Module:
+    """The run's model; ``vectors`` (a word-vectors file) only where no checkpoint follows."""
+    return models.build(run.model, run.model_cfg(), vocab, vectors=vectors)
 
 
 def load_checkpoint(model: torch.nn.Module, path, run: RunConfig, vocab: Vocabulary) -> dict:

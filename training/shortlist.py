@@ -7,9 +7,8 @@ A whole split, both directions (evaluate.py --shortlist, train.py's val_shortlis
     done = rerank_split(model, image_loader, text_loader, shortlist)   # the slow run, those pairs only
     recall_metrics(done.i2t, t2i_sims=done.t2i)       # one ranking matrix per direction
 
-One set of queries against a gallery (retrieval):
-
-    found = rerank(cross_run, shortlist_run, queries, gallery, k)   # Candidates, best first
+One query against a gallery (``training/retrieve.py``'s ShortlistSearch): the shortlisting run's
+top K of the query, re-scored and ordered by ``order_candidates``, as a split's queries are.
 
 A query whose ground truth is not among its K candidates is ranked as the shortlisting run ranked
 it, so the shortlist's recall@K bounds what re-ranking can reach. ``fuse=ALPHA`` ranks the K by
@@ -25,6 +24,7 @@ models are tested to score the same whatever the padding.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.data import CaptionDataset, ImageDataset, TextBatch, collate_images, collate_text, make_loader
+from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
 from training.evaluation import (batch_offsets, broadcast_from_first, compute_sims, encode, gather_to_first,
                                  map_tensors, to_device)
 from training.run import load_run
@@ -70,6 +70,16 @@ def fused(slow: np.ndarray, fast: np.ndarray, alpha: float | None) -> np.ndarray
     return alpha * standardise(slow) + (1.0 - alpha) * standardise(fast)
 
 
+def order_candidates(slow: np.ndarray, fast: np.ndarray, alpha: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's K candidates (rows of [Q, k] ``slow`` and ``fast`` scores, in the shortlist's
+    order) re-ranked: the positions among the K, best first (equal scores keep the shortlist's
+    order), and the scores they are ranked by (``fused``) in that order."""
+    score = fused(slow, fast, alpha)
+    order = np.argsort(-score, axis=1, kind="stable")
+    return order, np.take_along_axis(score, order, 1)
+
+
 def _dense_ranks(v: np.ndarray) -> np.ndarray:
     """Per row: 0 for the lowest value, +1 for each larger distinct value (equal values, equal rank)."""
     order = np.argsort(v, axis=1, kind="stable")
@@ -101,6 +111,9 @@ def _cat_padded(parts: list):
         return type(first)(_cat_padded([p[i] for p in parts]) for i in range(len(first)))
     if isinstance(first, dict):
         return {k: _cat_padded([p[k] for p in parts]) for k in first}
+    if dataclasses.is_dataclass(first):   # a model's named encoding (training.models.layers.Encoding)
+        return dataclasses.replace(first, **{f.name: _cat_padded([getattr(p, f.name) for p in parts])
+                                             for f in dataclasses.fields(first)})
     return first
 
 
@@ -203,6 +216,13 @@ class Shortlist:
         return np.asarray(pair_scores)[np.searchsorted(self.pairs[:, 0] * m + self.pairs[:, 1],
                                                        images * m + captions)]
 
+    def candidate_scores(self, pair_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The re-ranking scores ``pair_scores`` (aligned with ``pairs``) per query, in candidate
+        order: [n_images, k] of each image's captions, [n_captions, k] of each caption's images."""
+        n, m = self.sims.shape
+        return (self.lookup(pair_scores, np.broadcast_to(np.arange(n)[:, None], self.i2t.shape), self.i2t),
+                self.lookup(pair_scores, self.t2i, np.broadcast_to(np.arange(m)[:, None], self.t2i.shape)))
+
     def rankings(self, pair_scores: np.ndarray, fuse: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(i2t, t2i) [n_images, n_captions] float32 for the protocols: row i of ``i2t`` ranks image
         i's captions, its K candidates above all others in the order of the re-ranking scores
@@ -216,12 +236,10 @@ class Shortlist:
             raise ValueError(f"shortlisting scores up to {self.sims.max()} cannot be ranked below "
                              "re-ranked ones in float32")
         i2t, t2i = self.sims.copy(), self.sims.copy()
-        rows = np.arange(n)[:, None]
-        slow = self.lookup(pair_scores, np.broadcast_to(rows, self.i2t.shape), self.i2t)
-        i2t[rows, self.i2t] = top + _dense_ranks(fused(slow, self.sims[rows, self.i2t], fuse))
-        cols = np.arange(m)[:, None]
-        slow = self.lookup(pair_scores, self.t2i, np.broadcast_to(cols, self.t2i.shape))
-        t2i[self.t2i, cols] = top + _dense_ranks(fused(slow, self.sims[self.t2i, cols], fuse))
+        slow_i2t, slow_t2i = self.candidate_scores(pair_scores)
+        rows, cols = np.arange(n)[:, None], np.arange(m)[:, None]
+        i2t[rows, self.i2t] = top + _dense_ranks(fused(slow_i2t, self.sims[rows, self.i2t], fuse))
+        t2i[self.t2i, cols] = top + _dense_ranks(fused(slow_t2i, self.sims[self.t2i, cols], fuse))
         return i2t, t2i
 
 
@@ -283,66 +301,3 @@ def split_shortlist(run_dir, data, k: int, device="cpu", batch_size: int = 128, 
     texts = make_loader(CaptionDataset(fast.data), collate_text, batch_size * 5, workers=workers)
     shortlist = Shortlist.from_sims(compute_sims(fast.model, images, texts, device, progress), k)
     return shortlist, time.perf_counter() - t
-
-
-# ---------------------------------------------------------------------------------------------
-# one set of queries against a gallery
-
-@dataclass
-class Candidates:
-    index: np.ndarray              # [Q, k] gallery positions, best first after re-ranking
-    scores: np.ndarray             # [Q, k] the re-ranking run's scores (fused ones with fuse), same order
-    shortlist_scores: np.ndarray   # [Q, k] the shortlisting run's scores, same order
-    pairs: int                     # pairs the re-ranking run scored (Q * k)
-
-
-@torch.no_grad()
-def _encode_both(runs, loader, device) -> tuple[list, list, bool]:
-    """Per-batch encodings of ``loader``'s batches by both runs' models, in one pass, and whether
-    the batches are captions."""
-    out, text = ([], []), False
-    for batch in loader:
-        batch = batch.to(device)
-        text = isinstance(batch, TextBatch)
-        for enc, run in zip(out, runs):
-            enc.append(to_device((run.model.encode_text if text else run.model.encode_image)(batch), "cpu"))
-    return (*out, text)
-
-
-@torch.no_grad()
-def rerank(cross, shortlist, queries, gallery, k: int, device="cpu", fuse: float | None = None) -> Candidates:
-    """The best ``k`` gallery items of each query: ``shortlist`` (a two-tower ``LoadedRun``) scores
-    every gallery item, ``cross`` (any ``LoadedRun``, typically cross-attention) re-scores each
-    query's ``k`` best and orders them (ties keep the shortlist's order); ``fuse`` as in the module
-    docstring.
-
-    ``queries``: batches of one modality (``TextBatch`` or ``ImageBatch``: a DataLoader or a list),
-    ``gallery``: batches of the other, each read once; the image batches carry grid features when
-    ``cross`` needs them. Both runs must have the same vocabulary (checked): the text batches are
-    encoded once for both."""
-    if not shortlist.model.two_tower:
-        raise ValueError(f"the shortlisting run must be a two-tower model (vsepp, cimn), not "
-                         f"'{shortlist.config.model}'")
-    if cross.vocab.fingerprint != shortlist.vocab.fingerprint:
-        raise ValueError("the re-ranking and the shortlisting run were trained with different "
-                         "vocabularies; their text batches are not the same")
-    for run in (cross, shortlist):
-        run.model.eval()
-    runs = (shortlist, cross)
-    q_fast, q_slow, text_queries = _encode_both(runs, queries, device)
-    g_fast, g_slow, text_gallery = _encode_both(runs, gallery, device)
-    if text_queries == text_gallery:
-        raise ValueError("queries and gallery must be of different modalities (captions and images)")
-    qf, gf = torch.cat(q_fast).to(device), torch.cat(g_fast).to(device)
-    fast = (shortlist.model.similarity(gf, qf).t() if text_queries else
-            shortlist.model.similarity(qf, gf)).float().cpu().numpy()          # [Q, G]
-    cand = top_k(fast, k)
-    q = np.broadcast_to(np.arange(len(cand))[:, None], cand.shape)
-    pairs = np.stack([cand.ravel(), q.ravel()] if text_queries else [q.ravel(), cand.ravel()], 1)
-    image_enc, text_enc = (g_slow, q_slow) if text_queries else (q_slow, g_slow)
-    slow = score_pairs(cross.model, image_enc, text_enc, pairs, device).reshape(cand.shape)
-    fast_k = np.take_along_axis(fast, cand, 1)
-    score = fused(slow, fast_k, fuse)
-    order = np.argsort(-score, axis=1, kind="stable")
-    pick = lambda a: np.take_along_axis(a, order, 1)   # noqa: E731
-    return Candidates(pick(cand), pick(score).astype(np.float32), pick(fast_k), int(cand.size))

@@ -1,8 +1,10 @@
 """Train an image-text matching model on a dataset's cached shards.
 
-    python training/train.py --model vsepp --dataset demo --root data --out runs/demo-vsepp
-    python training/train.py ... --resume                       # continue from <out>/last.pt
+    itmkit train --model vsepp --dataset demo --root data --out runs/demo-vsepp
+    itmkit train ... --resume                                   # continue from <out>/last.pt
     torchrun --nproc_per_node 2 training/train.py ...           # DDP (nccl on CUDA, gloo on CPU)
+
+``python training/train.py ...`` is the same as ``itmkit train ...``.
 
 Config, data, model, optimiser, loop, validation, checkpoint, in that order. The run folder gets
 config.json, best.pt (the weights of the best validation rSum: what inference needs), last.pt (the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import os
 import sys
@@ -25,39 +28,40 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument, positive_int,
+                             resolve_root, run_command)
 from pipeline.shards import Layout, ShardError
-from training import checkpoint, models
+from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_run_settings
 from training.data import (CaptionDataset, ImageDataset, PairDataset, collate_images, collate_pairs,
-                           collate_text, make_loader)
+                           collate_text, make_loader, shard_hashes)
 from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
 from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split
 from training.shortlist import rerank_split, split_shortlist
 
+ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=models.names())
-    p.add_argument("--dataset", required=True)
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, choices=models.names(), help="a registered model")
+    p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
     add_root_argument(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field (lr, epochs, batch_size, margin, ...) or a run "
-                   "setting: val_shortlist=RUN2 (validate re-scoring only the val_topk=20 best candidates "
-                   "of a two-tower run; default: every pair)")
-    p.add_argument("--epochs", type=int, default=None, help="shortcut for --set epochs=N")
-    p.add_argument("--batch-size", type=int, default=None, help="shortcut for --set batch_size=N")
-    p.add_argument("--seed", type=int, default=0)
+    add_set_argument(p, "any field of the model's config (lr, epochs, batch_size, margin, ...) or a run "
+                     "setting: val_shortlist=RUN2 validates re-scoring only the val_topk=20 best candidates "
+                     "of that two-tower run (default: every pair scored)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="shortcut for --set epochs=N (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="shortcut for --set batch_size=N (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--val-split", default="", help="validation split (default: val, else dev)")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after N epochs of this invocation (resume later with --resume)")
-    return p
+    add_quiet_argument(p)
 
 
 def lr_at(cfg: models.ModelConfig, epoch: int) -> float:
@@ -67,11 +71,26 @@ def lr_at(cfg: models.ModelConfig, epoch: int) -> float:
 def pick_val_split(layout: Layout, wanted: str) -> str:
     if wanted:
         return wanted
-    paths = [e.path for e in layout.index.entries("regions")]
+    splits = layout.index.splits("regions")
     for split in ("val", "dev"):
-        if any(f"regions-{split}-" in p for p in paths):
+        if split in splits:
             return split
     raise ShardError(f"{layout.index.path}: no val or dev region shards; pass --val-split")
+
+
+def command_settings(args) -> tuple[dict, dict]:
+    """The run settings (val_shortlist, val_topk) and the model config fields the command line
+    sets: --set, --epochs, --batch-size."""
+    settings, overrides = parse_run_settings(args.set, models.get(args.model).config_class)
+    if settings.get("val_topk", 1) < 1:
+        raise UsageError(f"--set val_topk={settings['val_topk']}: must be at least 1")
+    if settings.get("val_shortlist"):   # the run may be resumed from another directory
+        settings["val_shortlist"] = str(Path(settings["val_shortlist"]).absolute())
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    return settings, overrides
 
 
 def make_run(args, out: Path) -> RunConfig:
@@ -82,28 +101,30 @@ def make_run(args, out: Path) -> RunConfig:
             raise CheckpointError(f"{out}: run dir of model '{run.model}', not '{args.model}'")
         if run.dataset != args.dataset:
             raise CheckpointError(f"{out}: run dir of dataset '{run.dataset}', not '{args.dataset}'")
+        settings, overrides = command_settings(args)
+        saved = {**dataclasses.asdict(run.model_cfg()), **{k: getattr(run, k) for k in settings}}
+        changed = {k: (saved[k], v) for k, v in {**overrides, **settings}.items() if saved[k] != v}
+        if changed:   # a resumed run keeps its recipe; silently ignoring the new one would mislead
+            raise UsageError(f"{out}: --resume continues the run with its own config; it differs in "
+                             + ", ".join(f"{k} ({a!r} saved, {b!r} given)" for k, (a, b) in changed.items())
+                             + "; start a new run (another --out) to change them")
         return run
     if (out / "config.json").exists():
         raise CheckpointError(f"{out}: already holds a run; pass --resume to continue it or "
                               "choose another --out")
-    cls = models.get(args.model)
-    settings, overrides = parse_run_settings(args.set, cls.config_class)
-    if settings.get("val_topk", 1) < 1:
-        raise ValueError(f"--set val_topk={settings['val_topk']}: must be at least 1")
-    if settings.get("val_shortlist"):   # the run may be resumed from another directory
-        settings["val_shortlist"] = str(Path(settings["val_shortlist"]).absolute())
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
+    settings, overrides = command_settings(args)
     cfg = models.default_config(args.model, dataset_key(args.dataset), **overrides)
     return RunConfig(model=args.model, dataset=args.dataset, root=str(resolve_root(args.root).absolute()),
                      seed=args.seed, workers=args.workers, val_split=args.val_split,
-                     max_images=args.max_images, model_config=models.dataclasses.asdict(cfg), **settings)
+                     max_images=args.max_images, model_config=dataclasses.asdict(cfg), **settings)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """``itmkit train`` from Python; errors are raised."""
+    return run_command(add_arguments, command, argv)
+
+
+def command(args) -> int:
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = torch.device(args.device)
@@ -125,10 +146,14 @@ def main(argv=None) -> int:
     run.vocab_fingerprint = vocab.fingerprint
     torch.manual_seed(run.seed)
 
-    # data (a new run records the shard configs it finds, a resumed one insists on its own)
+    # data
     cls = models.get(run.model)
+    layout = Layout(root, run.dataset)
+    run.val_split = pick_val_split(layout, run.val_split)
+    # resolved once for both splits: a new run records what it finds, a resumed one insists on its own
+    run.shard_hashes = shard_hashes(layout, [run.train_split, run.val_split], cls.needs_grid,
+                                    run.shard_hashes or None)
     train_data = open_split(root, run, vocab, run.train_split, run.max_images)
-    run.val_split = pick_val_split(Layout(root, run.dataset), run.val_split)
     val_data = open_split(root, run, vocab, run.val_split)
     chance = chance_metrics(val_data.n_images)["rsum"]
     if master and (warning := small_split_warning(run.val_split, val_data.n_images)):
@@ -157,7 +182,8 @@ def main(argv=None) -> int:
               f"truth for {rec['i2t']:.1f} % of images, {rec['t2i']:.1f} % of captions", file=sys.stderr)
 
     # model and optimiser
-    model = create_model(run, vocab).to(device)
+    # the word vectors (word_vectors=true) start a new run; a resumed one takes its checkpoint's
+    model = create_model(run, vocab, vectors=None if args.resume else layout.vocab_vectors).to(device)
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = device.type == "cuda"
@@ -184,7 +210,7 @@ def main(argv=None) -> int:
         writer = SummaryWriter(str(out / "tb"), purge_step=step)
     meta = {"model": run.model, "vocab_fingerprint": vocab.fingerprint, "shard_hashes": run.shard_hashes,
             "dataset": run.dataset}
-    run_config = models.dataclasses.asdict(run)
+    run_config = dataclasses.asdict(run)
 
     # loop
     last_epoch = cfg.epochs if args.stop_after is None else min(cfg.epochs, start_epoch + args.stop_after)
@@ -195,7 +221,7 @@ def main(argv=None) -> int:
             group["lr"] = lr_at(cfg, epoch)
         train_model.train()
         total, count = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master, leave=False)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master or args.quiet, leave=False)
         for batch in bar:
             batch = batch.to(device, non_blocking=pin)
             with torch.autocast(device.type, enabled=use_amp):
@@ -220,10 +246,12 @@ def main(argv=None) -> int:
         if master:
             per = val_data.cfg.captions_per_image
             if shortlist is None:
-                metrics = recall_metrics(compute_sims(model, val_images, val_texts, device, progress=False), per)
-            else:
+                sims = compute_sims(model, val_images, val_texts, device, progress=False)
+                metrics = recall_metrics(sims, per)
+            else:   # the collapse check reads each query's re-scored candidates
                 done = rerank_split(model, val_images, val_texts, shortlist, device, progress=False)
                 metrics = recall_metrics(done.i2t, per, done.t2i)
+                sims = shortlist.candidate_scores(done.scores)
             row = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, epoch),
                    "train_loss": total / max(count, 1), **metrics, "val_images": val_data.n_images,
                    "chance_rsum": chance, "seconds": time.time() - t0}
@@ -239,9 +267,10 @@ def main(argv=None) -> int:
             for k, v in row.items():
                 writer.add_scalar(f"val/{k}" if k in metrics else f"epoch/{k}", v, step)
             writer.flush()
+            collapsed = losses.collapse_note(row["train_loss"], sims, cfg.margin, cfg.batch_size // world)
             print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} rsum {metrics['rsum']:.1f} "
                   f"(chance {chance:.1f}; R@1 i2t {metrics['i2t_r1']:.1f} t2i {metrics['t2i_r1']:.1f})"
-                  f"{' best' if is_best else ''}", file=sys.stderr)
+                  f"{' best' if is_best else ''}{collapsed}", file=sys.stderr)
         if ddp:
             dist.barrier()
 
@@ -270,9 +299,7 @@ def append_metrics(path: Path, row: dict) -> None:
         w.writerows(rows)
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ShardError, CheckpointError, ValueError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+if __name__ == "__main__":   # python training/train.py ...: the same as itmkit train ...
+    from itmkit.cli import main as itmkit
+
+    sys.exit(itmkit(["train", *sys.argv[1:]]))

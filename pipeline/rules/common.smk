@@ -2,19 +2,22 @@
 # step is a package CLI, and the flags that decide what a step writes are also its `params`, so a
 # changed setting reruns exactly the rules whose flags changed (Snakemake's params trigger).
 
+import functools
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-import pyarrow.compute as pc
 from snakemake.exceptions import WorkflowError
 
 from pipeline import manifest as manifests
-from pipeline import shards
+from pipeline.shards import Layout
 
 PY = sys.executable
 BASE = Path(workflow.basedir)
 TRAIN = BASE / "training" / "train.py"
 EVALUATE = BASE / "training" / "evaluate.py"
+REPORT = BASE / "training" / "report.py"
 # absolute, because shards.json keeps paths relative to the dataset folder
 ROOT = Path(config["root"]).expanduser().resolve()
 RUNS = Path(config["runs"]).expanduser().resolve()
@@ -25,7 +28,7 @@ REAL = ("coco", "f30k")        # datasets read from a local copy; `demo` is gene
 wildcard_constraints:
     dataset="coco|f30k|demo",
     split="train|val|test",
-    k=r"\d{4}",
+    chunk=r"\d{4}\d*",
     model=r"[a-z0-9_]+",
 
 
@@ -35,10 +38,14 @@ def data(ds, *parts):
 
 
 DONE = {kind: data("{dataset}", ".workflow", f"{kind}.done") for kind in ("regions", "grid", "graphs")}
+# the shard files of a rule's output, with {dataset}, {split} and {chunk} wildcards: Layout names them
+SHARD = {kind: Layout(ROOT, "{dataset}").pattern(kind) for kind in ("regions", "grid", "graphs")}
 
 
+@functools.cache
 def manifest(ds):
-    """The dataset's manifest with the config's paths applied (the ingest CLI gets the same)."""
+    """The dataset's manifest with the config's paths applied (the ingest CLI gets the same).
+    Read once per snakemake call: every job of the dataset asks for it (COCO plans 250 jobs)."""
     opts = {key: config.get(f"{ds}_{key}") or None for key in ("source_root", "images", "annotations")}
     return manifests.load(BASE / "manifests" / f"{ds}.yaml", source_root=opts["source_root"],
                           images_dir=opts["images"], annotations=opts["annotations"])
@@ -90,33 +97,85 @@ def setting(ds, key):
     return config.get(f"demo_{key}", config.get(key)) if ds == "demo" else config[key]
 
 
-def extract_flags(kind):
-    """Flags that decide what an extraction shard holds. Grid shards get no box settings, so a
-    change of boxes reruns the region shards only."""
+def extract_flags(*kinds):
+    """Flags that decide what the shards of ``kinds`` hold. Grid shards get no box settings, so
+    a change of boxes reruns only jobs that write region shards (and a job that writes both
+    rewrites only the region shard: the grid one is still current)."""
     def flags(wc):
         ds = wc.dataset
         out = [f"--weights {'random' if ds == 'demo' else config['weights']}",
                f"--shard-size {setting(ds, 'shard_size')}",
                f"--min-size {setting(ds, 'min_size')} --max-size {setting(ds, 'max_size')}"]
-        if kind == "regions":
+        if config["extract_amp"]:
+            out.append("--amp")
+        if "regions" in kinds:
             out += [f"--boxes {setting(ds, 'boxes')}", f"--min-boxes {config['min_boxes']}",
                     f"--max-boxes {config['max_boxes']}", f"--conf-thresh {config['conf_thresh']}",
                     f"--proposals {config['proposals']}"]
-        else:
+        if "grid" in kinds:
             out.append("--grid {} {}".format(*config["grid_size"]))
         return " ".join(out)
     return flags
 
 
+class RunFlags:
+    """How a job runs (device, batch size, workers, GPU levers), for its command line. Not a
+    str: Snakemake's params trigger compares only params of plain types, so changing how a job
+    runs does not rerun it (were it ever to, the CLI would find its shards current)."""
+
+    def __init__(self, flags):
+        self.flags = " ".join(flags)
+
+    def __str__(self):
+        return self.flags
+
+
+def run_flags(wc):
+    ds = wc.dataset
+    out = [f"--device {setting(ds, 'device')}", f"--batch-size {config['extract_batch_size']}",
+           f"--workers {0 if ds == 'demo' else config['extract_workers']}"]
+    if gpus(wc):
+        out.append(f"--gpu-locks {GPU_LOCKS}")
+        out += [flag for key, flag in (("extract_channels_last", "--channels-last"),
+                                       ("extract_cudnn_benchmark", "--cudnn-benchmark")) if config[key]]
+    return RunFlags(out)
+
+
+# the command of every extraction job; the rules differ in --kind, outputs and flags
+EXTRACT = ("{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind {params.kind}"
+           " --split {wildcards.split} --chunk {wildcards.chunk} {params.flags} {params.run}"
+           " --threads {threads} --no-progress > {log} 2>&1")
+# With several GPUs on one machine (--resources gpu=N), each extraction job takes a free one.
+# GPUs belong to a machine, so their locks live in its temporary folder (not on a shared disk).
+GPU_LOCKS = Path(tempfile.gettempdir()) / f"itmkit-gpu-locks-{os.getuid()}"
+# target -> (its dataset, the feature kinds it needs); other targets (all, demo, a file name)
+# count as needing both kinds of every dataset
+TARGET_KINDS = {f"{prefix}_{ds}": (ds, kinds) for ds in REAL for prefix, kinds in (
+    ("features", {"regions", "grid"}), ("train", {"regions", "grid"}), ("regions", {"regions"}),
+    ("grid", {"grid"}), ("text", set()))}
+
+
+def wanted_kinds(ds):
+    """The feature kinds of ``ds`` that the targets of this snakemake call need."""
+    kinds = set()
+    for target in getattr(workflow.dag_settings, "targets", None) or ["all"]:
+        name, needs = TARGET_KINDS.get(target, (ds, {"regions", "grid"}))
+        if name == ds:
+            kinds |= needs
+    return kinds
+
+
+def one_pass(wc):
+    """Input of the one-pass rule `extract`: nothing when both kinds of the dataset are wanted.
+    When only one is (`snakemake regions_coco`), a file no rule makes: Snakemake then drops
+    `extract` from this DAG and takes `extract_regions` / `extract_grid`, as `ruleorder` says."""
+    if {"regions", "grid"} <= wanted_kinds(wc.dataset):
+        return []
+    return [data(wc.dataset, ".workflow", "one-kind-only")]
+
+
 def parse_flags(wc):
     return f"--model {config['spacy_model']} --chunk-size {config['parse_chunk_size']}"
-
-
-def split_counts(ds):
-    """Images per split, read from images.parquet once ingest (a checkpoint) has written it."""
-    path = checkpoints.ingest.get(dataset=ds).output.images
-    table = shards.read_table(path, "images", columns=["split"])
-    return {v["values"]: v["counts"] for v in pc.value_counts(table["split"]).to_pylist()}
 
 
 def extract_shards(kind):
@@ -124,17 +183,14 @@ def extract_shards(kind):
     def shards_of(wc):
         ds = wc.dataset
         extractor_inputs(wc)  # fail before ingest runs when weights or images are missing
-        size = setting(ds, "shard_size")
-        return [data(ds, kind, f"{kind}-{split}-{k:04d}.h5")
-                for split, n in sorted(split_counts(ds).items()) for k in range(-(-n // size))]
+        checkpoints.ingest.get(dataset=ds)  # the plan is read from images.parquet
+        return [str(p) for p in Layout(ROOT, ds).planned(kind, setting(ds, "shard_size"))]
     return shards_of
 
 
 def graph_shards(wc):
-    path = checkpoints.ingest.get(dataset=wc.dataset).output.captions
-    n = shards.read_table(path, "captions", columns=["caption_id"]).num_rows
-    return [data(wc.dataset, "text", "graphs", f"graphs-{k:04d}.parquet")
-            for k in range(-(-n // config["parse_chunk_size"]))]
+    checkpoints.ingest.get(dataset=wc.dataset)  # the plan is read from captions.parquet
+    return [str(p) for p in Layout(ROOT, wc.dataset).planned("graphs", config["parse_chunk_size"])]
 
 
 def gpus(wc):

@@ -1,5 +1,39 @@
 # Region and grid features: one job per shard (scatter), then one job per dataset and kind that
-# checks every shard against shards.json and removes shards of an older plan (gather).
+# removes the shards of an older plan and checks that every shard of this one is registered
+# (gather, `python -m pipeline prune`).
+#
+# When both kinds of a dataset are wanted (features_*, all, demo), one `extract` job per shard
+# writes both from one backbone pass; regions_* / grid_* targets take `extract_regions` /
+# `extract_grid` instead (see `one_pass`). Outputs are `update()`d, not deleted before a job
+# runs: the CLI rewrites only the shards that are not current, so a changed box setting makes
+# an `extract` job rewrite the region shard and leave the grid shard as it was.
+
+ruleorder: extract > extract_regions
+ruleorder: extract > extract_grid
+
+
+rule extract:
+    """Region and grid features of one shard of one split, from one backbone pass."""
+    input:
+        images=data("{dataset}", "images.parquet"),
+        extractor=extractor_inputs,
+        one_pass=one_pass,
+    output:
+        regions=update(SHARD["regions"]),
+        grid=update(SHARD["grid"]),
+    params:
+        kind="both",
+        flags=extract_flags("regions", "grid"),
+        run=run_flags,
+    threads: config["extract_threads"]
+    resources:
+        gpu=gpus,
+    log:
+        str(LOGS / "{dataset}" / "features-{split}-{chunk}.log"),
+    benchmark:
+        str(BENCH / "{dataset}" / "features-{split}-{chunk}.tsv")
+    shell:
+        EXTRACT
 
 
 rule extract_regions:
@@ -8,23 +42,20 @@ rule extract_regions:
         images=data("{dataset}", "images.parquet"),
         extractor=extractor_inputs,
     output:
-        data("{dataset}", "regions", "regions-{split}-{k}.h5"),
+        update(SHARD["regions"]),
     params:
+        kind="regions",
         flags=extract_flags("regions"),
-        device=lambda wc: setting(wc.dataset, "device"),
-        workers=lambda wc: 0 if wc.dataset == "demo" else config["extract_workers"],
+        run=run_flags,
     threads: config["extract_threads"]
     resources:
         gpu=gpus,
     log:
-        str(LOGS / "{dataset}" / "regions-{split}-{k}.log"),
+        str(LOGS / "{dataset}" / "regions-{split}-{chunk}.log"),
     benchmark:
-        str(BENCH / "{dataset}" / "regions-{split}-{k}.tsv")
+        str(BENCH / "{dataset}" / "regions-{split}-{chunk}.tsv")
     shell:
-        "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind regions"
-        " --split {wildcards.split} --chunk {wildcards.k} {params.flags} --device {params.device}"
-        " --batch-size {config[extract_batch_size]} --workers {params.workers} --threads {threads}"
-        " --no-progress > {log} 2>&1"
+        EXTRACT
 
 
 rule extract_grid:
@@ -33,50 +64,47 @@ rule extract_grid:
         images=data("{dataset}", "images.parquet"),
         extractor=extractor_inputs,
     output:
-        data("{dataset}", "grid", "grid-{split}-{k}.h5"),
+        update(SHARD["grid"]),
     params:
+        kind="grid",
         flags=extract_flags("grid"),
-        device=lambda wc: setting(wc.dataset, "device"),
-        workers=lambda wc: 0 if wc.dataset == "demo" else config["extract_workers"],
+        run=run_flags,
     threads: config["extract_threads"]
     resources:
         gpu=gpus,
     log:
-        str(LOGS / "{dataset}" / "grid-{split}-{k}.log"),
+        str(LOGS / "{dataset}" / "grid-{split}-{chunk}.log"),
     benchmark:
-        str(BENCH / "{dataset}" / "grid-{split}-{k}.tsv")
+        str(BENCH / "{dataset}" / "grid-{split}-{chunk}.tsv")
     shell:
-        "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind grid"
-        " --split {wildcards.split} --chunk {wildcards.k} {params.flags} --device {params.device}"
-        " --batch-size {config[extract_batch_size]} --workers {params.workers} --threads {threads}"
-        " --no-progress > {log} 2>&1"
+        EXTRACT
 
 
 rule gather_regions:
-    """All region shards of a dataset, checked against shards.json; leftovers removed."""
+    """All region shards of a dataset: shards of an older plan removed, the plan checked in shards.json."""
     input:
         extract_shards("regions"),
     output:
         touch(DONE["regions"]),
     params:
-        flags=extract_flags("regions"),
+        dir=lambda wc: data(wc.dataset),
+        size=lambda wc: setting(wc.dataset, "shard_size"),
     log:
         str(LOGS / "{dataset}" / "regions.log"),
     shell:
-        "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind regions"
-        " {params.flags} --device cpu --workers 0 --no-progress > {log} 2>&1"
+        "{PY} -m pipeline prune {params.dir} --kind regions --shard-size {params.size} > {log} 2>&1"
 
 
 rule gather_grid:
-    """All grid shards of a dataset, checked against shards.json; leftovers removed."""
+    """All grid shards of a dataset: shards of an older plan removed, the plan checked in shards.json."""
     input:
         extract_shards("grid"),
     output:
         touch(DONE["grid"]),
     params:
-        flags=extract_flags("grid"),
+        dir=lambda wc: data(wc.dataset),
+        size=lambda wc: setting(wc.dataset, "shard_size"),
     log:
         str(LOGS / "{dataset}" / "grid.log"),
     shell:
-        "{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind grid"
-        " {params.flags} --device cpu --workers 0 --no-progress > {log} 2>&1"
+        "{PY} -m pipeline prune {params.dir} --kind grid --shard-size {params.size} > {log} 2>&1"

@@ -1,4 +1,4 @@
-# Captions -> scene graphs (one job per chunk of captions, then a gather that drops chunks of an
+# Captions -> scene graphs (one job per chunk of captions, then a gather that prunes chunks of an
 # older plan) -> vocabulary of the train split.
 
 
@@ -7,32 +7,32 @@ rule parse:
     input:
         data("{dataset}", "text", "captions.parquet"),
     output:
-        data("{dataset}", "text", "graphs", "graphs-{k}.parquet"),
+        SHARD["graphs"],
     params:
         flags=parse_flags,
     threads: config["parse_workers"]
     log:
-        str(LOGS / "{dataset}" / "graphs-{k}.log"),
+        str(LOGS / "{dataset}" / "graphs-{chunk}.log"),
     benchmark:
-        str(BENCH / "{dataset}" / "graphs-{k}.tsv")
+        str(BENCH / "{dataset}" / "graphs-{chunk}.tsv")
     shell:
-        "{PY} -m pipeline parse --dataset {wildcards.dataset} --root {ROOT} --chunk {wildcards.k}"
+        "{PY} -m pipeline parse --dataset {wildcards.dataset} --root {ROOT} --chunk {wildcards.chunk}"
         " {params.flags} --workers {threads} --no-progress > {log} 2>&1"
 
 
 rule gather_graphs:
-    """All graph chunks of a dataset, checked against shards.json; leftovers removed."""
+    """All graph chunks of a dataset: chunks of an older plan removed, the plan checked in shards.json."""
     input:
         graph_shards,
     output:
         touch(DONE["graphs"]),
     params:
-        flags=parse_flags,
+        dir=lambda wc: data(wc.dataset),
+        size=config["parse_chunk_size"],
     log:
         str(LOGS / "{dataset}" / "graphs.log"),
     shell:
-        "{PY} -m pipeline parse --dataset {wildcards.dataset} --root {ROOT} {params.flags}"
-        " --workers 1 --no-progress > {log} 2>&1"
+        "{PY} -m pipeline prune {params.dir} --kind graphs --chunk-size {params.size} > {log} 2>&1"
 
 
 rule vocab:
@@ -42,9 +42,10 @@ rule vocab:
     output:
         data("{dataset}", "text", "vocab.json"),
     params:
-        min_count=config["min_count"],
+        # unset: the command's own default, so that the workflow and `itmkit vocab` agree
+        min_count="" if config.get("min_count") is None else f"--min-count {config['min_count']}",
     log:
         str(LOGS / "{dataset}" / "vocab.log"),
     shell:
         "{PY} -m pipeline vocab --dataset {wildcards.dataset} --root {ROOT}"
-        " --min-count {params.min_count} --no-progress > {log} 2>&1"
+        " {params.min_count} --no-progress > {log} 2>&1"

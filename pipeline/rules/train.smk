@@ -1,4 +1,39 @@
-# A short training run on a dataset's shards and its evaluation (used by the demo target).
+# Training on a dataset's shards, its evaluation and its report: the end of the demo and of the
+# train_coco / train_f30k targets. The demo trains with the demo_* settings on the CPU; real
+# data with the model's own defaults for the dataset, unless train_epochs, train_batch_size or
+# train_set say otherwise.
+
+
+def train_flags(wc):
+    """Flags that decide what a run learns (params: a change retrains)."""
+    if wc.dataset == "demo":
+        return f"--epochs {config['demo_epochs']} --batch-size {config['demo_batch_size']}"
+    flags = [f"--epochs {config['train_epochs']}" if config.get("train_epochs") else "",
+             f"--batch-size {config['train_batch_size']}" if config.get("train_batch_size") else ""]
+    for key, value in (config.get("train_set") or {}).items():
+        value = ",".join(map(str, value)) if isinstance(value, list) else value
+        flags.append(f"--set {key}={value}")
+    return " ".join(f for f in flags if f)
+
+
+def train_device(wc):
+    return config["demo_device"] if wc.dataset == "demo" else config["train_device"]
+
+
+def train_workers(wc):
+    return 0 if wc.dataset == "demo" else config["train_workers"]
+
+
+def known_model(wc):
+    """A real dataset's run comes after hours of extraction: a model name the registry does not
+    know stops the workflow before anything runs (the demo's train.py says it within seconds)."""
+    if wc.dataset in REAL:
+        from training import models
+
+        if wc.model not in models.names():
+            raise WorkflowError(f"unknown model '{wc.model}' (--config model=...); known: "
+                                f"{', '.join(models.names())}")
+    return []
 
 
 rule train:
@@ -7,6 +42,7 @@ rule train:
         DONE["regions"],
         DONE["grid"],
         data("{dataset}", "text", "vocab.json"),
+        known_model,
     output:
         # every file a run starts with: Snakemake removes them before a rerun, so the new run
         # starts fresh instead of refusing an existing run folder
@@ -16,34 +52,61 @@ rule train:
         metrics=str(RUNS / "{dataset}-{model}" / "metrics.csv"),
     params:
         out=lambda wc: run_dir(wc.dataset, wc.model),
-        flags=f"--epochs {config['demo_epochs']} --batch-size {config['demo_batch_size']}",
-        device=config["demo_device"],
-    threads: 2
+        flags=train_flags,
+        device=train_device,
+    threads: lambda wc: 2 if wc.dataset == "demo" else config["train_workers"] + 1
     resources:
-        gpu=lambda wc: int(config["demo_device"].startswith("cuda")),
+        gpu=lambda wc: int(train_device(wc).startswith("cuda")),
+        workers=train_workers,   # not a param: a changed worker count must not retrain
     log:
         str(LOGS / "{dataset}" / "train-{model}.log"),
     benchmark:
         str(BENCH / "{dataset}" / "train-{model}.tsv")
     shell:
         "{PY} {TRAIN} --model {wildcards.model} --dataset {wildcards.dataset} --root {ROOT}"
-        " --out {params.out} {params.flags} --device {params.device} --workers 0 > {log} 2>&1"
+        " --out {params.out} {params.flags} --device {params.device} --workers {resources.workers}"
+        " > {log} 2>&1"
 
 
 rule evaluate:
-    """Recall@K (and hard-negative accuracy on the demo) of a trained run on the test split."""
+    """Recall@K (and hard-negative accuracy where the dataset has pairs) of a trained run on the
+    test split; the similarity matrix is kept for the report."""
     input:
         str(RUNS / "{dataset}-{model}" / "best.pt"),
     output:
-        str(RUNS / "{dataset}-{model}" / "eval.json"),
+        eval=str(RUNS / "{dataset}-{model}" / "eval.json"),
+        sims=str(RUNS / "{dataset}-{model}" / "sims-test.npz"),
     params:
         run=lambda wc: run_dir(wc.dataset, wc.model),
-        flags=lambda wc: "--hard-negatives" if wc.dataset == "demo" else "",
-        device=config["demo_device"],
+        device=train_device,
+    resources:
+        gpu=lambda wc: int(train_device(wc).startswith("cuda")),
+        workers=train_workers,
     log:
         str(LOGS / "{dataset}" / "evaluate-{model}.log"),
     benchmark:
         str(BENCH / "{dataset}" / "evaluate-{model}.tsv")
     shell:
-        "{PY} {EVALUATE} {params.run} --root {ROOT} {params.flags} --device {params.device}"
-        " --workers 0 > {log} 2>&1"
+        "{PY} {EVALUATE} {params.run} --root {ROOT} --hard-negatives --save-sims --device {params.device}"
+        " --workers {resources.workers} > {log} 2>&1"
+
+
+rule report:
+    """One self-contained HTML report of a trained run (training/report.py); prints its path."""
+    input:
+        str(RUNS / "{dataset}-{model}" / "eval.json"),
+        str(RUNS / "{dataset}-{model}" / "sims-test.npz"),
+    output:
+        str(RUNS / "{dataset}-{model}" / "report.html"),
+    params:
+        run=lambda wc: run_dir(wc.dataset, wc.model),
+        device=train_device,
+    resources:
+        gpu=lambda wc: int(train_device(wc).startswith("cuda")),
+    log:
+        str(LOGS / "{dataset}" / "report-{model}.log"),
+    benchmark:
+        str(BENCH / "{dataset}" / "report-{model}.tsv")
+    shell:
+        "{PY} {REPORT} {params.run} --root {ROOT} --out {output} --device {params.device} --workers 0"
+        " > {log} 2>&1 && tail -n 1 {log}"

@@ -10,36 +10,52 @@
     names()                                   # ["cimn", ..., "vsepp"]: the --model choices
 
 A model file defines its ``@dataclass`` config (a subclass of ``ModelConfig``, which carries the
-optimiser and schedule defaults as well), optional per-dataset overrides in
-``DATASET_DEFAULTS``, and the model class. Adding a model touches that one file and nothing else:
-model modules listed in ``MODULES`` are imported lazily the first time the registry is read.
+sizes every model has and the training recipe; the subclass declares only its own fields and
+the defaults it changes), per-dataset overrides in ``DATASET_DEFAULTS`` where they differ from
+the base's, and the model class. Adding a model touches that one file and nothing else: every
+module of this package is imported the first time the registry is read, and a model module
+registers itself on import. Pieces that several models use live in ``layers.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from pipeline import shards
 from training import losses
 
-# every module in this package that registers models; a missing one (not written yet) is skipped
-MODULES = ("vsepp", "cimn", "dsrln", "kidrr", "resg")
-
 _REGISTRY: dict[str, type["ITMModel"]] = {}
+
+# config fields renamed since runs were first saved: old name -> new (config.json of older runs)
+RENAMED_FIELDS = {"sim_budget": "sim_block_elems"}
 
 
 @dataclass
 class ModelConfig:
-    """Fields every model has: the training recipe. Model files subclass this and add their own
-    hyper-parameters; ``train.py`` exposes every field as ``--set name=value`` and saves the
-    resolved config in the run's config.json."""
+    """Fields every model has: the sizes and the training recipe. Model files subclass this, add
+    their own hyper-parameters and restate only the defaults they change; ``train.py`` exposes
+    every field as ``--set name=value`` and saves the resolved config in the run's config.json.
+
+    ``SAVED_BEFORE``: fields added after runs were first saved, with the value that reproduces
+    what those runs did; a saved config without such a field gets that value (``make_config(...,
+    saved=True)``), a new run the field's default."""
+
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {}
 
     embed_dim: int = 1024
+    word_dim: int = 300            # word embedding size (GloVe's 300 in the SCAN family)
+    feature_dim: int = 2048        # region feature channels (bottom-up attention)
+    word_vectors: bool = False     # initialise the word embedding from text/vocab.vectors.npy
+    # cross-attention models: bound on the elements of the largest tensor of one similarity chunk
+    sim_block_elems: int = 1 << 24
     # optimisation (papers: Adam, lr 2e-4, decayed x0.1 after 15 epochs, clip 2.0)
     optimizer: str = "adam"          # adam | adamw
     lr: float = 2e-4
@@ -50,9 +66,10 @@ class ModelConfig:
     batch_size: int = 128
     grad_clip: float = 2.0
     # hinge triplet loss (VSE++): sum over negatives for the first warmup epochs, then hardest
+    # (from step 0, the hardest negative collapsed several models on the demo: docs/models.md)
     margin: float = 0.2
     max_violation: bool = True
-    warmup_epochs: int = 0
+    warmup_epochs: int = 1
 
 
 class ITMModel(nn.Module):
@@ -70,7 +87,8 @@ class ITMModel(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
-    DATASET_DEFAULTS: ClassVar[dict[str, dict]] = {}
+    # the SCAN-family recipe on COCO (Flickr30K: the config's own 30 epochs, decay after 15)
+    DATASET_DEFAULTS: ClassVar[dict[str, dict]] = {"coco": {"epochs": 20, "lr_decay_epochs": (10,)}}
     two_tower: ClassVar[bool] = True
     needs_grid: ClassVar[bool] = False
     # DDP must be told when some parameters may get no gradient in a step (e.g. a relation
@@ -83,8 +101,8 @@ class ITMModel(nn.Module):
         self.vocab_size = len(vocab)
 
     def encode_image(self, img) -> Any:
-        """``img`` is a ``training.data.ImageBatch``; returns a tensor, or a tuple/dict of
-        tensors whose first dimension is the batch."""
+        """``img`` is a ``training.data.ImageBatch``; returns a [B, D] tensor (two-tower), or a
+        ``layers.Encoding`` (a dataclass of tensors whose first dimension is the batch)."""
         raise NotImplementedError
 
     def encode_text(self, txt) -> Any:
@@ -108,6 +126,29 @@ class ITMModel(nn.Module):
         return losses.triplet_loss(sims, margin=self.cfg.margin, max_violation=hardest,
                                    positives=batch.positives())
 
+    def word_embedding(self) -> nn.Embedding:
+        """The embedding that ``word_vectors`` initialises (``self.embed`` in every model here)."""
+        return self.embed
+
+    def load_word_vectors(self, path) -> None:
+        """Initialise the word embedding from a vocabulary's vectors file (``pipeline vocab
+        --vectors``; rows in vocabulary order, ``<pad>`` zero). The embedding stays trainable."""
+        path = Path(path)
+        hint = "run `python -m pipeline vocab --dataset DATASET --vectors GLOVE.txt`"
+        if not path.exists():
+            raise shards.ShardError(f"{path}: file not found; word_vectors=true initialises the word "
+                                    f"embedding from it: {hint}")
+        emb = self.word_embedding()
+        try:
+            vectors = shards.read_vectors(path, emb.num_embeddings)
+        except shards.ShardError as e:
+            raise shards.ShardError(f"{e}; {hint} again for the current vocabulary") from None
+        if vectors.shape[1] != emb.embedding_dim:
+            raise ValueError(f"{path}: word vectors are {vectors.shape[1]}-d, the model's word_dim is "
+                             f"{emb.embedding_dim}: add --set word_dim={vectors.shape[1]}")
+        with torch.no_grad():
+            emb.weight.copy_(torch.from_numpy(vectors))
+
 
 def register(name: str):
     def wrap(cls):
@@ -120,12 +161,9 @@ def register(name: str):
 
 
 def _load_all() -> None:
-    for mod in MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":  # the module exists but an import inside it failed
-                raise
+    """Import every module of this package; model modules register themselves on import."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def names() -> list[str]:
@@ -147,7 +185,12 @@ def default_config(name: str, dataset: str | None = None, **overrides) -> ModelC
     return make_config(cls.config_class, values)
 
 
-def make_config(config_class: type[ModelConfig], values: dict) -> ModelConfig:
+def make_config(config_class: type[ModelConfig], values: dict, saved: bool = False) -> ModelConfig:
+    """The config with ``values`` over the defaults. ``saved``: ``values`` is a whole config saved
+    by an earlier run (renamed fields and fields added since are mapped to what that run did)."""
+    values = {RENAMED_FIELDS.get(k, k): v for k, v in values.items()}
+    if saved:
+        values = {**{k: v for k, v in config_class.SAVED_BEFORE.items() if k not in values}, **values}
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -162,12 +205,17 @@ def make_config(config_class: type[ModelConfig], values: dict) -> ModelConfig:
     return dataclasses.replace(defaults, **out)
 
 
-def build(name: str, cfg: ModelConfig | dict | None = None, vocab=None) -> ITMModel:
+def build(name: str, cfg: ModelConfig | dict | None = None, vocab=None, vectors=None) -> ITMModel:
     """Construct a registered model. ``cfg`` may be a config object, a dict of overrides of the
-    defaults, or None; ``vocab`` is a ``pipeline.shards.Vocabulary``."""
+    defaults, or None; ``vocab`` is a ``pipeline.shards.Vocabulary``. ``vectors``: the path of
+    the vocabulary's word vectors (``Layout.vocab_vectors``), read when ``cfg.word_vectors`` is
+    set; leave it None when the weights come from a checkpoint instead."""
     cls = get(name)
     if not isinstance(cfg, ModelConfig):
         cfg = default_config(name, **(cfg or {}))
     if vocab is None:
         raise ValueError(f"build('{name}') needs the vocabulary (pipeline.shards.Vocabulary)")
-    return cls(cfg, vocab)
+    model = cls(cfg, vocab)
+    if cfg.word_vectors and vectors is not None:
+        model.load_word_vectors(vectors)
+    return model

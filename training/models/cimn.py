@@ -24,14 +24,11 @@ from torch import nn
 
 from training import losses
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import bigru_states, masked_softmax
+from training.models.layers import bigru_states, box_features, masked_softmax
 
 
 @dataclass
 class CIMNConfig(ModelConfig):
-    embed_dim: int = 1024
-    word_dim: int = 300
-    feature_dim: int = 2048
     frr_layers: int = 2           # Feature Relationship Reasoning layers per modality
     box_sigma: float = 0.3        # neighbourhood kernel width, in image widths/heights
     word_window: int = 1          # words at most this many positions apart are neighbours
@@ -39,14 +36,8 @@ class CIMNConfig(ModelConfig):
     frr_scale_init: float = 0.1   # initial per-channel gate on each FRR update (LayerScale)
     # Gravitation Loss (see losses.gravitation_loss)
     loss: str = "gravitation"     # gravitation | triplet (the VSE++ loss, for ablations)
-    margin: float = 0.2
     gl_power: float = 2.0         # force ~ 1 / distance**power (2: Newton's inverse square)
     gl_intra: float = 0.5         # weight of the image-image and caption-caption terms
-    lr: float = 2e-4
-    epochs: int = 30
-    lr_decay_epochs: tuple[int, ...] = (15,)
-    batch_size: int = 128
-    grad_clip: float = 2.0
 
 
 def normalise_rows(adj: torch.Tensor) -> torch.Tensor:
@@ -147,9 +138,6 @@ class Tower(nn.Module):
 @register("cimn")
 class CIMN(ITMModel):
     config_class = CIMNConfig
-    # the VSRN / SGRAF recipe on BUTD regions: Adam 2e-4, x0.1 after 15 (f30k) / 10 (coco) epochs
-    DATASET_DEFAULTS = {"f30k": {"epochs": 30, "lr_decay_epochs": (15,), "batch_size": 128},
-                        "coco": {"epochs": 20, "lr_decay_epochs": (10,), "batch_size": 128}}
     two_tower = True
 
     def __init__(self, cfg: CIMNConfig, vocab):
@@ -163,10 +151,8 @@ class CIMN(ITMModel):
         self.text_tower = Tower(d, d, cfg.frr_layers, cfg.dropout, cfg.frr_scale_init)
 
     def encode_image(self, img):
-        boxes = img.boxes
-        area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
-        x = self.region_fc(img.regions) + self.box_fc(torch.cat([boxes, area], -1))
-        near = box_neighbourhood(boxes, img.region_mask, img.boxes_known, self.cfg.box_sigma)
+        x = self.region_fc(img.regions) + self.box_fc(box_features(img.boxes))
+        near = box_neighbourhood(img.boxes, img.region_mask, img.boxes_known, self.cfg.box_sigma)
         return self.image_tower(x, near, img.region_mask)
 
     def encode_text(self, txt):

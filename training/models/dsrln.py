@@ -31,14 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import bigru_states, masked_mean, masked_softmax
+from training.models.layers import (LocalGlobal, attended_cosine, bigru_states, masked_mean,
+                                    masked_softmax, relative_geometry)
 
 
 @dataclass
 class DSRLNConfig(ModelConfig):
-    embed_dim: int = 1024
-    word_dim: int = 300
-    feature_dim: int = 2048        # region feature channels
     grid_dim: int = 2048           # grid feature channels
     heads: int = 8                 # attention heads of GISA and DIF
     gisa_layers: int = 1
@@ -49,33 +47,10 @@ class DSRLNConfig(ModelConfig):
     box_geometry: bool = True      # ablation: False drops GISA's geometry and interaction terms
     grid_fusion: bool = True       # ablation: False drops DIF (regions only; grid shards unused)
     dropout: float = 0.1
-    sim_block_elems: int = 1 << 24  # bound on images x captions x words x regions per chunk
-    # training recipe of the SCAN / SGRAF family (Flickr30K values; COCO in DATASET_DEFAULTS)
-    lr: float = 2e-4
-    epochs: int = 30
-    lr_decay_epochs: tuple[int, ...] = (15,)
-    batch_size: int = 128
-    margin: float = 0.2
-    max_violation: bool = True
-    warmup_epochs: int = 1        # summed negatives first: hardest from step 0 collapsed on the demo
-    grad_clip: float = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. geometry-sensitive interactive self-attention
-
-def relative_geometry(boxes: torch.Tensor) -> torch.Tensor:
-    """Relation networks' relative geometry of every box pair: [B, R, 4] boxes (x1, y1, x2, y2)
-    -> [B, R, R, 4] (log |dx| / w_i, log |dy| / h_i, log w_j / w_i, log h_j / h_i)."""
-    cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
-    w = (boxes[..., 2] - boxes[..., 0]).clamp(min=1e-3)
-    h = (boxes[..., 3] - boxes[..., 1]).clamp(min=1e-3)
-    return torch.stack([
-        torch.log(((cx[:, None, :] - cx[:, :, None]).abs() / w[:, :, None]).clamp(min=1e-3)),
-        torch.log(((cy[:, None, :] - cy[:, :, None]).abs() / h[:, :, None]).clamp(min=1e-3)),
-        torch.log(w[:, None, :] / w[:, :, None]),
-        torch.log(h[:, None, :] / h[:, :, None])], -1)
-
 
 def sinusoid(x: torch.Tensor, dim: int, wave: float = 1000.0) -> torch.Tensor:
     """[..., 4] -> [..., dim]: each coordinate in sin/cos at dim // 8 frequencies (relation
@@ -178,19 +153,11 @@ class DIF(nn.Module):
 
 def local_scores(regions, rmask, words, wmask, lam: float) -> torch.Tensor:
     """SCAN text-to-image: every word attends to the regions (softmax of lam * cosine over real
-    regions), score = mean over real words of cos(word, attended vector).
-
-    regions [I, R, D] and words [C, L, D] are unit vectors; returns [I, C]. With a = attention
-    weights, word . attended = sum_r a_r cos_r and |attended|^2 = a^T G a for the regions' Gram
-    matrix G, so only [I, C, L, R] tensors are built, never [I, C, L, D]."""
-    cos = torch.einsum("ird,cld->iclr", regions, words)
-    a = masked_softmax(lam * cos, rmask[:, None, None, :])
-    gram = regions @ regions.transpose(1, 2)                                    # [I, R, R]
-    dot = (a * cos).sum(-1)
-    norm2 = (torch.einsum("iclr,irs->icls", a, gram) * a).sum(-1)
-    per_word = dot / norm2.clamp(min=1e-12).sqrt()
-    m = wmask[None].to(per_word.dtype)
-    return (per_word * m).sum(-1) / m.sum(-1).clamp(min=1)
+    regions), score = mean over real words of cos(word, attended vector). regions [I, R, D] and
+    words [C, L, D] are unit vectors; returns [I, C]. Only [I, C, L, R] tensors are built
+    (``attended_cosine``)."""
+    per_word = attended_cosine(regions, rmask, words, lam)                     # [I, C, L]
+    return masked_mean(per_word.unsqueeze(-1), wmask[None]).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +166,6 @@ def local_scores(regions, rmask, words, wmask, lam: float) -> torch.Tensor:
 @register("dsrln")
 class DSRLN(ITMModel):
     config_class = DSRLNConfig
-    DATASET_DEFAULTS = {"f30k": {"epochs": 30, "lr_decay_epochs": (15,)},
-                        "coco": {"epochs": 20, "lr_decay_epochs": (10,)}}
     two_tower = False
     needs_grid = True
 
@@ -236,17 +201,15 @@ class DSRLN(ITMModel):
         if self.dif is not None:
             x = self.dif(x, self.grid_fc(img.grid), grid_mask(boxes, img.grid_hw, self.cfg.near_cells))
         x = torch.where(mask.unsqueeze(-1), x, 0)
-        return {"local": F.normalize(x, dim=-1), "mask": mask,
-                "global": F.normalize(masked_mean(x, mask), dim=-1)}
+        return LocalGlobal(F.normalize(x, dim=-1), mask, F.normalize(masked_mean(x, mask), dim=-1))
 
     def encode_text(self, txt):
         x = bigru_states(self.gru, self.embed(txt.tokens), txt.lengths)
-        return {"local": F.normalize(x, dim=-1), "mask": txt.mask,
-                "global": F.normalize(masked_mean(x, txt.mask), dim=-1)}
+        return LocalGlobal(F.normalize(x, dim=-1), txt.mask, F.normalize(masked_mean(x, txt.mask), dim=-1))
 
-    def similarity(self, img_enc, txt_enc):
-        regions, rmask, vg = img_enc["local"], img_enc["mask"], img_enc["global"]
-        words, wmask, tg = txt_enc["local"], txt_enc["mask"], txt_enc["global"]
+    def similarity(self, img_enc: LocalGlobal, txt_enc: LocalGlobal):
+        regions, rmask, vg = img_enc.local, img_enc.mask, img_enc.global_
+        words, wmask, tg = txt_enc.local, txt_enc.mask, txt_enc.global_
         n_img, n_reg = rmask.shape
         n_txt, n_word = wmask.shape
         chunk = max(1, self.cfg.sim_block_elems // max(1, n_img * n_word * n_reg))

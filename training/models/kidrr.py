@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import bigru_states, masked_mean, masked_softmax
+from training.models.layers import (LocalGlobal, bigru_states, masked_mean, masked_softmax,
+                                    relative_geometry)
 
 # node types of the relation graph (row/column index of its learned type bias)
 GG, GL_TXT, GL_IMG, T2I, I2T = range(5)
@@ -38,9 +39,6 @@ GG, GL_TXT, GL_IMG, T2I, I2T = range(5)
 
 @dataclass
 class KIDRRConfig(ModelConfig):
-    embed_dim: int = 1024
-    word_dim: int = 300
-    feature_dim: int = 2048
     sim_dim: int = 256             # size of a similarity vector (SGRAF)
     kid_iters: int = 2             # dissemination iterations per modality
     kid_scale_init: float = 0.1    # initial per-channel gate on each dissemination update
@@ -49,15 +47,9 @@ class KIDRRConfig(ModelConfig):
     prune_init: float = 0.5        # initial pruning threshold, in units of a uniform edge weight
     readout: str = "mean"          # score from: mean (all reasoned nodes) | global (SGRAF's node)
     sim_block_elems: int = 1 << 25  # bound on pairs x nodes x max(embed_dim, sim_dim) per chunk
-    # training recipe of the SGRAF family (Flickr30K values; COCO in DATASET_DEFAULTS)
-    lr: float = 2e-4
+    # SGRAF's Flickr30K schedule (COCO: the base's DATASET_DEFAULTS)
     epochs: int = 40
     lr_decay_epochs: tuple[int, ...] = (30,)
-    batch_size: int = 128
-    margin: float = 0.2
-    max_violation: bool = True
-    warmup_epochs: int = 1        # hardest negatives from step 0 collapsed on the demo (docs/models.md)
-    grad_clip: float = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,16 +109,8 @@ class BoxGeometry(nn.Module):
                                  nn.Linear(hidden, 1, bias=False))  # a bias cancels in the softmax
 
     def forward(self, boxes, known):
-        cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
-        w = (boxes[..., 2] - boxes[..., 0]).clamp(min=1e-3)
-        h = (boxes[..., 3] - boxes[..., 1]).clamp(min=1e-3)
-        rel = torch.stack([
-            torch.log((cx[:, :, None] - cx[:, None, :]).abs().div(w[:, :, None]).clamp(min=1e-3)),
-            torch.log((cy[:, :, None] - cy[:, None, :]).abs().div(h[:, :, None]).clamp(min=1e-3)),
-            torch.log(w[:, None, :] / w[:, :, None]),
-            torch.log(h[:, None, :] / h[:, :, None])], -1)
         # images without boxes (imported precomp features) get no geometric term
-        return self.mlp(rel).squeeze(-1) * known[:, None, None].to(boxes.dtype)
+        return self.mlp(relative_geometry(boxes)).squeeze(-1) * known[:, None, None].to(boxes.dtype)
 
 
 def text_edges(txt, n_tokens: int) -> torch.Tensor:
@@ -214,8 +198,6 @@ class RelationGraph(nn.Module):
 @register("kidrr")
 class KIDRR(ITMModel):
     config_class = KIDRRConfig
-    DATASET_DEFAULTS = {"f30k": {"epochs": 40, "lr_decay_epochs": (30,)},
-                        "coco": {"epochs": 20, "lr_decay_epochs": (10,)}}
     two_tower = False
 
     def __init__(self, cfg: KIDRRConfig, vocab):
@@ -247,7 +229,7 @@ class KIDRR(ITMModel):
         mask = img.region_mask
         edges = mask[:, :, None] & mask[:, None, :]
         x, g = self.img_graph(x, mask, edges, self.geometry(img.boxes, img.boxes_known))
-        return {"local": F.normalize(x, dim=-1), "mask": mask, "global": F.normalize(g, dim=-1)}
+        return LocalGlobal(F.normalize(x, dim=-1), mask, F.normalize(g, dim=-1))
 
     def encode_text(self, txt):
         n_tok = txt.tokens.shape[1]
@@ -259,13 +241,13 @@ class KIDRR(ITMModel):
         x = x + (subj * m).transpose(1, 2) @ self.pred_subj(txt.rel_predicate) \
               + (obj * m).transpose(1, 2) @ self.pred_obj(txt.rel_predicate)
         x, g = self.txt_graph(x, txt.mask, text_edges(txt, n_tok))
-        return {"local": F.normalize(x, dim=-1), "mask": txt.mask, "global": F.normalize(g, dim=-1)}
+        return LocalGlobal(F.normalize(x, dim=-1), txt.mask, F.normalize(g, dim=-1))
 
     # scoring ----------------------------------------------------------------------------------
 
-    def similarity(self, img_enc, txt_enc):
-        regions, rmask, vg = img_enc["local"], img_enc["mask"], img_enc["global"]
-        words, wmask, tg = txt_enc["local"], txt_enc["mask"], txt_enc["global"]
+    def similarity(self, img_enc: LocalGlobal, txt_enc: LocalGlobal):
+        regions, rmask, vg = img_enc.local, img_enc.mask, img_enc.global_
+        words, wmask, tg = txt_enc.local, txt_enc.mask, txt_enc.global_
         n_img, n_reg = rmask.shape
         n_txt, n_word = wmask.shape
         nodes = 3 + n_word + n_reg

@@ -25,16 +25,12 @@ from torch import nn
 from pipeline.shards import Vocabulary
 from training import losses
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import bigru_states
-
-_NEG = -1e4   # masked logit: finite, so that a row with nothing to attend to gives no NaN
+from training.models.layers import (Encoding, attended_cosine, bigru_states, box_features, centre_size,
+                                    masked_mean, masked_softmax, relative_offsets)
 
 
 @dataclass
 class ReSGConfig(ModelConfig):
-    embed_dim: int = 1024
-    word_dim: int = 300
-    feature_dim: int = 2048
     gcn_layers: int = 1            # rounds of contextual refinement of the object nodes
     rel_neighbours: int = 4        # visual relation nodes per region (its most similar regions)
     attn_lambda: float = 9.0       # SCAN's inverse temperature of the text-to-image attention
@@ -45,14 +41,18 @@ class ReSGConfig(ModelConfig):
     pn_weight: float = 1.0         # positive-negative margin loss
     pos_margin: float = 0.6
     neg_margin: float = 0.2
-    sim_budget: int = 2 ** 24      # largest attention tensor (elements) per similarity chunk
-    # recipe of SCAN / SGM on Flickr30K (COCO: DATASET_DEFAULTS)
-    lr: float = 2e-4
-    epochs: int = 30
-    lr_decay_epochs: tuple[int, ...] = (15,)
-    batch_size: int = 128
-    margin: float = 0.2
-    warmup_epochs: int = 1
+
+
+@dataclass
+class SceneGraph(Encoding):
+    """A graph encoding (VReG or TReG): L2-normalised object and relation nodes with their masks,
+    and the global embedding (mean of the object nodes) that the center hinge loss works on."""
+
+    objects: torch.Tensor          # [B, O, D]
+    object_mask: torch.Tensor      # [B, O]
+    relations: torch.Tensor        # [B, P, D]
+    relation_mask: torch.Tensor    # [B, P]
+    global_: torch.Tensor          # [B, D]
 
 
 class ContextRefine(nn.Module):
@@ -66,8 +66,7 @@ class ContextRefine(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logits = self.query(x) @ self.key(x).transpose(1, 2) / x.shape[-1] ** 0.5
-        logits = logits.masked_fill(~mask[:, None, :], _NEG)
-        x = x + F.relu(self.out(logits.softmax(-1) @ self.value(x)))
+        x = x + F.relu(self.out(masked_softmax(logits, mask[:, None, :]) @ self.value(x)))
         return x * mask.unsqueeze(-1)
 
 
@@ -75,38 +74,19 @@ def _mlp(d_in: int, d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d))
 
 
-def box_geometry(boxes: torch.Tensor, subj: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
-    """[B, P, 10] geometry of region pairs: relation networks' relative position and scale of
-    the object box to the subject box, then the union box (x1, y1, x2, y2, area) and the IoU.
-    ``boxes`` [B, R, 4] normalised x1y1x2y2; ``subj``/``obj`` [B, P] region indices."""
+def pair_geometry(boxes: torch.Tensor, subj: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
+    """[B, P, 10] geometry of region pairs: the object box relative to the subject box (signed
+    relative position and log scale, ``relative_offsets``), then the union box (x1, y1, x2, y2,
+    area) and the IoU. ``boxes`` [B, R, 4] normalised x1y1x2y2; ``subj``/``obj`` [B, P] region
+    indices."""
     take = lambda idx: boxes.gather(1, idx.unsqueeze(-1).expand(-1, -1, 4))  # noqa: E731
     a, b = take(subj), take(obj)
-    wa, ha = (a[..., 2] - a[..., 0]).clamp(min=1e-3), (a[..., 3] - a[..., 1]).clamp(min=1e-3)
-    wb, hb = (b[..., 2] - b[..., 0]).clamp(min=1e-3), (b[..., 3] - b[..., 1]).clamp(min=1e-3)
-    dx = ((b[..., 0] + b[..., 2]) - (a[..., 0] + a[..., 2])) / (2 * wa)
-    dy = ((b[..., 1] + b[..., 3]) - (a[..., 1] + a[..., 3])) / (2 * ha)
+    _, _, wa, ha = centre_size(a)
+    _, _, wb, hb = centre_size(b)
     union = torch.cat([torch.minimum(a[..., :2], b[..., :2]), torch.maximum(a[..., 2:], b[..., 2:])], -1)
     inter = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
     iou = inter / (wa * ha + wb * hb - inter).clamp(min=1e-6)
-    u_area = (union[..., 2] - union[..., 0]) * (union[..., 3] - union[..., 1])
-    return torch.stack([dx, dy, (wb / wa).log(), (hb / ha).log(), *union.unbind(-1), u_area, iou], -1)
-
-
-def attend_score(v: torch.Tensor, vmask: torch.Tensor, t: torch.Tensor, lam: float) -> torch.Tensor:
-    """SCAN text-to-image attention, node by node: [ni, nt, K] cosine of each text node with its
-    attended image vector a = sum_r softmax_r(lam * cos(t, v_r)) v_r.
-
-    ``v`` [ni, R, D] and ``t`` [nt, K, D] are L2-normalised. The attended vectors are never
-    materialised: t.a = sum_r w_r cos_r and |a|^2 = w^T G w with G the Gram matrix of the image's
-    nodes, so memory is ni * nt * K * R whatever D is. An image without nodes scores 0.
-    Computed in float32 (under autocast, |a|^2 of float16 could underflow to 0)."""
-    v, t = v.float(), t.float()
-    cos = torch.einsum("ird,tkd->itkr", v, t)
-    w = (lam * cos).masked_fill(~vmask[:, None, None, :], _NEG).softmax(-1)
-    dot = (w * cos).sum(-1)
-    gram = v @ v.transpose(1, 2)
-    norm2 = (torch.einsum("itkr,irs->itks", w, gram) * w).sum(-1)
-    return torch.where(vmask.any(1)[:, None, None], dot / norm2.clamp(min=1e-12).sqrt(), 0.0)
+    return torch.cat([relative_offsets(a, b), box_features(union), iou.unsqueeze(-1)], -1)
 
 
 def _compact(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +100,6 @@ def _compact(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.T
 @register("resg")
 class ReSG(ITMModel):
     config_class = ReSGConfig
-    # SCAN / SGM recipe: Flickr30K 30 epochs decayed at 15; COCO 20 epochs decayed at 10
-    DATASET_DEFAULTS = {"f30k": {"epochs": 30, "lr_decay_epochs": (15,)},
-                        "coco": {"epochs": 20, "lr_decay_epochs": (10,)}}
     two_tower = False
 
     def __init__(self, cfg: ReSGConfig, vocab):
@@ -145,8 +122,7 @@ class ReSG(ITMModel):
     # -- VReG ----------------------------------------------------------------------------------
     def encode_image(self, img):
         mask, boxes = img.region_mask, img.boxes
-        area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
-        x = self.region_fc(img.regions) + self.box_fc(torch.cat([boxes, area], -1))
+        x = self.region_fc(img.regions) + self.box_fc(box_features(boxes))
         x = x * mask.unsqueeze(-1)
         for layer in self.v_refine:
             x = layer(x, mask)
@@ -162,7 +138,7 @@ class ReSG(ITMModel):
         obj = top.indices.reshape(b, -1)
         rel_mask = torch.isfinite(top.values).reshape(b, -1)
         pick = lambda idx: x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
-        geo = self.geo_fc(box_geometry(boxes, subj, obj))
+        geo = self.geo_fc(pair_geometry(boxes, subj, obj))
         rel = self.v_rel(torch.cat([pick(subj), pick(obj), geo], -1)) * rel_mask.unsqueeze(-1)
         return self._nodes(x, mask, rel, rel_mask)
 
@@ -197,29 +173,33 @@ class ReSG(ITMModel):
         return self._nodes(x, mask, rel, txt.rel_mask)
 
     @staticmethod
-    def _nodes(obj, obj_mask, rel, rel_mask):
-        """(objects, object mask, relations, relation mask, global): nodes L2-normalised; the
-        global embedding (mean of the object nodes) is what the center hinge loss works on."""
-        m = obj_mask.unsqueeze(-1).to(obj.dtype)
-        glob = F.normalize((obj * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
-        return F.normalize(obj, dim=-1), obj_mask, F.normalize(rel, dim=-1), rel_mask, glob
+    def _nodes(obj, obj_mask, rel, rel_mask) -> SceneGraph:
+        glob = F.normalize(masked_mean(obj, obj_mask), dim=-1)
+        return SceneGraph(F.normalize(obj, dim=-1), obj_mask, F.normalize(rel, dim=-1), rel_mask, glob)
 
     # -- node-level correspondence -------------------------------------------------------------
-    def similarity(self, img_enc, txt_enc):
-        v_obj, v_omask, v_rel, v_rmask, _ = img_enc
-        t_obj, t_omask, t_rel, t_rmask, _ = txt_enc
-        ni, nt = v_obj.shape[0], t_obj.shape[0]
-        per_image = nt * max(t_obj.shape[1] * v_obj.shape[1], t_rel.shape[1] * v_rel.shape[1])
-        step = max(1, self.cfg.sim_budget // max(per_image, 1))
-        o_cnt = t_omask.sum(1).clamp(min=1)
-        r_cnt = t_rmask.sum(1)
-        w = self.cfg.rel_weight * (r_cnt > 0).to(v_obj.dtype)   # objects only when no relation
+    def similarity(self, img_enc: SceneGraph, txt_enc: SceneGraph):
+        """Each text node attends over the image's nodes of its kind (``attended_cosine``, in
+        float32: under autocast |a|^2 of float16 could underflow to 0); per level the mean over
+        the caption's nodes; images are taken in chunks whose attention tensors stay under
+        ``sim_block_elems``."""
+        v, t = img_enc, txt_enc
+        ni, nt = v.objects.shape[0], t.objects.shape[0]
+        per_image = nt * max(t.objects.shape[1] * v.objects.shape[1], t.relations.shape[1] * v.relations.shape[1])
+        step = max(1, self.cfg.sim_block_elems // max(per_image, 1))
+        has_rel = t.relation_mask.any(1)
+        w = self.cfg.rel_weight * has_rel.to(v.objects.dtype)   # objects only when no relation
+        lam = self.cfg.attn_lambda
+
+        def level(nodes, mask, queries, qmask):
+            scores = attended_cosine(nodes.float(), mask, queries.float(), lam)     # [i, nt, K]
+            return masked_mean(scores.unsqueeze(-1), qmask[None]).squeeze(-1)
+
         rows = []
         for s in range(0, ni, step):
             sl = slice(s, s + step)
-            so = (attend_score(v_obj[sl], v_omask[sl], t_obj, self.cfg.attn_lambda) * t_omask).sum(-1) / o_cnt
-            sr = (attend_score(v_rel[sl], v_rmask[sl], t_rel, self.cfg.attn_lambda) * t_rmask).sum(-1) \
-                / r_cnt.clamp(min=1)
+            so = level(v.objects[sl], v.object_mask[sl], t.objects, t.object_mask)
+            sr = level(v.relations[sl], v.relation_mask[sl], t.relations, t.relation_mask)
             rows.append((1 - w) * so + w * sr)
         return torch.cat(rows)
 
@@ -228,7 +208,7 @@ class ReSG(ITMModel):
         pos = batch.positives()
         hardest = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
         triplet = losses.triplet_loss(sims, margin=self.cfg.margin, max_violation=hardest, positives=pos)
-        center = losses.center_hinge_loss(img_enc[4], txt_enc[4], pos, self.cfg.center_intra_margin,
+        center = losses.center_hinge_loss(img_enc.global_, txt_enc.global_, pos, self.cfg.center_intra_margin,
                                           self.cfg.center_inter_margin)
         pn = losses.pos_neg_margin_loss(sims, self.cfg.pos_margin, self.cfg.neg_margin, pos)
         total = triplet + self.cfg.center_weight * center + self.cfg.pn_weight * pn

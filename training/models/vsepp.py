@@ -1,46 +1,44 @@
-"""VSE++ baseline (Faghri et al. 2018) on region features: mean-pooled regions and a GRU over
-words, both projected to a joint space and L2-normalised; hardest-negative triplet loss."""
+"""VSE++ baseline (Faghri et al. 2018) on region features: mean-pooled regions (standardised per
+channel first) and a GRU over words, both projected to a joint space and L2-normalised;
+hardest-negative triplet loss."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
+from training.models.layers import FeatureNorm, masked_mean
 
 
 @dataclass
 class VSEPPConfig(ModelConfig):
-    embed_dim: int = 1024
-    word_dim: int = 300
-    feature_dim: int = 2048
-    lr: float = 2e-4
-    epochs: int = 30
-    lr_decay_epochs: tuple[int, ...] = (15,)
-    margin: float = 0.2
-    warmup_epochs: int = 1     # sum of violations first, then the hardest negative
+    # standardise region features before pooling (False: the first version, which collapsed to
+    # equal scores on features with a large common component; docs/models.md)
+    feature_norm: bool = True
+    SAVED_BEFORE = {"feature_norm": False}
 
 
 @register("vsepp")
 class VSEPP(ITMModel):
     config_class = VSEPPConfig
-    DATASET_DEFAULTS = {"coco": {"lr_decay_epochs": (15,), "epochs": 30},
-                        "f30k": {"lr_decay_epochs": (15,), "epochs": 30}}
+    DATASET_DEFAULTS = {}      # VSE++ trains 30 epochs (decay after 15) on COCO too
     two_tower = True
 
     def __init__(self, cfg: VSEPPConfig, vocab):
         super().__init__(cfg, vocab)
+        self.feature_norm = FeatureNorm(cfg.feature_dim) if cfg.feature_norm else None
         self.img_fc = nn.Linear(cfg.feature_dim, cfg.embed_dim)
         self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.word_dim, cfg.embed_dim, batch_first=True)
 
     def encode_image(self, img):
-        mask = img.region_mask.unsqueeze(-1).float()
-        pooled = (img.regions * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(self.img_fc(pooled), dim=-1)
+        x = img.regions
+        if self.feature_norm is not None:
+            x = self.feature_norm(x, img.region_mask)
+        return F.normalize(self.img_fc(masked_mean(x, img.region_mask)), dim=-1)
 
     def encode_text(self, txt):
         x = self.embed(txt.tokens)

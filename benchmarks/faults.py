@@ -1,0 +1,393 @@
+"""The fault audit: every failure itmkit guards against, run end to end on a fresh small demo.
+
+    python benchmarks/faults.py [--dir PATH] [--images 60] [--keep]
+
+Builds a demo of 60 images at 96 px in a fresh folder and extracts it in shards of 8 images (a
+ResNet-50 C4 extractor with random weights and the demo's given boxes, to keep it to minutes on
+a CPU), then injects each fault and prints one line per fault, PASS or FAIL, with what was seen.
+Exit status 0 when every fault passes. The faults:
+
+1. a crafted checkpoint whose pickle runs a command is loaded by evaluate, train --resume and
+   export: the command must not run
+2. three `features extract` and three `pipeline parse` on one dataset at the same time: all
+   succeed and `pipeline verify` finds every registered file intact
+3. one flipped byte inside a region shard: the trainer refuses it naming the file, and a rerun of
+   the extractor rewrites it
+4. a folder-ingest CSV naming `../` and absolute paths, and one file under two names: those
+   rows are refused and reported, no file is ingested twice
+5. a decompression bomb (a PNG that claims 20000 x 20000 pixels) in a folder ingest: it is
+   skipped and reported, and the ingest completes
+6. a full disk (a 4 MB tmpfs when this machine lets a user namespace mount one, else an
+   injected ENOSPC): extract and parse end with one line naming the file and "no space left",
+   exit 1, no crash, and what is registered is intact
+7. smaller ones: two identical extractions give byte-identical shards; an unknown workflow
+   config key is one line; refused extractor weights stop extract before it announces that
+   shards of another config will be replaced
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+SMALL_NET = ["--set", "depth=50", "--set", "num_classes=20", "--set", "bbox_reg_classes=21",
+             "--set", "num_attributes=10"]
+EXTRACT = ["--kind", "both", "--weights", "random", "--boxes", "given", "--shard-size", "8",
+           "--min-size", "96", "--max-size", "96", "--workers", "0", "--threads", "1", "--no-progress",
+           *SMALL_NET]
+
+
+def run(*cmd, timeout=900, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env or ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(*cmd) -> subprocess.Popen:
+    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def tail(r, n=300) -> str:
+    return " ".join((r.stdout + r.stderr).split())[-n:]
+
+
+def extract_cmd(root, *extra):
+    return [PY, "-m", "features", "extract", "--dataset", "demo", "--root", root, *EXTRACT, *extra]
+
+
+def verify(root, name="demo") -> subprocess.CompletedProcess:
+    return run(PY, "-m", "pipeline", "verify", Path(root) / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. concurrent writers (also builds the dataset the other faults use)
+
+def concurrent_writers(root: Path) -> tuple[bool, str]:
+    procs = [start(*extract_cmd(root)) for _ in range(3)]
+    procs += [start(PY, "-m", "pipeline", "parse", "--dataset", "demo", "--root", root, "--chunk-size", "50",
+                    "--no-progress") for _ in range(3)]
+    rcs = []
+    for p in procs:
+        out, err = p.communicate(timeout=1800)
+        rcs.append(p.returncode)
+        if p.returncode:
+            last = (err.strip().splitlines() or [""])[-1]
+    v = verify(root)
+    ok = all(rc == 0 for rc in rcs) and v.returncode == 0
+    what = f"exit codes {rcs}; verify: {tail(v, 120)}"
+    if not ok and any(rcs):
+        what += f"; last error: {last[-200:]}"
+    return ok, what
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. crafted checkpoints
+
+CRAFT = textwrap.dedent("""
+    import os, sys, torch
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + sys.argv[2],))
+    state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+    state["payload"] = Payload()
+    torch.save(state, sys.argv[1])
+""")
+
+
+def crafted_checkpoint(root: Path, work: Path) -> tuple[bool, str]:
+    run_dir = work / "run"
+    r = run(PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", run_dir,
+            "--epochs", "1", "--batch-size", "8", "--max-images", "8", "--workers", "0")
+    if r.returncode:
+        return False, f"could not train the run to tamper with: {tail(r)}"
+    seen = []
+    loaders = {
+        "evaluate": [PY, "training/evaluate.py", run_dir, "--root", root, "--workers", "0"],
+        "train --resume": [PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root,
+                           "--out", run_dir, "--resume", "--workers", "0"],
+        "export": [PY, "training/evaluate.py", run_dir, "--root", root, "--workers", "0",
+                   "--export-index", work / "index"],
+    }
+    for name, cmd in loaders.items():
+        marker = work / f"ran-{name.replace(' ', '')}"
+        for ckpt in ("best.pt", "last.pt"):
+            shutil.copy(run_dir / ckpt, work / f"clean-{ckpt}")
+            r = run(PY, "-c", CRAFT, run_dir / ckpt, marker)
+            if r.returncode:
+                return False, f"could not craft {ckpt}: {tail(r)}"
+        r = run(*cmd)
+        seen.append(f"{name}: {'RAN THE CODE' if marker.exists() else 'no code ran'} (exit {r.returncode})")
+        for ckpt in ("best.pt", "last.pt"):
+            shutil.copy(work / f"clean-{ckpt}", run_dir / ckpt)
+    return all("no code ran" in s for s in seen), "; ".join(seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. an altered shard
+
+def flip_byte(path: Path, where: float = 0.9) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[int(len(raw) * where)] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def altered_shard(root: Path, work: Path) -> tuple[bool, str]:
+    shard = root / "demo" / "regions" / "regions-train-0001.h5"
+    flip_byte(shard)
+    t = run(PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root,
+            "--out", work / "run-altered", "--epochs", "1", "--batch-size", "8", "--workers", "0")
+    refused = t.returncode != 0 and shard.name in t.stderr
+    e = run(*extract_cmd(root))
+    rewritten = e.returncode == 0 and "wrote 1 regions" in e.stdout and verify(root).returncode == 0
+    return refused and rewritten, (f"train: {'refused, naming the file' if refused else 'TRAINED ON IT'} "
+                                   f"(exit {t.returncode}); extract rerun: "
+                                   f"{'rewrote it, verify ok' if rewritten else tail(e, 160)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4, 5. folder ingest: paths outside the image folder, one file under two names, a bomb
+
+def folder_dataset(work: Path, root: Path, name: str, rows: list[tuple[str, str]]) -> tuple[Path, Path]:
+    """A folder dataset under work/name: images/ with three of the demo's PNGs, a CSV of rows."""
+    src = work / name
+    (src / "images").mkdir(parents=True)
+    for i, png in enumerate(sorted((root / "demo" / "images").rglob("*.png"))[:3]):
+        shutil.copy(png, src / "images" / f"img{i}.png")
+    lines = ["file,caption,split"] + [f"{f},a photo number {k} of something,{'train' if k % 2 else 'test'}"
+                                      for k, (f, _) in enumerate(rows)]
+    (src / "captions.csv").write_text("\n".join(lines) + "\n")
+    manifest = src / "manifest.yaml"
+    manifest.write_text(f"name: {name}\nformat: folder\nsource_root: {src}\nimages: images\n"
+                        f"annotations: captions.csv\nmin_captions: 1\n")
+    return src, manifest
+
+
+def ingested_paths(root: Path, name: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    path = root / name / "images.parquet"
+    return pq.read_table(path).column("path").to_pylist() if path.exists() else []
+
+
+def traversal_rows(work: Path, root: Path) -> tuple[bool, str]:
+    outside = work / "outside"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    shutil.copy(sorted((root / "demo" / "images").rglob("*.png"))[0], secret)
+    bad = {"../outside/secret.png": "a ../ path",          # rows 3, 4, 5 of the CSV: test, train, test
+           "sub/../img0.png": "img0.png (a test image) again, under a second name, in train",
+           str(secret): "an absolute path"}
+    src, manifest = folder_dataset(work, root, "folder_paths",
+                                   [("img0.png", ""), ("img1.png", ""), *[(f, "") for f in bad]])
+    (src / "images" / "sub").mkdir()
+    r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest", "--quiet")
+    paths = [Path(p).resolve() for p in ingested_paths(work / "ingest", "folder_paths")]
+    images = (src / "images").resolve()
+    outside_in = [str(p) for p in paths if not p.is_relative_to(images)]
+    twice = len(paths) - len(set(paths))
+    report = r.stdout + r.stderr + "".join(p.read_text() for p in (work / "ingest").rglob("ingest-report*"))
+    rows = [f for f, _ in [("img0.png", ""), ("img1.png", ""), *[(f, "") for f in bad]]]
+    reported = [f for f in bad if f in report or f"line {rows.index(f) + 2}" in report]
+    ok = r.returncode in (0, 1) and bool(paths or r.returncode) and not outside_in and not twice \
+        and len(reported) == len(bad)
+    return ok, (f"exit {r.returncode}; ingested outside the image folder: {outside_in or 'none'}; "
+                f"files under two ids: {twice}; rows reported: {len(reported)} of {len(bad)}")
+
+
+def bomb_in_ingest(work: Path, root: Path) -> tuple[bool, str]:
+    src, manifest = folder_dataset(work, root, "folder_bomb", [("img0.png", ""), ("img1.png", ""),
+                                                               ("bomb.png", "")])
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_features_extract import _png_with_size  # a valid 8x8 PNG whose header claims W x H
+
+    _png_with_size(src / "images" / "bomb.png", 20000, 20000)
+    r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest", "--quiet")
+    paths = ingested_paths(work / "ingest", "folder_bomb")
+    report = r.stdout + r.stderr + "".join(p.read_text() for p in (work / "ingest").rglob("ingest-report*"))
+    ok = r.returncode == 0 and len(paths) == 2 and "bomb.png" in report and "Traceback" not in report
+    return ok, (f"exit {r.returncode}, {len(paths)} image(s) ingested, bomb "
+                f"{'reported' if 'bomb.png' in report else 'NOT reported'}"
+                + (f"; {tail(r, 160)}" if not ok else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a full disk
+
+TMPFS = textwrap.dedent("""
+    set -e
+    mount -t tmpfs -o size=4m tmpfs "$1"
+    mkdir -p "$1/data/demo/text"
+    cp "$2/images.parquet" "$2/boxes.parquet" "$1/data/demo/"
+    cp "$2/text/captions.parquet" "$1/data/demo/text/"
+    cd "$3"
+    set +e
+    shift 3
+    "$@" --root "$MNT/data" > "$MNT.extract" 2>&1; echo "exit $?" >> "$MNT.extract"
+    avail=$(df --output=avail -B1 "$MNT" | tail -1)
+    head -c $((avail > 30000 ? avail - 30000 : 0)) /dev/zero > "$MNT/filler"
+    "$PYBIN" -m pipeline parse --dataset demo --root "$MNT/data" --chunk-size 50 --no-progress \\
+        > "$MNT.parse" 2>&1; echo "exit $?" >> "$MNT.parse"
+    "$PYBIN" -m pipeline verify "$MNT/data/demo" > "$MNT.verify" 2>&1; echo "exit $?" >> "$MNT.verify"
+""")
+
+INJECT = textwrap.dedent("""
+    import errno, sys, h5py, pyarrow.parquet as pq
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    h5py.File.flush = no_space
+    pq.write_table = no_space
+    sys.argv = sys.argv[1:]
+    import runpy
+    runpy.run_module(sys.argv[0], run_name="__main__")
+""")
+
+
+def full_disk_verdict(name: str, text: str) -> tuple[bool, str]:
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    code = lines[-1] if lines else "no output"
+    errors = [l for l in lines if "no space left" in l]
+    crash = "Traceback" in text or "Exception ignored" in text or code not in ("exit 1",)
+    ok = len(errors) == 1 and not crash
+    named = Path(errors[0].split("error: ", 1)[-1].split(":")[0]).name if errors else ""
+    return ok, f"{name}: {code}, {f'one line naming {named}, no space left' if errors else 'NO one-line error'}" + \
+        (" (traceback or crash)" if crash and errors else "")
+
+
+def full_disk(root: Path, work: Path) -> tuple[bool, str]:
+    mnt = work / "tmpfs"
+    mnt.mkdir()
+    env = dict(ENV, MNT=str(mnt), PYBIN=PY)
+    ds = root / "demo"
+    r = None
+    if shutil.which("unshare"):
+        r = run("unshare", "-Urm", "bash", "-c", TMPFS, "-", mnt, ds, REPO,
+                *[c for c in extract_cmd("X") if c not in ("--root", "X")], env=env)
+    if r is not None and Path(f"{mnt}.verify").exists():
+        how = "4 MB tmpfs"
+        checks = [full_disk_verdict("extract", Path(f"{mnt}.extract").read_text()),
+                  full_disk_verdict("parse", Path(f"{mnt}.parse").read_text())]
+        v = Path(f"{mnt}.verify").read_text()
+        intact = " 0 bad" in v and v.strip().endswith("exit 0")
+    else:  # no tmpfs here: the same error, injected into the writers
+        how = "injected ENOSPC (no tmpfs could be mounted)"
+        copy = work / "injected"
+        (copy / "demo" / "text").mkdir(parents=True)
+        for f in ("images.parquet", "boxes.parquet", "text/captions.parquet"):
+            shutil.copy(ds / f, copy / "demo" / f)
+        e = run(PY, "-c", INJECT, "features", *extract_cmd(copy)[3:])
+        p = run(PY, "-c", INJECT, "pipeline", "parse", "--dataset", "demo", "--root", copy, "--no-progress")
+        checks = [full_disk_verdict("extract", e.stdout + e.stderr + f"\nexit {e.returncode}"),
+                  full_disk_verdict("parse", p.stdout + p.stderr + f"\nexit {p.returncode}")]
+        v = verify(copy)
+        intact = v.returncode in (0, 1) and " 0 bad" in v.stdout
+    ok = all(c[0] for c in checks) and intact
+    return ok, f"{how}: " + "; ".join(c[1] for c in checks) + f"; registered files {'intact' if intact else 'NOT intact'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. smaller ones
+
+def identical_reruns(root: Path, work: Path) -> tuple[bool, str]:
+    copy = work / "repro"
+    (copy / "demo" / "text").mkdir(parents=True)
+    for f in ("images.parquet", "boxes.parquet", "text/captions.parquet"):
+        shutil.copy(root / "demo" / f, copy / "demo" / f)
+    r = run(*extract_cmd(copy, "--split", "train", "--chunk", "0"))
+    same = [(root / "demo" / k / f"{k}-train-0000.h5").read_bytes() == (copy / "demo" / k / f"{k}-train-0000.h5").read_bytes()
+            for k in ("regions", "grid") if (copy / "demo" / k / f"{k}-train-0000.h5").exists()]
+    return r.returncode == 0 and same == [True, True], f"region and grid shard of train chunk 0 byte-identical: {same}"
+
+
+def config_error(work: Path) -> tuple[bool, str]:
+    (work / "wf").mkdir(exist_ok=True)
+    r = run(PY, "-m", "snakemake", "-s", REPO / "Snakefile", "--directory", work / "wf", "-n", "demo",
+            "--config", "bogus_key=1", f"root={work / 'wf-data'}", timeout=300)
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip() and not l.startswith("Config file ")]
+    ok = r.returncode != 0 and len(lines) == 1 and "bogus_key" in lines[0]
+    return ok, f"{len(lines)} line(s): {lines[0][:100] if lines else ''}"
+
+
+WEIGHTS = textwrap.dedent("""
+    import sys
+    from features.__main__ import build_parser
+    from features.extract import config_from_args
+    from features.rcnn import BottomUpRCNN
+    from features.weights import load_weights, save_detectron2_pickle
+    args = build_parser().parse_args(["extract", "--dataset", "x", "--weights", "random", *sys.argv[2:]])
+    model = BottomUpRCNN(config_from_args(args))
+    load_weights(model, "random", seed=5)
+    save_detectron2_pickle(model, sys.argv[1])
+""")
+
+
+def weights_first(root: Path, work: Path) -> tuple[bool, str]:
+    weights = work / "other-shape.pkl"
+    r = run(PY, "-c", WEIGHTS, weights, *SMALL_NET[:-2], "--set", "num_attributes=12")
+    if r.returncode:
+        return False, f"could not write the weights: {tail(r)}"
+    cmd = extract_cmd(root, "--kind", "regions")
+    cmd[cmd.index("random")] = weights
+    e = run(*cmd)
+    announced = "replaced" in e.stderr or "another config" in e.stderr
+    return e.returncode == 1 and not announced, (f"exit {e.returncode}, "
+                                                 f"{'announced replacements first' if announced else 'refused before announcing anything'}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=None, help="work folder (default: a new temporary folder)")
+    ap.add_argument("--images", type=int, default=60, help="demo images (default 60)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="itmkit-faults-")).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    root = work / "data"
+    t0 = time.time()
+    r = run(PY, "-m", "pipeline", "demo", "--root", root, "--images", args.images, "--image-size", "96", "--quiet")
+    if r.returncode:
+        print(f"faults: could not build the demo: {tail(r)}", file=sys.stderr)
+        return 1
+    faults = [
+        ("concurrent extract + parse", lambda: concurrent_writers(root)),
+        ("crafted checkpoint", lambda: crafted_checkpoint(root, work)),
+        ("altered shard", lambda: altered_shard(root, work)),
+        ("ingest paths outside the folder", lambda: traversal_rows(work, root)),
+        ("decompression bomb in ingest", lambda: bomb_in_ingest(work, root)),
+        ("full disk", lambda: full_disk(root, work)),
+        ("identical reruns", lambda: identical_reruns(root, work)),
+        ("config error is one line", lambda: config_error(work)),
+        ("weights checked first", lambda: weights_first(root, work)),
+    ]
+    failed = 0
+    for name, check in faults:
+        t = time.time()
+        if name == "crafted checkpoint":  # needs the vocabulary of the parsed captions
+            run(PY, "-m", "pipeline", "vocab", "--dataset", "demo", "--root", root, "--min-count", "1", "--no-progress")
+        try:
+            ok, what = check()
+        except Exception as e:  # a fault that breaks the audit itself is a failure, not a crash
+            ok, what = False, f"{type(e).__name__}: {e}"
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {name:32s} {what}  [{time.time() - t:.0f}s]", flush=True)
+    print(f"faults: {len(faults) - failed} of {len(faults)} passed in {time.time() - t0:.0f}s "
+          f"({args.images}-image demo in {work}{'' if args.keep else ', removed'}), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    if not args.keep and not args.dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
