@@ -289,6 +289,10 @@ def test_validation_with_a_shortlist(runs, tmp_path, capsys):
             train.main([*small, "--out", str(tmp_path / "bad"), "--set", bad])
         assert e.value.code == 2
         assert "val_topk" in capsys.readouterr().err
+    # --resume keeps the run's settings: another val_topk is a usage error naming it
+    with pytest.raises(SystemExit) as e:
+        train.main([*small, "--out", str(tmp_path / "k2"), "--resume", "--set", "val_topk=3"])
+    assert e.value.code == 2 and "val_topk (2 saved, 3 given)" in capsys.readouterr().err
 
 
 def _torchrun(*args):
