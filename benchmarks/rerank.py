@@ -10,7 +10,9 @@ stopped before its last epoch is resumed first (train --resume). For each re-ran
 full scoring of the split (every pair, ``compute_sims``), then for each shortlister its full
 scoring (one matrix product) and, for each K, the model re-scoring the K best candidates of every
 query in both directions (``training/shortlist.py``, as ``evaluate.py --shortlist`` does). Each
-cell reports rSum (f30k-1k protocol) and the hard-negative accuracies per kind, the pairs scored
+cell reports rSum (f30k-1k protocol), the shortlist's recall@K (the share of image / caption queries
+with a ground truth among their K candidates: the bound on what re-ranking reaches), the
+hard-negative accuracies per kind, the pairs scored
 and the scoring seconds (loading runs not counted; a shortlisted cell counts the shortlister's
 scoring, the top-K selection, the model encoding the split and scoring the pairs). Fusion rows
 re-rank the same pair scores with ``--fuse`` weights, at no extra scoring cost.
@@ -88,15 +90,20 @@ def measure(args, results: dict, save) -> None:
             save(full_key, cell(sims, None, ids, pairs, sims.size, time.perf_counter() - t, load))
             del sims
         for fast in args.shortlisters:
+            alone = f"{name}/{fast}"   # the shortlister on its own, on the same split, and its recall@K
             todo = [k for k in args.topk if f"{name}/{fast}@{k}" not in results]
-            if not todo:
+            unbounded = [k for k in args.topk if str(k) not in results.get(alone, {}).get("recall_at_k", {})]
+            if not todo and not unbounded:
                 continue
             load = os.getloadavg()
             shortlist, fast_s = split_shortlist(Path(args.runs) / fast, run.data, max(args.topk),
                                                 batch_size=args.batch_size)
-            alone = f"{name}/{fast}"
-            if alone not in results:   # the shortlister on its own, on the same split
-                save(alone, cell(shortlist.sims, None, ids, pairs, shortlist.sims.size, fast_s, load))
+            if alone not in results or unbounded:
+                entry = results.get(alone) or cell(shortlist.sims, None, ids, pairs, shortlist.sims.size,
+                                                   fast_s, load)
+                entry["recall_at_k"] = {**entry.get("recall_at_k", {}), **{
+                    str(k): Shortlist.from_sims(shortlist.sims, k).recall() for k in unbounded}}
+                save(alone, entry)
             for k in todo:
                 print(f"rerank: {name}: {fast} top {k}", file=sys.stderr)
                 load, t = os.getloadavg(), time.perf_counter()
@@ -118,17 +125,19 @@ def _hn(c: dict, kinds: list[str]) -> str:
 
 def report(args, results: dict) -> None:
     kinds = sorted({k for c in results.values() for k in c.get("hard_negatives", {})})
-    head = "| model | scoring | rSum | % of full | pairs scored | seconds | speed-up |" + "".join(
-        f" {k} i2t / t2i % |" for k in kinds)
+    head = ("| model | scoring | rSum | % of full | shortlist R@K i2t / t2i % | pairs scored | seconds | speed-up |"
+            + "".join(
+        f" {k} i2t / t2i % |" for k in kinds))
     for name in args.models:
         full = results.get(f"{name}/full")
         if full is None:
             continue
         base, secs = full["metrics"]["rsum"], full["seconds"]
 
-        def row(label, c, model=name):
+        def row(label, c, model=name, bound=None):
             m = c["metrics"]
-            return (f"| {model} | {label} | {m['rsum']:.1f} | {100 * m['rsum'] / base:.1f} | {c['pairs']:,} "
+            bound = f"{bound['i2t']:.1f} / {bound['t2i']:.1f}" if bound else "-"
+            return (f"| {model} | {label} | {m['rsum']:.1f} | {100 * m['rsum'] / base:.1f} | {bound} | {c['pairs']:,} "
                     f"({100 * c['pairs'] / full['pairs']:.1f} %) | {c['seconds']:.1f} | "
                     f"{secs / c['seconds']:.1f}x |" + _hn(c, kinds))
         print(f"\n{name}: full scoring {full['pairs']:,} pairs in {secs:.1f} s (load "
@@ -137,11 +146,12 @@ def report(args, results: dict) -> None:
         print("|" + "---|" * (head.count("|") - 1))
         print(row("every pair", full))
         for fast in args.shortlisters:
+            bounds = results.get(f"{name}/{fast}", {}).get("recall_at_k", {})
             if f"{name}/{fast}" in results:
                 print(row(f"{fast} alone", results[f"{name}/{fast}"], fast))
             for k in args.topk:
                 if (c := results.get(f"{name}/{fast}@{k}")) is not None:
-                    print(row(f"{fast} top {k}", c))
+                    print(row(f"{fast} top {k}", c, bound=bounds.get(str(k))))
         if args.fuse:
             print(f"\n{name}, fused with the shortlister (alpha * {name} + (1 - alpha) * shortlister, "
                   "standardised per query; same pairs and time):\n")
@@ -149,8 +159,9 @@ def report(args, results: dict) -> None:
             print("|" + "---|" * (head.count("|") - 1))
             for fast in args.shortlisters:
                 for k in args.topk:
+                    bound = results.get(f"{name}/{fast}", {}).get("recall_at_k", {}).get(str(k))
                     for alpha, c in results.get(f"{name}/{fast}@{k}", {}).get("fused", {}).items():
-                        print(row(f"{fast} top {k}, alpha {alpha}", c))
+                        print(row(f"{fast} top {k}, alpha {alpha}", c, bound=bound))
         for fast in args.shortlisters:
             hit = [k for k in args.topk if (c := results.get(f"{name}/{fast}@{k}")) is not None
                    and c["metrics"]["rsum"] >= GOAL_RSUM * base and secs / c["seconds"] >= GOAL_SPEEDUP]

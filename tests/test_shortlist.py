@@ -352,3 +352,31 @@ def test_two_processes_score_the_same_matrix_and_shortlist_as_one(runs, tmp_path
         for k in ("seconds", "shortlist_seconds", "rerank_seconds"):
             entry["shortlist"].pop(k)
     assert double == single
+
+
+def test_rerank_benchmark_cells_resume_and_a_stopped_training(runs, tmp_path, capsys):
+    """benchmarks/rerank.py: a run stopped before its last epoch is trained to the end first;
+    re-scoring every candidate (K = 40 captions, 8 images) equals full scoring, with the
+    shortlist's recall@K at 100 %; a second call measures nothing again."""
+    import shutil
+
+    from benchmarks import rerank as bench
+    shutil.copytree(runs / "vsepp", tmp_path / "vsepp")
+    small = ["--dataset", "synth", "--root", str(runs / "data"), "--epochs", "2", "--batch-size", "20",
+             "--workers", "0", "--set", "embed_dim=32", "--set", "word_dim=16"]
+    assert train.main(["--model", "resg", "--out", str(tmp_path / "resg"), *small, "--stop-after", "1"]) == 0
+    argv = ["--runs", str(tmp_path), "--models", "resg", "--shortlisters", "vsepp", "--topk", "2,40",
+            "--fuse", "0.5"]
+    assert bench.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "rerank: resg: trained 1 of 2 epochs; resuming its training" in err
+    assert len((tmp_path / "resg" / "metrics.csv").read_text().splitlines()) == 3   # header + 2 epochs
+    results = json.loads((tmp_path / "rerank.json").read_text())
+    full, every, two = results["resg/full"], results["resg/vsepp@40"], results["resg/vsepp@2"]
+    assert every["metrics"]["rsum"] == pytest.approx(full["metrics"]["rsum"])
+    assert results["resg/vsepp"]["recall_at_k"]["40"] == {"i2t": 100.0, "t2i": 100.0}
+    assert two["pairs"] < every["pairs"] <= full["pairs"] == 8 * 40 and set(two["fused"]) == {"0.5"}
+    before = (tmp_path / "rerank.json").read_bytes()
+    assert bench.main(argv) == 0
+    assert "rerank: resg:" not in capsys.readouterr().err
+    assert (tmp_path / "rerank.json").read_bytes() == before
