@@ -4,7 +4,7 @@
            [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
            [--export-index DIR]
     itmkit evaluate --ensemble runs/A runs/B [--split test]   # averages saved sims
-    itmkit evaluate runs/KIDRR --shortlist runs/VSEPP [--topk 20] [--fuse 0.5]
+    itmkit evaluate runs/KIDRR --shortlist runs/VSEPP [--topk 100] [--fuse 0.5]
     torchrun --nproc_per_node N training/evaluate.py runs/NAME ...   # scoring split over N processes
 
 ``python training/evaluate.py ...`` is the same as ``itmkit evaluate ...``.
@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shortlist", metavar="RUN2", default=None,
                    help="a two-tower run of the same dataset ranks every candidate; RUN re-scores only "
                         "each query's --topk best (default: none, every pair scored)")
-    s.add_argument("--topk", type=positive_int, default=20, metavar="K",
+    s.add_argument("--topk", type=positive_int, default=100, metavar="K",
                    help="candidates per query that RUN re-scores, with --shortlist")
     s.add_argument("--fuse", type=float, default=None, metavar="ALPHA",
                    help="with --shortlist: rank the candidates by ALPHA * RUN + (1 - ALPHA) * RUN2, both "
