@@ -38,7 +38,7 @@ def plan_chunks(images, shard_size: int, given: dict | None, split=None, chunk=N
     ids, paths = images["image_id"].to_numpy(), images["path"].to_pylist()
     names = [split] if split else list(dict.fromkeys(splits.tolist()))
     if split and split not in set(splits.tolist()):
-        raise SystemExit(f"features extract: no images of split {split!r} in images.parquet")
+        raise UsageError(f"--split {split}: no images of that split in images.parquet")
     chunks = []
     for name in names:
         rows = np.flatnonzero(splits == name)
@@ -53,7 +53,7 @@ def plan_chunks(images, shard_size: int, given: dict | None, split=None, chunk=N
                 hashes["regions"] = shards.config_hash(dict(inputs, boxes=boxes))
             chunks.append(Chunk(name, k, part, inputs["ids"], hashes))
     if chunk is not None and not chunks:
-        raise SystemExit(f"features extract: chunk {chunk} does not exist at --shard-size {shard_size}")
+        raise UsageError(f"--chunk {chunk}: no such chunk at --shard-size {shard_size}")
     return chunks
 
 

@@ -403,7 +403,7 @@ def write_png(path: Path, pixels: np.ndarray, tag: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("itmkit", tag)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # two demos on one root never share one
     Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
 

@@ -124,13 +124,16 @@ def test_config_change_replaces_old_shards_never_mixes(tmp_path, capsys):
     assert len(layout.index.files("grid", new_hash)) == 2
 
 
-def test_split_and_chunk_restrict_the_run(tmp_path):
+def test_split_and_chunk_restrict_the_run(tmp_path, capsys):
     layout, _ = make_dataset(tmp_path)
     rc, summary = extract(layout, "--kind", "grid", "--shard-size", "2", "--split", "train", "--chunk", "1")
     assert rc == 0 and [e.path for e in layout.index.entries("grid")] == ["grid/grid-train-0001.h5"]
     assert layout.index.entries("grid")[0].extra["backbone"] == {"passes": 1, "kinds": ["grid"]}
-    with pytest.raises(SystemExit, match="chunk 7 does not exist"):
-        extract(layout, "--kind", "grid", "--shard-size", "2", "--split", "train", "--chunk", "7")
+    for bad, message in ((["--split", "train", "--chunk", "7"], "--chunk 7: no such chunk at --shard-size 2"),
+                         (["--split", "dev"], "--split dev: no images of that split in images.parquet")):
+        with pytest.raises(SystemExit) as e:
+            extract(layout, "--kind", "grid", "--shard-size", "2", *bad)
+        assert e.value.code == 2 and message in capsys.readouterr().err         # a usage error
 
 
 def test_given_boxes(tmp_path):
@@ -205,6 +208,19 @@ def _png_with_size(path, width, height):
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     path.write_bytes(bytes(data))
+
+
+def test_max_pixels_decides_what_is_too_large(tmp_path):
+    from pipeline.images import MAX_PIXELS, BadImage, open_image
+
+    _png_with_size(tmp_path / "big.png", 10_000, 9_500)       # over Pillow's own warning level
+    with open_image(tmp_path / "big.png") as im:               # opened lazily: nothing decoded
+        assert im.size == (10_000, 9_500)
+    _png_with_size(tmp_path / "bigger.png", 10_001, 10_000)
+    with pytest.raises(BadImage, match=f"10001x10000 is over {MAX_PIXELS:,} pixels"):
+        open_image(tmp_path / "bigger.png")
+    with pytest.raises(BadImage, match="too large"):
+        open_image(tmp_path / "big.png", max_pixels=90_000_000)
 
 
 def make_bad_images(d: Path) -> dict:

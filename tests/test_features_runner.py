@@ -84,3 +84,20 @@ def test_batched_by_size_in_order_one_pass_and_profile(tmp_path, capsys):
     for stage in ("decode wait", "backbone", "grid head", "rpn", "box head", "box selection", "writing",
                   "loop wall"):
         assert f"\n{stage} " in table, table
+
+
+def test_coco_sizes_counts_input_sizes_and_batches(tmp_path, capsys):
+    import json
+
+    from benchmarks.coco_sizes import consecutive_batches, main
+
+    assert consecutive_batches(["a", "a", "b", "a", "a", "a", "a", "a"], 4) == 4   # aa | b | aaaa | a
+    sizes = [(640, 480), (480, 640)] * 4 + [(640, 427), (1000, 300)]     # two sizes taking turns
+    (tmp_path / "c.json").write_text(json.dumps({"images": [{"width": w, "height": h} for w, h in sizes]}))
+    assert main([str(tmp_path / "c.json"), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "10 images, 4 distinct input sizes at 600/1000" in out
+    assert "640-class (long side 640): 9 images in 3 sizes -> 3 input sizes" in out
+    assert "640x480 -> 800x600: 44 %" in out and "480x640 -> 600x800: 44 %" in out
+    # as they come every image is a call of its own; grouped: 4 + 4 + 1 + 1
+    assert "1.00 images per forward call as they come; 2.50 grouped by size within 128 rows (80 % " in out

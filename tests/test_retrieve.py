@@ -20,6 +20,7 @@ from training.data import (CaptionDataset, DataConfig, ImageDataset, ShardData, 
                            make_loader)
 from training.evaluation import compute_sims
 from training.run import LoadedRun, load_run
+from training.shortlist import Shortlist, rerank_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,6 +193,30 @@ def test_shortlist_rescores_the_two_tower_top_k_and_keeps_the_rest_in_its_order(
     assert np.allclose(got.scores[:3], np.sort(rescored)[::-1], atol=1e-6)
     assert got.rows[3:].tolist() == two_tower.rows[3:6].tolist() and got.rescored == 3
     assert np.allclose(got.scores[3:], two_tower.scores[3:6])
+
+
+def test_a_query_is_reranked_as_the_evaluation_ranks_it(run, tmp_path):
+    """One shortlist implementation: retrieval's top K of a caption, plain and fused, come in the
+    order of that caption's column of a shortlisted evaluation (``Shortlist.rankings``)."""
+    root, out, loaded = run
+    torch.manual_seed(1)
+    cross = LoadedRun(loaded.dir, loaded.root, loaded.config, loaded.vocab,
+                      models.build("resg", {"embed_dim": 16, "word_dim": 8}, loaded.vocab).eval(),
+                      {}, "best", loaded.data)
+    data, k = loaded.data, 4
+    images = make_loader(ImageDataset(data), collate_images, 3)
+    texts = make_loader(CaptionDataset(data), collate_text, 7)
+    sl = Shortlist.from_sims(compute_sims(loaded.model, images, texts, progress=False), k)
+    scores = rerank_split(cross.model, images, texts, sl, progress=False).scores
+    first = retrieve.IndexSearch(loaded, "images", retrieve.IndexConfig(), tmp_path)
+    blocks = retrieve.BlockSearch(cross, "images", progress=False)
+    for j in (3, 20, 33):
+        query = retrieve.caption_query(loaded, int(data.text.caption_ids[j]))
+        assert first.search(query, k).rows.tolist() == sl.t2i[j].tolist()   # the same shortlist
+        for fuse in (None, 0.5):
+            got = retrieve.ShortlistSearch(blocks, first, topk=k, fuse=fuse).search(query, k)
+            t2i = sl.rankings(scores, fuse)[1][:, j]
+            assert got.rows.tolist() == np.argsort(-t2i, kind="stable")[:k].tolist(), (j, fuse)
 
 
 def test_bad_input_gets_one_line_and_exit_1_or_2(run, tmp_path):

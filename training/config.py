@@ -14,6 +14,19 @@ from training.checkpoint import CheckpointError
 
 
 @dataclass
+class RunSettings:
+    """The RunConfig fields train.py's ``--set`` accepts next to the model config's. Validation
+    shortlisted by a two-tower run (training/shortlist.py): the model re-scores only each query's
+    val_topk best candidates; "" = every pair scored. Run settings, not model hyper-parameters:
+    they choose how best.pt is picked, not what the model computes."""
+    val_shortlist: str = ""
+    val_topk: int = 20
+
+
+RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(RunSettings))
+
+
+@dataclass
 class RunConfig:
     model: str
     dataset: str
@@ -25,6 +38,8 @@ class RunConfig:
     max_len: int = 64
     max_images: int | None = None    # first N train images (quick runs)
     eval_batch_size: int = 128
+    val_shortlist: str = ""          # RunSettings
+    val_topk: int = 20
     model_config: dict = field(default_factory=dict)   # the resolved ModelConfig
     shard_hashes: dict = field(default_factory=dict)   # kind -> config hash trained on
     vocab_fingerprint: str = ""
@@ -56,6 +71,15 @@ def dataset_key(name: str) -> str:
 def parse_overrides(items: list[str], config_class) -> dict:
     """``--set lr=1e-4 --set lr_decay_epochs=10,20`` -> typed dict (types from the dataclass)."""
     return typed_settings(items, config_class, f"model config {config_class.__name__}")
+
+
+def parse_run_settings(items: list[str], config_class) -> tuple[dict, dict]:
+    """train.py's ``--set`` items split into the run settings (``RunSettings``, typed) and the
+    model config's overrides (typed by ``config_class``)."""
+    ours = [s for s in items if s.partition("=")[0].strip() in RUN_SETTINGS]
+    return (typed_settings(ours, RunSettings, "the run settings"),
+            typed_settings([s for s in items if s not in ours], config_class,
+                           f"model config {config_class.__name__} (run settings: {', '.join(RUN_SETTINGS)})"))
 
 
 def parse_shared_overrides(items: list[str], config_class) -> dict:

@@ -4,6 +4,8 @@
            [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
            [--export-index DIR]
     itmkit evaluate --ensemble runs/A runs/B [--split test]   # averages saved sims
+    itmkit evaluate runs/KIDRR --shortlist runs/VSEPP [--topk 100] [--fuse 0.5]
+    torchrun --nproc_per_node N training/evaluate.py runs/NAME ...   # scoring split over N processes
 
 ``python training/evaluate.py ...`` is the same as ``itmkit evaluate ...``.
 
@@ -13,16 +15,24 @@ cannot run (a protocol the split does not fit, hard negatives on a dataset witho
 index of a cross-attention model) is skipped with one line saying why; the rest is computed and
 saved.
 The data root defaults to the one the run was trained on.
+
+--shortlist RUN2 (a two-tower run of the same dataset) ranks every candidate of every query, RUN
+re-scores only each query's --topk best (training/shortlist.py); the results go under
+"<split>/<protocol> shortlist=RUN2@K" with the pairs scored and the time. A query whose ground truth
+is not in its shortlist counts as RUN2 ranked it: RUN2's recall@K bounds the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from pipeline import shards
 from pipeline.config import UsageError, add_quiet_argument, positive_int, run_command
@@ -34,6 +44,7 @@ from training.data import CaptionDataset, ImageDataset, collate_images, collate_
 from training.evaluation import (PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result,
                                  small_split_warning)
 from training.run import add_run_arguments, data_root, load_run
+from training.shortlist import rerank_split, split_shortlist
 
 ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
 
@@ -59,6 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold-size", type=positive_int, default=1000, help="images per coco-1k fold")
     p.add_argument("--export-index", metavar="DIR", help="two-tower models: also write the image and "
                    "caption embeddings (float16 + ids) to DIR for a vector index (training/export.py)")
+    s = p.add_argument_group("shortlist and re-rank (training/shortlist.py)")
+    s.add_argument("--shortlist", metavar="RUN2", default=None,
+                   help="a two-tower run of the same dataset ranks every candidate; RUN re-scores only "
+                        "each query's --topk best (default: none, every pair scored)")
+    s.add_argument("--topk", type=positive_int, default=100, metavar="K",
+                   help="candidates per query that RUN re-scores, with --shortlist")
+    s.add_argument("--fuse", type=float, default=None, metavar="ALPHA",
+                   help="with --shortlist: rank the candidates by ALPHA * RUN + (1 - ALPHA) * RUN2, both "
+                        "standardised per query (default: none, RUN's scores alone)")
     add_quiet_argument(p)
 
 
@@ -98,20 +118,69 @@ def ensemble_sims(members: list[str], split: str) -> tuple[np.ndarray, np.ndarra
             str(first["dataset"]))
 
 
+def check_args(args, world: int) -> None:
+    if not args.run and not args.ensemble:
+        raise UsageError("give a run folder (or --ensemble RUN1 RUN2 ...)")
+    if args.fuse is not None and not args.shortlist:
+        raise UsageError("--fuse needs --shortlist RUN2")
+    if args.shortlist and args.ensemble:
+        raise UsageError("--shortlist re-scores with a run's model; an ensemble averages saved similarities")
+    if args.fuse is not None and not 0.0 <= args.fuse <= 1.0:
+        raise UsageError(f"--fuse must be in [0, 1], got {args.fuse}")
+    if args.ensemble and world > 1:
+        raise UsageError("--ensemble averages saved similarities: there is nothing to split over processes")
+
+
+def distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun, else (0, 1, device). The processes exchange only
+    CPU arrays (scores), so gloo serves CPUs and GPUs alike; each process takes GPU LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    dist.init_process_group("gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def shortlisted(run, args, images, texts, device: str, rank: int, world: int):
+    """RUN re-scoring RUN2's shortlist on the split: (Reranked, the eval.json entry's "shortlist"
+    part) on process 0, (None, None) on the others. The seconds are of scoring: RUN2 on every pair,
+    then RUN encoding the split and scoring the shortlisted pairs (loading the runs is not counted)."""
+    shortlist, shortlist_s = split_shortlist(args.shortlist, run.data, args.topk, device, args.batch_size,
+                                             args.workers, not args.quiet) if rank == 0 else (None, 0.0)
+    done = rerank_split(run.model, images, texts, shortlist, device, args.fuse, rank, world, not args.quiet)
+    if done is None:
+        return None, None
+    n, m = shortlist.sims.shape
+    info = {"run": str(args.shortlist), "k": args.topk, "fuse": args.fuse, "pairs": done.pairs,
+            "all_pairs": n * m, "seconds": shortlist_s + done.seconds, "shortlist_seconds": shortlist_s,
+            "rerank_seconds": done.seconds, "recall_at_k": shortlist.recall(run.data.cfg.captions_per_image)}
+    rec = info["recall_at_k"]
+    print(f"shortlist: {args.shortlist} top {args.topk} of each query, re-scored by {run.config.model}"
+          f"{f' fused at {args.fuse:g}' if args.fuse is not None else ''}: {done.pairs:,} of {n * m:,} pairs "
+          f"({100.0 * done.pairs / (n * m):.1f} %) in {info['seconds']:.1f} s"
+          + (f"; the shortlist holds a ground truth for {rec['i2t']:.1f} % of images, {rec['t2i']:.1f} % "
+             f"of captions (the bound on R@K for K >= {args.topk})" if rec else ""))
+    return done, info
+
+
 def main(argv=None) -> int:
     """``itmkit evaluate`` from Python; errors are raised."""
     return run_command(add_arguments, command, argv)
 
 
 def command(args) -> int:
-    if not args.run and not args.ensemble:
-        raise UsageError("give a run folder (or --ensemble RUN1 RUN2 ...)")
+    rank, world, device = distributed(args.device)
+    check_args(args, world)
     written, skipped = [], []
 
     def skip(part: str, why: str) -> None:
         skipped.append(part)
         print(f"evaluate: skipped {part}: {why}", file=sys.stderr)
 
+    t2i_sims, suffix = None, ""
     if args.ensemble:
         members = args.ensemble
         sims, image_ids, caption_ids, dataset = ensemble_sims(members, args.split)
@@ -123,21 +192,34 @@ def command(args) -> int:
             if getattr(args, flag[2:].replace("-", "_")):
                 skip(flag, "an ensemble averages saved similarities; it has no model of its own")
     else:
-        run = load_run(args.run, args.root, which=args.checkpoint, device=args.device, split=args.split,
+        run = load_run(args.run, args.root, which=args.checkpoint, device=device, split=args.split,
                        max_images=args.max_images)
         data = run.data
         two_tower = models.get(run.config.model).two_tower
-        if args.export_index and not two_tower:   # said before the scoring, which may take long
+        if rank == 0 and args.export_index and not two_tower:   # said before the scoring, which may take long
             skip("--export-index", f"model '{run.config.model}' is a cross-attention model: its scores "
                  "need the image and the caption together, so it has no per-item embeddings to index")
         images = make_loader(ImageDataset(data), partial(collate_images, half=True), args.batch_size,
                              workers=args.workers)
         texts = make_loader(CaptionDataset(data), collate_text, args.batch_size * 5, workers=args.workers)
-        sims = compute_sims(run.model, images, texts, args.device, progress=not args.quiet)
+        if args.shortlist:
+            done, info = shortlisted(run, args, images, texts, device, rank, world)
+            sims, t2i_sims, tag = (done.i2t, done.t2i, {"shortlist": info}) if done else (None, None, {})
+            suffix = f" shortlist={args.shortlist}@{args.topk}" + (
+                f" fuse={args.fuse:g}" if args.fuse is not None else "")
+        else:
+            sims, tag = compute_sims(run.model, images, texts, device, progress=not args.quiet,
+                                     rank=rank, world=world), {}
+        if rank != 0:   # the other processes only scored their share
+            dist.destroy_process_group()
+            return 0
         image_ids, caption_ids = data.image_ids, data.text.caption_ids
         dataset, root = run.config.dataset, run.root
-        out, tag, what = run.dir / "eval.json", {}, f"{args.run} ({args.checkpoint}.pt)"
-        if args.save_sims:
+        out, what = run.dir / "eval.json", f"{args.run} ({args.checkpoint}.pt)"
+        if args.save_sims and args.shortlist:
+            skip("--save-sims", "a shortlisted evaluation ranks each direction on its own; there is no "
+                 "one similarity matrix to save")
+        elif args.save_sims:
             save_sims(sims_path(run.dir, args.split), sims, data.image_ids, data.text.caption_ids,
                       {"dataset": dataset, "shard_hashes": data.hashes})
             written.append(str(sims_path(run.dir, args.split)))
@@ -155,12 +237,12 @@ def command(args) -> int:
     for protocol in protocols:
         try:
             result, line = protocol_result(sims, protocol, args.fold_size, image_ids=image_ids,
-                                           caption_ids=caption_ids)
+                                           caption_ids=caption_ids, t2i_sims=t2i_sims)
         except ValueError as e:   # e.g. coco-1k on fewer images than a fold, eccv off COCO 5K
             failed.append((protocol, e))
             continue
-        results[f"{args.split}/{protocol}"] = {**result, **tag}
-        print(f"{protocol} ({args.split}, {sims.shape[0]} images): {line}")
+        results[f"{args.split}/{protocol}{suffix}"] = {**result, **tag}
+        print(f"{protocol} ({args.split}, {sims.shape[0]} images{suffix}): {line}")
     if not results:   # nothing to keep: the first reason is the error
         raise failed[0][1]
     for protocol, e in failed:
@@ -172,8 +254,8 @@ def command(args) -> int:
                  "does not exist)")
         else:
             pairs = shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
-            hn = hard_negative_accuracy(sims, image_ids, pairs)
-            results[f"{args.split}/hard_negatives"] = {**hn, **tag}
+            hn = hard_negative_accuracy(sims, image_ids, pairs, t2i_sims=t2i_sims)
+            results[f"{args.split}/hard_negatives{suffix}"] = {**hn, **tag}
             for kind, r in hn.items():
                 if isinstance(r, dict):
                     print(f"hard negatives [{kind}] {r['pairs']} pairs: image->text {r['i2t_acc']:.1f}% "
@@ -183,6 +265,8 @@ def command(args) -> int:
     written.append(str(out))
     print(f"evaluate: {what} on {dataset}/{args.split}: {', '.join(results)}"
           f"{'; skipped ' + ', '.join(skipped) if skipped else ''}; wrote {', '.join(written)}")
+    if world > 1:
+        dist.destroy_process_group()
     return 0
 
 

@@ -46,9 +46,12 @@ def collapse_note(mean_loss: float, sims, margin: float, batch_size: int) -> str
     the loss sits at 2 x margin x batch, and its gradient cancels: the run stays there. Both
     signs are required: the epoch's mean loss within 5 % of that value, and validation scores
     ``sims`` [images, captions] (numpy) whose spread along one of the two axes is below 1 % of
-    the margin (so a loss of another form that passes that value is not flagged)."""
+    the margin (so a loss of another form that passes that value is not flagged). A shortlisted
+    validation gives the pair (each image's scores of its candidate captions [images, K], each
+    caption's scores of its candidate images [captions, K]) instead of the matrix."""
     collapsed = 2 * margin * batch_size
-    spread = min(float(sims.std(0).mean()), float(sims.std(1).mean()))
+    i2t, t2i = sims if isinstance(sims, tuple) else (sims, sims.T)
+    spread = min(float(i2t.std(1).mean()), float(t2i.std(1).mean()))
     if abs(mean_loss - collapsed) > 0.05 * collapsed or spread >= 0.01 * margin:
         return ""
     return (f" COLLAPSED: loss near 2 x margin x batch = {collapsed:g}, validation scores "

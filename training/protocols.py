@@ -13,9 +13,11 @@ captions); a positive outside that pool counts in R and is never retrieved, as i
 Only rankings are read: image->text uses the order of the scores within each row of the
 similarity matrix, text->image the order within each column; scores of different rows (or
 columns) are never compared. A matrix in which some entries only encode a shortlist's order is
-therefore fine. Ties count against the model, as in ``training/evaluation.py``: a positive ranks
-below every non-positive with the same score. ``training/evaluation.py`` registers both by name
-next to SCAN's protocols (``evaluate.py --protocol eccv|cxc``).
+therefore fine, and a shortlisted evaluation, which ranks each direction on its own
+(``training/shortlist.py``), passes its text->image matrix as ``t2i_sims``. Ties count against
+the model, as in ``training/evaluation.py``: a positive ranks below every non-positive with the
+same score. ``training/evaluation.py`` registers both by name next to SCAN's protocols
+(``evaluate.py --protocol eccv|cxc``).
 """
 
 from __future__ import annotations
@@ -162,14 +164,18 @@ def r_precision(ranks: np.ndarray, r: np.ndarray) -> np.ndarray:
     return (ranks <= r[:, None]).sum(1) / r
 
 
-def _directions(ann: Annotations, sims: np.ndarray, image_ids, caption_ids):
-    """Per direction: its name, the matrix with one row per query item (``sims`` or ``sims.T``),
-    the queries' rows, the pool positions of their positives (those in the pool), their R (all
-    positives) and the pool size. Refuses ids that are not exactly the annotations' pools."""
+def _directions(ann: Annotations, sims: np.ndarray, image_ids, caption_ids, t2i_sims=None):
+    """Per direction: its name, the matrix with one row per query item (``sims``, and
+    ``t2i_sims.T`` or ``sims.T``), the queries' rows, the pool positions of their positives (those
+    in the pool), their R (all positives) and the pool size. Refuses ids that are not exactly the
+    annotations' pools."""
     img = _positions(ann, "image", image_ids, ann.image_ids)
     cap = _positions(ann, "caption", caption_ids, ann.caption_ids)
+    t2i_sims = sims if t2i_sims is None else np.asarray(t2i_sims)
+    if t2i_sims.shape != sims.shape:
+        raise ValueError(f"text->image matrix is {t2i_sims.shape}, the image->text one {sims.shape}")
     for d, scores, query_pos, pool_pos, positives in (("i2t", sims, img, cap, ann.i2t),
-                                                      ("t2i", sims.T, cap, img, ann.t2i)):
+                                                      ("t2i", t2i_sims.T, cap, img, ann.t2i)):
         rows = np.array([query_pos[q] for q in positives], np.int64)
         found = [np.array([pool_pos[p] for p in set(ps) if p in pool_pos], np.int64)
                  for ps in positives.values()]
@@ -177,16 +183,18 @@ def _directions(ann: Annotations, sims: np.ndarray, image_ids, caption_ids):
         yield d, scores, rows, found, r, len(pool_pos)
 
 
-def eccv(sims: np.ndarray, image_ids, caption_ids, annotations: Annotations | None = None) -> dict:
+def eccv(sims: np.ndarray, image_ids, caption_ids, annotations: Annotations | None = None,
+         t2i_sims: np.ndarray | None = None) -> dict:
     """ECCV Caption: mAP@R, R-Precision and R@1 (percent) both ways, and their random-score values.
 
     ``sims`` [n_images, n_captions]: row i scores image ``image_ids[i]``, column j caption
     ``caption_ids[j]``; any order, but exactly the annotations' pools (else ``ProtocolError``).
+    ``t2i_sims``: the matrix whose columns rank the images for text->image (default ``sims``).
     R is a query's number of positives; mAP@R = (1/R) sum_{r<=R} P@r * [item r is positive].
     """
     ann = annotations if annotations is not None else load_annotations("eccv")
     out, chance, queries = {}, {}, {}
-    for d, scores, rows, found, r, n in _directions(ann, sims, image_ids, caption_ids):
+    for d, scores, rows, found, r, n in _directions(ann, sims, image_ids, caption_ids, t2i_sims):
         ranks = positive_ranks(scores, rows, found)
         p = np.array([len(f) for f in found])
         out[f"{d}_map_at_r"] = 100.0 * float(map_at_r(ranks, r).mean())
@@ -200,12 +208,12 @@ def eccv(sims: np.ndarray, image_ids, caption_ids, annotations: Annotations | No
 
 
 def cxc(sims: np.ndarray, image_ids, caption_ids, annotations: Annotations | None = None,
-        ks=(1, 5, 10)) -> dict:
+        ks=(1, 5, 10), t2i_sims: np.ndarray | None = None) -> dict:
     """CxC: R@1/5/10 (percent) both ways on CxC's positives, rSum, and their random-score values.
     Same arguments as ``eccv``."""
     ann = annotations if annotations is not None else load_annotations("cxc")
     out, chance, queries = {}, {}, {}
-    for d, scores, rows, found, _, n in _directions(ann, sims, image_ids, caption_ids):
+    for d, scores, rows, found, _, n in _directions(ann, sims, image_ids, caption_ids, t2i_sims):
         best = positive_ranks(scores, rows, found, first=1)[:, 0]
         p = np.array([len(f) for f in found])
         for k in ks:

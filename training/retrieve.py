@@ -4,7 +4,7 @@
     python training/retrieve.py RUN --caption-id N       # a dataset caption: its image is marked
     python training/retrieve.py RUN --image-id N         # top-k captions: the image's own are marked
     python training/retrieve.py RUN --image PATH --weights W   # an image that is not in the dataset
-           [--json] [--index flat|ivf|hnsw] [--shortlist RUN2 --topk K] [--max-images N]
+           [--json] [--index flat|ivf|hnsw] [--shortlist RUN2 --topk K [--fuse ALPHA]] [--max-images N]
 
 A query takes the run's own text path: it is parsed by the scene-graph parser with the spaCy
 model the dataset's graph shards record (tokens for every model, the graph for those that read
@@ -15,7 +15,8 @@ Two-tower runs search a FAISS index over the split's embeddings, exported once b
 ``training/export.py`` to ``<run>/index-<split>/`` and reused while current: an exact
 inner-product index by default, IVF or HNSW for large galleries (built once, cached next to the
 export). Cross-attention runs score the gallery block by block (``score_rows``, which also
-scores a given subset of rows: ``--shortlist RUN2 --topk K`` re-scores a two-tower run's top K).
+scores a given subset of rows: ``--shortlist RUN2 --topk K`` re-scores a two-tower run's top K,
+ordered as ``itmkit evaluate --shortlist`` orders a query's candidates, ``training/shortlist.py``).
 
 ``--image`` is the one place where training reaches into features (``file_query`` imports it):
 the image is extracted with the extractor config the split's region (and grid) shards record,
@@ -52,6 +53,7 @@ from training.data import (CaptionDataset, ImageDataset, ShardData, caption_item
                            collate_text, encode_graph, image_item, make_loader)
 from training.export import export_run, read_index
 from training.run import LoadedRun, add_run_arguments, load_run
+from training.shortlist import order_candidates, top_k as best_columns
 
 
 class RetrieveError(ValueError):
@@ -275,7 +277,7 @@ class Ranking:
 
 def top_k(scores: np.ndarray, k: int) -> Ranking:
     """Best first; ties keep gallery order."""
-    order = np.argsort(-scores, kind="stable")[:k]
+    order = best_columns(scores[None], k)[0]
     return Ranking(order, scores[order])
 
 
@@ -444,27 +446,29 @@ class IndexSearch:
 
 
 class ShortlistSearch:
-    """A two-tower run shortlists the top ``topk``, the cross-attention run re-scores them;
-    below them, the rest in the two-tower run's order and scores."""
+    """A two-tower run shortlists the top ``topk``, the cross-attention run re-scores them and
+    they are ordered as an evaluation's shortlist is (``training.shortlist.order_candidates``;
+    ``fuse``: by the fused scores, which are shown); below them, the rest in the two-tower run's
+    order and scores."""
 
-    def __init__(self, rescore: BlockSearch, shortlist: IndexSearch, topk: int):
+    def __init__(self, rescore: BlockSearch, shortlist: IndexSearch, topk: int, fuse: float | None = None):
         a, b = rescore.run, shortlist.run
         s = SIDES[rescore.side]
         if a.config.dataset != b.config.dataset or not np.array_equal(s.ids(a.data), s.ids(b.data)):
             raise RetrieveError(f"--shortlist {b.dir}: its gallery ({b.config.dataset}, "
                                 f"{len(s.ids(b.data))} {rescore.side}) is not the run's "
                                 f"({a.config.dataset}, {len(s.ids(a.data))})")
-        self.rescore, self.shortlist, self.topk = rescore, shortlist, topk
-        self.method = {"method": "shortlist", "shortlist_run": str(b.dir), "topk": topk,
+        self.rescore, self.shortlist, self.topk, self.fuse = rescore, shortlist, topk, fuse
+        self.method = {"method": "shortlist", "shortlist_run": str(b.dir), "topk": topk, "fuse": fuse,
                        "shortlist": shortlist.method, "rescore": rescore.method}
 
     def search(self, query: Query, k: int) -> Ranking:
         first = self.shortlist.search(query, max(k, self.topk))
         cand = first.rows[:self.topk]
-        scores = self.rescore.scores(query, cand)
-        order = np.argsort(-scores, kind="stable")
-        rows = np.concatenate([cand[order], first.rows[self.topk:]])[:k]
-        return Ranking(rows, np.concatenate([scores[order], first.scores[self.topk:]])[:k],
+        order, scores = order_candidates(self.rescore.scores(query, cand)[None],
+                                         first.scores[None, :len(cand)], self.fuse)
+        rows = np.concatenate([cand[order[0]], first.rows[self.topk:]])[:k]
+        return Ranking(rows, np.concatenate([scores[0], first.scores[self.topk:]])[:k],
                        rescored=min(len(cand), k))
 
 
@@ -523,7 +527,8 @@ def format_text(result: dict) -> str:
     m, sec = result["search"], result["seconds"]
     how = m["method"]
     if how == "shortlist":
-        how += f" of {m['shortlist']['method']}'s top {m['topk']}"
+        how += f" of {m['shortlist']['method']}'s top {m['topk']}" + (
+            f", fused at {m['fuse']:g} (scores: fused)" if m.get("fuse") is not None else "")
     lines.append(f"retrieve: {result['run']} ({result['model']}, {result['checkpoint']}.pt) on "
                  f"{result['dataset']}/{result['split']}: top {len(result['results'])} of "
                  f"{result['gallery_size']} {side} by {how}; {sec['search']:.3f} s per query "
@@ -569,6 +574,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a two-tower run of the same dataset (its best.pt) whose top --topk the "
                         "run re-scores (default: none, the run scores the whole gallery)")
     s.add_argument("--topk", type=positive_int, default=100, help="shortlist length")
+    s.add_argument("--fuse", type=float, default=None, metavar="ALPHA",
+                   help="rank the shortlist by ALPHA * run + (1 - ALPHA) * RUN2, both standardised over "
+                        "the query's candidates (default: none, the run's scores alone)")
     e = p.add_argument_group("--image: extraction")
     e.add_argument("--weights", default=None,
                    help="extractor weights the dataset was extracted with, or 'random' (default: none)")
@@ -582,6 +590,8 @@ def check_args(args) -> None:
         raise UsageError("give one query: --query TEXT, --caption-id N, --image-id N or --image PATH")
     if args.query is not None and not args.query.strip():
         raise UsageError("--query is empty")
+    if args.fuse is not None and (args.shortlist is None or not 0.0 <= args.fuse <= 1.0):
+        raise UsageError(f"--fuse {args.fuse}: needs --shortlist RUN2 and a weight in [0, 1]")
     if args.image is not None and args.weights is None:
         raise UsageError("--image needs --weights: the extractor weights the dataset was extracted "
                          "with (a file, or 'random')")
@@ -597,7 +607,7 @@ def searcher(run: LoadedRun, side: str, args, root) -> BlockSearch | IndexSearch
         return blocks
     first = load_run(args.shortlist, root, which="best", device=args.device, split=args.split,
                      max_images=args.max_images)
-    return ShortlistSearch(blocks, IndexSearch(first, side, cfg, None, **kw), args.topk)
+    return ShortlistSearch(blocks, IndexSearch(first, side, cfg, None, **kw), args.topk, args.fuse)
 
 
 def retrieve(args) -> dict:

@@ -33,11 +33,12 @@ from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, 
 from pipeline.shards import Layout, ShardError
 from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
-from training.config import RunConfig, dataset_key, parse_overrides
+from training.config import RunConfig, dataset_key, parse_run_settings
 from training.data import (CaptionDataset, ImageDataset, PairDataset, collate_images, collate_pairs,
                            collate_text, make_loader, shard_hashes)
 from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
 from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split
+from training.shortlist import rerank_split, split_shortlist
 
 ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
 
@@ -48,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_root_argument(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    add_set_argument(p, "any field of the model's config (lr, epochs, batch_size, margin, ...)")
+    add_set_argument(p, "any field of the model's config (lr, epochs, batch_size, margin, ...) or a run "
+                     "setting: val_shortlist=RUN2 validates re-scoring only the val_topk=20 best candidates "
+                     "of that two-tower run (default: every pair scored)")
     p.add_argument("--epochs", type=positive_int, default=None, help="shortcut for --set epochs=N (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="shortcut for --set batch_size=N (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
@@ -78,14 +81,19 @@ def pick_val_split(layout: Layout, wanted: str) -> str:
     raise ShardError(f"{layout.index.path}: no val or dev region shards; pass --val-split")
 
 
-def model_overrides(args) -> dict:
-    """The model config fields the command line sets: --set, --epochs, --batch-size."""
-    overrides = parse_overrides(args.set, models.get(args.model).config_class)
+def command_settings(args) -> tuple[dict, dict]:
+    """The run settings (val_shortlist, val_topk) and the model config fields the command line
+    sets: --set, --epochs, --batch-size."""
+    settings, overrides = parse_run_settings(args.set, models.get(args.model).config_class)
+    if settings.get("val_topk", 1) < 1:
+        raise UsageError(f"--set val_topk={settings['val_topk']}: must be at least 1")
+    if settings.get("val_shortlist"):   # the run may be resumed from another directory
+        settings["val_shortlist"] = str(Path(settings["val_shortlist"]).absolute())
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
-    return overrides
+    return settings, overrides
 
 
 def make_run(args, out: Path) -> RunConfig:
@@ -96,8 +104,9 @@ def make_run(args, out: Path) -> RunConfig:
             raise CheckpointError(f"{out}: run dir of model '{run.model}', not '{args.model}'")
         if run.dataset != args.dataset:
             raise CheckpointError(f"{out}: run dir of dataset '{run.dataset}', not '{args.dataset}'")
-        saved = dataclasses.asdict(run.model_cfg())
-        changed = {k: (saved[k], v) for k, v in model_overrides(args).items() if saved[k] != v}
+        settings, overrides = command_settings(args)
+        saved = {**dataclasses.asdict(run.model_cfg()), **{k: getattr(run, k) for k in settings}}
+        changed = {k: (saved[k], v) for k, v in {**overrides, **settings}.items() if saved[k] != v}
         if changed:   # a resumed run keeps its recipe; silently ignoring the new one would mislead
             raise UsageError(f"{out}: --resume continues the run with its own config; it differs in "
                              + ", ".join(f"{k} ({a!r} saved, {b!r} given)" for k, (a, b) in changed.items())
@@ -106,10 +115,11 @@ def make_run(args, out: Path) -> RunConfig:
     if (out / "config.json").exists():
         raise CheckpointError(f"{out}: already holds a run; pass --resume to continue it or "
                               "choose another --out")
-    cfg = models.default_config(args.model, dataset_key(args.dataset), **model_overrides(args))
+    settings, overrides = command_settings(args)
+    cfg = models.default_config(args.model, dataset_key(args.dataset), **overrides)
     return RunConfig(model=args.model, dataset=args.dataset, root=str(resolve_root(args.root).absolute()),
                      seed=args.seed, workers=args.workers, val_split=args.val_split,
-                     max_images=args.max_images, model_config=dataclasses.asdict(cfg))
+                     max_images=args.max_images, model_config=dataclasses.asdict(cfg), **settings)
 
 
 def main(argv=None) -> int:
@@ -166,6 +176,15 @@ def command(args) -> int:
                              run.eval_batch_size, workers=run.workers)
     val_texts = make_loader(CaptionDataset(val_data), collate_text, run.eval_batch_size * 5,
                             workers=run.workers)
+    shortlist = None   # the shortlisting run does not train: its candidates are made once
+    if master and run.val_shortlist:
+        with torch.random.fork_rng(devices=[]):   # building its model must not move this run's seed
+            shortlist, _ = split_shortlist(run.val_shortlist, val_data, run.val_topk, device,
+                                           run.eval_batch_size, run.workers, progress=False)
+        rec = shortlist.recall(val_data.cfg.captions_per_image)
+        print(f"train: validation re-scores the top {run.val_topk} of {run.val_shortlist}: "
+              f"{len(shortlist.pairs):,} of {shortlist.sims.size:,} pairs; its shortlist holds a ground "
+              f"truth for {rec['i2t']:.1f} % of images, {rec['t2i']:.1f} % of captions", file=sys.stderr)
 
     # model and optimiser
     # the word vectors (word_vectors=true) start a new run; a resumed one takes its checkpoint's
@@ -233,8 +252,14 @@ def command(args) -> int:
 
         # validation on the first process; the others wait
         if master:
-            sims = compute_sims(model, val_images, val_texts, device, progress=False)
-            metrics = recall_metrics(sims, val_data.cfg.captions_per_image)
+            per = val_data.cfg.captions_per_image
+            if shortlist is None:
+                sims = compute_sims(model, val_images, val_texts, device, progress=False)
+                metrics = recall_metrics(sims, per)
+            else:   # the collapse check reads each query's re-scored candidates
+                done = rerank_split(model, val_images, val_texts, shortlist, device, progress=False)
+                metrics = recall_metrics(done.i2t, per, done.t2i)
+                sims = shortlist.candidate_scores(done.scores)
             row = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, epoch),
                    "train_loss": total / max(count, 1), **metrics, "val_images": val_data.n_images,
                    "chance_rsum": chance, "train_seconds": train_seconds, "seconds": time.time() - t0}
