@@ -57,8 +57,8 @@ def test_resume_gives_identical_results(root, tmp_path, capsys):
         assert torch.equal(v, b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
-    lines = lambda d: [ln.split(",")[:-1] for ln in (d / "metrics.csv").read_text().splitlines()]  # noqa: E731
-    assert lines(tmp_path / "full") == lines(tmp_path / "split")   # all but the seconds column
+    lines = lambda d: [ln.split(",")[:-2] for ln in (d / "metrics.csv").read_text().splitlines()]  # noqa: E731
+    assert lines(tmp_path / "full") == lines(tmp_path / "split")   # all but the two seconds columns
     assert len(lines(tmp_path / "full")) == 3
     assert any((tmp_path / "full" / "tb").iterdir())
 
@@ -114,6 +114,39 @@ def test_epoch_line_and_metrics_show_chance_and_a_small_split_is_warned(root, tm
     assert "warning: split 'val' has only 8 image(s)" in err
     row = next(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
     assert int(row["val_images"]) == 8 and float(row["chance_rsum"]) == pytest.approx(chance)
+    assert 0 < float(row["train_seconds"]) < float(row["seconds"])   # the loop, then validation
+
+
+def test_threads_option_sets_torchs_cpu_threads(root, tmp_path):
+    torch.set_num_threads(2)   # the module's fixture restores the count afterwards
+    run_train(root, tmp_path / "r", "--epochs", "1", "--threads", "1")
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_foreach_optimiser_step_and_clipping_are_bitwise_torchs_default(opt_cls):
+    """The trainer steps and clips with foreach=True, which on the CPU replaces torch's default
+    loop over the tensors: the same weights, bit for bit, after a few steps."""
+    from training.data import Batch
+    from training.synthetic import random_caption_batches, random_image_batches, random_vocab
+    vocab = random_vocab()
+    batches = [Batch(i, t) for i, t in zip(random_image_batches(16, 4, 64, 4, None),
+                                            random_caption_batches(16, vocab, 4))]
+    weights = []
+    for foreach in (None, True):   # None: torch's choice (the per-tensor loop on the CPU)
+        torch.manual_seed(0)
+        model = models.build("vsepp", {"embed_dim": 32, "word_dim": 16, "feature_dim": 64}, vocab)
+        start = model.img_fc.weight.detach().clone()
+        opt = opt_cls(model.parameters(), lr=1e-2, weight_decay=1e-3, foreach=foreach)
+        for b in batches:
+            opt.zero_grad()
+            model(b).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=foreach)
+            opt.step()
+        assert not torch.equal(model.img_fc.weight, start)   # the steps changed the weights
+        weights.append(model.state_dict())
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
 
 
 def test_evaluate_defaults_to_the_runs_data_root(vsepp_run, root, tmp_path, monkeypatch, capsys):

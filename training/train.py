@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="", help="validation split (default: val, else dev)")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the model (default 0: torch's choice, one per core; 1 is far faster "
+                        "on a busy machine and for small models)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after N epochs of this invocation (resume later with --resume)")
     add_quiet_argument(p)
@@ -135,6 +138,8 @@ def command(args) -> int:
             torch.cuda.set_device(device)
     master = rank == 0
     out = Path(args.out)
+    if args.threads:   # threads that wait for a busy core at every op cost more than they give
+        torch.set_num_threads(args.threads)
 
     # config
     run = make_run(args, out)
@@ -185,7 +190,9 @@ def command(args) -> int:
     # the word vectors (word_vectors=true) start a new run; a resumed one takes its checkpoint's
     model = create_model(run, vocab, vectors=None if args.resume else layout.vocab_vectors).to(device)
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # foreach: torch picks it on CUDA but loops over the tensors in Python on the CPU; the same
+    # arithmetic (bitwise: tests/test_training_train.py), fewer passes
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, step, best_rsum = 0, 0, -math.inf
@@ -231,7 +238,7 @@ def command(args) -> int:
             scaler.scale(parts["loss"]).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
             scaler.step(optimizer)
             scaler.update()
             step += 1
@@ -241,6 +248,7 @@ def command(args) -> int:
             if writer is not None:
                 for k, v in parts.items():
                     writer.add_scalar(f"train/{k}", float(v.detach() if torch.is_tensor(v) else v), step)
+        train_seconds = time.time() - t0
 
         # validation on the first process; the others wait
         if master:
@@ -254,7 +262,7 @@ def command(args) -> int:
                 sims = shortlist.candidate_scores(done.scores)
             row = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, epoch),
                    "train_loss": total / max(count, 1), **metrics, "val_images": val_data.n_images,
-                   "chance_rsum": chance, "seconds": time.time() - t0}
+                   "chance_rsum": chance, "train_seconds": train_seconds, "seconds": time.time() - t0}
             is_best = metrics["rsum"] > best_rsum
             best_rsum = max(best_rsum, metrics["rsum"])
             weights = {"model": model.state_dict(), "meta": meta, "config": run_config,

@@ -25,7 +25,7 @@ rule extract:
         kind="both",
         flags=extract_flags("regions", "grid"),
         run=run_flags,
-    threads: config["extract_threads"]
+    threads: lambda wc: setting(wc.dataset, "extract_threads")
     resources:
         gpu=gpus,
     log:
@@ -47,7 +47,7 @@ rule extract_regions:
         kind="regions",
         flags=extract_flags("regions"),
         run=run_flags,
-    threads: config["extract_threads"]
+    threads: lambda wc: setting(wc.dataset, "extract_threads")
     resources:
         gpu=gpus,
     log:
@@ -69,7 +69,7 @@ rule extract_grid:
         kind="grid",
         flags=extract_flags("grid"),
         run=run_flags,
-    threads: config["extract_threads"]
+    threads: lambda wc: setting(wc.dataset, "extract_threads")
     resources:
         gpu=gpus,
     log:

@@ -1,16 +1,19 @@
 # Training on a dataset's shards, its evaluation and its report: the end of the demo and of the
-# train_coco / train_f30k targets. The demo trains with the demo_* settings on the CPU; real
-# data with the model's own defaults for the dataset, unless train_epochs, train_batch_size or
-# train_set say otherwise.
+# train_coco / train_f30k targets. The demo trains with the demo_* settings (demo_set: model
+# settings) on the CPU; real data with the model's own defaults for the dataset, unless
+# train_epochs, train_batch_size or train_set say otherwise.
 
 
 def train_flags(wc):
     """Flags that decide what a run learns (params: a change retrains)."""
     if wc.dataset == "demo":
-        return f"--epochs {config['demo_epochs']} --batch-size {config['demo_batch_size']}"
-    flags = [f"--epochs {config['train_epochs']}" if config.get("train_epochs") else "",
-             f"--batch-size {config['train_batch_size']}" if config.get("train_batch_size") else ""]
-    for key, value in (config.get("train_set") or {}).items():
+        flags = [f"--epochs {config['demo_epochs']}", f"--batch-size {config['demo_batch_size']}"]
+        settings = config.get("demo_set")
+    else:
+        flags = [f"--epochs {config['train_epochs']}" if config.get("train_epochs") else "",
+                 f"--batch-size {config['train_batch_size']}" if config.get("train_batch_size") else ""]
+        settings = config.get("train_set")
+    for key, value in (settings or {}).items():
         value = ",".join(map(str, value)) if isinstance(value, list) else value
         flags.append(f"--set {key}={value}")
     return " ".join(f for f in flags if f)
@@ -54,10 +57,13 @@ rule train:
         out=lambda wc: run_dir(wc.dataset, wc.model),
         flags=train_flags,
         device=train_device,
-    threads: lambda wc: 2 if wc.dataset == "demo" else config["train_workers"] + 1
+    threads: lambda wc: 1 if wc.dataset == "demo" else config["train_workers"] + 1
     resources:
         gpu=lambda wc: int(train_device(wc).startswith("cuda")),
         workers=train_workers,   # not a param: a changed worker count must not retrain
+        # the demo's small model on the CPU: one thread (two are many times slower on a shared
+        # machine, docs/BENCHMARKS.md); 0: torch's choice
+        torch_threads=lambda wc: 1 if wc.dataset == "demo" else 0,
     log:
         str(LOGS / "{dataset}" / "train-{model}.log"),
     benchmark:
@@ -65,6 +71,7 @@ rule train:
     shell:
         "{PY} {TRAIN} --model {wildcards.model} --dataset {wildcards.dataset} --root {ROOT}"
         " --out {params.out} {params.flags} --device {params.device} --workers {resources.workers}"
+        " --threads {resources.torch_threads}"
         " > {log} 2>&1"
 
 
