@@ -121,6 +121,9 @@ def test_threads_option_sets_torchs_cpu_threads(root, tmp_path):
     torch.set_num_threads(2)   # the module's fixture restores the count afterwards
     run_train(root, tmp_path / "r", "--epochs", "1", "--threads", "1")
     assert torch.get_num_threads() == 1
+    with pytest.raises(SystemExit) as e:
+        run_train(root, tmp_path / "s", "--epochs", "1", "--threads", "-1")
+    assert e.value.code == 2 and not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])

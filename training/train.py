@@ -28,8 +28,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument, positive_int,
-                             resolve_root, run_command)
+from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument,
+                             non_negative_int, positive_int, resolve_root, run_command)
 from pipeline.shards import Layout, ShardError
 from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="", help="validation split (default: val, else dev)")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=non_negative_int, default=0,
                    help="CPU threads for the model (default 0: torch's choice, one per core; 1 is far faster "
                         "on a busy machine and for small models)")
     p.add_argument("--stop-after", type=int, default=None,
