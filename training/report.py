@@ -48,6 +48,7 @@ from training.evaluate import load_sims, sims_path
 from training.evaluation import (chance_metrics, compute_sims, hard_negative_accuracy, i2t_ranks,
                                  protocol_result, t2i_ranks)
 from training.run import LoadedRun, add_run_arguments, load_run
+from training.shortlist import top_k
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
            "#fabed4", "#469990", "#dcbeff", "#9a6324"]
@@ -205,11 +206,6 @@ def pick(n: int, k: int, seed: int, stream: int) -> np.ndarray:
     return np.random.default_rng([seed, stream]).choice(n, size=min(k, n), replace=False)
 
 
-def top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` best scores, best first (ties: the earlier position first)."""
-    return np.argsort(-scores, kind="stable")[:k]
-
-
 @dataclass
 class Results:
     text_queries: list     # {"caption", "gt", "gt_rank", "gt_score", "hits": [(image row, score)]}
@@ -222,12 +218,12 @@ class Results:
 def text_query(sims, j: int, rank: int, k: int) -> dict:
     col = sims[:, j]
     return {"caption": j, "gt": j // PER, "gt_rank": int(rank), "gt_score": float(col[j // PER]),
-            "hits": [(int(i), float(col[i])) for i in top(col, k)]}
+            "hits": [(int(i), float(col[i])) for i in top_k(col[None], k)[0]]}
 
 
 def image_query(sims, i: int, rank: int, k: int) -> dict:
     row = sims[i]
-    return {"image": i, "gt_rank": int(rank), "hits": [(int(j), float(row[j])) for j in top(row, k)]}
+    return {"image": i, "gt_rank": int(rank), "hits": [(int(j), float(row[j])) for j in top_k(row[None], k)[0]]}
 
 
 def results(sims: np.ndarray, image_ids, pairs: list[dict], *, queries: int, k: int, failures: int,
