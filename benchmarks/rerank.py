@@ -27,11 +27,9 @@ scoring's rSum in at most a tenth of its time.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,17 +38,12 @@ from pipeline import shards
 from pipeline.shards import Layout
 from training import checkpoint, train
 from training.config import RunConfig
-from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
+from training.data import eval_loaders
 from training.evaluation import compute_sims, hard_negative_accuracy, recall_metrics
 from training.run import load_run
 from training.shortlist import Shortlist, rerank_split, split_shortlist
 
 GOAL_RSUM, GOAL_SPEEDUP = 0.98, 10.0
-
-
-def loaders(data, batch_size: int):
-    return (make_loader(ImageDataset(data), partial(collate_images, half=True), batch_size),
-            make_loader(CaptionDataset(data), collate_text, batch_size * 5))
 
 
 def cell(i2t, t2i, image_ids, pairs: list, n_pairs: int, seconds: float, load: tuple) -> dict:
@@ -77,7 +70,7 @@ def measure(args, results: dict, save) -> None:
         finish_training(Path(args.runs) / name)
     for name in args.models:
         run = load_run(Path(args.runs) / name, args.root, split=args.split, max_images=args.eval_images)
-        images, texts = loaders(run.data, args.batch_size)
+        images, texts = eval_loaders(run.data, args.batch_size)
         layout = Layout(run.root, run.config.dataset)
         pairs = (shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
                  if layout.hard_negatives.exists() else [])
@@ -200,9 +193,8 @@ def main(argv=None) -> int:
     path = Path(args.results or Path(args.runs) / "rerank.json")
     results = shards.read_json(path) if path.exists() else {}
 
-    def save(key: str, value: dict) -> None:   # merged under a lock: several processes may share the file
-        with open(f"{path}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def save(key: str, value: dict) -> None:   # merged under a claim: several processes may share the file
+        with shards.claim(path):
             results.update(shards.read_json(path) if path.exists() else {})
             results[key] = value
             shards.write_json(path, results)

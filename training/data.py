@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -426,3 +427,11 @@ def make_loader(dataset: Dataset, collate, batch_size: int, *, shuffle: bool = F
                       num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(seed))
+
+def eval_loaders(data, batch_size: int, workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """The loaders of a split's images (float16 features) and its captions, in file order, for
+    scoring it: ``batch_size`` images, and five captions per image, per batch."""
+    images = make_loader(ImageDataset(data), partial(collate_images, half=True), batch_size, workers=workers)
+    texts = make_loader(CaptionDataset(data), collate_text, batch_size * 5, workers=workers)
+    return images, texts
+

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from pipeline.shards import Layout, ShardError
 from training import models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig
-from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
+from training.data import eval_loaders
 from training.evaluation import (PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result,
                                  small_split_warning)
 from training.run import add_run_arguments, data_root, load_run
@@ -199,9 +198,7 @@ def command(args) -> int:
         if rank == 0 and args.export_index and not two_tower:   # said before the scoring, which may take long
             skip("--export-index", f"model '{run.config.model}' is a cross-attention model: its scores "
                  "need the image and the caption together, so it has no per-item embeddings to index")
-        images = make_loader(ImageDataset(data), partial(collate_images, half=True), args.batch_size,
-                             workers=args.workers)
-        texts = make_loader(CaptionDataset(data), collate_text, args.batch_size * 5, workers=args.workers)
+        images, texts = eval_loaders(data, args.batch_size, args.workers)
         if args.shortlist:
             done, info = shortlisted(run, args, images, texts, device, rank, world)
             sims, t2i_sims, tag = (done.i2t, done.t2i, {"shortlist": info}) if done else (None, None, {})

@@ -29,7 +29,6 @@ import io
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +41,7 @@ from pipeline.labels import LabelNames
 from pipeline.shards import Layout, ShardError
 from training import plot
 from training.checkpoint import CheckpointError
-from training.data import (CaptionDataset, ImageDataset, ShardData, collate_images, collate_text,
-                           make_loader)
+from training.data import ShardData, eval_loaders
 from training.evaluate import load_sims, sims_path
 from training.evaluation import (chance_metrics, compute_sims, hard_negative_accuracy, i2t_ranks,
                                  protocol_result, t2i_ranks)
@@ -93,9 +91,7 @@ def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int,
         if (np.array_equal(s["image_ids"], data.image_ids)
                 and np.array_equal(s["caption_ids"], data.text.caption_ids)):
             return s["sims"], f"read from {saved.name}"
-    images = make_loader(ImageDataset(data), partial(collate_images, half=True), batch_size,
-                         workers=workers)
-    texts = make_loader(CaptionDataset(data), collate_text, batch_size * PER, workers=workers)
+    images, texts = eval_loaders(data, batch_size, workers)
     return compute_sims(run.model, images, texts, device), f"computed from {run.which}.pt"
 
 

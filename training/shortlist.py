@@ -27,13 +27,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.data import CaptionDataset, ImageDataset, collate_images, collate_text, make_loader
+from training.data import eval_loaders
 from training.evaluation import (batch_offsets, broadcast_from_first, compute_sims, encode, gather_to_first,
                                  map_tensors, to_device)
 from training.run import load_run
@@ -296,8 +295,6 @@ def split_shortlist(run_dir, data, k: int, device="cpu", batch_size: int = 128, 
             raise ValueError(f"{what}: its '{data.cfg.split}' split has other {kind} than the run it "
                              f"shortlists for ({len(b)} vs {len(a)}); both must be read from the same shards")
     t = time.perf_counter()
-    images = make_loader(ImageDataset(fast.data), partial(collate_images, half=True), batch_size,
-                         workers=workers)
-    texts = make_loader(CaptionDataset(fast.data), collate_text, batch_size * 5, workers=workers)
+    images, texts = eval_loaders(fast.data, batch_size, workers)
     shortlist = Shortlist.from_sims(compute_sims(fast.model, images, texts, device, progress), k)
     return shortlist, time.perf_counter() - t

@@ -34,8 +34,7 @@ from pipeline.shards import Layout, ShardError
 from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_run_settings
-from training.data import (CaptionDataset, ImageDataset, PairDataset, collate_images, collate_pairs,
-                           collate_text, make_loader, shard_hashes)
+from training.data import PairDataset, collate_pairs, eval_loaders, make_loader, shard_hashes
 from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
 from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split
 from training.shortlist import rerank_split, split_shortlist
@@ -172,10 +171,7 @@ def command(args) -> int:
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_loader.dataset)} training pairs make no full batch of "
                          f"{cfg.batch_size // world}; lower --batch-size")
-    val_images = make_loader(ImageDataset(val_data), partial(collate_images, half=True),
-                             run.eval_batch_size, workers=run.workers)
-    val_texts = make_loader(CaptionDataset(val_data), collate_text, run.eval_batch_size * 5,
-                            workers=run.workers)
+    val_images, val_texts = eval_loaders(val_data, run.eval_batch_size, run.workers)
     shortlist = None   # the shortlisting run does not train: its candidates are made once
     if master and run.val_shortlist:
         with torch.random.fork_rng(devices=[]):   # building its model must not move this run's seed
