@@ -154,6 +154,52 @@ def test_unknown_loss_is_a_clear_error(vocab, batch):
         model(vocab, loss="nope")(batch)
 
 
+def encodings(m, batch):
+    with torch.no_grad():
+        return m.encode_image(batch.image), m.encode_text(batch.text)
+
+
+def test_mean_pooling_is_graph_pooling_with_equal_node_scores(vocab, batch):
+    full, mean = model(vocab), model(vocab, pooling="mean")
+    dropped = {k for k in full.state_dict() if ".pool.gcn." in k or ".pool.score." in k}
+    assert dropped and set(mean.state_dict()) == set(full.state_dict()) - dropped
+    mean.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped})
+    with torch.no_grad():
+        for tower in (full.image_tower, full.text_tower):   # a zero score: softmax weights 1/n
+            tower.pool.score.weight.zero_()
+    for a, b in zip(encodings(full, batch), encodings(mean, batch)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        model(vocab, pooling="max")
+
+
+def test_no_frr_layers_is_frr_replaced_by_the_identity(vocab, batch):
+    full, bare = model(vocab), model(vocab, frr_layers=0)
+    dropped = {k for k in full.state_dict() if ".layers." in k}
+    assert dropped and set(bare.state_dict()) == set(full.state_dict()) - dropped
+    bare.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped})
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(encodings(full, batch), encodings(bare, batch)))
+    with torch.no_grad():
+        for m in (full, bare):
+            for tower in (m.image_tower, m.text_tower):
+                # equal node scores, so that the pooling graph (which FRR's potential graph
+                # enters) does not matter; a zero update and no norm make a layer the identity
+                tower.pool.score.weight.zero_()
+                for layer in tower.layers:
+                    layer.scale.zero_()
+                    layer.norm = torch.nn.Identity()
+    for a, b in zip(encodings(full, batch), encodings(bare, batch)):
+        torch.testing.assert_close(a, b)
+
+
+def test_without_intra_terms_the_loss_is_the_inter_modal_term(vocab, batch):
+    full = model(vocab)(batch)                  # eval mode: no dropout, the same encodings
+    no_intra = model(vocab, gl_intra=0.0)(batch)
+    assert full["intra"] > 0
+    torch.testing.assert_close(no_intra["loss"], full["inter"])
+    torch.testing.assert_close(full["loss"], full["inter"] + 0.5 * full["intra"])
+
+
 def test_state_dict_and_checkpoint_round_trip(vocab, batch, tmp_path):
     m = model(vocab)
     path = checkpoint.save(tmp_path / "m.pt", {"model": m.state_dict()})
