@@ -59,7 +59,7 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
         f.flush()
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     if done.returncode:
-        raise SystemExit(f"compare: '{' '.join(cmd[1:3])} ...' failed; see {log}")
+        raise SystemExit(f"'{' '.join(cmd[1:3])} ...' failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - t
 
 
