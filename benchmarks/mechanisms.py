@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import HelpFormatter  # noqa: E402
-from pipeline.shards import ShardError  # noqa: E402
-from training import losses  # noqa: E402
-from training.checkpoint import CheckpointError  # noqa: E402
-from training.data import eval_loaders  # noqa: E402
-from training.run import load_run  # noqa: E402
+from pipeline.config import HelpFormatter
+from pipeline.shards import ShardError
+from training import losses
+from training.checkpoint import CheckpointError
+from training.data import eval_loaders
+from training.run import load_run
 
 
 def background_words() -> set[str]:
@@ -93,7 +92,7 @@ def dif_gate(run, images, texts, args) -> list[str]:
              "| captions | n | mean g | std g | mean 1 - g |", "|---|---|---|---|---|"]
     for name, members in caption_groups(run.vocab, texts, background_words()).items():
         g = [per_image[iid] for _, iid in members if iid in per_image]
-        std = math.sqrt(_mean((x - _mean(g)) ** 2 for x in g)) if g else math.nan
+        std = statistics.pstdev(g) if g else math.nan
         lines.append(f"| {name} | {len(g)} | {_mean(g):.3f} | {std:.3f} | {1 - _mean(g):.3f} |")
     return lines
 
