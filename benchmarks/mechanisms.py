@@ -4,8 +4,9 @@
 
 dsrln  DIF's gate g (the share of the region kept against its grid context, per channel,
        ``fused = g x + (1 - g) c``), averaged over the channels and real regions of each image,
-       for the captions that name the image's background and for those that do not (the demo's
-       context build names backdrops; on other builds, all captions in one group).
+       for the captions that name the image's background and for those that do not, and per
+       image (some caption names its background, or none does); the demo's context build names
+       backdrops; on other builds all captions form one group.
 cimn   FRR's potential-relation attention, per tower and layer: its entropy against that of
        uniform attention over the same nodes, the share on the node itself, on overlapping boxes
        (IoU > 0) and on nearby boxes (centres at most ``box_sigma`` apart), each beside the share
@@ -90,7 +91,12 @@ def dif_gate(run, images, texts, args) -> list[str]:
     lines = ["DIF gate g = share of the region kept (1 - g: its grid context), mean over channels and "
              "real regions of the caption's image", "",
              "| captions | n | mean g | std g | mean 1 - g |", "|---|---|---|---|---|"]
-    for name, members in caption_groups(run.vocab, texts, background_words()).items():
+    groups = caption_groups(run.vocab, texts, background_words())
+    named = {iid for _, iid in groups.get("names the background", [])}
+    if named:   # the gate is the image's: also per image, whether any of its captions names it
+        groups["images: some caption names the background"] = [(None, i) for i in per_image if i in named]
+        groups["images: no caption does"] = [(None, i) for i in per_image if i not in named]
+    for name, members in groups.items():
         g = [per_image[iid] for _, iid in members if iid in per_image]
         std = statistics.pstdev(g) if g else math.nan
         lines.append(f"| {name} | {len(g)} | {_mean(g):.3f} | {std:.3f} | {1 - _mean(g):.3f} |")

@@ -61,7 +61,7 @@ def table_rows(text: str, first: str) -> list[list[str]]:
             if line.startswith(f"| {first}")]
 
 
-def test_cimn_and_dsrln_runs(tmp_path, capsys):
+def test_cimn_and_dsrln_runs(tmp_path, capsys, monkeypatch):
     root = tmp_path / "data"
     make_dataset(root, splits={"train": 20, "val": 6, "test": 6}, dim=32, grid_hw=(3, 3))
     small = ["--epochs", "1", "--batch-size", "10", "--workers", "0", "--set", "embed_dim=16", "--set", "word_dim=8"]
@@ -93,6 +93,14 @@ def test_cimn_and_dsrln_runs(tmp_path, capsys):
     rows = table_rows(out, "all captions")
     assert len(rows) == 1 and int(rows[0][1]) == 6 * 5
     assert 0 < float(rows[0][2]) < 1 and float(rows[0][2]) + float(rows[0][4]) == pytest.approx(1, abs=2e-3)
+    # a build whose captions name backgrounds (here: a shape word stands in for one)
+    monkeypatch.setattr(mechanisms, "background_words", lambda: {"circle"})
+    assert mechanisms.main([str(tmp_path / "dsrln"), "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    captions = table_rows(out, "names the background") + table_rows(out, "does not")
+    images = table_rows(out, "images: some caption") + table_rows(out, "images: no caption")
+    assert sum(int(r[1]) for r in captions) == 6 * 5 and all(int(r[1]) for r in captions)
+    assert sum(int(r[1]) for r in images) == 6
 
     assert train.main(["--model", "vsepp", "--dataset", "synth", "--root", str(root),
                        "--out", str(tmp_path / "vsepp"), *small]) == 0
