@@ -59,7 +59,7 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
         f.flush()
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     if done.returncode:
-        raise SystemExit(f"compare: '{' '.join(cmd[1:3])} ...' failed; see {log}")
+        raise SystemExit(f"'{' '.join(cmd[1:3])} ...' failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - t
 
 
@@ -98,14 +98,13 @@ def table(rows: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments of a set of runs on one build: data, schedule, seeds, where to test."""
     ap.add_argument("--dataset", default="demo", help="dataset name (folder under the data root)")
     add_root_argument(ap)
     ap.add_argument("--out", required=True, help="folder of the runs, one per model and seed")
-    ap.add_argument("--models", default=",".join(models.names()), help="comma-separated registered models")
-    ap.add_argument("--epochs", type=positive_int, required=True, help="epochs of every model")
-    ap.add_argument("--batch-size", type=positive_int, required=True, help="batch size of every model")
+    ap.add_argument("--epochs", type=positive_int, required=True, help="epochs of every run")
+    ap.add_argument("--batch-size", type=positive_int, required=True, help="batch size of every run")
     add_set_argument(ap, "a model config field of every model, or of one with MODEL:KEY=VALUE",
                      metavar="[MODEL:]KEY=VALUE")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
@@ -115,6 +114,51 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test", help="split to test on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--device", default="cpu", help="torch device")
+
+
+def seeds_of(args) -> range:
+    return range(args.seed, args.seed + args.seeds)
+
+
+def train_and_evaluate(args, name: str, run_dir: Path, sets: list[str], seed: int) -> tuple[dict, dict]:
+    """Train model ``name`` with ``--set`` items ``sets`` into ``run_dir`` and evaluate it, unless
+    it is evaluated already (an interrupted training is resumed). Returns the run's figures
+    (``run_figures``) and the chance level of its test images."""
+    run_dir = Path(run_dir)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+    py, key = sys.executable, f"{args.split}/f30k-1k"
+    hard = (Path(args.root) / args.dataset / "hard_negatives.parquet").exists()
+    timing_path = run_dir / "compare-times.json"
+    times = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_s": 0.0}
+    evaluated = (run_dir / "eval.json").exists() and key in json.loads((run_dir / "eval.json").read_text())
+    if not evaluated:
+        train = [py, "training/train.py", "--model", name, "--dataset", args.dataset, "--root", args.root,
+                 "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                 "--seed", str(seed), "--workers", "0", "--device", args.device]
+        train += [a for s in sets for a in ("--set", s)]
+        train += ["--max-images", str(args.max_images)] if args.max_images else []
+        train += ["--resume"] if (run_dir / "config.json").exists() else []
+        print(f"training {run_dir.name} (log {log})", file=sys.stderr)
+        times["train_s"] += run(train, log, env)
+        evaluate = [py, "training/evaluate.py", str(run_dir), "--root", args.root, "--split", args.split,
+                    "--protocol", "f30k-1k", "--workers", "0", "--device", args.device]
+        evaluate += ["--hard-negatives"] if hard else []
+        evaluate += ["--max-images", str(args.eval_images)] if args.eval_images else []
+        print(f"evaluating {run_dir.name}", file=sys.stderr)
+        times["eval_s"] = run(evaluate, log, env)
+        timing_path.write_text(json.dumps(times))
+    result = json.loads((run_dir / "eval.json").read_text())
+    with open(run_dir / "metrics.csv", newline="") as f:
+        best_val = max(float(r["rsum"]) for r in csv.DictReader(f))
+    chance = {"images": result[key]["images"], "rsum": result[key]["chance_rsum"]}
+    return run_figures(result, best_val, times, key, args.split), chance
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_run_arguments(ap)
+    ap.add_argument("--models", default=",".join(models.names()), help="comma-separated registered models")
     args = ap.parse_args(argv)
     args.root = str(resolve_root(args.root))
 
@@ -129,47 +173,27 @@ def main(argv=None) -> int:
         ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
-    py, key = sys.executable, f"{args.split}/f30k-1k"
-    hard = (Path(args.root) / args.dataset / "hard_negatives.parquet").exists()
     rows: dict[str, list[dict]] = {}
     chance = {}
     for name in names:
-        for seed in range(args.seed, args.seed + args.seeds):
-            run_dir, log = out / f"{name}-seed{seed}", out / f"{name}-seed{seed}.log"
-            timing_path = run_dir / "compare-times.json"
-            times = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_s": 0.0}
-            evaluated = (run_dir / "eval.json").exists() and key in json.loads((run_dir / "eval.json").read_text())
-            if not evaluated:
-                train = [py, "training/train.py", "--model", name, "--dataset", args.dataset, "--root", args.root,
-                         "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                         "--seed", str(seed), "--workers", "0", "--device", args.device]
-                train += [a for s in model_sets(args.set, name) for a in ("--set", s)]
-                train += ["--max-images", str(args.max_images)] if args.max_images else []
-                train += ["--resume"] if (run_dir / "config.json").exists() else []
-                print(f"compare: training {name}, seed {seed} (log {log})", file=sys.stderr)
-                times["train_s"] += run(train, log, env)
-                evaluate = [py, "training/evaluate.py", str(run_dir), "--root", args.root, "--split", args.split,
-                            "--protocol", "f30k-1k", "--workers", "0", "--device", args.device]
-                evaluate += ["--hard-negatives"] if hard else []
-                evaluate += ["--max-images", str(args.eval_images)] if args.eval_images else []
-                print(f"compare: evaluating {name}, seed {seed}", file=sys.stderr)
-                times["eval_s"] = run(evaluate, log, env)
-                timing_path.write_text(json.dumps(times))
-            result = json.loads((run_dir / "eval.json").read_text())
-            with open(run_dir / "metrics.csv", newline="") as f:
-                best_val = max(float(r["rsum"]) for r in csv.DictReader(f))
-            rows.setdefault(name, []).append(run_figures(result, best_val, times, key, args.split))
-            chance = {"images": result[key]["images"], "rsum": result[key]["chance_rsum"]}
+        for seed in seeds_of(args):
+            figures, chance = train_and_evaluate(args, name, out / f"{name}-seed{seed}",
+                                                 model_sets(args.set, name), seed)
+            rows.setdefault(name, []).append(figures)
 
-    seeds = f"seed {args.seed}" if args.seeds == 1 else f"seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std)"
-    print(f"\n{args.dataset}/{args.split}, {args.epochs} epochs, batch {args.batch_size}, "
-          f"--set {' '.join(args.set) or '(none)'}; {seeds}\n")
+    print(f"\n{describe(args)}\n")
     print("\n".join(table(rows)))
     print(f"\nrandom scores on {chance['images']} test images: rSum {chance['rsum']:.1f}; "
           "hard-negative pairs: 50 %")
     shards.write_json(out / "compare.json", {"args": vars(args), "chance": chance, "runs": rows})
     return 0
+
+
+def describe(args) -> str:
+    """One line: what the runs were (build, schedule, overrides, seeds)."""
+    seeds = f"seed {args.seed}" if args.seeds == 1 else f"seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std)"
+    return (f"{args.dataset}/{args.split}, {args.epochs} epochs, batch {args.batch_size}, "
+            f"--set {' '.join(args.set) or '(none)'}; {seeds}")
 
 
 if __name__ == "__main__":

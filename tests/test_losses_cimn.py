@@ -73,3 +73,18 @@ def test_masses_and_forces_carry_no_gradient():
     #                 + from caption anchor t1's row: -(5/3 + 1/3) * t1 (s11 is its positive)
     expected = 10 / 7 * (T[1] - T[0]) + 4 / 7 * (T[2] - T[0]) - 2 * T[0]
     assert torch.allclose(v.grad[0], expected, atol=1e-5)
+
+
+def test_masses_and_forces_by_hand():
+    """Masses 2 - s_ii = (2, 1, 1). F = m_a m_b / r^2. Image anchor v1 (mass 2): t2 (mass 1,
+    r^2 .8) pulls 2/.8 = 2.5, t3 (mass 1, r^2 2) 2/2 = 1, so v1 spends its mass 2 as 2 * 2.5/3.5
+    = 10/7 and 4/7. v2 (mass 1): t1 (mass 2, s .8, r^2 .4) pulls 2/.4 = 5, t3 (r^2 2) 1/2, so
+    10/11 and 1/11. v3 (mass 1): t1 (mass 2, r^2 2) pulls 1, t2 (mass 1, r^2 2) .5: 2/3, 1/3."""
+    sims = V @ T.t()
+    mass = 2 - sims.diagonal()
+    assert mass.tolist() == pytest.approx([2.0, 1.0, 1.0])
+    neg = ~torch.eye(3, dtype=torch.bool)
+    w = losses.gravitation_weights(sims, neg, mass, mass, power=2.0, eps=0.0)
+    expected = torch.tensor([[0, 10 / 7, 4 / 7], [10 / 11, 0, 1 / 11], [2 / 3, 1 / 3, 0]])
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(w.sum(1), mass)                 # an anchor spends its whole mass

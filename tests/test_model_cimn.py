@@ -2,6 +2,7 @@
 save/load, and train.py / evaluate.py end to end on a tiny synthetic dataset."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from pipeline.shards import VOCAB_SPECIALS, Vocabulary
 from training import checkpoint, models
 from training.data import Batch, collate_images, collate_text
-from training.models.cimn import box_neighbourhood, sequence_neighbourhood
+from training.models.cimn import RelationReasoning, box_neighbourhood, sequence_neighbourhood
 from training.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +155,52 @@ def test_unknown_loss_is_a_clear_error(vocab, batch):
         model(vocab, loss="nope")(batch)
 
 
+def encodings(m, batch):
+    with torch.no_grad():
+        return m.encode_image(batch.image), m.encode_text(batch.text)
+
+
+def test_mean_pooling_is_graph_pooling_with_equal_node_scores(vocab, batch):
+    full, mean = model(vocab), model(vocab, pooling="mean")
+    dropped = {k for k in full.state_dict() if ".pool.gcn." in k or ".pool.score." in k}
+    assert dropped and set(mean.state_dict()) == set(full.state_dict()) - dropped
+    mean.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped})
+    with torch.no_grad():
+        for tower in (full.image_tower, full.text_tower):   # a zero score: softmax weights 1/n
+            tower.pool.score.weight.zero_()
+    for a, b in zip(encodings(full, batch), encodings(mean, batch)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        model(vocab, pooling="max")
+
+
+def test_no_frr_layers_is_frr_replaced_by_the_identity(vocab, batch):
+    full, bare = model(vocab), model(vocab, frr_layers=0)
+    dropped = {k for k in full.state_dict() if ".layers." in k}
+    assert dropped and set(bare.state_dict()) == set(full.state_dict()) - dropped
+    bare.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped})
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(encodings(full, batch), encodings(bare, batch)))
+    with torch.no_grad():
+        for m in (full, bare):
+            for tower in (m.image_tower, m.text_tower):
+                # equal node scores, so that the pooling graph (which FRR's potential graph
+                # enters) does not matter; a zero update and no norm make a layer the identity
+                tower.pool.score.weight.zero_()
+                for layer in tower.layers:
+                    layer.scale.zero_()
+                    layer.norm = torch.nn.Identity()
+    for a, b in zip(encodings(full, batch), encodings(bare, batch)):
+        torch.testing.assert_close(a, b)
+
+
+def test_without_intra_terms_the_loss_is_the_inter_modal_term(vocab, batch):
+    full = model(vocab)(batch)                  # eval mode: no dropout, the same encodings
+    no_intra = model(vocab, gl_intra=0.0)(batch)
+    assert full["intra"] > 0
+    torch.testing.assert_close(no_intra["loss"], full["inter"])
+    torch.testing.assert_close(full["loss"], full["inter"] + 0.5 * full["intra"])
+
+
 def test_state_dict_and_checkpoint_round_trip(vocab, batch, tmp_path):
     m = model(vocab)
     path = checkpoint.save(tmp_path / "m.pt", {"model": m.state_dict()})
@@ -178,3 +225,33 @@ def test_train_and_evaluate_end_to_end(tmp_path):
                        capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rSum" in p.stdout and "hard negatives [attribute]" in p.stdout
+
+
+def test_frr_layer_by_hand():
+    """One FRR layer, x <- x + gamma * ReLU(W_n A_near x + W_p A_pot x), on two real nodes and a
+    padded one, with identity weights, gamma = 1 and the LayerNorm checked apart.
+
+        x1 = (1, 0), x2 = (0, 2); A_near = [[.5, .5], [.5, .5]]
+        A_pot = softmax_j(x_i . x_j / sqrt 2):  row 1 scores (1/sqrt2, 0) -> (a, 1 - a),
+            a = e^(1/sqrt2) / (e^(1/sqrt2) + 1) = .66976;  row 2 scores (0, 4/sqrt2) -> (b, 1 - b),
+            b = 1 / (1 + e^(4/sqrt2)) = .05581
+        A_near x = (.5, 1) for both;  A_pot x = (a, 2 (1 - a)) and (b, 2 (1 - b))
+        x1' = (1 + .5 + a, 0 + 1 + 2 (1 - a)),  x2' = (0 + .5 + b, 2 + 1 + 2 (1 - b))"""
+    layer = RelationReasoning(2, dropout=0.0, scale_init=1.0).eval()
+    with torch.no_grad():
+        for lin in (layer.potential.query, layer.potential.key, layer.w_near, layer.w_potential):
+            lin.weight.copy_(torch.eye(2))
+        layer.w_near.bias.zero_()
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, False]])
+    near = torch.tensor([[[.5, .5, 0], [.5, .5, 0], [0, 0, 0]]])
+    a = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
+    b = 1 / (1 + math.exp(4 / math.sqrt(2)))
+    assert (round(a, 5), round(b, 5)) == (0.66976, 0.05581)
+    expected = torch.tensor([[1 + .5 + a, 1 + 2 * (1 - a)], [.5 + b, 3 + 2 * (1 - b)]])
+    with torch.no_grad():
+        out, potential = layer(x, near, mask)
+        torch.testing.assert_close(potential[0], torch.tensor([[a, 1 - a, 0], [b, 1 - b, 0], [0, 0, 0]]))
+        torch.testing.assert_close(out[0, :2], torch.nn.functional.layer_norm(expected, (2,)))
+        layer.norm = torch.nn.Identity()
+        torch.testing.assert_close(layer(x, near, mask)[0][0, :2], expected)

@@ -4,6 +4,7 @@ end to end on a tiny synthetic dataset with grid shards."""
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from pipeline.shards import Vocabulary
 from training import checkpoint, evaluate, models, train
 from training.data import Batch, DataConfig, PairDataset, ShardData, collate_images, collate_text
-from training.models.dsrln import grid_mask, local_scores
+from training.models.dsrln import DIF, grid_mask, local_scores
 from training.synthetic import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,3 +247,33 @@ def test_train_and_evaluate_end_to_end(data, tmp_path, capsys):
                           "--hard-negatives", "--batch-size", "3"]) == 0
     res = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert 0 <= res["test/f30k-1k"]["rsum"] <= 600
+
+
+def test_dif_by_hand():
+    """DIF on one region and three grid cells, the third outside the region's mask, with identity
+    projections (one head of 2 channels) and the gate g = sigmoid(x - c):
+
+        x = (1, 0); cells (1, 0), (0, 1), (5, 5) [masked out]
+        attention: softmax(x . cell / sqrt 2) over the allowed cells = (a, 1 - a),
+            a = e^(1/sqrt2) / (e^(1/sqrt2) + 1) = .66976
+        context c = a (1, 0) + (1 - a) (0, 1) = (a, 1 - a)
+        g = (sigmoid(1 - a), sigmoid(-(1 - a)));  fused = g x + (1 - g) c, then LayerNorm"""
+    dif = DIF(2, heads=1, dropout=0.0).eval()
+    eye = torch.eye(2)
+    with torch.no_grad():
+        for lin, w in ((dif.q, eye), (dif.kv, torch.cat([eye, eye])), (dif.out, eye),
+                       (dif.gate, torch.cat([eye, -eye], 1))):
+            lin.weight.copy_(w)
+            lin.bias.zero_()
+    x = torch.tensor([[[1.0, 0.0]]])
+    grid = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    allowed = torch.tensor([[[True, True, False]]])
+    a = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    g = (sig(1 - a), sig(-(1 - a)))
+    fused = torch.tensor([g[0] * 1 + (1 - g[0]) * a, g[1] * 0 + (1 - g[1]) * (1 - a)])
+    assert fused.tolist() == pytest.approx([0.86190, 0.19214], abs=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(dif(x, grid, allowed)[0, 0], torch.nn.functional.layer_norm(fused, (2,)))
+        dif.norm = torch.nn.Identity()
+        torch.testing.assert_close(dif(x, grid, allowed)[0, 0], fused)

@@ -10,6 +10,7 @@ import torch
 from pipeline.shards import Vocabulary
 from training import checkpoint, evaluate, models, train
 from training.data import Batch, DataConfig, PairDataset, ShardData, collate_images, collate_text
+from training.models.layers import masked_mean
 from training.synthetic import make_dataset
 
 TINY = {"embed_dim": 24, "word_dim": 12, "sim_dim": 8, "feature_dim": 2048, "kid_iters": 2,
@@ -236,3 +237,36 @@ def test_scores_match_a_written_out_reference(data, items, readout):
 def test_unknown_readout_is_refused(data):
     with pytest.raises(ValueError, match="unknown readout 'max'.*mean"):
         make_model(data[1], readout="max")
+
+
+def test_no_dissemination_keeps_the_projected_nodes_and_their_mean(data, items):
+    _, vocab, _ = data
+    model = make_model(vocab, kid_iters=0).train()
+    b = batch_of(items[:4])
+    ie = model.encode_image(b.image)
+    x, mask = model.img_fc(b.image.regions), b.image.region_mask
+    torch.testing.assert_close(ie.local[mask], torch.nn.functional.normalize(x, dim=-1)[mask])
+    torch.testing.assert_close(ie.global_, torch.nn.functional.normalize(masked_mean(x, mask), dim=-1))
+    te = model.encode_text(b.text)
+    (model.similarity(ie, te).sum()).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert unused and all(n.startswith(("img_graph.", "txt_graph.", "geometry.")) for n in unused), unused
+    assert make_model(vocab).img_graph.iters == TINY["kid_iters"] > 0
+
+
+def test_no_reconstruction_is_the_graph_with_no_type_bias_and_no_pruning(data, items):
+    _, vocab, _ = data
+    full, plain = make_model(vocab), make_model(vocab, reconstruct=False)
+    dropped = {"relation.type_bias", "relation.threshold", "relation.sharpness"}
+    assert set(plain.state_dict()) == set(full.state_dict()) - dropped
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        plain.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped})
+        b = batch_of(items[:4])
+        reconstructed = scores(full, b)
+        full.relation.type_bias.zero_()
+        full.relation.threshold.fill_(-1e4)          # keeps every edge
+        off = scores(full, b)
+    assert (reconstructed - off).abs().max() > 1e-5
+    torch.testing.assert_close(scores(plain, b), off, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from pipeline.shards import VOCAB_SPECIALS, Vocabulary
 from training import checkpoint, evaluate, models, train
 from training.data import Batch, collate_images, collate_text
+from training.models.layers import bigru_states, box_features
 from training.synthetic import make_dataset
 
 WORDS = ["a", "red", "blue", "dog", "cat", "ball", "on", "near", "big"]
@@ -200,3 +201,63 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert evaluate.main([str(out), "--split", "test", "--root", str(root), "--hard-negatives",
                           "--workers", "0"]) == 0
     assert "attribute" in (out / "eval.json").read_text()
+
+
+def shared(full, ablated):
+    """Load ``full``'s parameters into ``ablated``; the names ``ablated`` lacks."""
+    dropped = set(full.state_dict()) - set(ablated.state_dict())
+    assert set(ablated.state_dict()) < set(full.state_dict())
+    ablated.load_state_dict({k: v for k, v in full.state_dict().items() if k not in dropped})
+    return dropped
+
+
+def test_without_vreg_the_image_is_its_projected_regions(vocab, batch):
+    full, bare = model(vocab), model(vocab, vreg=False)
+    assert shared(full, bare) == {k for k in full.state_dict() if k.startswith(("v_refine.", "geo_fc.", "v_rel."))}
+    img = batch.image
+    with torch.no_grad():
+        enc = bare.encode_image(img)
+        x = torch.nn.functional.normalize(bare.region_fc(img.regions) + bare.box_fc(box_features(img.boxes)), dim=-1)
+    mask = img.region_mask
+    torch.testing.assert_close(enc.objects[mask], x[mask])
+    torch.testing.assert_close(enc.relations, enc.objects)       # caption relations meet the regions
+    assert torch.equal(enc.relation_mask, mask)
+    # the text side is the full model's
+    with torch.no_grad():
+        te_full, te_bare = full.encode_text(batch.text), bare.encode_text(batch.text)
+    torch.testing.assert_close(te_full.objects, te_bare.objects)
+    torch.testing.assert_close(te_full.relations, te_bare.relations)
+
+
+def test_without_treg_the_caption_is_its_words_scored_on_objects(vocab, batch):
+    full, bare = model(vocab), model(vocab, treg=False)
+    assert shared(full, bare) == {k for k in full.state_dict()
+                                  if k.startswith(("attr_fc.", "t_refine.", "predicate.", "t_rel."))}
+    txt = batch.text
+    with torch.no_grad():
+        enc = bare.encode_text(txt)
+        states = torch.nn.functional.normalize(bigru_states(bare.gru, bare.embed(txt.tokens), txt.lengths), dim=-1)
+    assert not enc.relation_mask.any()
+    words = txt.mask & (txt.tokens != Vocabulary.START) & (txt.tokens != Vocabulary.END)
+    for j in range(len(txt.tokens)):            # the real words, in order, are the object nodes
+        n = int(words[j].sum())
+        assert n > 0 and enc.object_mask[j].sum() == n
+        torch.testing.assert_close(enc.objects[j, :n], states[j][words[j]])
+    with torch.no_grad():
+        ie = bare.encode_image(batch.image)
+        s = bare.similarity(ie, enc)
+        bare.cfg.rel_weight = 0.0
+        torch.testing.assert_close(bare.similarity(ie, enc), s)   # relations never count
+    # the image side is the full model's
+    with torch.no_grad():
+        torch.testing.assert_close(full.encode_image(batch.image).relations, ie.relations)
+
+
+def test_loss_weights_zero_drop_exactly_their_term(vocab, batch):
+    torch.manual_seed(1)
+    out = model(vocab).train()(batch, epoch=1)
+    for field, part, weight in (("center_weight", "center", 0.1), ("pn_weight", "pn", 1.0)):
+        torch.manual_seed(1)
+        off = model(vocab, **{field: 0.0}).train()(batch, epoch=1)
+        assert out[part] > 0
+        torch.testing.assert_close(off["loss"], out["loss"] - weight * out[part])

@@ -114,22 +114,29 @@ def pos_neg_margin_loss(sims: torch.Tensor, pos_margin: float = 0.6, neg_margin:
 # ---------------------------------------------------------------------------------------------
 # CIMN: gravitation loss
 
+@torch.no_grad()
+def gravitation_weights(anchor_sims: torch.Tensor, negatives: torch.Tensor, mass_anchor: torch.Tensor,
+                        mass_other: torch.Tensor, power: float = 2.0, eps: float = 1e-3) -> torch.Tensor:
+    """[A, N] weight of each negative b of each anchor a (rows; zero off ``negatives``).
+
+    Each negative b pulls with F(a, b) = m_a m_b / (r_ab + eps)**power, where r_ab =
+    sqrt(2 - 2 cos) is the Euclidean distance of the unit embeddings; anchor a spends its mass
+    m_a over its negatives in proportion to their pull:  w_ab = m_a F(a, b) / sum_c F(a, c)."""
+    r = (2 - 2 * anchor_sims).clamp(min=0).sqrt()
+    force = mass_anchor[:, None] * mass_other[None, :] / (r + eps) ** power
+    force = torch.where(negatives, force, torch.zeros_like(force))  # positives: r = 0
+    return mass_anchor[:, None] * force / force.sum(1, keepdim=True).clamp(min=1e-12)
+
+
 def _gravity_hinge(anchor_sims: torch.Tensor, pos_sims: torch.Tensor, negatives: torch.Tensor,
                    mass_anchor: torch.Tensor, mass_other: torch.Tensor, margin: float,
                    power: float, eps: float) -> torch.Tensor:
-    """Sum over anchors (rows) of the force-weighted hinge against the anchor's negatives.
-
-    Row a: each negative b pulls with F(a, b) = m_a m_b / (r_ab + eps)**power, where r_ab =
-    sqrt(2 - 2 cos) is the Euclidean distance of the unit embeddings; anchor a spends its mass
-    m_a over its negatives in proportion to their pull:  w_ab = m_a F(a, b) / sum_c F(a, c).
-    The loss of row a is sum_b w_ab * max(0, margin + s_ab - s_a+). Forces and masses are
-    weights (no gradient flows through them); the hinge gives the direction.
+    """Sum over anchors (rows) of the force-weighted hinge against the anchor's negatives: the
+    loss of row a is sum_b w_ab * max(0, margin + s_ab - s_a+) with w from
+    ``gravitation_weights``. Forces and masses are weights (no gradient flows through them); the
+    hinge gives the direction.
     """
-    with torch.no_grad():
-        r = (2 - 2 * anchor_sims).clamp(min=0).sqrt()
-        force = mass_anchor[:, None] * mass_other[None, :] / (r + eps) ** power
-        force = torch.where(negatives, force, torch.zeros_like(force))  # positives: r = 0
-        weights = mass_anchor[:, None] * force / force.sum(1, keepdim=True).clamp(min=1e-12)
+    weights = gravitation_weights(anchor_sims, negatives, mass_anchor, mass_other, power, eps)
     hinge = (margin + anchor_sims - pos_sims[:, None]).clamp(min=0)
     return (weights * hinge).sum()
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from training import losses
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import bigru_states, box_features, masked_softmax
+from training.models.layers import bigru_states, box_features, masked_mean, masked_softmax
 
 
 @dataclass
@@ -34,6 +34,7 @@ class CIMNConfig(ModelConfig):
     word_window: int = 1          # words at most this many positions apart are neighbours
     dropout: float = 0.1
     frr_scale_init: float = 0.1   # initial per-channel gate on each FRR update (LayerScale)
+    pooling: str = "graph"        # graph (Graph Pooling) | mean (mean of the nodes, for ablations)
     # Gravitation Loss (see losses.gravitation_loss)
     loss: str = "gravitation"     # gravitation | triplet (the VSE++ loss, for ablations)
     gl_power: float = 2.0         # force ~ 1 / distance**power (2: Newton's inverse square)
@@ -118,14 +119,31 @@ class GraphPooling(nn.Module):
         return F.normalize(self.out((weights.unsqueeze(-1) * x).sum(1)), dim=-1)
 
 
+class MeanPooling(nn.Module):
+    """Graph Pooling with every real node weighted alike (the ablation of its learned scores)."""
+
+    def __init__(self, dim: int, embed_dim: int):
+        super().__init__()
+        self.out = nn.Linear(dim, embed_dim)
+
+    def forward(self, x, adj, mask):
+        return F.normalize(self.out(masked_mean(x, mask)), dim=-1)
+
+
+POOLINGS = {"graph": GraphPooling, "mean": MeanPooling}
+
+
 class Tower(nn.Module):
     """FRR layers then graph pooling, for one modality."""
 
-    def __init__(self, dim: int, embed_dim: int, layers: int, dropout: float, scale_init: float):
+    def __init__(self, dim: int, embed_dim: int, layers: int, dropout: float, scale_init: float,
+                 pooling: str = "graph"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"cimn: unknown pooling '{pooling}'; known: {', '.join(POOLINGS)}")
         self.layers = nn.ModuleList(RelationReasoning(dim, dropout, scale_init)
                                     for _ in range(layers))
-        self.pool = GraphPooling(dim, embed_dim)
+        self.pool = POOLINGS[pooling](dim, embed_dim)
 
     def forward(self, x, near, mask):
         potential = near
@@ -147,8 +165,8 @@ class CIMN(ITMModel):
         self.box_fc = nn.Linear(5, d)                # x1, y1, x2, y2, area
         self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.word_dim, d, batch_first=True, bidirectional=True)
-        self.image_tower = Tower(d, d, cfg.frr_layers, cfg.dropout, cfg.frr_scale_init)
-        self.text_tower = Tower(d, d, cfg.frr_layers, cfg.dropout, cfg.frr_scale_init)
+        self.image_tower = Tower(d, d, cfg.frr_layers, cfg.dropout, cfg.frr_scale_init, cfg.pooling)
+        self.text_tower = Tower(d, d, cfg.frr_layers, cfg.dropout, cfg.frr_scale_init, cfg.pooling)
 
     def encode_image(self, img):
         x = self.region_fc(img.regions) + self.box_fc(box_features(img.boxes))

@@ -46,6 +46,7 @@ class KIDRRConfig(ModelConfig):
     attn_lambda: float = 9.0       # inverse temperature of the cross attention (SCAN / SGRAF)
     prune_init: float = 0.5        # initial pruning threshold, in units of a uniform edge weight
     readout: str = "mean"          # score from: mean (all reasoned nodes) | global (SGRAF's node)
+    reconstruct: bool = True       # ablation: False reasons over the plain affinities (no type bias, no pruning)
     sim_block_elems: int = 1 << 25  # bound on pairs x nodes x max(embed_dim, sim_dim) per chunk
     # SGRAF's Flickr30K schedule (COCO: the base's DATASET_DEFAULTS)
     epochs: int = 40
@@ -158,9 +159,11 @@ class RelationGraph(nn.Module):
     """Reasoning over the similarity vectors of each pair. Edges are the nodes' affinities plus a
     learned bias per pair of node types (re-weighting); an edge whose weight falls below a learned
     fraction of the uniform weight 1/n is softly pruned and the rows renormalised
-    (reconstruction); each step then aggregates along the rebuilt edges."""
+    (reconstruction); each step then aggregates along the rebuilt edges. Without
+    ``reconstruct`` the edges are the affinities alone (SGR's graph)."""
 
-    def __init__(self, sim_dim: int, steps: int, prune_init: float, readout: str, n_types: int = 5):
+    def __init__(self, sim_dim: int, steps: int, prune_init: float, readout: str, n_types: int = 5,
+                 reconstruct: bool = True):
         super().__init__()
         if readout not in READOUTS:
             raise ValueError(f"kidrr: unknown readout '{readout}'; known: {', '.join(READOUTS)}")
@@ -168,26 +171,28 @@ class RelationGraph(nn.Module):
         self.q = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
         self.k = nn.ModuleList(nn.Linear(sim_dim, sim_dim, bias=False) for _ in range(steps))
         self.update = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
-        self.type_bias = nn.Parameter(torch.zeros(n_types, n_types))
-        self.threshold = nn.Parameter(torch.tensor(float(prune_init)))
-        self.sharpness = nn.Parameter(torch.tensor(math.log(math.expm1(10.0))))  # softplus -> 10
+        self.reconstruct = reconstruct
+        if reconstruct:
+            self.type_bias = nn.Parameter(torch.zeros(n_types, n_types))
+            self.threshold = nn.Parameter(torch.tensor(float(prune_init)))
+            self.sharpness = nn.Parameter(torch.tensor(math.log(math.expm1(10.0))))  # softplus -> 10
         self.score = nn.Linear(sim_dim, 1)
 
     def forward(self, s, mask, types):
         """s [P, N, S] similarity vectors, mask [P, N], types [N] -> scores [P]."""
         n = s.shape[1]
-        bias = self.type_bias[types][:, types]
+        bias = self.type_bias[types][:, types] if self.reconstruct else 0.0
         cols = mask.unsqueeze(1) | torch.eye(n, dtype=torch.bool, device=s.device)
         count = mask.sum(-1).clamp(min=1).to(s.dtype)[:, None, None]
-        sharp = F.softplus(self.sharpness)
         for q, k, upd in zip(self.q, self.k, self.update):
             # q(s) k(s)^T as s (Wq^T Wk) s^T + (bq Wk) s^T: one S x S product per node, not two
             qk = F.linear(s, k.weight.t() @ q.weight, k.weight.t() @ q.bias)
             logits = qk @ s.transpose(1, 2) / math.sqrt(s.shape[-1]) + bias
             a = masked_softmax(logits, cols)
-            keep = torch.sigmoid(sharp * (a * count - self.threshold))
-            a = a * keep
-            a = a / (a.sum(-1, keepdim=True) + 1e-6)
+            if self.reconstruct:
+                keep = torch.sigmoid(F.softplus(self.sharpness) * (a * count - self.threshold))
+                a = a * keep
+                a = a / (a.sum(-1, keepdim=True) + 1e-6)
             s = s + F.relu(upd(a @ s))
         return torch.sigmoid(self.score(self.readout(s, mask))).squeeze(-1)
 
@@ -220,7 +225,8 @@ class KIDRR(ITMModel):
         # similarity vectors and the relation graph
         self.sim_gg, self.sim_gl = SimVector(d, s), SimVector(d, s)
         self.sim_t2i, self.sim_i2t = SimVector(d, s), SimVector(d, s)
-        self.relation = RelationGraph(s, cfg.reason_steps, cfg.prune_init, cfg.readout)
+        self.relation = RelationGraph(s, cfg.reason_steps, cfg.prune_init, cfg.readout,
+                                      reconstruct=cfg.reconstruct)
 
     # encoders ---------------------------------------------------------------------------------
 

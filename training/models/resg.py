@@ -41,6 +41,11 @@ class ReSGConfig(ModelConfig):
     pn_weight: float = 1.0         # positive-negative margin loss
     pos_margin: float = 0.6
     neg_margin: float = 0.2
+    # ablations: vreg=False makes the image its projected regions (no refinement, no relation
+    # nodes: the caption's relation nodes are matched with the regions); treg=False makes the
+    # caption its words' GRU states (no scene graph, no refinement, no relation nodes)
+    vreg: bool = True
+    treg: bool = True
 
 
 @dataclass
@@ -108,16 +113,16 @@ class ReSG(ITMModel):
         # VReG
         self.region_fc = nn.Linear(cfg.feature_dim, d)
         self.box_fc = nn.Linear(5, d)
-        self.v_refine = nn.ModuleList(ContextRefine(d) for _ in range(cfg.gcn_layers))
-        self.geo_fc = nn.Linear(10, d)
-        self.v_rel = _mlp(3 * d, d)
+        self.v_refine = nn.ModuleList(ContextRefine(d) for _ in range(cfg.gcn_layers if cfg.vreg else 0))
+        self.geo_fc = nn.Linear(10, d) if cfg.vreg else None
+        self.v_rel = _mlp(3 * d, d) if cfg.vreg else None
         # TReG
         self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.word_dim, d, batch_first=True, bidirectional=True)
-        self.attr_fc = nn.Linear(cfg.word_dim, d)
-        self.t_refine = nn.ModuleList(ContextRefine(d) for _ in range(cfg.gcn_layers))
-        self.predicate = nn.Embedding(len(getattr(vocab, "predicates", [])) or 1, d)
-        self.t_rel = _mlp(3 * d, d)
+        self.attr_fc = nn.Linear(cfg.word_dim, d) if cfg.treg else None
+        self.t_refine = nn.ModuleList(ContextRefine(d) for _ in range(cfg.gcn_layers if cfg.treg else 0))
+        self.predicate = nn.Embedding(len(getattr(vocab, "predicates", [])) or 1, d) if cfg.treg else None
+        self.t_rel = _mlp(3 * d, d) if cfg.treg else None
 
     # -- VReG ----------------------------------------------------------------------------------
     def encode_image(self, img):
@@ -126,6 +131,8 @@ class ReSG(ITMModel):
         x = x * mask.unsqueeze(-1)
         for layer in self.v_refine:
             x = layer(x, mask)
+        if not self.cfg.vreg:
+            return self._nodes(x, mask, x, mask)
 
         # relation nodes: each region with its most similar other regions
         b, r, _ = x.shape
@@ -147,6 +154,10 @@ class ReSG(ITMModel):
         emb = self.embed(txt.tokens)
         h = bigru_states(self.gru, emb, txt.lengths)
         d = h.shape[-1]
+        words = txt.mask & (txt.tokens != Vocabulary.START) & (txt.tokens != Vocabulary.END)
+        if not self.cfg.treg:   # one masked-out relation node: every caption is scored on its objects
+            x, mask = _compact(h * words.unsqueeze(-1), words)
+            return self._nodes(x, mask, h.new_zeros(h.shape[0], 1, d), words.new_zeros(h.shape[0], 1))
 
         # object nodes: the head word's state plus the mean of its attribute words
         obj = h.gather(1, txt.obj_index.unsqueeze(-1).expand(-1, -1, d))
@@ -159,7 +170,6 @@ class ReSG(ITMModel):
 
         # a caption whose parse found no object is matched on its words instead
         has_obj = txt.obj_mask.any(1, keepdim=True)
-        words = txt.mask & (txt.tokens != Vocabulary.START) & (txt.tokens != Vocabulary.END)
         x = torch.cat([obj, h], 1)
         mask = torch.cat([txt.obj_mask, words & ~has_obj], 1)
         x = x * mask.unsqueeze(-1)

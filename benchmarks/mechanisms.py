@@ -1,0 +1,271 @@
+"""What the papers' mechanisms compute in a trained run, on its own data.
+
+    python benchmarks/mechanisms.py RUN [--split val] [--max-images 500] [--batch-size N] [--root DATA]
+
+dsrln  DIF's gate g (the share of the region kept against its grid context, per channel,
+       ``fused = g x + (1 - g) c``), averaged over the channels and real regions of each image,
+       for the captions that name the image's background and for those that do not, and per
+       image (some caption names its background, or none does); the demo's context build names
+       backdrops; on other builds all captions form one group.
+cimn   FRR's potential-relation attention, per tower and layer: its entropy against that of
+       uniform attention over the same nodes, the share on the node itself, on overlapping boxes
+       (IoU > 0) and on nearby boxes (centres at most ``box_sigma`` apart), each beside the share
+       uniform attention would give; for words, the share on the adjacent words.
+       The Gravitation Loss on batches of (image, first caption) pairs, every image and caption
+       an anchor: masses and force weights of easy anchors (no negative within the margin) and
+       hard ones: the mass, the share of it on the closest negative, the effective number of
+       negatives (m² / Σ w²) and the anchor's loss.
+
+Diagnostics, not tuning: the default split is val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+
+import torch
+
+from pipeline.config import HelpFormatter
+from pipeline.shards import ShardError
+from training import losses
+from training.checkpoint import CheckpointError
+from training.data import eval_loaders
+from training.run import load_run
+
+
+def background_words() -> set[str]:
+    """The words by which the demo's context captions name a backdrop (the last word of each
+    phrase: "on the grass", "by a brick wall"); empty where the generator has no backdrops."""
+    try:
+        from pipeline.backdrops import BACKDROP_WORDS
+    except ImportError:
+        return set()
+    return {phrase.split()[-1] for phrases in BACKDROP_WORDS.values() for phrase in phrases}
+
+
+def caption_groups(vocab, texts, words: set[str]) -> dict[str, list[tuple[int, int]]]:
+    """(caption id, image id) of every caption, grouped by whether it names the background; one
+    group of all captions when none does (a build without backdrops)."""
+    ids = {vocab.stoi[w] for w in words if w in vocab.stoi}
+    groups = {"names the background": [], "does not": []}
+    for t in texts:
+        hit = torch.isin(t.tokens, torch.tensor(sorted(ids), dtype=t.tokens.dtype)) & t.mask
+        for cid, iid, h in zip(t.caption_ids.tolist(), t.image_ids.tolist(), hit.any(1).tolist()):
+            groups["names the background" if h else "does not"].append((cid, iid))
+    if not groups["names the background"]:
+        return {"all captions (none names a background)": groups["does not"]}
+    return groups
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def _capture(module, out: list):
+    return module.register_forward_hook(lambda m, i, o: out.append(o))
+
+
+# ---------------------------------------------------------------------------------------------
+# dsrln
+
+def dif_gate(run, images, texts, args) -> list[str]:
+    model = run.model
+    if model.dif is None:
+        return ["DIF: not in this run (grid_fusion=false)"]
+    logits, per_image = [], {}
+    hook = _capture(model.dif.gate, logits)
+    try:
+        with torch.no_grad():
+            for img in images:
+                logits.clear()
+                model.encode_image(img)
+                g = torch.sigmoid(logits[0]).mean(-1)                     # [B, R]
+                for iid, gi, m in zip(img.image_ids.tolist(), g, img.region_mask):
+                    per_image[iid] = gi[m].mean().item()
+    finally:
+        hook.remove()
+    lines = ["DIF gate g = share of the region kept (1 - g: its grid context), mean over channels and "
+             "real regions of the caption's image", "",
+             "| captions | n | mean g | std g | mean 1 - g |", "|---|---|---|---|---|"]
+    groups = caption_groups(run.vocab, texts, background_words())
+    named = {iid for _, iid in groups.get("names the background", [])}
+    if named:   # the gate is the image's: also per image, whether any of its captions names it
+        groups["images: some caption names the background"] = [(None, i) for i in per_image if i in named]
+        groups["images: no caption does"] = [(None, i) for i in per_image if i not in named]
+    for name, members in groups.items():
+        g = [per_image[iid] for _, iid in members if iid in per_image]
+        std = statistics.pstdev(g) if g else math.nan
+        lines.append(f"| {name} | {len(g)} | {_mean(g):.3f} | {std:.3f} | {1 - _mean(g):.3f} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# cimn
+
+def box_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """[B, R, 4] x1y1x2y2 -> [B, R, R] IoU of every pair."""
+    lo = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    hi = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-9)
+
+
+def attention_stats(att: torch.Tensor, mask: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict:
+    """Per real row of ``att`` [B, N, N]: entropy, that of uniform attention over the row's real
+    nodes, the share on the node itself, and per group (a [B, N, N] bool of node pairs, self
+    excluded) the share on it and the share uniform attention would give; means over rows."""
+    rows = mask.clone()
+    n = mask.sum(-1, keepdim=True).expand_as(mask).float()[rows]               # real nodes per row
+    a = att[rows]                                                              # [rows, N]
+    out = {"rows": int(rows.sum()),
+           "entropy": _mean((-(a * a.clamp(min=1e-12).log()).sum(-1)).tolist()),
+           "uniform": _mean(n.log().tolist()),
+           "self": _mean(att.diagonal(dim1=1, dim2=2)[rows].tolist())}
+    eye = torch.eye(att.shape[-1], dtype=torch.bool)
+    for name, pairs in groups.items():
+        pairs = pairs & ~eye & mask[:, None, :]
+        out[name] = (_mean((a * pairs[rows]).sum(-1).tolist()), _mean((pairs[rows].sum(-1) / n).tolist()))
+    return out
+
+
+def frr_attention(run, images, texts, args) -> list[str]:
+    model, cfg = run.model, run.model.cfg
+    if not cfg.frr_layers:
+        return ["FRR: no layers in this run (frr_layers=0)"]
+    stats = []   # (tower, layer, stats)
+    for tower, batches in (("image", images), ("text", texts)):
+        layers = (model.image_tower if tower == "image" else model.text_tower).layers
+        acc = [[] for _ in layers]
+        captured = []
+        hooks = [_capture(layer.potential, captured) for layer in layers]
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    captured.clear()
+                    if tower == "image":
+                        model.encode_image(b)
+                        centres = (b.boxes[..., :2] + b.boxes[..., 2:]) / 2
+                        near = torch.cdist(centres, centres) <= cfg.box_sigma
+                        known = b.boxes_known[:, None, None]
+                        groups = {"overlapping": (box_iou(b.boxes) > 0) & known, "near": near & known}
+                        mask = b.region_mask
+                    else:
+                        model.encode_text(b)
+                        pos = torch.arange(b.tokens.shape[1])
+                        adjacent = (pos[:, None] - pos[None, :]).abs() <= cfg.word_window
+                        groups = {"adjacent": adjacent.expand(len(b), -1, -1)}
+                        mask = b.mask
+                    for k, att in enumerate(captured):
+                        acc[k].append(attention_stats(att, mask, groups))
+        finally:
+            for h in hooks:
+                h.remove()
+        for k, parts in enumerate(acc):
+            stats.append((tower, k + 1, _merge(parts)))
+    lines = ["FRR potential-relation attention, mean over real nodes; (uniform) = what equal attention "
+             "over the node's real neighbours would give", "",
+             "| tower | layer | nodes | entropy | (uniform) | self | overlapping (uniform) | near (uniform) | "
+             "adjacent words (uniform) |", "|---|---|---|---|---|---|---|---|---|"]
+    for tower, k, s in stats:
+        share = lambda g: f"{s[g][0]:.3f} ({s[g][1]:.3f})" if g in s else "-"  # noqa: E731
+        lines.append(f"| {tower} | {k} | {s['rows']} | {s['entropy']:.3f} | {s['uniform']:.3f} | {s['self']:.3f} | "
+                     f"{share('overlapping')} | {share('near')} | {share('adjacent')} |")
+    return lines
+
+
+def _merge(parts: list[dict]) -> dict:
+    """Row-weighted means of several ``attention_stats``."""
+    total = sum(p["rows"] for p in parts)
+    out = {"rows": total}
+    for key in parts[0]:
+        if key == "rows":
+            continue
+        w = [(p[key], p["rows"]) for p in parts if p["rows"]]
+        if isinstance(parts[0][key], tuple):
+            out[key] = tuple(sum(v[i] * r for v, r in w) / total for i in range(2))
+        else:
+            out[key] = sum(v * r for v, r in w) / total
+    return out
+
+
+def gravitation(run, images, texts, args) -> list[str]:
+    model, cfg = run.model, run.model.cfg
+    with torch.no_grad():
+        v = torch.cat([model.encode_image(b) for b in images])
+        image_ids = torch.cat([b.image_ids for b in images])
+        first = {}
+        for t in texts:
+            enc = model.encode_text(t)
+            for k, iid in enumerate(t.image_ids.tolist()):
+                first.setdefault(iid, enc[k])
+    keep = [k for k, iid in enumerate(image_ids.tolist()) if iid in first]
+    v, image_ids = v[keep], image_ids[keep]
+    t = torch.stack([first[iid] for iid in image_ids.tolist()])
+    size = args.batch_size or cfg.batch_size
+    rows = {"easy": [], "hard": []}
+    for s in range(0, len(v), size):
+        vb, tb, ids = v[s:s + size], t[s:s + size], image_ids[s:s + size]
+        sims = vb @ tb.t()
+        neg = ids[:, None] != ids[None, :]
+        mass = 2 - sims.diagonal()
+        pos = sims.diagonal()
+        for anchor_sims, negatives in ((sims, neg), (sims.t(), neg.t())):
+            w = losses.gravitation_weights(anchor_sims, negatives, mass, mass, cfg.gl_power)
+            hinge = (cfg.margin + anchor_sims - pos[:, None]).clamp(min=0) * negatives
+            for k in range(len(pos)):
+                if not negatives[k].any():
+                    continue
+                group = "hard" if (hinge[k] > 0).any() else "easy"
+                rows[group].append((pos[k].item(), mass[k].item(), (w[k].max() / mass[k]).item(),
+                                    (mass[k] ** 2 / w[k].square().sum()).item(), (w[k] * hinge[k]).sum().item()))
+    lines = [f"Gravitation Loss weights (gl_power {cfg.gl_power:g}, margin {cfg.margin:g}; this run trained "
+             f"with loss={cfg.loss}) on batches of {size} (image, first caption) pairs, images and "
+             "captions as anchors; hard = some negative within the margin", "",
+             "| anchors | n | s(pair) | mass | share on the closest negative | effective negatives | loss |",
+             "|---|---|---|---|---|---|---|"]
+    for group, values in rows.items():
+        cols = [_mean(c) for c in zip(*values)] if values else [math.nan] * 5
+        lines.append(f"| {group} | {len(values)} | " + " | ".join(f"{c:.3f}" for c in cols) + " |")
+    return lines
+
+
+# model -> its mechanisms' diagnostics
+DIAGNOSTICS = {"dsrln": [dif_gate], "cimn": [frr_attention, gravitation]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("run", help="a trained run folder (config.json, best.pt)")
+    ap.add_argument("--root", default=None, help="data root (default: the run's)")
+    ap.add_argument("--split", default="val", help="split to read")
+    ap.add_argument("--max-images", type=int, default=500, help="first N images of the split")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="pairs per Gravitation Loss batch (default: the run's batch size)")
+    ap.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        run = load_run(args.run, args.root, which=args.checkpoint, split=args.split, max_images=args.max_images)
+    except (CheckpointError, ShardError) as e:
+        raise SystemExit(f"mechanisms: {e}")
+    if run.config.model not in DIAGNOSTICS:
+        raise SystemExit(f"mechanisms: {args.run}: no diagnostics for model '{run.config.model}'; "
+                         f"models with some: {', '.join(sorted(DIAGNOSTICS))}")
+    image_loader, text_loader = eval_loaders(run.data, 32)
+    images = [b.to("cpu") for b in image_loader]     # .to makes the loader's float16 features float32
+    texts = list(text_loader)
+    print(f"{run.config.model} run {args.run} ({args.checkpoint}.pt) on {run.config.dataset}/{args.split}, "
+          f"{sum(len(b) for b in images)} images, {sum(len(t) for t in texts)} captions\n")
+    for diagnostic in DIAGNOSTICS[run.config.model]:
+        print("\n".join(diagnostic(run, images, texts, args)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
