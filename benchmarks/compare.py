@@ -10,7 +10,8 @@ Each run is the commands a user runs, in its own process: ``training/train.py`` 
 ``<out>/<model>-seed<S>`` and ``training/evaluate.py --hard-negatives`` (when the dataset has
 hard-negative pairs). ``--set KEY=VALUE`` goes to every model, ``--set MODEL:KEY=VALUE`` to one.
 A run that is complete and evaluated is not run again, and an interrupted run is resumed, so the
-command can be repeated after a stop (or run for a few models at a time, then for all to print
+command can be repeated after a stop; a run whose eval.json entry scored other weights than its
+best.pt holds now (it was trained further since) is evaluated again, saying so (or run for a few models at a time, then for all to print
 the table). Chance is the expected rSum of random scores on the same number of test images.
 Every run's figures go to ``<out>/compare.json`` too.
 """
@@ -61,6 +62,21 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
     if done.returncode:
         raise SystemExit(f"compare: '{' '.join(cmd[1:3])} ...' failed; see {log}")
     return time.perf_counter() - t
+
+
+def not_current(run_dir: Path, key: str) -> str:
+    """Why eval.json's ``key`` entry of ``run_dir`` cannot be used, or "" when it scored the
+    run's best.pt as it is now (the sha256 evaluate records)."""
+    path = run_dir / "eval.json"
+    entry = (json.loads(path.read_text()) if path.exists() else {}).get(key)
+    if entry is None:
+        return "not evaluated"
+    scored = entry.get("checkpoint") or {}
+    best = run_dir / "best.pt"
+    if best.exists() and scored.get("sha256") == shards.sha256_file(best):
+        return ""
+    what = f"{scored['file']} of epoch {scored['epoch']}" if scored else "weights it does not record"
+    return f"its eval.json entry {key} scored {what}, not its best.pt as it is now"
 
 
 def run_figures(result: dict, best_val: float, times: dict, key: str, split: str) -> dict:
@@ -139,8 +155,10 @@ def main(argv=None) -> int:
             run_dir, log = out / f"{name}-seed{seed}", out / f"{name}-seed{seed}.log"
             timing_path = run_dir / "compare-times.json"
             times = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_s": 0.0}
-            evaluated = (run_dir / "eval.json").exists() and key in json.loads((run_dir / "eval.json").read_text())
-            if not evaluated:
+            why = not_current(run_dir, key)
+            if why and why != "not evaluated":
+                print(f"compare: {run_dir}: {why}: evaluating again", file=sys.stderr)
+            if why:
                 train = [py, "training/train.py", "--model", name, "--dataset", args.dataset, "--root", args.root,
                          "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                          "--seed", str(seed), "--workers", "0", "--device", args.device]

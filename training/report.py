@@ -14,9 +14,11 @@ with both scores. Every shown image has its region boxes drawn with the object a
 names of the region shard. The queries are drawn with --seed from the split, so the reports of
 runs on one split show the same queries. Several runs also get one comparison table.
 
-The similarity matrix is read from <run>/sims-<split>.npz (evaluate.py --save-sims) when it is
-newer than the checkpoint and covers the split, else computed. Nothing in the run folder is
-changed.
+The similarity matrix is read from <run>/sims-<split>.npz (evaluate.py --save-sims) when it was
+computed from the loaded checkpoint (its sha256) and covers the split, else computed; so are the
+recalls of eval.json: an entry that scored other weights (an earlier best.pt, say, before the run
+was resumed) is left out and the recalls are computed for the report, which says so. Nothing in
+the run folder is changed.
 """
 
 from __future__ import annotations
@@ -86,13 +88,16 @@ def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int,
                device) -> tuple[np.ndarray, str]:
     """The [images, captions] similarities of the run's split and where they come from."""
     data, saved = run.data, sims_path(run.dir, split)
-    if saved.exists() and saved.stat().st_mtime >= run.checkpoint_path.stat().st_mtime:
+    why = ""
+    if saved.exists():
         s = load_sims(saved)
-        if (np.array_equal(s["image_ids"], data.image_ids)
+        if str(s.get("checkpoint_sha256", "")) != run.scored["sha256"]:
+            why = f" ({saved.name} holds the similarities of other weights)"
+        elif (np.array_equal(s["image_ids"], data.image_ids)
                 and np.array_equal(s["caption_ids"], data.text.caption_ids)):
             return s["sims"], f"read from {saved.name}"
     images, texts = eval_loaders(data, batch_size, workers)
-    return compute_sims(run.model, images, texts, device), f"computed from {run.which}.pt"
+    return compute_sims(run.model, images, texts, device), f"computed from {run.which}.pt{why}"
 
 
 @dataclass
@@ -259,8 +264,10 @@ def evaluation(run: LoadedRun, split: str, sims: np.ndarray, pairs: list[dict]) 
     path = run.dir / "eval.json"
     saved = shards.read_json(path) if path.exists() else {}
     mine = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith(f"{split}/")}
-    if mine:
-        return mine, f"from {path.name}"
+    fresh = {k: v for k, v in mine.items() if v.get("checkpoint", {}).get("sha256") == run.scored["sha256"]}
+    stale = stale_note(mine, fresh, run)
+    if fresh:
+        return fresh, f"from {path.name}" + (f" ({stale})" if stale else "")
     out = {}
     for protocol in default_protocols(run.config.dataset):
         try:
@@ -270,7 +277,19 @@ def evaluation(run: LoadedRun, split: str, sims: np.ndarray, pairs: list[dict]) 
             continue
     if pairs:
         out["hard_negatives"] = hard_negative_accuracy(sims, run.data.image_ids, pairs)
-    return out, f"computed for this report ({path.name} has no '{split}/' entry)"
+    why = f"{path.name}: {stale}" if stale else f"{path.name} has no '{split}/' entry"
+    return out, f"computed for this report ({why})"
+
+
+def stale_note(entries: dict, fresh: dict, run: LoadedRun) -> str:
+    """What a report says of the eval.json entries left out: they scored other weights."""
+    stale = {k: v.get("checkpoint") for k, v in entries.items() if k not in fresh}
+    if not stale:
+        return ""
+    what = sorted({f"{c['file']} of epoch {c['epoch']}" if c else "weights it does not record"
+                   for c in stale.values()})
+    return (f"left out {', '.join(sorted(stale))}: scored {' and '.join(what)}, not the "
+            f"{run.scored['file']} of epoch {run.scored['epoch']} loaded here")
 
 
 def chance_size(entry: dict) -> int:
