@@ -22,14 +22,12 @@ import pytest
 
 from itmkit.cli import main as itmkit
 from pipeline import shards
-from training import checkpoint, evaluate, report, train
+from training import checkpoint, train
+from training.run import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 SMALL = ["--set", "embed_dim=32", "--set", "word_dim=16", "--batch-size", "20", "--workers", "0"]
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import compare  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,3 +117,165 @@ def test_evaluate_of_a_run_in_training_says_which_epoch_it_scores(tiny_run, tmp_
         assert rc == 1 and err == (f"evaluate: error: {run_dir}: being trained (host "
                                    f"{socket.gethostname()}, pid {pid}) and has no finished best.pt "
                                    "yet; evaluate it after its first epoch\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk
+
+class FullDisk(io.FileIO):
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, path, mode="rb", room: int = 0):
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(b)
+        return super().write(b)
+
+
+def test_full_disk_while_saving_a_checkpoint_is_one_line(tiny_run, tmp_path, monkeypatch):
+    """torch.save meets the full disk through its file object and raises its own RuntimeError
+    ("unexpected pos"); train ends with one line naming the file, the files before intact."""
+    root, _ = tiny_run
+    out = tmp_path / "run"
+    assert cli(*train_args(root, out, "--epochs", "2", "--stop-after", "1"))[0] == 0
+    before = files(out)
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(path, "wb", room=4096), raising=False)
+    with pytest.raises(RuntimeError, match="unexpected pos"):     # what torch itself says
+        import torch
+        with FullDisk(tmp_path / "x.pt", "wb", room=4096) as f:
+            torch.save({"w": torch.zeros(10_000)}, f)
+    rc, _, err = cli(*train_args(root, out, "--resume"))
+    written = "best.pt" if "best.pt" in err else "last.pt"
+    assert rc == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"train: error: {out / written}: no space left on device (nothing was "
+                                    "written under this name; free some space and rerun)")
+    assert files(out) == before and not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report"])
+def test_full_disk_in_evaluate_and_report_is_one_line(tiny_run, tmp_path, monkeypatch, command):
+    root, run_dir = copy_run(tiny_run, tmp_path)
+    (run_dir / "eval.json").write_text("{}\n")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.atomic.os, "fsync", no_space)
+    rc, _, err = cli(command, run_dir, "--workers", "0")
+    name = "eval.json" if command == "evaluate" else "report.html"
+    assert rc == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"{command}: error: {run_dir / name}: no space left on device")
+    assert (run_dir / "eval.json").read_text() == "{}\n" and not (run_dir / "report.html").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# recalls of the weights they claim
+
+def test_report_and_compare_leave_out_recalls_of_other_weights(tiny_run, tmp_path):
+    """evaluate after epoch 1, train on: the report recomputes (saying so) what eval.json and
+    the saved similarities hold of epoch 1's weights, and compare evaluates again."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compare
+    root, _ = tiny_run
+    out = tmp_path / "run"
+    assert cli(*train_args(root, out, "--epochs", "2", "--stop-after", "1"))[0] == 0
+    assert cli("evaluate", out, "--checkpoint", "last", "--save-sims", "--workers", "0")[0] == 0
+    assert compare.not_current(out, "test/f30k-1k") in ("", "its eval.json entry test/f30k-1k scored last.pt "
+                                                            "of epoch 1, not its best.pt as it is now")
+    first = json.loads((out / "eval.json").read_text())["test/f30k-1k"]
+    assert first["checkpoint"]["epoch"] == 1
+    assert cli(*train_args(root, out, "--resume"))[0] == 0
+
+    page = tmp_path / "r.html"
+    assert cli("report", out, "--checkpoint", "last", "--out", page, "--workers", "0")[0] == 0
+    text = page.read_text()
+    assert ("computed for this report (eval.json: left out f30k-1k: scored last.pt of epoch 1, not the "
+            "last.pt of epoch 2 loaded here)") in text
+    assert "computed from last.pt (sims-test.npz holds the similarities of other weights)" in text
+    shown = re.search(r'<tr class="recall">.*?</tr>', text).group(0)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh)
+    for f in ("eval.json", "sims-test.npz"):
+        (fresh / f).unlink()
+    assert cli("evaluate", fresh, "--checkpoint", "last", "--workers", "0")[0] == 0
+    now = json.loads((fresh / "eval.json").read_text())["test/f30k-1k"]
+    assert now["checkpoint"]["epoch"] == 2 and now["checkpoint"]["sha256"] != first["checkpoint"]["sha256"]
+    assert f"{now['rsum']:.1f} <span" in shown
+
+    # compare: an entry of best.pt as it was is current; once best.pt is other weights it is not
+    assert cli("evaluate", out, "--workers", "0")[0] == 0
+    assert compare.not_current(out, "test/f30k-1k") == ""
+    ckpt = checkpoint.load(out / "best.pt")
+    checkpoint.save(out / "best.pt", {k: v for k, v in ckpt.items() if k not in ("format", "sha256")}
+                    | {"step": ckpt["step"] + 1})
+    assert compare.not_current(out, "test/f30k-1k") == (
+        f"its eval.json entry test/f30k-1k scored best.pt of epoch {ckpt['epoch'] + 1}, not its best.pt as it is now")
+
+
+# ---------------------------------------------------------------------------------------------
+# an epoch's row and its checkpoint are committed together
+
+class Killed(BaseException):
+    """A stop between two writes (as SIGKILL would, no handler runs)."""
+
+
+def test_a_stop_between_last_pt_and_metrics_csv_loses_no_row(tiny_run, tmp_path, monkeypatch):
+    root, _ = tiny_run
+    assert cli(*train_args(root, tmp_path / "whole", "--epochs", "2"))[0] == 0
+    out = tmp_path / "run"
+    real = train.append_metrics
+
+    def killed_at_the_last_epoch(path, row):
+        if row["epoch"] == 2:
+            raise Killed
+        real(path, row)
+
+    monkeypatch.setattr(train, "append_metrics", killed_at_the_last_epoch)
+    with pytest.raises(Killed):
+        cli(*train_args(root, out, "--epochs", "2"))
+    monkeypatch.undo()
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1                      # last.pt of epoch 2 is saved
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2             # its row is not
+    rc, stdout, err = cli(*train_args(root, out, "--resume"))
+    assert rc == 0 and "nothing to do" in stdout
+    assert "restored the metrics.csv row of epoch 2 from last.pt" in err
+    rows = lambda d: [ln.split(",")[:-2] for ln in (d / "metrics.csv").read_text().splitlines()]  # noqa: E731
+    assert rows(out) == rows(tmp_path / "whole")                                # all but the seconds
+    assert cli(*train_args(root, out, "--resume"))[2].count("restored") == 0   # said once
+
+
+# ---------------------------------------------------------------------------------------------
+# a damaged FAISS cache; upgrade of what is not a run
+
+def test_a_truncated_faiss_cache_is_rebuilt_saying_so(tiny_run, tmp_path):
+    root, run_dir = copy_run(tiny_run, tmp_path)
+    caption = int(load_run(run_dir, root, split="test").data.text.caption_ids[0])
+    query = ["retrieve", run_dir, "--caption-id", caption, "-k", 3, "--index", "hnsw", "--quiet"]
+    rc, first, err = cli(*query)
+    assert rc == 0, err
+    cache = run_dir / "index-test" / "faiss-images-hnsw.index"
+    cache.write_bytes(cache.read_bytes()[:len(cache.read_bytes()) // 2])
+    rc, again, err = cli(*query)
+    assert rc == 0 and "Traceback" not in err
+    assert err == ("retrieve: note: rebuilt and cached faiss-images-hnsw.index (the cached one could not be "
+                   "read: truncated or damaged)\n")
+    assert again.splitlines()[:-1] == first.splitlines()[:-1]
+    assert cli(*query)[2] == ""                                                # the rebuilt cache is read
+
+
+def test_upgrade_of_what_is_not_a_run_is_one_line(tiny_run, tmp_path):
+    root, _ = tiny_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hi there, this is not a checkpoint\n")
+    cases = {tmp_path / "empty": "not a run folder (no best.pt or last.pt in it)",
+             root / "synth": "not a run folder (no best.pt or last.pt in it)",
+             tmp_path / "notes.txt": "not a checkpoint (not a file torch.save writes)",
+             tmp_path / "gone": "no such file or folder"}
+    for path, why in cases.items():
+        rc, out, err = cli("upgrade", path)
+        assert (rc, out, err) == (1, "", f"upgrade: error: {path}: {why}\n")
+    assert (tmp_path / "notes.txt").read_text() == "hi there, this is not a checkpoint\n"

@@ -383,20 +383,20 @@ def open_index(vectors: np.ndarray, cfg: IndexConfig, cache: Path | None, source
             and shards.read_json(side_file) == key:
         try:
             index = faiss.read_index(str(cache))
-        except RuntimeError as e:   # truncated or damaged: FAISS says "read error" and no more
-            unreadable = (str(e).strip().splitlines() or ["unreadable"])[-1][:120]
+        except RuntimeError:   # truncated or damaged; FAISS's own message names its C++ source
+            unreadable = "could not be read: truncated or damaged"
         else:
             if index.ntotal == len(vectors):
                 kind.tune(index, cfg)
                 return index, f"cached {cache.name}"
-            unreadable = f"{index.ntotal} vectors, not {len(vectors)}"
+            unreadable = f"holds {index.ntotal} vectors, not {len(vectors)}"
     index = build_index(vectors, cfg)
     if kind.cached and cache is not None:
         with shards.atomic_path(cache) as tmp:
             faiss.write_index(index, str(tmp))
         shards.write_json(side_file, key)
         if unreadable:
-            return index, f"rebuilt and cached {cache.name} (the cached one was damaged: {unreadable})"
+            return index, f"rebuilt and cached {cache.name} (the cached one {unreadable})"
         return index, f"built and cached {cache.name}"
     return index, "built"
 
