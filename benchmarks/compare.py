@@ -85,7 +85,7 @@ def run_figures(result: dict, best_val: float, times: dict, key: str, split: str
     out = {"train_s": times["train_s"], "eval_s": times.get("eval_s", 0.0), "best_val_rsum": best_val,
            **{k: m[k] for k in ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}}
     for kind, v in result.get(f"{split}/hard_negatives", {}).items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "i2t_acc" in v:   # a kind, not the "checkpoint" scored
             out[f"{kind}_i2t_acc"], out[f"{kind}_t2i_acc"] = v["i2t_acc"], v["t2i_acc"]
     return out
 

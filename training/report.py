@@ -457,7 +457,7 @@ def recall_table(ev: dict) -> str:
     out = table(["protocol", "images"] + [f"{d} R@{k}" for d, k in cols] + ["rSum"], rows, "recall")
     out += "<p class=\"note\">In grey: what random scores get on as many images (chance).</p>"
     out += "".join(other)
-    hn = {k: v for k, v in ev.get("hard_negatives", {}).items() if isinstance(v, dict)}
+    hn = {k: v for k, v in ev.get("hard_negatives", {}).items() if isinstance(v, dict) and "i2t_acc" in v}
     if hn:
         out += "<h4>Hard negatives</h4>" + table(
             ["kind", "pairs", "image→text accuracy", "text→image accuracy"],
@@ -553,7 +553,7 @@ def pair_rows(r: RunReport) -> str:
 def comparison_html(reports: list[RunReport]) -> str:
     protocols = list(dict.fromkeys(p for r in reports for p, e in r.evaluation.items() if "rsum" in e))
     kinds = list(dict.fromkeys(k for r in reports for k, v in r.evaluation.get("hard_negatives", {}).items()
-                               if isinstance(v, dict)))
+                               if isinstance(v, dict) and "i2t_acc" in v))   # not its "checkpoint"
     rows = []
     for r in reports:
         cells = [f"<a href=\"#{esc(anchor(r))}\">{esc(r.name)}</a>", esc(r.config["model"]),
