@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,7 @@ from pipeline import shards
 from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument,
                              non_negative_int, positive_int, resolve_root, run_command)
 from pipeline.shards import Layout, ShardError
+from pipeline.shards.atomic import is_no_space
 from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_run_settings
@@ -142,11 +144,32 @@ def command(args) -> int:
     if args.threads:   # threads that wait for a busy core at every op cost more than they give
         torch.set_num_threads(args.threads)
     # the first process writes the run folder; it holds the folder's claim until it ends
-    with writer_claim(args.out) if master else contextlib.nullcontext():
+    with writer_claim(args.out) if master else contextlib.nullcontext(), tensorboard_full_disk(args.out):
         train(args, device, rank, world, ddp)
     if ddp:
         dist.destroy_process_group()
     return 0
+
+
+@contextlib.contextmanager
+def tensorboard_full_disk(out):
+    """A full disk met by TensorBoard's writer as one line. The writer writes from a thread of
+    its own, which Python would also print the traceback of; every other file of a run is written
+    through atomic_path, whose error names it."""
+    before = threading.excepthook
+    threading.excepthook = lambda a: None if is_no_space(a.exc_value) else before(a)
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_no_space(e):
+            raise
+        for t in threading.enumerate():   # let the writer's thread end before the hook goes
+            if t is not threading.current_thread() and type(t).__name__ == "_AsyncWriterThread":
+                t.join(timeout=5)
+        raise ShardError(f"{Path(out) / 'tb'}: no space left on device while writing TensorBoard's log; "
+                         "the checkpoints and metrics.csv are those of the last finished epoch") from None
+    finally:
+        threading.excepthook = before
 
 
 def train(args, device: torch.device, rank: int, world: int, ddp: bool) -> None:

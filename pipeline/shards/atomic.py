@@ -138,9 +138,12 @@ def claim(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
             held = False
         else:
             held = True
-            f.truncate(0)
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-            f.flush()
+            try:
+                f.truncate(0)
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                f.flush()
+            except OSError:   # a full disk: the claim holds all the same, its holder goes unnamed
+                pass
         try:
             yield held
         finally:
