@@ -279,3 +279,21 @@ def test_upgrade_of_what_is_not_a_run_is_one_line(tiny_run, tmp_path):
         rc, out, err = cli("upgrade", path)
         assert (rc, out, err) == (1, "", f"upgrade: error: {path}: {why}\n")
     assert (tmp_path / "notes.txt").read_text() == "hi there, this is not a checkpoint\n"
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")   # its thread's traceback
+def test_full_disk_in_tensorboards_writer_thread_is_one_line(tiny_run, tmp_path, monkeypatch):
+    from tensorboard.summary.writer import record_writer
+
+    root, _ = tiny_run
+    out = tmp_path / "run"
+
+    def no_space(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)   # runs in the writer's thread
+    rc, _, err = cli(*train_args(root, out, "--epochs", "1", "--quiet"))
+    assert rc == 1 and "Traceback" not in err and "Exception in thread" not in err, err
+    assert err.splitlines()[-1] == (f"train: error: {out / 'tb'}: no space left on device while writing "
+                                    "TensorBoard's log; the checkpoints and metrics.csv are those of the last "
+                                    "finished epoch")
