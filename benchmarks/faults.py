@@ -401,7 +401,7 @@ def one_writer(root: Path, work: Path) -> tuple[bool, str]:
     note = next((l for l in e.stderr.splitlines() if " is being trained (host " in l), "")
     said = e.returncode == 0 and "scoring its best.pt of epoch " in note
     ok = sorted(rcs) == [0, 1] and named and alone and said
-    return ok, (f"exit codes {rcs}; the refused: {refused.split(': ', 2)[-1][:90] or 'NOT REFUSED'}; metrics.csv "
+    return ok, (f"exit codes {rcs}; the refused: {refused.split(': ', 2)[-1].split(';')[0] or 'NOT REFUSED'}; metrics.csv "
                 f"and config.json {'of the runner alone' if alone else 'MIXED'}; evaluate during training: "
                 + (note.split("): ", 1)[-1] if said else f"exit {e.returncode}, NOT SAID: {tail(e, 120)}"))
 
