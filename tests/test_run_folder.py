@@ -83,6 +83,7 @@ def test_a_second_train_of_one_run_folder_is_refused_naming_the_holder(tiny_run,
     assert rc == 0, err
 
 
+@pytest.mark.slow
 def test_two_trains_started_together_on_one_folder_one_runs_one_is_refused(tiny_run, tmp_path):
     root, _ = tiny_run
     out = tmp_path / "run"

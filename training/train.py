@@ -163,8 +163,8 @@ def tensorboard_full_disk(out):
     except (OSError, RuntimeError) as e:
         if not is_no_space(e):
             raise
-        for t in threading.enumerate():   # let the writer's thread end before the hook goes
-            if t is not threading.current_thread() and type(t).__name__ == "_AsyncWriterThread":
+        for t in threading.enumerate():   # let the failed writer thread end before the hook goes
+            if type(t).__name__ == "_AsyncWriterThread" and getattr(t, "exception", None) is not None:
                 t.join(timeout=5)
         raise ShardError(f"{Path(out) / 'tb'}: no space left on device while writing TensorBoard's log; "
                          "the checkpoints and metrics.csv are those of the last finished epoch") from None
