@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 
@@ -153,9 +154,8 @@ def command(args) -> int:
 
 @contextlib.contextmanager
 def tensorboard_full_disk(out):
-    """A full disk met by TensorBoard's writer as one line. The writer writes from a thread of
-    its own, which Python would also print the traceback of; every other file of a run is written
-    through atomic_path, whose error names it."""
+    """A full disk met outside atomic_path (whose error names its file) as one line: TensorBoard's
+    writer, mostly. It writes from a thread of its own, whose traceback Python would also print."""
     before = threading.excepthook
     threading.excepthook = lambda a: None if is_no_space(a.exc_value) else before(a)
     try:
@@ -166,8 +166,10 @@ def tensorboard_full_disk(out):
         for t in threading.enumerate():   # let the failed writer thread end before the hook goes
             if type(t).__name__ == "_AsyncWriterThread" and getattr(t, "exception", None) is not None:
                 t.join(timeout=5)
-        raise ShardError(f"{Path(out) / 'tb'}: no space left on device while writing TensorBoard's log; "
-                         "the checkpoints and metrics.csv are those of the last finished epoch") from None
+        in_tb = any("tensorboard" in f.filename for f in traceback.extract_tb(e.__traceback__))
+        what = (f"{Path(out) / 'tb'}: no space left on device while writing TensorBoard's log" if in_tb
+                else f"{out}: no space left on device")
+        raise ShardError(f"{what}; the checkpoints and metrics.csv are those of the last finished epoch") from None
     finally:
         threading.excepthook = before
 
