@@ -10,9 +10,9 @@ Each run is the commands a user runs, in its own process: ``training/train.py`` 
 ``<out>/<model>-seed<S>`` and ``training/evaluate.py --hard-negatives`` (when the dataset has
 hard-negative pairs). ``--set KEY=VALUE`` goes to every model, ``--set MODEL:KEY=VALUE`` to one.
 A run that is complete and evaluated is not run again, and an interrupted run is resumed, so the
-command can be repeated after a stop; a run whose eval.json entry scored other weights than its
-best.pt holds now (it was trained further since) is evaluated again, saying so (or run for a few models at a time, then for all to print
-the table). Chance is the expected rSum of random scores on the same number of test images.
+command can be repeated after a stop (or run for a few models at a time, then for all to print
+the table); a run whose eval.json entry scored other weights than its best.pt holds now (it was
+trained further since) is evaluated again, saying so. Chance is the expected rSum of random scores on the same number of test images.
 Every run's figures go to ``<out>/compare.json`` too.
 """
 

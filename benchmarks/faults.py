@@ -401,8 +401,8 @@ def one_writer(root: Path, work: Path) -> tuple[bool, str]:
     note = next((l for l in e.stderr.splitlines() if " is being trained (host " in l), "")
     said = e.returncode == 0 and "scoring its best.pt of epoch " in note
     ok = sorted(rcs) == [0, 1] and named and alone and said
-    return ok, (f"exit codes {rcs}; the refused: {refused.split(': ', 2)[-1].split(';')[0] or 'NOT REFUSED'}; metrics.csv "
-                f"and config.json {'of the runner alone' if alone else 'MIXED'}; evaluate during training: "
+    holder = refused.split(": ", 2)[-1].split(";")[0] or "NOT REFUSED"
+    return ok, (f"exit codes {rcs}; the refused: {holder}; metrics.csv and config.json {'of the runner alone' if alone else 'MIXED'}; evaluate during training: "
                 + (note.split("): ", 1)[-1] if said else f"exit {e.returncode}, NOT SAID: {tail(e, 120)}"))
 
 
@@ -448,10 +448,12 @@ def full_disk_in_a_run(root: Path, work: Path) -> tuple[bool, str]:
     env = dict(ENV, MNT=str(mnt), PYBIN=PY)
     r = None
     if shutil.which("unshare"):
-        r = run("unshare", "-Urm", "bash", "-c", RUN_TMPFS, "-", mnt, REPO, *train_cmd(root, mnt / "run"), env=env)
+        r = run("unshare", "-Urm", "bash", "-c", RUN_TMPFS, "-", mnt, REPO, *train_cmd(root, mnt / "run"),
+                env=env)
     if r is not None and Path(f"{mnt}.after").exists():
         how = "8 MB tmpfs"
-        checks = [full_disk_verdict(c, Path(f"{mnt}.{c}").read_text()) for c in ("train", "evaluate", "report")]
+        checks = [full_disk_verdict(c, Path(f"{mnt}.{c}").read_text())
+                  for c in ("train", "evaluate", "report")]
         intact = Path(f"{mnt}.before").read_text() == Path(f"{mnt}.after").read_text()
     else:   # no tmpfs here: the failure injected into the file object torch.save writes
         how = "injected ENOSPC in the checkpoint's file object (no tmpfs could be mounted)"
@@ -464,7 +466,8 @@ def full_disk_in_a_run(root: Path, work: Path) -> tuple[bool, str]:
         checks = [full_disk_verdict("train", t.stdout + t.stderr + f"\nexit {t.returncode}")]
         intact = before == {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
     ok = all(c[0] for c in checks) and intact
-    return ok, f"{how}: " + "; ".join(c[1] for c in checks) + f"; the run's files {'intact' if intact else 'NOT intact'}"
+    return ok, (f"{how}: " + "; ".join(c[1] for c in checks)
+                + f"; the run's files {'intact' if intact else 'NOT intact'}")
 
 
 KILL_BETWEEN = textwrap.dedent("""
@@ -499,9 +502,11 @@ def stale_evaluation(root: Path, work: Path) -> tuple[bool, str]:
 
     out, fresh = work / "stale", work / "stale-fresh"
     steps = [train_cmd(root, out, "--epochs", "2", "--stop-after", "1"),
-             [PY, "training/evaluate.py", out, "--checkpoint", "last", "--save-sims", "--workers", "0", "--quiet"],
+             [PY, "training/evaluate.py", out, "--checkpoint", "last", "--save-sims", "--workers", "0",
+              "--quiet"],
              train_cmd(root, out, "--resume"),
-             [PY, "training/report.py", out, "--checkpoint", "last", "--workers", "0", "--out", work / "stale.html"]]
+             [PY, "training/report.py", out, "--checkpoint", "last", "--workers", "0", "--out",
+              work / "stale.html"]]
     for cmd in steps:
         r = run(*cmd)
         if r.returncode:
@@ -517,7 +522,8 @@ def stale_evaluation(root: Path, work: Path) -> tuple[bool, str]:
     said = "left out f30k-1k: scored last.pt of epoch 1, not the last.pt of epoch 2" in page \
         and "sims-test.npz holds the similarities of other weights" in page
     right = shown is not None and now is not None and f"{now:.1f} <span" in shown.group(0)
-    return said and right, (f"eval.json of epoch 1 (rSum {then:.1f}) {'left out, said' if said else 'NOT SAID'}; "
+    return said and right, (f"eval.json of epoch 1 (rSum {then:.1f}) "
+                            f"{'left out, said' if said else 'NOT SAID'}; "
                             f"the report shows {'the loaded weights' if right else 'OTHER'} rSum "
                             f"({now if now is None else f'{now:.1f}'} by a fresh evaluate)")
 
@@ -531,14 +537,16 @@ def damaged_cache_and_upgrade(root: Path, work: Path) -> tuple[bool, str]:
         return False, f"could not train the run: {tail(r)}"
     images = pq.read_table(root / "demo" / "images.parquet").to_pylist()
     image_id = next(row["image_id"] for row in images if row["split"] == "test")
-    query = [PY, "-m", "itmkit.cli", "retrieve", out, "--image-id", image_id, "-k", "3", "--index", "hnsw", "--quiet"]
+    query = [PY, "-m", "itmkit.cli", "retrieve", out, "--image-id", image_id, "-k", "3", "--index", "hnsw",
+             "--quiet"]
     first = run(*query)
     cache = out / "index-test" / "faiss-captions-hnsw.index"
     if first.returncode or not cache.exists():
         return False, f"retrieve did not cache an index: {tail(first)}"
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
     again = run(*query)
-    rebuilt = again.returncode == 0 and "rebuilt and cached" in again.stderr and "Traceback" not in again.stderr
+    rebuilt = (again.returncode == 0 and "rebuilt and cached" in again.stderr
+               and "Traceback" not in again.stderr)
     text = work / "notes.txt"
     text.write_text("not a checkpoint\n")
     (work / "empty").mkdir()

@@ -15,10 +15,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from itmkit.cli import main as itmkit
 from pipeline import shards
@@ -87,9 +87,9 @@ def test_a_second_train_of_one_run_folder_is_refused_naming_the_holder(tiny_run,
 def test_two_trains_started_together_on_one_folder_one_runs_one_is_refused(tiny_run, tmp_path):
     root, _ = tiny_run
     out = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, "-m", "itmkit.cli", *map(str, train_args(root, out, "--epochs", "1",
-                                                                                          "--seed", str(seed), "--threads", "1"))],
-                              env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = lambda seed: [sys.executable, "-m", "itmkit.cli",  # noqa: E731
+                        *map(str, train_args(root, out, "--epochs", "1", "--seed", seed, "--threads", "1"))]
+    procs = [subprocess.Popen(cmd(seed), env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (0, 1)]
     done = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _ in done) == [0, 1], done
@@ -145,10 +145,8 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line(tiny_run, tmp_path, mon
     assert cli(*train_args(root, out, "--epochs", "2", "--stop-after", "1"))[0] == 0
     before = files(out)
     monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(path, "wb", room=4096), raising=False)
-    with pytest.raises(RuntimeError, match="unexpected pos"):     # what torch itself says
-        import torch
-        with FullDisk(tmp_path / "x.pt", "wb", room=4096) as f:
-            torch.save({"w": torch.zeros(10_000)}, f)
+    with pytest.raises(RuntimeError, match="unexpected pos"), FullDisk(tmp_path / "x.pt", "wb", room=4096) as f:
+        torch.save({"w": torch.zeros(10_000)}, f)                  # what torch itself says
     rc, _, err = cli(*train_args(root, out, "--resume"))
     written = "best.pt" if "best.pt" in err else "last.pt"
     assert rc == 1 and "Traceback" not in err

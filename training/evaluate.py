@@ -13,10 +13,10 @@ Results are printed and merged into <run>/eval.json under "<split>/<protocol>" (
 into eval-ensemble.json of RUN, else of its first member, with the member runs); each entry
 records the checkpoint it scored ("checkpoint": file, sha256, epoch), as sims-<split>.npz does, so
 a report never shows the recalls of other weights. A run that is being trained is scored as it
-stands, saying so: the last finished checkpoint (each is renamed into place whole) and its epoch. A part that
-cannot run (a protocol the split does not fit, hard negatives on a dataset without pairs, an
-index of a cross-attention model) is skipped with one line saying why; the rest is computed and
-saved.
+stands, saying so: its last finished checkpoint (each is renamed into place whole) and its
+epoch. A part that cannot run (a protocol the split does not fit, hard negatives on a dataset
+without pairs, an index of a cross-attention model) is skipped with one line saying why; the rest
+is computed and saved.
 The data root defaults to the one the run was trained on.
 
 --shortlist RUN2 (a two-tower run of the same dataset) ranks every candidate of every query, RUN

@@ -91,7 +91,9 @@ def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int,
     why = ""
     if saved.exists():
         s = load_sims(saved)
-        if str(s.get("checkpoint_sha256", "")) != run.scored["sha256"]:
+        if "checkpoint_sha256" not in s:   # written by an earlier version
+            why = f" ({saved.name} does not record the weights it holds the similarities of)"
+        elif str(s["checkpoint_sha256"]) != run.scored["sha256"]:
             why = f" ({saved.name} holds the similarities of other weights)"
         elif (np.array_equal(s["image_ids"], data.image_ids)
                 and np.array_equal(s["caption_ids"], data.text.caption_ids)):
