@@ -11,7 +11,8 @@ Each run is the commands a user runs, in its own process: ``training/train.py`` 
 hard-negative pairs). ``--set KEY=VALUE`` goes to every model, ``--set MODEL:KEY=VALUE`` to one.
 A run that is complete and evaluated is not run again, and an interrupted run is resumed, so the
 command can be repeated after a stop (or run for a few models at a time, then for all to print
-the table). Chance is the expected rSum of random scores on the same number of test images.
+the table); a run whose eval.json entry scored other weights than its best.pt holds now (it was
+trained further since) is evaluated again, saying so. Chance is the expected rSum of random scores on the same number of test images.
 Every run's figures go to ``<out>/compare.json`` too.
 """
 
@@ -63,13 +64,28 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
     return time.perf_counter() - t
 
 
+def not_current(run_dir: Path, key: str) -> str:
+    """Why eval.json's ``key`` entry of ``run_dir`` cannot be used, or "" when it scored the
+    run's best.pt as it is now (the sha256 evaluate records)."""
+    path = run_dir / "eval.json"
+    entry = (json.loads(path.read_text()) if path.exists() else {}).get(key)
+    if entry is None:
+        return "not evaluated"
+    scored = entry.get("checkpoint") or {}
+    best = run_dir / "best.pt"
+    if best.exists() and scored.get("sha256") == shards.sha256_file(best):
+        return ""
+    what = f"{scored['file']} of epoch {scored['epoch']}" if scored else "weights it does not record"
+    return f"its eval.json entry {key} scored {what}, not its best.pt as it is now"
+
+
 def run_figures(result: dict, best_val: float, times: dict, key: str, split: str) -> dict:
     """The figures of one evaluated run, flat: name -> value."""
     m = result[key]
     out = {"train_s": times["train_s"], "eval_s": times.get("eval_s", 0.0), "best_val_rsum": best_val,
            **{k: m[k] for k in ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}}
     for kind, v in result.get(f"{split}/hard_negatives", {}).items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "i2t_acc" in v:   # a kind, not the "checkpoint" scored
             out[f"{kind}_i2t_acc"], out[f"{kind}_t2i_acc"] = v["i2t_acc"], v["t2i_acc"]
     return out
 
@@ -131,8 +147,10 @@ def train_and_evaluate(args, name: str, run_dir: Path, sets: list[str], seed: in
     hard = (Path(args.root) / args.dataset / "hard_negatives.parquet").exists()
     timing_path = run_dir / "compare-times.json"
     times = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_s": 0.0}
-    evaluated = (run_dir / "eval.json").exists() and key in json.loads((run_dir / "eval.json").read_text())
-    if not evaluated:
+    why = not_current(run_dir, key)
+    if why and why != "not evaluated":
+        print(f"compare: {run_dir}: {why}: evaluating again", file=sys.stderr)
+    if why:
         train = [py, "training/train.py", "--model", name, "--dataset", args.dataset, "--root", args.root,
                  "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                  "--seed", str(seed), "--workers", "0", "--device", args.device]

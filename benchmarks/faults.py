@@ -1,6 +1,6 @@
 """The fault audit: every failure itmkit guards against, run end to end on a fresh small demo.
 
-    python benchmarks/faults.py [--dir PATH] [--images 60] [--keep]
+    python benchmarks/faults.py [--dir PATH] [--images 60] [--keep] [--only NAME ...]
 
 Builds a demo of 60 images at 96 px in a fresh folder and extracts it in shards of 8 images (a
 ResNet-50 C4 extractor with random weights and the demo's given boxes, to keep it to minutes on
@@ -23,6 +23,18 @@ Exit status 0 when every fault passes. The faults:
 7. smaller ones: two identical extractions give byte-identical shards; an unknown workflow
    config key is one line; refused extractor weights stop extract before it announces that
    shards of another config will be replaced
+8. run folders (a small vsepp on the demo): two `train` with one --out started together: one
+   runs, the other is refused in one line naming the holder (host, pid), and metrics.csv and
+   config.json are the runner's alone; `evaluate` of a run in training says which epoch it scores
+9. a full disk (a tmpfs, else injected into the checkpoint's file object) while train saves a
+   checkpoint, then for evaluate and report: one line each naming the file and "no space left",
+   exit 1, the run's files before intact
+10. a process killed (os._exit) between the save of last.pt and the write of metrics.csv at the
+   last epoch: `train --resume` restores the row, metrics.csv has every epoch
+11. eval.json and sims-SPLIT.npz of epoch 1's weights, the run trained on: the report leaves
+   them out, says so, and shows the recalls of the weights it loaded
+12. a truncated FAISS cache under RUN/index-SPLIT: retrieve rebuilds it, saying so; `itmkit
+   upgrade` of an empty folder, a dataset folder, a text file: one line each, exit 1
 """
 
 from __future__ import annotations
@@ -344,12 +356,219 @@ def weights_first(root: Path, work: Path) -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# 8.-12. run folders
+
+RUN_ARGS = ["--batch-size", "8", "--workers", "0", "--threads", "1", "--quiet", "--set", "embed_dim=32",
+            "--set", "word_dim=16"]
+
+
+def train_cmd(root, out, *extra) -> list:
+    return [PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", out,
+            *RUN_ARGS, *extra]
+
+
+def last_line(r) -> str:
+    return ((r.stdout + r.stderr).strip().splitlines() or [""])[-1]
+
+
+def metrics_epochs(run_dir: Path) -> list[str]:
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [row["epoch"] for row in csv.DictReader(f)]
+
+
+def one_writer(root: Path, work: Path) -> tuple[bool, str]:
+    import json
+
+    out = work / "one-writer"
+    procs = [start(*train_cmd(root, out, "--epochs", "2", "--seed", seed)) for seed in (0, 1)]
+    done = [(p.wait(timeout=900), p.stderr.read()) for p in procs]
+    rcs = [rc for rc, _ in done]
+    refused = next((err.strip().splitlines()[-1] for rc, err in done if rc == 1 and err.strip()), "")
+    named = "another process is training this run (host " in refused and ", pid " in refused
+    runner = rcs.index(0) if rcs.count(0) == 1 else None
+    alone = runner is not None and json.loads((out / "config.json").read_text())["seed"] == runner \
+        and metrics_epochs(out) == ["1", "2"]
+    # evaluate while a run trains (stopped once it has): it scores the last finished checkpoint, saying so
+    busy = work / "in-training"
+    p = start(*train_cmd(root, busy, "--epochs", "500"))
+    while p.poll() is None and not (busy / "best.pt").exists():
+        time.sleep(0.5)
+    e = run(PY, "training/evaluate.py", busy, "--root", root, "--workers", "0", "--quiet")
+    p.kill()
+    p.wait()
+    note = next((l for l in e.stderr.splitlines() if " is being trained (host " in l), "")
+    said = e.returncode == 0 and "scoring its best.pt of epoch " in note
+    ok = sorted(rcs) == [0, 1] and named and alone and said
+    holder = refused.split(": ", 2)[-1].split(";")[0] or "NOT REFUSED"
+    return ok, (f"exit codes {rcs}; the refused: {holder}; metrics.csv and config.json {'of the runner alone' if alone else 'MIXED'}; evaluate during training: "
+                + (note.split("): ", 1)[-1] if said else f"exit {e.returncode}, NOT SAID: {tail(e, 120)}"))
+
+
+RUN_TMPFS = textwrap.dedent("""
+    set -e
+    mount -t tmpfs -o size=8m tmpfs "$1"
+    cd "$2"
+    set +e
+    shift 2
+    "$@" --epochs 2 --stop-after 1 > "$MNT.setup" 2>&1
+    sha256sum "$MNT"/run/*.pt "$MNT"/run/*.csv "$MNT"/run/*.json > "$MNT.before"
+    avail=$(df --output=avail -B1 "$MNT" | tail -1)
+    head -c $((avail > 100000 ? avail - 100000 : 0)) /dev/zero > "$MNT/filler"
+    "$@" --resume > "$MNT.train" 2>&1; echo "exit $?" >> "$MNT.train"
+    head -c 100000000 /dev/zero >> "$MNT/filler" 2>/dev/null
+    "$PYBIN" training/evaluate.py "$MNT/run" --workers 0 --quiet --save-sims > "$MNT.evaluate" 2>&1
+    echo "exit $?" >> "$MNT.evaluate"
+    "$PYBIN" training/report.py "$MNT/run" --workers 0 > "$MNT.report" 2>&1; echo "exit $?" >> "$MNT.report"
+    sha256sum "$MNT"/run/*.pt "$MNT"/run/*.csv "$MNT"/run/*.json > "$MNT.after"
+""")
+
+FULL_CHECKPOINT = textwrap.dedent("""
+    import errno, io, sys
+    from training import checkpoint
+
+    class FullDisk(io.FileIO):   # takes 4 KB, then fails as a full disk does
+        room = 4096
+        def write(self, b):
+            if len(b) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(b)
+            return super().write(b)
+
+    checkpoint.open = lambda path, mode: FullDisk(path, "wb")
+    from itmkit.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def full_disk_in_a_run(root: Path, work: Path) -> tuple[bool, str]:
+    mnt = work / "run-tmpfs"
+    mnt.mkdir()
+    env = dict(ENV, MNT=str(mnt), PYBIN=PY)
+    r = None
+    if shutil.which("unshare"):
+        r = run("unshare", "-Urm", "bash", "-c", RUN_TMPFS, "-", mnt, REPO, *train_cmd(root, mnt / "run"),
+                env=env)
+    if r is not None and Path(f"{mnt}.after").exists():
+        how = "8 MB tmpfs"
+        checks = [full_disk_verdict(c, Path(f"{mnt}.{c}").read_text())
+                  for c in ("train", "evaluate", "report")]
+        intact = Path(f"{mnt}.before").read_text() == Path(f"{mnt}.after").read_text()
+    else:   # no tmpfs here: the failure injected into the file object torch.save writes
+        how = "injected ENOSPC in the checkpoint's file object (no tmpfs could be mounted)"
+        out = work / "run-full"
+        setup = run(*train_cmd(root, out, "--epochs", "2", "--stop-after", "1"))
+        if setup.returncode:
+            return False, f"could not train the run: {tail(setup)}"
+        before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+        t = run(PY, "-c", FULL_CHECKPOINT, "train", *train_cmd(root, out, "--resume")[2:])
+        checks = [full_disk_verdict("train", t.stdout + t.stderr + f"\nexit {t.returncode}")]
+        intact = before == {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    ok = all(c[0] for c in checks) and intact
+    return ok, (f"{how}: " + "; ".join(c[1] for c in checks)
+                + f"; the run's files {'intact' if intact else 'NOT intact'}")
+
+
+KILL_BETWEEN = textwrap.dedent("""
+    import os, sys
+    from training import train
+    real = train.append_metrics
+    def killed(path, row):   # last.pt of this epoch is saved; its metrics.csv row is not
+        if row["epoch"] == 2:
+            os._exit(9)
+        real(path, row)
+    train.append_metrics = killed
+    from itmkit.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def killed_before_metrics(root: Path, work: Path) -> tuple[bool, str]:
+    out = work / "killed"
+    k = run(PY, "-c", KILL_BETWEEN, "train", *train_cmd(root, out, "--epochs", "2")[2:])
+    lost = metrics_epochs(out) if (out / "metrics.csv").exists() else []
+    r = run(*train_cmd(root, out, "--resume"))
+    restored = "restored the metrics.csv row of epoch 2" in r.stderr
+    rows = metrics_epochs(out)
+    ok = k.returncode == 9 and lost == ["1"] and r.returncode == 0 and restored and rows == ["1", "2"]
+    return ok, (f"killed (exit {k.returncode}) with metrics.csv epochs {lost}; --resume: exit {r.returncode}, "
+                f"{'restored the row' if restored else 'NOT restored'}, epochs {rows}")
+
+
+def stale_evaluation(root: Path, work: Path) -> tuple[bool, str]:
+    import json
+    import re
+
+    out, fresh = work / "stale", work / "stale-fresh"
+    steps = [train_cmd(root, out, "--epochs", "2", "--stop-after", "1"),
+             [PY, "training/evaluate.py", out, "--checkpoint", "last", "--save-sims", "--workers", "0",
+              "--quiet"],
+             train_cmd(root, out, "--resume"),
+             [PY, "training/report.py", out, "--checkpoint", "last", "--workers", "0", "--out",
+              work / "stale.html"]]
+    for cmd in steps:
+        r = run(*cmd)
+        if r.returncode:
+            return False, f"'{' '.join(map(str, cmd[1:3]))}' failed: {tail(r)}"
+    page = (work / "stale.html").read_text()
+    shutil.copytree(out, fresh)
+    for f in ("eval.json", "sims-test.npz"):
+        (fresh / f).unlink()
+    r = run(PY, "training/evaluate.py", fresh, "--checkpoint", "last", "--workers", "0", "--quiet")
+    then = json.loads((out / "eval.json").read_text())["test/f30k-1k"]["rsum"]
+    now = json.loads((fresh / "eval.json").read_text())["test/f30k-1k"]["rsum"] if r.returncode == 0 else None
+    shown = re.search(r'<tr class="recall">.*?</tr>', page)
+    said = "left out f30k-1k: scored last.pt of epoch 1, not the last.pt of epoch 2" in page \
+        and "sims-test.npz holds the similarities of other weights" in page
+    right = shown is not None and now is not None and f"{now:.1f} <span" in shown.group(0)
+    return said and right, (f"eval.json of epoch 1 (rSum {then:.1f}) "
+                            f"{'left out, said' if said else 'NOT SAID'}; "
+                            f"the report shows {'the loaded weights' if right else 'OTHER'} rSum "
+                            f"({now if now is None else f'{now:.1f}'} by a fresh evaluate)")
+
+
+def damaged_cache_and_upgrade(root: Path, work: Path) -> tuple[bool, str]:
+    import pyarrow.parquet as pq
+
+    out = work / "cache"
+    r = run(*train_cmd(root, out, "--epochs", "1"))
+    if r.returncode:
+        return False, f"could not train the run: {tail(r)}"
+    images = pq.read_table(root / "demo" / "images.parquet").to_pylist()
+    image_id = next(row["image_id"] for row in images if row["split"] == "test")
+    query = [PY, "-m", "itmkit.cli", "retrieve", out, "--image-id", image_id, "-k", "3", "--index", "hnsw",
+             "--quiet"]
+    first = run(*query)
+    cache = out / "index-test" / "faiss-captions-hnsw.index"
+    if first.returncode or not cache.exists():
+        return False, f"retrieve did not cache an index: {tail(first)}"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    again = run(*query)
+    rebuilt = (again.returncode == 0 and "rebuilt and cached" in again.stderr
+               and "Traceback" not in again.stderr)
+    text = work / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    (work / "empty").mkdir()
+    seen = []
+    for path in (work / "empty", root / "demo", text):
+        u = run(PY, "-m", "itmkit.cli", "upgrade", path)
+        lines = (u.stdout + u.stderr).strip().splitlines()
+        seen.append(u.returncode == 1 and len(lines) == 1 and str(path) in lines[0])
+    return rebuilt and all(seen), (f"truncated cache: {'rebuilt, said' if rebuilt else tail(again, 160)}; "
+                                   f"upgrade of an empty folder, a dataset folder, a text file: "
+                                   f"{sum(seen)} of 3 one-line errors (exit 1)")
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=None, help="work folder (default: a new temporary folder)")
     ap.add_argument("--images", type=int, default=60, help="demo images (default 60)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--only", action="append", metavar="NAME", default=None,
+                    help="run only the faults whose name contains NAME (repeatable); the dataset is built all the same")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="itmkit-faults-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -369,11 +588,18 @@ def main() -> int:
         ("identical reruns", lambda: identical_reruns(root, work)),
         ("config error is one line", lambda: config_error(work)),
         ("weights checked first", lambda: weights_first(root, work)),
+        ("one writer per run folder", lambda: one_writer(root, work)),
+        ("full disk in a run folder", lambda: full_disk_in_a_run(root, work)),
+        ("killed before metrics.csv", lambda: killed_before_metrics(root, work)),
+        ("stale evaluation in a report", lambda: stale_evaluation(root, work)),
+        ("FAISS cache, upgrade: one line", lambda: damaged_cache_and_upgrade(root, work)),
     ]
+    if args.only:   # the first fault builds the dataset the others use
+        faults = faults[:1] + [f for f in faults[1:] if any(n in f[0] for n in args.only)]
     failed = 0
-    for name, check in faults:
+    for i, (name, check) in enumerate(faults):
         t = time.time()
-        if name == "crafted checkpoint":  # needs the vocabulary of the parsed captions
+        if i == 1:  # training needs the vocabulary of the captions the first fault parsed
             run(PY, "-m", "pipeline", "vocab", "--dataset", "demo", "--root", root, "--min-count", "1", "--no-progress")
         try:
             ok, what = check()

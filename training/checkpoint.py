@@ -13,6 +13,8 @@ saved) is refused with one line saying what to do.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import pickle
 import random
 import sys
@@ -62,28 +64,36 @@ def save(path, state: dict) -> Path:
     if bad:
         raise TypeError(f"{path}: {bad} is not plain data (tensors, numbers, strings, lists, dicts); "
                         "a checkpoint must load with torch.load(weights_only=True)")
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    # through a Python file object: torch's own file writer reports a full disk as "unexpected
+    # pos" with no errno, the file object raises OSError(ENOSPC), which atomic_path makes one line
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
     return Path(path)
 
 
 def load(path) -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)``; anything that needs more is
-    refused with a CheckpointError before any of it is built."""
+    refused with a CheckpointError before any of it is built. The file is read once, so the
+    "sha256" added to what it holds is that of the very bytes loaded."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    raw = path.read_bytes()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or objects beyond plain data
         raise CheckpointError(_refusal(path, e)) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not an itmkit checkpoint (holds a {type(ckpt).__name__}, not a dict)")
-    return ckpt
+    return {**ckpt, "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def _refusal(path: Path, error: Exception) -> str:
     """Why ``path`` did not load, told from a static scan of its pickle (nothing is run)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] != b"PK" and head[:1] != b"\x80":   # neither torch's zip format nor its legacy pickle
+        return f"{path}: not a checkpoint ({'an empty file' if not head else 'not a file torch.save writes'})"
     try:
         unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:
@@ -192,9 +202,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def command(args) -> int:
     for arg in map(Path, args.paths):
-        for path in [arg / "best.pt", arg / "last.pt"] if arg.is_dir() else [arg]:
-            if path.exists() or not arg.is_dir():
-                print(f"checkpoint: {upgrade(path)}: format {FORMAT}")
+        paths = [p for p in (arg / "best.pt", arg / "last.pt") if p.exists()] if arg.is_dir() else [arg]
+        if not paths or not arg.exists():
+            raise CheckpointError(f"{arg}: not a run folder (no best.pt or last.pt in it)" if arg.is_dir()
+                                  else f"{arg}: no such file or folder")
+        for path in paths:
+            print(f"checkpoint: {upgrade(path)}: format {FORMAT}")
     return 0
 
 

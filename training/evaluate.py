@@ -10,10 +10,13 @@
 ``python training/evaluate.py ...`` is the same as ``itmkit evaluate ...``.
 
 Results are printed and merged into <run>/eval.json under "<split>/<protocol>" (an ensemble's
-into eval-ensemble.json of RUN, else of its first member, with the member runs). A part that
-cannot run (a protocol the split does not fit, hard negatives on a dataset without pairs, an
-index of a cross-attention model) is skipped with one line saying why; the rest is computed and
-saved.
+into eval-ensemble.json of RUN, else of its first member, with the member runs); each entry
+records the checkpoint it scored ("checkpoint": file, sha256, epoch), as sims-<split>.npz does, so
+a report never shows the recalls of other weights. A run that is being trained is scored as it
+stands, saying so: its last finished checkpoint (each is renamed into place whole) and its
+epoch. A part that cannot run (a protocol the split does not fit, hard negatives on a dataset
+without pairs, an index of a cross-attention model) is skipped with one line saying why; the rest
+is computed and saved.
 The data root defaults to the one the run was trained on.
 
 --shortlist RUN2 (a two-tower run of the same dataset) ranks every candidate of every query, RUN
@@ -42,7 +45,7 @@ from training.config import RunConfig
 from training.data import eval_loaders
 from training.evaluation import (PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result,
                                  small_split_warning)
-from training.run import add_run_arguments, data_root, load_run
+from training.run import add_run_arguments, data_root, load_run, training_now
 from training.shortlist import rerank_split, split_shortlist
 
 ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
@@ -88,7 +91,8 @@ def sims_path(run_dir, split: str) -> Path:
 def save_sims(path: Path, sims, image_ids, caption_ids, meta: dict) -> None:
     with shards.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, sims=sims.astype(np.float32), image_ids=image_ids, caption_ids=caption_ids,
-                 dataset=meta["dataset"], shard_hashes=str(sorted(meta["shard_hashes"].items())))
+                 dataset=meta["dataset"], shard_hashes=str(sorted(meta["shard_hashes"].items())),
+                 checkpoint_sha256=meta.get("checkpoint_sha256", ""))
 
 
 def load_sims(path: Path) -> dict:
@@ -191,8 +195,16 @@ def command(args) -> int:
             if getattr(args, flag[2:].replace("-", "_")):
                 skip(flag, "an ensemble averages saved similarities; it has no model of its own")
     else:
+        trainer = training_now(args.run) if rank == 0 else None
+        if trainer and not (Path(args.run) / f"{args.checkpoint}.pt").exists():
+            raise CheckpointError(f"{args.run}: being trained ({trainer}) and has no finished "
+                                  f"{args.checkpoint}.pt yet; evaluate it after its first epoch")
         run = load_run(args.run, args.root, which=args.checkpoint, device=device, split=args.split,
                        max_images=args.max_images)
+        if trainer:
+            print(f"evaluate: {args.run} is being trained ({trainer}): scoring its {args.checkpoint}.pt "
+                  f"of epoch {run.scored['epoch']} of {run.config.model_cfg().epochs}, the last finished one",
+                  file=sys.stderr)
         data = run.data
         two_tower = models.get(run.config.model).two_tower
         if rank == 0 and args.export_index and not two_tower:   # said before the scoring, which may take long
@@ -202,11 +214,12 @@ def command(args) -> int:
         if args.shortlist:
             done, info = shortlisted(run, args, images, texts, device, rank, world)
             sims, t2i_sims, tag = (done.i2t, done.t2i, {"shortlist": info}) if done else (None, None, {})
+            tag["checkpoint"] = run.scored
             suffix = f" shortlist={args.shortlist}@{args.topk}" + (
                 f" fuse={args.fuse:g}" if args.fuse is not None else "")
         else:
             sims, tag = compute_sims(run.model, images, texts, device, progress=not args.quiet,
-                                     rank=rank, world=world), {}
+                                     rank=rank, world=world), {"checkpoint": run.scored}
         if rank != 0:   # the other processes only scored their share
             dist.destroy_process_group()
             return 0
@@ -218,7 +231,8 @@ def command(args) -> int:
                  "one similarity matrix to save")
         elif args.save_sims:
             save_sims(sims_path(run.dir, args.split), sims, data.image_ids, data.text.caption_ids,
-                      {"dataset": dataset, "shard_hashes": data.hashes})
+                      {"dataset": dataset, "shard_hashes": data.hashes,
+                       "checkpoint_sha256": run.scored["sha256"]})
             written.append(str(sims_path(run.dir, args.split)))
         if args.export_index and two_tower:
             from training.export import export_run
@@ -257,8 +271,9 @@ def command(args) -> int:
                 if isinstance(r, dict):
                     print(f"hard negatives [{kind}] {r['pairs']} pairs: image->text {r['i2t_acc']:.1f}% "
                           f"text->image {r['t2i_acc']:.1f}%")
-    old = shards.read_json(out) if out.exists() else {}
-    shards.write_json(out, {**old, **results})
+    with shards.claim(out):   # two evaluations of one run merge, neither loses the other's entries
+        old = shards.read_json(out) if out.exists() else {}
+        shards.write_json(out, {**old, **results})
     written.append(str(out))
     print(f"evaluate: {what} on {dataset}/{args.split}: {', '.join(results)}"
           f"{'; skipped ' + ', '.join(skipped) if skipped else ''}; wrote {', '.join(written)}")

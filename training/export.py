@@ -103,7 +103,7 @@ def export_run(run: LoadedRun, out_dir, *, batch_size: int = 128, workers: int =
         raise ValueError("export_run: load the run with a split (load_run(..., split='test'))")
     meta = {"model": run.config.model, "dataset": run.config.dataset, "split": data.cfg.split,
             "max_images": data.cfg.max_images, "run": str(run.dir), "checkpoint": run.which,
-            "checkpoint_sha256": shards.sha256_file(run.checkpoint_path),
+            "checkpoint_sha256": run.scored["sha256"],   # of the bytes loaded, not a later file
             "shard_hashes": dict(sorted(data.hashes.items()))}
     if is_current(out_dir, meta):
         return [], f"{out_dir} already holds these embeddings (same checkpoint, split and shards); skipped"

@@ -14,9 +14,11 @@ with both scores. Every shown image has its region boxes drawn with the object a
 names of the region shard. The queries are drawn with --seed from the split, so the reports of
 runs on one split show the same queries. Several runs also get one comparison table.
 
-The similarity matrix is read from <run>/sims-<split>.npz (evaluate.py --save-sims) when it is
-newer than the checkpoint and covers the split, else computed. Nothing in the run folder is
-changed.
+The similarity matrix is read from <run>/sims-<split>.npz (evaluate.py --save-sims) when it was
+computed from the loaded checkpoint (its sha256) and covers the split, else computed; so are the
+recalls of eval.json: an entry that scored other weights (an earlier best.pt, say, before the run
+was resumed) is left out and the recalls are computed for the report, which says so. Nothing in
+the run folder is changed.
 """
 
 from __future__ import annotations
@@ -86,13 +88,18 @@ def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int,
                device) -> tuple[np.ndarray, str]:
     """The [images, captions] similarities of the run's split and where they come from."""
     data, saved = run.data, sims_path(run.dir, split)
-    if saved.exists() and saved.stat().st_mtime >= run.checkpoint_path.stat().st_mtime:
+    why = ""
+    if saved.exists():
         s = load_sims(saved)
-        if (np.array_equal(s["image_ids"], data.image_ids)
+        if "checkpoint_sha256" not in s:   # written by an earlier version
+            why = f" ({saved.name} does not record the weights it holds the similarities of)"
+        elif str(s["checkpoint_sha256"]) != run.scored["sha256"]:
+            why = f" ({saved.name} holds the similarities of other weights)"
+        elif (np.array_equal(s["image_ids"], data.image_ids)
                 and np.array_equal(s["caption_ids"], data.text.caption_ids)):
             return s["sims"], f"read from {saved.name}"
     images, texts = eval_loaders(data, batch_size, workers)
-    return compute_sims(run.model, images, texts, device), f"computed from {run.which}.pt"
+    return compute_sims(run.model, images, texts, device), f"computed from {run.which}.pt{why}"
 
 
 @dataclass
@@ -259,8 +266,10 @@ def evaluation(run: LoadedRun, split: str, sims: np.ndarray, pairs: list[dict]) 
     path = run.dir / "eval.json"
     saved = shards.read_json(path) if path.exists() else {}
     mine = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith(f"{split}/")}
-    if mine:
-        return mine, f"from {path.name}"
+    fresh = {k: v for k, v in mine.items() if v.get("checkpoint", {}).get("sha256") == run.scored["sha256"]}
+    stale = stale_note(mine, fresh, run)
+    if fresh:
+        return fresh, f"from {path.name}" + (f" ({stale})" if stale else "")
     out = {}
     for protocol in default_protocols(run.config.dataset):
         try:
@@ -270,7 +279,19 @@ def evaluation(run: LoadedRun, split: str, sims: np.ndarray, pairs: list[dict]) 
             continue
     if pairs:
         out["hard_negatives"] = hard_negative_accuracy(sims, run.data.image_ids, pairs)
-    return out, f"computed for this report ({path.name} has no '{split}/' entry)"
+    why = f"{path.name}: {stale}" if stale else f"{path.name} has no '{split}/' entry"
+    return out, f"computed for this report ({why})"
+
+
+def stale_note(entries: dict, fresh: dict, run: LoadedRun) -> str:
+    """What a report says of the eval.json entries left out: they scored other weights."""
+    stale = {k: v.get("checkpoint") for k, v in entries.items() if k not in fresh}
+    if not stale:
+        return ""
+    what = sorted({f"{c['file']} of epoch {c['epoch']}" if c else "weights it does not record"
+                   for c in stale.values()})
+    return (f"left out {', '.join(sorted(stale))}: scored {' and '.join(what)}, not the "
+            f"{run.scored['file']} of epoch {run.scored['epoch']} loaded here")
 
 
 def chance_size(entry: dict) -> int:
@@ -438,7 +459,7 @@ def recall_table(ev: dict) -> str:
     out = table(["protocol", "images"] + [f"{d} R@{k}" for d, k in cols] + ["rSum"], rows, "recall")
     out += "<p class=\"note\">In grey: what random scores get on as many images (chance).</p>"
     out += "".join(other)
-    hn = {k: v for k, v in ev.get("hard_negatives", {}).items() if isinstance(v, dict)}
+    hn = {k: v for k, v in ev.get("hard_negatives", {}).items() if isinstance(v, dict) and "i2t_acc" in v}
     if hn:
         out += "<h4>Hard negatives</h4>" + table(
             ["kind", "pairs", "image→text accuracy", "text→image accuracy"],
@@ -534,7 +555,7 @@ def pair_rows(r: RunReport) -> str:
 def comparison_html(reports: list[RunReport]) -> str:
     protocols = list(dict.fromkeys(p for r in reports for p, e in r.evaluation.items() if "rsum" in e))
     kinds = list(dict.fromkeys(k for r in reports for k, v in r.evaluation.get("hard_negatives", {}).items()
-                               if isinstance(v, dict)))
+                               if isinstance(v, dict) and "i2t_acc" in v))   # not its "checkpoint"
     rows = []
     for r in reports:
         cells = [f"<a href=\"#{esc(anchor(r))}\">{esc(r.name)}</a>", esc(r.config["model"]),

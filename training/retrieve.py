@@ -378,16 +378,25 @@ def open_index(vectors: np.ndarray, cfg: IndexConfig, cache: Path | None, source
     kind = INDEXES[cfg.kind]
     key = {"kind": cfg.kind, **{f: getattr(cfg, f) for f in kind.build_fields}, "source": source}
     side_file = None if cache is None else cache.with_name(cache.name + ".json")
+    unreadable = ""
     if kind.cached and cache is not None and cache.exists() and side_file.exists() \
             and shards.read_json(side_file) == key:
-        index = faiss.read_index(str(cache))
-        kind.tune(index, cfg)
-        return index, f"cached {cache.name}"
+        try:
+            index = faiss.read_index(str(cache))
+        except RuntimeError:   # truncated or damaged; FAISS's own message names its C++ source
+            unreadable = "could not be read: truncated or damaged"
+        else:
+            if index.ntotal == len(vectors):
+                kind.tune(index, cfg)
+                return index, f"cached {cache.name}"
+            unreadable = f"holds {index.ntotal} vectors, not {len(vectors)}"
     index = build_index(vectors, cfg)
     if kind.cached and cache is not None:
         with shards.atomic_path(cache) as tmp:
             faiss.write_index(index, str(tmp))
         shards.write_json(side_file, key)
+        if unreadable:
+            return index, f"rebuilt and cached {cache.name} (the cached one {unreadable})"
         return index, f"built and cached {cache.name}"
     return index, "built"
 
@@ -637,11 +646,13 @@ def retrieve(args) -> dict:
     t2 = time.perf_counter()
     ranking = search.search(query, args.k)
     t3 = time.perf_counter()
+    rebuilt = [m["index"] for m in (search.method, search.method.get("shortlist") or {})
+               if str(m.get("index", "")).startswith("rebuilt")]   # a damaged FAISS cache, said once
     return {"run": str(run.dir), "model": run.config.model, "checkpoint": run.which,
             "dataset": run.config.dataset, "split": run.data.cfg.split, "query": query.describe(),
             "gallery": query.gallery, "gallery_size": len(SIDES[query.gallery].ids(run.data)),
             "k": args.k, "truth": sorted(query.truth), "search": search.method,
-            "results": result_rows(run, query.gallery, ranking, query.truth), "notes": query.notes,
+            "results": result_rows(run, query.gallery, ranking, query.truth), "notes": query.notes + rebuilt,
             "seconds": {"load": t1 - t0, "index": t2 - t1, "search": t3 - t2}}
 
 

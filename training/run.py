@@ -8,17 +8,25 @@ pieces ``load_vocab``, ``open_split``, ``create_model`` and ``load_checkpoint``)
 here, so each check is made the same way everywhere: the vocabulary is the one the run was
 trained with, the shards are of the configs it recorded, the checkpoint belongs to the run and
 holds plain data only.
+
+A run folder has one writer: ``writer_claim`` (train holds it while it runs); readers take no
+claim (every checkpoint is renamed into place whole) and can ask ``training_now`` whether the run
+is still being trained.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from pipeline import shards
 from pipeline.config import add_root_argument, resolve_root
 from pipeline.shards import Layout, ShardError, Vocabulary
+from pipeline.shards.atomic import claim_holder, lock_path
 from training import checkpoint, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig
@@ -43,6 +51,37 @@ class LoadedRun:
     @property
     def shard_hashes(self) -> dict:
         return self.config.shard_hashes
+
+    @property
+    def scored(self) -> dict:
+        """The identity of the loaded weights, as eval.json and saved similarities record it: the
+        file, its sha256 and the epoch it ends (counted as metrics.csv counts them, from 1)."""
+        return {"file": f"{self.which}.pt", "sha256": self.checkpoint["sha256"],
+                "epoch": self.checkpoint["epoch"] + 1}
+
+
+@contextlib.contextmanager
+def writer_claim(run_dir) -> Iterator[None]:
+    """The one right to write ``run_dir``: a claim (``shards.claim``, an flock the kernel drops
+    when its holder dies) on the folder. Another holder is an error naming it (host, pid)."""
+    path = Path(run_dir).resolve()
+    with shards.claim(path, wait=False) as held:
+        if not held:
+            raise CheckpointError(f"{run_dir}: another process is training this run ({claim_holder(path)}); "
+                                  "wait for it to end, or choose another --out")
+        yield
+
+
+def training_now(run_dir) -> str | None:
+    """Who trains ``run_dir`` now ("host H, pid P"), or None when no one does."""
+    path = Path(run_dir).resolve()
+    if not lock_path(path).exists():   # never trained here: nothing to create
+        return None
+    try:
+        with shards.claim(path, wait=False) as held:
+            return None if held else claim_holder(path)
+    except OSError:   # a folder this user may not write: a run received from someone else
+        return None
 
 
 def add_run_arguments(p) -> None:

@@ -9,17 +9,22 @@
 Config, data, model, optimiser, loop, validation, checkpoint, in that order. The run folder gets
 config.json, best.pt (the weights of the best validation rSum: what inference needs), last.pt (the
 full training state of the last epoch: what --resume needs), metrics.csv and TensorBoard logs in tb/.
+A run folder has one writer: ``train`` holds a claim on it (``shards.claim``) while it runs, and a
+second ``train`` with the same --out is refused naming the holder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import math
 import os
 import sys
+import threading
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 
@@ -31,12 +36,13 @@ from pipeline import shards
 from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument,
                              non_negative_int, positive_int, resolve_root, run_command)
 from pipeline.shards import Layout, ShardError
+from pipeline.shards.atomic import is_no_space
 from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_run_settings
 from training.data import PairDataset, collate_pairs, eval_loaders, make_loader, shard_hashes
 from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
-from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split
+from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split, writer_claim
 from training.shortlist import rerank_split, split_shortlist
 
 ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
@@ -136,9 +142,41 @@ def command(args) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
     master = rank == 0
-    out = Path(args.out)
     if args.threads:   # threads that wait for a busy core at every op cost more than they give
         torch.set_num_threads(args.threads)
+    # the first process writes the run folder; it holds the folder's claim until it ends
+    with writer_claim(args.out) if master else contextlib.nullcontext(), tensorboard_full_disk(args.out):
+        train(args, device, rank, world, ddp)
+    if ddp:
+        dist.destroy_process_group()
+    return 0
+
+
+@contextlib.contextmanager
+def tensorboard_full_disk(out):
+    """A full disk met outside atomic_path (whose error names its file) as one line: TensorBoard's
+    writer, mostly. It writes from a thread of its own, whose traceback Python would also print."""
+    before = threading.excepthook
+    threading.excepthook = lambda a: None if is_no_space(a.exc_value) else before(a)
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_no_space(e):
+            raise
+        for t in threading.enumerate():   # let the failed writer thread end before the hook goes
+            if type(t).__name__ == "_AsyncWriterThread" and getattr(t, "exception", None) is not None:
+                t.join(timeout=5)
+        in_tb = any("tensorboard" in f.filename for f in traceback.extract_tb(e.__traceback__))
+        what = (f"{Path(out) / 'tb'}: no space left on device while writing TensorBoard's log" if in_tb
+                else f"{out}: no space left on device")
+        raise ShardError(f"{what}; the checkpoints and metrics.csv are those of the last finished epoch") from None
+    finally:
+        threading.excepthook = before
+
+
+def train(args, device: torch.device, rank: int, world: int, ddp: bool) -> None:
+    master = rank == 0
+    out = Path(args.out)
 
     # config
     run = make_run(args, out)
@@ -201,6 +239,9 @@ def command(args) -> int:
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best_rsum = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_rsum"]
         checkpoint.set_rng_state(ckpt["rng"])
+        if master and "metrics_row" in ckpt and restore_metrics(out / "metrics.csv", ckpt["metrics_row"]):
+            print(f"train: restored the metrics.csv row of epoch {ckpt['metrics_row']['epoch']} from last.pt "
+                  "(the run stopped before writing it)", file=sys.stderr)
     elif master:
         out.mkdir(parents=True, exist_ok=True)
         run.save(out)
@@ -265,8 +306,11 @@ def command(args) -> int:
                        "epoch": epoch, "step": step, "best_rsum": best_rsum}
             if is_best:   # before last.pt: a stop in between repeats this epoch on resume
                 checkpoint.save(out / "best.pt", weights)
+            # last.pt carries the epoch's row: a stop before metrics.csv is written loses nothing,
+            # --resume writes the row from it (restore_metrics)
             checkpoint.save(out / "last.pt", {**weights, "optimizer": optimizer.state_dict(),
-                                              "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()})
+                                              "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
+                                              "metrics_row": row})
             append_metrics(out / "metrics.csv", row)
             for k, v in row.items():
                 writer.add_scalar(f"val/{k}" if k in metrics else f"epoch/{k}", v, step)
@@ -284,9 +328,16 @@ def command(args) -> int:
         print(f"train: {run.model} on {run.dataset}: {done} epoch(s) run "
               f"({start_epoch} done before), best val rSum {best_rsum:.1f}; wrote {out}/last.pt, "
               f"best.pt, metrics.csv, tb/" + ("" if done else " (nothing to do: run already complete)"))
-    if ddp:
-        dist.destroy_process_group()
-    return 0
+
+
+def restore_metrics(path: Path, row: dict) -> bool:
+    """Write ``row`` (last.pt's) into metrics.csv when the file lacks its epoch; True if it did."""
+    if path.exists():
+        with open(path, newline="") as f:
+            if any(int(r["epoch"]) == row["epoch"] for r in csv.DictReader(f)):
+                return False
+    append_metrics(path, row)
+    return True
 
 
 def append_metrics(path: Path, row: dict) -> None:

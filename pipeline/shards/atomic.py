@@ -43,7 +43,11 @@ def is_no_space(e: BaseException) -> bool:
         return False
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return isinstance(e, (OSError, RuntimeError)) and ("No space left" in str(e) or "errno = 28," in str(e))
+    if isinstance(e, (OSError, RuntimeError)) and ("No space left" in str(e) or "errno = 28," in str(e)):
+        return True
+    # torch.save into a file object reports the file's failed write as "unexpected pos ...", with
+    # the file's OSError as the context
+    return isinstance(e, RuntimeError) and e.__context__ is not None and is_no_space(e.__context__)
 
 
 @contextlib.contextmanager
@@ -123,7 +127,8 @@ def claim(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
 
     Yields True while held. With ``wait=False`` it yields False at once when another process
     holds it. The claim is an ``flock`` on the hidden file ``.<name>.lock`` next to ``path``, so
-    the kernel releases it when its holder dies (even by SIGKILL): a claim is never stale."""
+    the kernel releases it when its holder dies (even by SIGKILL): a claim is never stale. The
+    holder writes its host and pid into that file, for ``claim_holder``."""
     lock = lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
@@ -133,11 +138,27 @@ def claim(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
             held = False
         else:
             held = True
+            try:
+                f.truncate(0)
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                f.flush()
+            except OSError:   # a full disk: the claim holds all the same, its holder goes unnamed
+                pass
         try:
             yield held
         finally:
             if held:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def claim_holder(path: str | os.PathLike) -> str:
+    """Who holds (or last held) the claim on ``path``: "host H, pid P", or "another process"
+    when that is not known yet."""
+    try:
+        host, pid = lock_path(path).read_text().split()
+    except (OSError, ValueError):
+        return "another process"
+    return f"host {host}, pid {pid}"
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
