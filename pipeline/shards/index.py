@@ -323,10 +323,10 @@ class ShardIndex:
         ``config_hash``, also the files registered under another config; with ``splits``, only
         files of those splits are touched. A file another process is writing (claimed) is
         left alone and listed as busy. Temporary files of writers that are gone go too."""
-        keep = {self._rel(p) for p in keep}
-        splits = None if splits is None else set(splits)
         registered = {e.path: e for e in self.entries(kind)}
         self._inside(PurePosixPath(SHARD_FILES[kind]).parent.as_posix())  # a folder linked elsewhere
+        keep = {self._rel(p) for p in keep}
+        splits = None if splits is None else set(splits)
         on_disk = {p.relative_to(self.dir).as_posix() for p in self.layout.on_disk(kind)}
         out = Pruned()
         for rel in sorted(set(registered) | on_disk):
@@ -367,8 +367,8 @@ class ShardIndex:
                 p = p.absolute()
             else:
                 return p.as_posix()
-        try:
-            return p.resolve().relative_to(self.dir.resolve()).as_posix()
+        try:  # the file itself is not resolved: a link named as a shard is that shard
+            return (p.parent.resolve() / p.name).relative_to(self.dir.resolve()).as_posix()
         except ValueError:
             raise ValueError(f"{path} is not inside dataset folder {self.dir}") from None
 
