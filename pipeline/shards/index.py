@@ -95,26 +95,24 @@ def checked(data, folder: Path, where: Path) -> dict:
 
 
 class RealFolder:
-    """Where paths under one folder really lead, following symbolic links. Resolved parent
-    folders are remembered, so checking the many entries of one index costs about one
-    ``lstat`` per entry."""
+    """Where paths under one folder really lead, following symbolic links. Each parent folder
+    is resolved once, so checking the many entries of one index costs one ``lstat`` each."""
 
     def __init__(self, folder: Path):
-        self.folder, self.root, self._parents = Path(folder), Path(os.path.realpath(folder)), {}
+        self.folder, self.root, self._parents = str(folder), os.path.realpath(folder), {}
 
     def outside(self, rel: str) -> str:
         """Why ``rel`` does not name a file inside the folder after symbolic links are
         followed; "" when it does. The file need not exist."""
-        p = PurePosixPath(rel)
-        if not rel or p.is_absolute() or ".." in p.parts:
+        if not rel or rel.startswith("/") or ".." in rel.split("/"):
             return "is not a relative path inside the dataset folder"
-        parent = self._parents.get(p.parent)
-        if parent is None:
-            parent = self._parents[p.parent] = Path(os.path.realpath(self.folder / p.parent))
-        real = parent / p.name
-        if real.is_symlink():
-            real = Path(os.path.realpath(real))
-        if not real.is_relative_to(self.root):
+        parent, _, name = rel.rpartition("/")
+        if parent not in self._parents:
+            self._parents[parent] = os.path.realpath(os.path.join(self.folder, parent))
+        real = os.path.join(self._parents[parent], name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if real != self.root and not real.startswith(self.root.rstrip("/") + "/"):
             return f"resolves to {real}, outside the dataset folder {self.root} (a symbolic link?)"
         return ""
 
