@@ -363,7 +363,7 @@ def handed_over(root: Path, work: Path, name: str) -> tuple[Path, Path]:
     shutil.copytree(root / "demo", copy, symlinks=True)
     victim = work / name / "victim"
     victim.mkdir()
-    (victim / "victim.txt").write_text("not yours\n")
+    (victim / "victim.txt").write_bytes(b"not yours\n")
     return copy, victim
 
 
@@ -380,7 +380,7 @@ def index_outside_folder(root: Path, work: Path) -> tuple[bool, str]:
     index = ds / "shards.json"
     clean = index.read_text()
     (ds / "regions" / "regions-train-0099.h5").symlink_to(victim / "victim.txt")
-    crafted = {"graphs ../": ("graphs", "../../victim/victim.txt"),
+    crafted = {"graphs ../": ("graphs", "../victim/victim.txt"),
                "regions absolute": ("regions", str(victim / "victim.txt")),
                "regions symlink": ("regions", "regions/regions-train-0099.h5"),
                "regions no sha256": ("regions", None)}
@@ -397,7 +397,7 @@ def index_outside_folder(root: Path, work: Path) -> tuple[bool, str]:
             data["kinds"][kind][0].pop("sha256")
             path = data["kinds"][kind][0]["path"]
         else:
-            raw = (victim / "victim.txt").read_bytes()
+            raw = b"not yours\n"
             data["kinds"][kind].append({"kind": kind, "path": path, "sha256": hashlib.sha256(raw).hexdigest(),
                                         "size": len(raw), "rows": 1, "config_hash": "other"})
         index.write_text(json.dumps(data))
@@ -406,7 +406,7 @@ def index_outside_folder(root: Path, work: Path) -> tuple[bool, str]:
                 bad.append(f"{case}: {what}")
     index.write_text(clean)
     after = sorted(p.name for p in victim.iterdir())
-    intact = after == before and (victim / "victim.txt").read_text() == "not yours\n"
+    intact = after == before and (victim / "victim.txt").read_bytes() == b"not yours\n"
     ok = not bad and intact
     return ok, (f"{len(crafted)} crafted entries x {len(commands)} commands: "
                 f"{'each refused in one line naming the entry' if not bad else 'NOT refused: ' + ', '.join(bad)}; "
