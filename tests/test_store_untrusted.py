@@ -92,7 +92,7 @@ def test_index_entries_outside_the_folder_are_refused_and_nothing_outside_is_tou
     (lambda e: e.update(rows=True), "field 'rows' is true, not int"),
     (lambda e: e.update(kind="grid"), "is listed under 'regions' but its kind is 'grid'"),
     (lambda e: e.update(owner="x"), "has an unknown field 'owner'"),
-])
+], ids=["missing", "str size", "int path", "bool rows", "other kind", "unknown field"])
 def test_index_entry_with_a_bad_field_is_one_line(handed_over, edit, problem, capsys):
     layout, _ = handed_over
     data = json.loads(layout.index.path.read_text())
