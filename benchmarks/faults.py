@@ -35,6 +35,16 @@ Exit status 0 when every fault passes. The faults:
    them out, says so, and shows the recalls of the weights it loaded
 12. a truncated FAISS cache under RUN/index-SPLIT: retrieve rebuilds it, saying so; `itmkit
    upgrade` of an empty folder, a dataset folder, a text file: one line each, exit 1
+13. a handed-over dataset whose shards.json has entries outside the folder (`../` paths, an
+   absolute path, a shard that is a symbolic link out) or an entry that lacks a field: verify,
+   prune, parse and inspect refuse it in one line naming the entry, exit 1, and the files
+   outside are neither removed nor locked
+14. a handed-over region shard whose `features` lie in another file (external raw storage, an
+   external link to a text file, a virtual dataset), with shards.json updated to its hash:
+   verify, inspect and train refuse it in one line naming the shard, and no traceback
+
+`--only NAME` (repeatable, a part of a fault's name) runs only those faults, after the
+concurrent writers, which build the dataset the others use.
 """
 
 from __future__ import annotations
@@ -561,14 +571,132 @@ def damaged_cache_and_upgrade(root: Path, work: Path) -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# 13, 14. a dataset folder handed over by someone else
+
+def handed_over(root: Path, work: Path, name: str) -> tuple[Path, Path]:
+    """A copy of the demo dataset at work/name/demo, and a victim folder beside the copy's root
+    holding victim.txt."""
+    copy = work / name / "demo"
+    shutil.copytree(root / "demo", copy, symlinks=True)
+    victim = work / name / "victim"
+    victim.mkdir()
+    (victim / "victim.txt").write_bytes(b"not yours\n")
+    return copy, victim
+
+
+def one_line_refusal(r, *named) -> bool:
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    return r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr and all(n in lines[0] for n in named)
+
+
+def index_outside_folder(root: Path, work: Path) -> tuple[bool, str]:
+    import hashlib
+    import json
+
+    ds, victim = handed_over(root, work, "untrusted-index")
+    index = ds / "shards.json"
+    clean = index.read_text()
+    (ds / "regions" / "regions-train-0099.h5").symlink_to(victim / "victim.txt")
+    crafted = {"graphs ../": ("graphs", "../victim/victim.txt"),
+               "regions absolute": ("regions", str(victim / "victim.txt")),
+               "regions symlink": ("regions", "regions/regions-train-0099.h5"),
+               "regions no sha256": ("regions", None)}
+    commands = {"verify": [PY, "-m", "pipeline", "verify", ds],
+                "prune": [PY, "-m", "pipeline", "prune", ds, "--kind", "regions", "--shard-size", "8"],
+                "parse": [PY, "-m", "pipeline", "parse", "--dataset", "demo", "--root", ds.parent,
+                          "--chunk-size", "50", "--no-progress"],
+                "inspect": [PY, "-m", "pipeline", "inspect", index]}
+    before = sorted(p.name for p in victim.iterdir())
+    bad = []
+    for case, (kind, path) in crafted.items():
+        data = json.loads(clean)
+        if path is None:
+            data["kinds"][kind][0].pop("sha256")
+            path = data["kinds"][kind][0]["path"]
+        else:
+            raw = b"not yours\n"
+            data["kinds"][kind].append({"kind": kind, "path": path, "sha256": hashlib.sha256(raw).hexdigest(),
+                                        "size": len(raw), "rows": 1, "config_hash": "other"})
+        index.write_text(json.dumps(data))
+        for what, cmd in commands.items():
+            if not one_line_refusal(run(*cmd), "shards.json", json.dumps(path)):
+                bad.append(f"{case}: {what}")
+    index.write_text(clean)
+    after = sorted(p.name for p in victim.iterdir())
+    intact = after == before and (victim / "victim.txt").read_bytes() == b"not yours\n"
+    ok = not bad and intact
+    return ok, (f"{len(crafted)} crafted entries x {len(commands)} commands: "
+                f"{'each refused in one line naming the entry' if not bad else 'NOT refused: ' + ', '.join(bad)}; "
+                f"files outside {'untouched' if intact else f'CHANGED: {before} -> {after}'}")
+
+
+CRAFT_H5 = textwrap.dedent("""
+    import sys, h5py, numpy as np
+    shard, victim, how = sys.argv[1:]
+    with h5py.File(shard, "r") as f:
+        data, attrs = {k: f[k][()] for k in f}, dict(f.attrs)
+    feats = data.pop("features")
+    with h5py.File(victim + ".h5", "w") as g:
+        g["features"] = np.ones_like(feats)
+    with h5py.File(shard, "w") as f:
+        for k, v in data.items():
+            f[k] = v
+        f.attrs.update(attrs)
+        if how == "external raw storage":
+            f.create_dataset("features", shape=feats.shape, dtype=feats.dtype, external=[(victim, 0, feats.nbytes)])
+        elif how == "external link":
+            f["features"] = h5py.ExternalLink(victim, "features")
+        else:
+            layout = h5py.VirtualLayout(shape=feats.shape, dtype=feats.dtype)
+            layout[:] = h5py.VirtualSource(victim + ".h5", "features", shape=feats.shape)
+            f.create_virtual_dataset("features", layout)
+""")
+
+
+def h5_reading_outside(root: Path, work: Path) -> tuple[bool, str]:
+    import hashlib
+    import json
+
+    ds, victim = handed_over(root, work, "untrusted-h5")
+    shard = ds / "regions" / "regions-train-0000.h5"
+    original = shard.read_bytes()
+    if not (ds / "text" / "vocab.json").exists():
+        run(PY, "-m", "pipeline", "vocab", "--dataset", "demo", "--root", ds.parent, "--min-count", "1", "--no-progress")
+    index = ds / "shards.json"
+    clean = index.read_text()
+    seen = []
+    for how in ("external raw storage", "external link", "virtual dataset"):
+        shard.write_bytes(original)
+        r = run(PY, "-c", CRAFT_H5, shard, victim / "victim.txt", how)
+        if r.returncode:
+            return False, f"could not craft the shard ({how}): {tail(r)}"
+        data = json.loads(clean)
+        entry = next(e for e in data["kinds"]["regions"] if e["path"] == "regions/regions-train-0000.h5")
+        entry.update(sha256=hashlib.sha256(shard.read_bytes()).hexdigest(), size=shard.stat().st_size)
+        index.write_text(json.dumps(data))
+        checks = {"verify": run(PY, "-m", "pipeline", "verify", ds),
+                  "inspect": run(PY, "-m", "pipeline", "inspect", shard),
+                  "train": run(PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", ds.parent,
+                               "--out", work / "untrusted-h5" / "run", "--epochs", "1", "--batch-size", "8",
+                               "--max-images", "8", "--workers", "0")}
+        refused = [what for what, r in checks.items() if one_line_refusal(r, shard.name, "'features'")]
+        seen.append(f"{how}: " + (f"refused by {', '.join(refused)}" if len(refused) == len(checks) else
+                                  f"NOT refused by {', '.join(sorted(set(checks) - set(refused)))}"))
+    shard.write_bytes(original)
+    index.write_text(clean)
+    return all("NOT" not in s for s in seen), "; ".join(seen)
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=None, help="work folder (default: a new temporary folder)")
     ap.add_argument("--images", type=int, default=60, help="demo images (default 60)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
-    ap.add_argument("--only", action="append", metavar="NAME", default=None,
-                    help="run only the faults whose name contains NAME (repeatable); the dataset is built all the same")
+    ap.add_argument("--only", action="append", default=None, metavar="NAME",
+                    help="run only the faults whose name contains NAME (repeatable); the concurrent "
+                         "writers always run, they build the dataset")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="itmkit-faults-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -593,6 +721,8 @@ def main() -> int:
         ("killed before metrics.csv", lambda: killed_before_metrics(root, work)),
         ("stale evaluation in a report", lambda: stale_evaluation(root, work)),
         ("FAISS cache, upgrade: one line", lambda: damaged_cache_and_upgrade(root, work)),
+        ("index entries outside the folder", lambda: index_outside_folder(root, work)),
+        ("HDF5 shard reading outside itself", lambda: h5_reading_outside(root, work)),
     ]
     if args.only:   # the first fault builds the dataset the others use
         faults = faults[:1] + [f for f in faults[1:] if any(n in f[0] for n in args.only)]

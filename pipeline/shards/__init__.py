@@ -5,12 +5,14 @@ tables, the vocabulary JSON, and the per-dataset ``shards.json`` index. One modu
 
 - ``atomic``: atomic writes (a temporary name unique to the process, fsync, rename), claims on
   a file being written, hashing, provenance
-- ``h5``: HDF5 handles opened lazily per process and the chunk decoder (used by both shard kinds)
+- ``h5``: HDF5 handles opened lazily per process, only for a file that holds all its data
+  itself (no external, virtual or linked datasets), and the chunk decoder (both shard kinds)
 - ``regions``, ``grid``: the two HDF5 shard kinds
 - ``tables``: the Parquet schemas
 - ``vocabulary``: vocab.json, word vectors and the trainer's ``Vocabulary``
 - ``layout``: where every file lives; the only code that builds or parses a shard's name
-- ``index``: ``shards.json`` and the currency rule (which files are current), pruning
+- ``index``: ``shards.json`` (every entry checked to stay inside the dataset folder) and the
+  currency rule (which files are current), pruning
 - ``describe``: what ``inspect`` prints
 
 Every reader turns a truncated or malformed file into a ``ShardError`` that names the file.

@@ -131,7 +131,7 @@ def claim(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
     holder writes its host and pid into that file, for ``claim_holder``."""
     lock = lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
+    with open_lock(lock) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -159,6 +159,20 @@ def claim_holder(path: str | os.PathLike) -> str:
     except (OSError, ValueError):
         return "another process"
     return f"host {host}, pid {pid}"
+
+
+def open_lock(path: str | os.PathLike):
+    """Open (or create) the lock file ``path`` for ``flock``. A symbolic link there is refused,
+    not followed: a folder from elsewhere could otherwise have it lock, create or truncate a
+    file outside itself."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ShardError(f"{path}: is a symbolic link; a lock file must be a plain file "
+                             "(remove it)") from None
+        raise
+    return os.fdopen(fd, "r+")
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 from pipeline.labels import LabelNames
 from pipeline.shards.atomic import ShardError, read_json
 from pipeline.shards.h5 import get_attrs, open_h5
+from pipeline.shards.index import checked
 from pipeline.shards.tables import read_table, table_metadata
 
 
@@ -65,7 +66,7 @@ def describe(path) -> str:
             lines.append(f"  vocabulary: {len(data['words']):,} words (min_count {data['min_count']}), "
                          f"{len(data['predicates']):,} predicates, {len(data['attributes']):,} attributes")
         elif "kinds" in data:
-            for kind, lst in data["kinds"].items():
+            for kind, lst in checked(data, path.parent, path)["kinds"].items():
                 rows = sum(e["rows"] for e in lst)
                 lines.append(f"  {kind:9s} {len(lst)} file(s), {rows:,} rows, "
                              f"configs {sorted({e['config_hash'] for e in lst})}")

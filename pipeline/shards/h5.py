@@ -1,6 +1,6 @@
-"""HDF5 plumbing shared by region and grid shards: attributes, opening with a clear error, a
-handle opened lazily in each process, and the chunk decoder that reads one image's rows
-straight from a memory map of the file."""
+"""HDF5 plumbing shared by region and grid shards: attributes, opening with a clear error (and
+only a file that holds all its data itself), a handle opened lazily in each process, and the
+chunk decoder that reads one image's rows straight from a memory map of the file."""
 
 from __future__ import annotations
 
@@ -65,12 +65,56 @@ def discard(f: h5py.File | None, tmp: Path, error: BaseException | None) -> None
 
 
 def open_h5(path: Path) -> h5py.File:
+    """Open a shard for reading, once it is known to hold all its bytes itself (see
+    ``self_contained``): every reader of HDF5 shards opens them here."""
     if not path.exists():
         raise ShardError(f"{path}: file not found")
     try:
-        return h5py.File(path, "r")
+        f = h5py.File(path, "r")
     except OSError as e:
         raise ShardError(f"{path}: cannot open as HDF5 (truncated or half-written?): {e}") from e
+    try:
+        self_contained(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+LINK_TYPES = {h5py.h5l.TYPE_SOFT: "a soft link", h5py.h5l.TYPE_EXTERNAL: "an external link"}
+
+
+def self_contained(f: h5py.File, path: Path) -> None:
+    """Refuse a file whose objects lead outside it: links other than hard links (an external
+    link opens another file; itmkit writes no soft links), and datasets stored in external raw
+    files or mapped from other files (virtual). shards.json hashes the shard's own bytes, so
+    these would let a verified shard read bytes nobody hashed. Only link and layout metadata
+    are looked at: no dataset is read and no other file is opened."""
+    groups, seen = [("", f.id)], {f.id}   # low-level ids: a third of the cost of h5py's objects
+    while groups:
+        prefix, gid = groups.pop()
+        for name in gid:
+            where = prefix + name.decode(errors="replace")
+            try:
+                kind = gid.links.get_info(name).type
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise ShardError(f"{path}: cannot read the link '{where}' (corrupt?): {e}") from e
+            if kind != h5py.h5l.TYPE_HARD:
+                raise ShardError(f"{path}: '{where}' is {LINK_TYPES.get(kind, 'a user-defined link')}, "
+                                 "not an object stored in the shard itself; refused")
+            obj = h5py.h5o.open(gid, name)
+            if isinstance(obj, h5py.h5g.GroupID):
+                if obj not in seen:  # hard links can make a group its own descendant
+                    seen.add(obj)
+                    groups.append((where + "/", obj))
+            elif isinstance(obj, h5py.h5d.DatasetID):
+                dcpl = obj.get_create_plist()
+                if dcpl.get_layout() == h5py.h5d.VIRTUAL:
+                    raise ShardError(f"{path}: dataset '{where}' is virtual (its data lies in other "
+                                     "files); refused")
+                if dcpl.get_external_count():
+                    raise ShardError(f"{path}: dataset '{where}' stores its data in external "
+                                     f"file {dcpl.get_external(0)[0].decode(errors='replace')!r}; refused")
 
 
 class LazyH5:

@@ -5,22 +5,31 @@ The currency rule: a file is reused only when it is registered with the same con
 inputs hash, and the file on disk still has the registered size and sha256. Anything else
 (missing, unregistered, another config or inputs, altered) is rewritten by the writers and
 refused by the trainer.
+
+A dataset folder may come from someone else, so ``shards.json`` is checked when it is read:
+an entry with a missing or mistyped field, or whose path does not resolve (after symbolic
+links) inside the dataset folder, makes the whole index refused with one line naming it.
+Nothing outside the folder is ever opened, locked, hashed or removed through the index.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import json
 import os
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping
 
 from pipeline import __version__
-from pipeline.shards.atomic import (ShardError, claim, now_iso, read_json, remove_dead_tmp,
-                                    sha256_file, write_json)
-from pipeline.shards.layout import SPLIT_KINDS, Layout
+from pipeline.shards.atomic import (ShardError, claim, now_iso, open_lock, read_json,
+                                    remove_dead_tmp, sha256_file, write_json)
+from pipeline.shards.h5 import open_h5
+from pipeline.shards.layout import SHARD_FILES, SPLIT_KINDS, Layout
 
 INDEX_NAME = "shards.json"
 KINDS = ("images", "captions", "boxes", "hard_negatives", "regions", "grid", "graphs", "vocab")
@@ -38,6 +47,74 @@ class Entry:
     version: str = __version__
     created: str = field(default_factory=now_iso)
     extra: dict = field(default_factory=dict)
+
+
+ENTRY_TYPES = typing.get_type_hints(Entry)
+ENTRY_REQUIRED = [f.name for f in dataclasses.fields(Entry)
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def entry_problem(raw, kind: str) -> str:
+    """What is wrong with one raw entry of shards.json listed under ``kind`` ("" when nothing).
+    Its path is checked against the folder by ``RealFolder.outside``."""
+    if not isinstance(raw, dict):
+        return f"is a {type(raw).__name__}, not an object"
+    missing = [f for f in ENTRY_REQUIRED if f not in raw]
+    if missing:
+        return f"lacks field(s) {', '.join(missing)}"
+    for name, value in raw.items():
+        want = ENTRY_TYPES.get(name)
+        if want is None:
+            return f"has an unknown field '{name}'"
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            return f"field '{name}' is {json.dumps(value)[:40]}, not {want.__name__}"
+    if raw["kind"] != kind:
+        return f"is listed under '{kind}' but its kind is '{raw['kind']}'"
+    if raw["size"] < 0 or raw["rows"] < 0:
+        return "has a negative size or row count"
+    return ""
+
+
+def checked(data, folder: Path, where: Path) -> dict:
+    """``data`` (the index read from ``where``) when every entry has its fields, of their types,
+    and a path that stays inside ``folder``; else a ShardError naming the first bad entry."""
+    if not isinstance(data, dict) or not isinstance(data.get("kinds"), dict):
+        raise ShardError(f"{where}: not an itmkit shards.json")
+    real = RealFolder(folder)
+    for kind, lst in data["kinds"].items():
+        if not isinstance(lst, list):
+            raise ShardError(f"{where}: '{kind}' is not a list of entries")
+        for i, raw in enumerate(lst):
+            why = entry_problem(raw, kind) or real.outside(raw["path"])
+            if why:
+                path = raw.get("path") if isinstance(raw, dict) else None
+                name = f" {json.dumps(path)}" if isinstance(path, str) else ""
+                raise ShardError(f"{where}: {kind} entry {i}{name} {why}; the index is refused "
+                                 "(edited by hand, or made for another folder?)")
+    return data
+
+
+class RealFolder:
+    """Where paths under one folder really lead, following symbolic links. Each parent folder
+    is resolved once, so checking the many entries of one index costs one ``lstat`` each."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.root, self._parents = str(folder), os.path.realpath(folder), {}
+
+    def outside(self, rel: str) -> str:
+        """Why ``rel`` does not name a file inside the folder after symbolic links are
+        followed; "" when it does. The file need not exist."""
+        if not rel or rel.startswith("/") or ".." in rel.split("/"):
+            return "is not a relative path inside the dataset folder"
+        parent, _, name = rel.rpartition("/")
+        if parent not in self._parents:
+            self._parents[parent] = os.path.realpath(os.path.join(self.folder, parent))
+        real = os.path.join(self._parents[parent], name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if real != self.root and not real.startswith(self.root.rstrip("/") + "/"):
+            return f"resolves to {real}, outside the dataset folder {self.root} (a symbolic link?)"
+        return ""
 
 
 def resolve_config_hashes(entries: Iterable[Entry], pinned: Mapping[str, str] | None = None,
@@ -83,12 +160,10 @@ class ShardIndex:
 
     # -- reading
     def load(self) -> dict:
+        """The index as stored, every entry checked (see ``checked``)."""
         if not self.path.exists():
             return {"dataset": self.name, "itmkit_version": __version__, "kinds": {}}
-        data = read_json(self.path)
-        if not isinstance(data, dict) or "kinds" not in data:
-            raise ShardError(f"{self.path}: not an itmkit shards.json")
-        return data
+        return checked(read_json(self.path), self.dir, self.path)
 
     def entries(self, kind: str | None = None) -> list[Entry]:
         kinds = self.load()["kinds"]
@@ -162,8 +237,9 @@ class ShardIndex:
         return [e for e in self.entries(kind) if e.config_hash != config_hash]
 
     def verify(self, entries: Iterable[Entry] | None = None) -> list[str]:
-        """Re-hash the registered files (all, or ``entries``); one message per problem (empty
-        when all are intact). Files are hashed in parallel threads (hashlib releases the GIL)."""
+        """Re-hash the registered files (all, or ``entries``) and refuse HDF5 shards that would
+        read bytes from other files; one message per problem (empty when all are intact). Files
+        are hashed in parallel threads (hashlib releases the GIL)."""
         entries = self.entries() if entries is None else list(entries)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             return [m for m in pool.map(self._problem, entries) if m]
@@ -185,6 +261,11 @@ class ShardIndex:
             return f"{p}: size {p.stat().st_size} != registered {e.size} (truncated or altered)"
         if sha256_file(p) != e.sha256:
             return f"{p}: sha256 differs from shards.json (altered)"
+        if p.suffix == ".h5":  # the hash covers the shard's own bytes: refuse one reading others
+            try:
+                open_h5(p).close()
+            except ShardError as err:
+                return str(err)
         return ""
 
     def plan_problems(self, kind: str, planned: Iterable) -> list[str]:
@@ -212,9 +293,10 @@ class ShardIndex:
         so that what is registered is what is on disk."""
         if kind not in KINDS:
             raise ValueError(f"unknown shard kind '{kind}'; known: {', '.join(KINDS)}")
-        p = self.dir / self._rel(path)
+        rel = self._inside(self._rel(path))
+        p = self.dir / rel
         try:
-            entry = Entry(kind=kind, path=self._rel(path), sha256=sha256_file(p), size=p.stat().st_size,
+            entry = Entry(kind=kind, path=rel, sha256=sha256_file(p), size=p.stat().st_size,
                           rows=int(rows), config_hash=config_hash, inputs_hash=inputs_hash,
                           extra=extra or {})
         except FileNotFoundError:  # deleted by something that takes no claim (e.g. Snakemake)
@@ -239,9 +321,10 @@ class ShardIndex:
         ``config_hash``, also the files registered under another config; with ``splits``, only
         files of those splits are touched. A file another process is writing (claimed) is
         left alone and listed as busy. Temporary files of writers that are gone go too."""
+        registered = {e.path: e for e in self.entries(kind)}
+        self._inside(PurePosixPath(SHARD_FILES[kind]).parent.as_posix())  # a folder linked elsewhere
         keep = {self._rel(p) for p in keep}
         splits = None if splits is None else set(splits)
-        registered = {e.path: e for e in self.entries(kind)}
         on_disk = {p.relative_to(self.dir).as_posix() for p in self.layout.on_disk(kind)}
         out = Pruned()
         for rel in sorted(set(registered) | on_disk):
@@ -266,6 +349,13 @@ class ShardIndex:
         return out
 
     # -- helpers
+    def _inside(self, rel: str) -> str:
+        """``rel`` unchanged, or a ShardError when it resolves outside the dataset folder."""
+        why = RealFolder(self.dir).outside(rel)
+        if why:
+            raise ShardError(f"{self.dir / rel}: {why}; refused")
+        return rel
+
     def _rel(self, path) -> str:
         """Path relative to the dataset folder. A relative ``path`` is taken from the dataset
         folder, unless it names a file from the working directory (``data/demo/x.h5``)."""
@@ -275,15 +365,15 @@ class ShardIndex:
                 p = p.absolute()
             else:
                 return p.as_posix()
-        try:
-            return p.resolve().relative_to(self.dir.resolve()).as_posix()
+        try:  # the file itself is not resolved: a link named as a shard is that shard
+            return (p.parent.resolve() / p.name).relative_to(self.dir.resolve()).as_posix()
         except ValueError:
             raise ValueError(f"{path} is not inside dataset folder {self.dir}") from None
 
     @contextlib.contextmanager
     def _locked(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / (INDEX_NAME + ".lock"), "w") as lock:
+        with open_lock(self.dir / (INDEX_NAME + ".lock")) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 data = self.load()
@@ -292,3 +382,4 @@ class ShardIndex:
                 write_json(self.path, data)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
