@@ -391,7 +391,7 @@ def dataset_outside_root(work: Path, root: Path) -> tuple[bool, str]:
     after = sorted(p.name for p in work.iterdir())
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     ok = r.returncode == 2 and "is not a dataset name" in r.stderr and before == after
-    return ok, (f"exit {r.returncode}: {lines[-1][-100:] if lines else 'no message'}; "
+    return ok, (f"exit {r.returncode}: {lines[-1][:110] if lines else 'no message'}; "
                 f"written beside the root: {sorted(set(after) - set(before)) or 'nothing'}")
 
 
