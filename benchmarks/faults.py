@@ -42,6 +42,13 @@ Exit status 0 when every fault passes. The faults:
 14. a handed-over region shard whose `features` lie in another file (external raw storage, an
    external link to a text file, a virtual dataset), with shards.json updated to its hash:
    verify, inspect and train refuse it in one line naming the shard, and no traceback
+15. inputs: the workflow's ingest job under a data root named with a space and `$(touch …)`,
+   and a dry run given a parser name and a model setting holding shell code: the values stay
+   whole and nothing injected runs; `vocab --dataset ../x` is a usage error that writes
+   nothing; a graphs row with a null tokens list stops train with one line naming the file and
+   row; out-of-range relation indices are counted in one warning line; a captions CSV that
+   starts with a UTF-8 byte-order mark is ingested; a short CSV row is reported with its
+   field count, not as a split conflict
 
 `--only NAME` (repeatable, a part of a fault's name) runs only those faults, after the
 concurrent writers, which build the dataset the others use.
@@ -51,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -688,6 +696,138 @@ def h5_reading_outside(root: Path, work: Path) -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# 15. inputs
+
+HOSTILE = " $(touch injected); touch injected2"
+
+
+def injected(work: Path) -> list[str]:
+    return [str(p) for p in [*work.rglob("injected*"), *REPO.glob("injected*")]]
+
+
+def workflow_quoting(work: Path) -> tuple[bool, str]:
+    base = work / "quoting"
+    root = base / f"my data{HOSTILE}"
+    images = root / "demo" / "images.parquet"
+    r = run(PY, "-m", "snakemake", "-s", REPO / "Snakefile", "--directory", base / "wf", "--cores", "1", images,
+            "--config", f"root={root}", f"runs={base / 'runs'}", "demo_images=8", timeout=600)
+    written = r.returncode == 0 and images.exists()
+    # the ingested root lists the parse jobs: the parser's name and a model setting with shell code
+    spacy, setting = f"en_core_web_sm{HOSTILE}", f"256{HOSTILE} #"
+    d = run(PY, "-m", "snakemake", "-s", REPO / "Snakefile", "--directory", base / "wf", "-n", "-p", "demo",
+            "--config", f"root={root}", f"runs={base / 'runs'}", "demo_images=8", f"spacy_model={spacy}",
+            f"demo_set={{embed_dim: '{setting}'}}", timeout=600)
+    commands = [shlex.split(line.removeprefix("Shell command: ")) for line in d.stdout.splitlines()
+                if line.startswith("Shell command: /")]
+    whole = [value for value in (spacy, f"embed_dim={setting}") if any(value in words for words in commands)]
+    stray = sorted(p.name for p in base.iterdir() if p.name not in (root.name, "wf", "runs"))
+    ran = injected(work)
+    ok = written and d.returncode == 0 and len(whole) == 2 and not ran and not stray
+    return ok, (f"ingest job under '{root.name}': {'wrote images.parquet' if written else 'FAILED: ' + tail(r, 160)}; "
+                f"dry run: parser name and demo_set value {'each one word' if len(whole) == 2 else 'SPLIT'}; "
+                f"injected commands run: {ran or 'none'}; stray files: {stray or 'none'}")
+
+
+def dataset_outside_root(work: Path, root: Path) -> tuple[bool, str]:
+    before = sorted(p.name for p in work.iterdir())
+    r = run(PY, "-m", "pipeline", "vocab", "--dataset", "../escaped", "--root", root, "--min-count", "1",
+            "--no-progress")
+    after = sorted(p.name for p in work.iterdir())
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    ok = r.returncode == 2 and "is not a dataset name" in r.stderr and before == after
+    return ok, (f"exit {r.returncode}: {lines[-1][:110] if lines else 'no message'}; "
+                f"written beside the root: {sorted(set(after) - set(before)) or 'nothing'}")
+
+
+def demo_copy(root: Path, dest: Path) -> Path:
+    shutil.copytree(root / "demo", dest / "demo", ignore=shutil.ignore_patterns("images", "*.lock"))
+    return dest
+
+
+def rewrite_graphs(root: Path, edit) -> tuple[Path, int]:
+    """Apply ``edit(rows, train_caption_ids)`` to the graph chunk holding the first train
+    caption and register it again (only its rows are at fault); returns the chunk and the count
+    ``edit`` returns."""
+    from pipeline import shards
+
+    layout = shards.Layout(root, "demo")
+    caps = shards.read_table(layout.captions, "captions").to_pylist()
+    train = sorted(c["caption_id"] for c in caps if c["split"] == "train")
+    for entry in layout.index.entries("graphs"):
+        path = layout.dir / entry.path
+        rows = shards.read_table(path, "graphs").to_pylist()
+        if any(r["caption_id"] == train[0] for r in rows):
+            n = edit(rows, set(train))
+            shards.write_table(path, rows, "graphs")
+            layout.index.register("graphs", path, rows=len(rows), config_hash=entry.config_hash,
+                                  inputs_hash=entry.inputs_hash)
+            return path, n
+    raise RuntimeError("no graph chunk holds the first train caption")
+
+
+def train_briefly(root: Path, out: Path) -> subprocess.CompletedProcess:
+    return run(PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", out,
+               "--epochs", "1", "--batch-size", "8", "--workers", "0", "--threads", "1")
+
+
+def null_graph_row(root: Path, work: Path) -> tuple[bool, str]:
+    copy = demo_copy(root, work / "nulls")
+
+    def edit(rows, train):
+        k = next(k for k, r in enumerate(rows) if r["caption_id"] in train)
+        rows[k]["tokens"] = None
+        return k
+    path, k = rewrite_graphs(copy, edit)
+    t = train_briefly(copy, work / "run-nulls")
+    lines = [l for l in t.stderr.splitlines() if l.strip()]
+    ok = t.returncode == 1 and "Traceback" not in t.stderr and len(lines) == 1 \
+        and path.name in lines[0] and f"row {k} " in lines[0]
+    return ok, f"train: exit {t.returncode}, {len(lines)} line(s): {lines[-1][-140:] if lines else ''}"
+
+
+def out_of_range_relations(root: Path, work: Path) -> tuple[bool, str]:
+    copy = demo_copy(root, work / "indices")
+
+    def edit(rows, train):
+        bad = [r for r in rows if r["caption_id"] in train][:3]
+        for r in bad:
+            r["relations"].append({"subject": 0, "predicate": "on", "object": len(r["objects"]) + 5})
+        return len(bad)
+    path, n = rewrite_graphs(copy, edit)
+    t = train_briefly(copy, work / "run-indices")
+    warnings = [l for l in t.stderr.splitlines() if l.startswith("warning:") and path.name in l]
+    ok = t.returncode == 0 and len(warnings) == 1 and f"dropped {n} relation(s)" in warnings[0]
+    return ok, f"train: exit {t.returncode}; " + (warnings[0][-120:] if len(warnings) == 1 else
+                                                  f"{len(warnings)} warning lines; {tail(t, 160)}")
+
+
+def ingest_report(r: subprocess.CompletedProcess, out: Path) -> str:
+    return r.stdout + r.stderr + "".join(p.read_text() for p in out.rglob("ingest-report*"))
+
+
+def csv_with_bom(work: Path, root: Path) -> tuple[bool, str]:
+    src, manifest = folder_dataset(work, root, "folder_bom", [("img0.png", ""), ("img1.png", ""), ("img2.png", "")])
+    csv = src / "captions.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes())
+    r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest-bom", "--quiet")
+    paths = ingested_paths(work / "ingest-bom", "folder_bom")
+    ok = r.returncode == 0 and len(paths) == 3
+    return ok, f"exit {r.returncode}, {len(paths)} of 3 images ingested" + (f"; {tail(r, 160)}" if not ok else "")
+
+
+def short_csv_row(work: Path, root: Path) -> tuple[bool, str]:
+    src, manifest = folder_dataset(work, root, "folder_short", [("img0.png", ""), ("img1.png", "")])
+    with open(src / "captions.csv", "a") as f:
+        f.write("img0.png\n")   # line 4: no caption, no split
+    r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest-short", "--quiet")
+    report = ingest_report(r, work / "ingest-short")
+    said = "line 4: row has 1 field, needs 2–3" in report
+    ok = r.returncode == 0 and said and "split conflict" not in report
+    return ok, (f"exit {r.returncode}; {'reported: line 4: row has 1 field, needs 2–3' if said else 'NOT reported'}"
+                f"{'; reported as a split conflict' if 'split conflict' in report else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -723,6 +863,12 @@ def main() -> int:
         ("FAISS cache, upgrade: one line", lambda: damaged_cache_and_upgrade(root, work)),
         ("index entries outside the folder", lambda: index_outside_folder(root, work)),
         ("HDF5 shard reading outside itself", lambda: h5_reading_outside(root, work)),
+        ("workflow values quoted", lambda: workflow_quoting(work)),
+        ("dataset name outside the root", lambda: dataset_outside_root(work, root)),
+        ("graphs row with a null", lambda: null_graph_row(root, work)),
+        ("out-of-range graph indices", lambda: out_of_range_relations(root, work)),
+        ("captions CSV with a BOM", lambda: csv_with_bom(work, root)),
+        ("short CSV row", lambda: short_csv_row(work, root)),
     ]
     if args.only:   # the first fault builds the dataset the others use
         faults = faults[:1] + [f for f in faults[1:] if any(n in f[0] for n in args.only)]

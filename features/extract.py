@@ -24,8 +24,8 @@ from features.rcnn import BottomUpRCNN
 from features.runner import Chunk, ChunkRunner, Report, RunOptions
 from features.weights import RANDOM, WeightsError, load_weights, weights_info
 from pipeline import precomp, shards
-from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument,
-                             positive_int, resolve_root, typed_settings)
+from pipeline.config import (UsageError, add_dataset_argument, add_quiet_argument, add_root_argument,
+                             add_set_argument, positive_int, resolve_root, typed_settings)
 
 KIND_CHOICES = {"regions": ("regions",), "grid": ("grid",), "both": ("regions", "grid")}
 
@@ -169,7 +169,7 @@ def parse_boxes(value: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d, r = ExtractorConfig(), RunOptions()
-    p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
+    add_dataset_argument(p)
     add_root_argument(p)
     p.add_argument("--kind", choices=list(KIND_CHOICES), default="both",
                    help="region features, grid features, or both from one backbone pass")

@@ -1,11 +1,12 @@
-"""Where the data root is, and what every command shares: the options ``--root``, ``--set`` and
-``--quiet``, the ``--set KEY=VALUE`` grammar, the help format and the usage error."""
+"""Where the data root is, and what every command shares: the options ``--root``, ``--dataset``,
+``--set`` and ``--quiet``, the ``--set KEY=VALUE`` grammar, the help format and the usage error."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -70,6 +71,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_root_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     parser.add_argument("--root", default=None, help=help or
                         "data root (default: $ITMKIT_DATA, else 'root' in config/config.yaml, else data/)")
+
+
+# A dataset is one folder right under the data root: a name, never a path (no "/", no "..").
+# manifests/schema.yaml holds the same pattern for a manifest's `name`.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def dataset_name(text: str) -> str:
+    """The type of every option that names a dataset."""
+    if not DATASET_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dataset name (a folder right under the data root: letters, digits, "
+            f"'_', '.', '-', starting with a letter or digit)")
+    return text
+
+
+def add_dataset_argument(parser: argparse.ArgumentParser, *flags: str, required: bool = True,
+                         help: str = "dataset name (folder under the data root)") -> None:
+    parser.add_argument(*(flags or ("--dataset",)), required=required, type=dataset_name, help=help)
 
 
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from pipeline import manifest as manifests
 from pipeline import shards
-from pipeline.config import UsageError, add_quiet_argument, add_root_argument, add_set_argument, resolve_root
+from pipeline.config import (UsageError, add_dataset_argument, add_quiet_argument, add_root_argument,
+                             add_set_argument, resolve_root)
 from pipeline.images import BadImage, open_image
 from pipeline.manifest import SPLITS, Manifest, ManifestError
 from pipeline.shards import Layout
@@ -96,13 +97,18 @@ def reader(fmt: str):
     return register
 
 
+def decode_text(raw: bytes) -> str:
+    """UTF-8 with any invalid bytes kept as surrogates, so that one bad caption is reported by
+    row instead of failing the whole file; a leading byte-order mark (what spreadsheet programs
+    write) is dropped."""
+    return raw.decode("utf-8-sig", errors="surrogateescape")
+
+
 def read_json_annotations(path: Path):
-    """JSON with any invalid UTF-8 bytes kept as surrogates, so that one bad caption is
-    reported by row instead of failing the whole file."""
     if not path.exists():
         raise IngestError(f"{path}: annotation file not found")
     try:
-        return json.loads(path.read_bytes().decode("utf-8", errors="surrogateescape"))
+        return json.loads(decode_text(path.read_bytes()))
     except json.JSONDecodeError as e:
         raise IngestError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
 
@@ -203,7 +209,7 @@ def read_rows(path: Path, columns: dict) -> list[tuple[int, dict | None, str]]:
     that bytes that are not UTF-8 spoil only their own row."""
     if not path.exists():
         raise IngestError(f"{path}: captions file not found")
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    text = decode_text(path.read_bytes())
     rows = []
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         for n, line in enumerate(text.splitlines(), 1):
@@ -217,12 +223,22 @@ def read_rows(path: Path, columns: dict) -> list[tuple[int, dict | None, str]]:
             rows.append((n, row, "") if isinstance(row, dict) else (n, None, "not a JSON object"))
         return rows
     dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-    r = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)
+    r = csv.reader(io.StringIO(text, newline=""), dialect=dialect)
+    header = next(r, None)
     need = [columns["file"], columns["caption"]]
-    if r.fieldnames is None or any(c not in r.fieldnames for c in need):
-        raise IngestError(f"{path}: header must name the columns {need}, found {r.fieldnames}")
-    for row in r:
-        rows.append((r.line_num, row, ""))
+    if header is None or any(c not in header for c in need):
+        raise IngestError(f"{path}: header must name the columns {need}, found {header}")
+    # a row holds at least the columns up to file and caption, at most the header's
+    least, most = max(header.index(c) for c in need) + 1, len(header)
+    counts = f"{least}–{most}" if least < most else f"{most}"
+    for fields in r:
+        if not fields:   # a blank line
+            continue
+        if least <= len(fields) <= most:
+            rows.append((r.line_num, dict(zip(header, fields)), ""))
+        else:
+            rows.append((r.line_num, None, f"row has {len(fields)} field{'s' * (len(fields) != 1)}, "
+                                           f"needs {counts}"))
     return rows
 
 
@@ -535,7 +551,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-root", help="folder the manifest's relative image/annotation paths start from")
     p.add_argument("--images-dir", help="image folder (overrides the manifest's 'images')")
     p.add_argument("--annotations", help="annotation file (overrides the manifest's 'annotations')")
-    p.add_argument("--name", help="dataset name, i.e. folder under the data root (overrides 'name')")
+    add_dataset_argument(p, "--name", required=False,
+                         help="dataset name, i.e. folder under the data root (overrides 'name')")
     add_set_argument(p, "any manifest field, dotted keys for nested ones (e.g. --set expected=null "
                         "--set expected.splits.test=1000)")
     p.add_argument("--strict", action="store_true",

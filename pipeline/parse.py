@@ -20,7 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import sgparse, shards
-from pipeline.config import add_quiet_argument, add_root_argument, positive_int, resolve_root
+from pipeline.config import (add_dataset_argument, add_quiet_argument, add_root_argument, positive_int,
+                             resolve_root)
 
 LONG_CAPTION_TOKENS = 200  # captions longer than this are parsed, and counted in the summary
 
@@ -169,7 +170,7 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
+    add_dataset_argument(p)
     add_root_argument(p)
     p.add_argument("--workers", type=positive_int, default=1,
                    help="local dask worker processes (1: parse in this process)")

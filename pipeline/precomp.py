@@ -13,6 +13,7 @@ stored as NaN, labels and scores as -1 / NaN, image sizes as 0 and image paths a
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import add_quiet_argument, add_root_argument, positive_int, resolve_root
+from pipeline.config import (add_dataset_argument, add_quiet_argument, add_root_argument, positive_int,
+                             resolve_root)
 from pipeline.ingest import IngestError, Report, clean_caption
 from pipeline.shards import Layout, Regions, RegionShardWriter
 
@@ -87,7 +89,7 @@ def find_splits(folder: Path, notes: list[str]) -> list[Split]:
 
 def check_captions(s: Split, cfg: PrecompConfig, report: Report) -> None:
     """Read ``{split}_caps.txt`` line by line (bytes, so one bad line is one skipped caption)."""
-    lines = s.caps.read_bytes().split(b"\n")
+    lines = s.caps.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")   # a spreadsheet's BOM
     if lines and lines[-1] == b"":
         lines.pop()
     n = s.shape[0]
@@ -235,7 +237,7 @@ def import_precomp(folder, name: str, root, cfg: PrecompConfig = PrecompConfig()
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", required=True, help="precomp folder with {split}_ims.npy and {split}_caps.txt")
-    p.add_argument("--name", required=True, help="dataset name (folder under the data root), e.g. f30k")
+    add_dataset_argument(p, "--name", help="dataset name (folder under the data root), e.g. f30k")
     add_root_argument(p)
     d = PrecompConfig()
     p.add_argument("--images-per-shard", type=positive_int, default=d.images_per_shard,

@@ -19,7 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import add_quiet_argument, add_root_argument, positive_int, resolve_root
+from pipeline.config import (add_dataset_argument, add_quiet_argument, add_root_argument, positive_int,
+                             resolve_root)
+from pipeline.shards.tables import graph_row_problem
 
 VOCAB_VERSION = "1"
 TRAIN_SPLIT = "train"
@@ -60,7 +62,10 @@ def count(layout: shards.Layout, files: list[Path], progress: bool = True) -> Co
     seen = 0
     for path in tqdm(files, desc="vocab", unit="chunk", disable=not progress, file=sys.stderr):
         table = shards.read_table(path, "graphs")
-        for row in table.select(["caption_id", "tokens", "attributes", "relations"]).to_pylist():
+        rows = table.select(["caption_id", "tokens", "objects", "attributes", "relations"]).to_pylist()
+        for k, row in enumerate(rows):
+            if problem := graph_row_problem(row):
+                raise shards.ShardError(f"{path}: row {k} (caption_id {row['caption_id']}): {problem}")
             split = split_of.get(row["caption_id"])
             if split is None:
                 raise shards.ShardError(f"{path}: caption_id {row['caption_id']} is not in {layout.captions} "
@@ -146,7 +151,7 @@ def _file_identity(path: Path) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
+    add_dataset_argument(p)
     add_root_argument(p)
     p.add_argument("--min-count", type=positive_int, default=VocabConfig.min_count,
                    help="keep words, predicates and attributes seen at least this often in train")

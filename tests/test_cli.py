@@ -194,3 +194,39 @@ def test_the_workflow_leaves_the_vocabulary_default_to_the_command(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     vocab = next(line for line in r.stdout.splitlines() if re.search(r"pipeline vocab|itmkit vocab", line))
     assert "--dataset demo" in vocab and "--min-count" not in vocab
+
+
+# every command that names a dataset, with what else it needs to get that far
+DATASET_COMMANDS = {
+    "ingest": ["--manifest", "demo", "--name"],
+    "import-precomp": ["--dir", "pc", "--name"],
+    "parse": ["--dataset"],
+    "vocab": ["--dataset"],
+    "extract": ["--weights", "random", "--dataset"],
+    "train": ["--model", "vsepp", "--out", "run", "--dataset"],
+}
+
+
+def test_every_dataset_option_takes_a_name_never_a_path(tmp_path):
+    """A dataset is a folder right under --root: `--dataset ../x` is a usage error of every
+    command, checked by one option type, and nothing is written anywhere."""
+    from pipeline.config import DATASET_NAME, dataset_name
+
+    named = {name for name in COMMANDS for a in command_parser(name)._actions
+             if {"--dataset", "--name"} & set(a.option_strings) and a.type is dataset_name}
+    others = {name for name in COMMANDS for a in command_parser(name)._actions
+              if {"--dataset", "--name"} & set(a.option_strings)}
+    assert named == others == set(DATASET_COMMANDS)
+    root = tmp_path / "root"
+    root.mkdir()
+    for name, args in DATASET_COMMANDS.items():
+        for bad in ("../x", "/abs", "a/b", "..", ".hidden", ""):
+            code, err = exit_code([name, *args, bad, "--root", root])
+            assert code == 2 and f"{bad!r} is not a dataset name" in err, (name, bad, err)
+    assert [p.name for p in tmp_path.iterdir()] == ["root"] and not any(root.iterdir())
+    code, _ = exit_code(["vocab", "--dataset", "f30k.v2-small_1", "--root", root])
+    assert code == 1   # a name: it gets as far as looking for the graphs
+    # a manifest's `name` follows the same rule
+    import yaml
+    schema = yaml.safe_load((REPO / "manifests" / "schema.yaml").read_text())
+    assert schema["properties"]["name"]["pattern"] == f"^{DATASET_NAME.pattern}$"

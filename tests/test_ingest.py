@@ -474,3 +474,52 @@ def test_decompression_bomb_is_skipped_and_the_run_completes(tmp_path, capsys):
         f"allowed_image_dirs=[{src / 'photos'}]"])
     r = ingest(m, tmp_path / "data", progress=False)
     assert r.problems == {"bad image": 1} and "too large" in r.messages[0], r.messages
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_captions_file_with_a_byte_order_mark_is_read(tmp_path, fmt):
+    """Spreadsheet programs start a UTF-8 file with a byte-order mark: it is not part of the
+    first column's name (or the first JSON line)."""
+    src = tmp_path / "mine"
+    for name in ("a.png", "b.png"):
+        write_image(src / "photos" / name)
+    lines = [(f, f"photo {f} caption {k}") for f in ("a.png", "b.png") for k in range(5)]
+    if fmt == "jsonl":
+        body = "".join(json.dumps({"file": f, "caption": t}) + "\n" for f, t in lines)
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        body = f"file{sep}caption\n" + "".join(f"{f}{sep}{t}\n" for f, t in lines)
+    (src / f"captions.{fmt}").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    r = ingest(manifests.load(folder_manifest(tmp_path, src, f"captions.{fmt}")), tmp_path / "data",
+               progress=False)
+    assert r.images == 2 and r.captions == 10 and not r.problems, r.messages
+
+
+def test_karpathy_file_with_a_byte_order_mark_is_read(f30k_src, tmp_path):
+    ann = f30k_src / "dataset_flickr30k.json"
+    ann.write_bytes(b"\xef\xbb\xbf" + ann.read_bytes())
+    r = ingest(manifests.load("f30k", source_root=str(f30k_src)), tmp_path / "data", progress=False)
+    assert r.images > 0 and not r.problems, r.messages
+
+
+def test_short_and_long_csv_rows_name_their_field_counts(tmp_path):
+    """A row without its caption is a malformed row that says what the format needs, not a
+    split conflict of its file (its split would be hashed, unlike the file's other rows)."""
+    src = tmp_path / "mine"
+    for name in ("a.png", "b.png"):
+        write_image(src / "photos" / name)
+    write_captions_csv(src / "captions.csv", [("a.png", "test"), ("b.png", "train")])
+    with open(src / "captions.csv", "a") as f:
+        f.write("a.png\n")                             # line 12
+        f.write('b.png,"one more caption",train,x\n')  # line 13
+    r = ingest(manifests.load(folder_manifest(tmp_path, src, "captions.csv")), tmp_path / "data", progress=False)
+    assert r.problems == {"malformed entry": 2}, r.messages
+    assert "captions.csv line 12: row has 1 field, needs 2–3" in r.messages
+    assert "captions.csv line 13: row has 4 fields, needs 2–3" in r.messages
+    assert r.images == 2 and r.captions == 10
+
+    # the counts follow the header: the caption in the third of four columns
+    (src / "captions.csv").write_text("id,file,caption,split\n" + "".join(
+        f"{k},{f},photo {f} {k},train\n" for f in ("a.png", "b.png") for k in range(5)) + "9,a.png\n")
+    r = ingest(manifests.load(folder_manifest(tmp_path, src, "captions.csv")), tmp_path / "data2", progress=False)
+    assert r.messages == ["captions.csv line 12: row has 2 fields, needs 3–4"]

@@ -169,3 +169,16 @@ def test_features_are_streamed_from_a_memory_map(tmp_path, monkeypatch):
     import_precomp(tmp_path / "pc", "x", tmp_path / "d", PrecompConfig(block=3), progress=False)
     assert calls and set(calls) == {"r"}
     assert reads == [3, 3, 3, 1]  # block by block, never the whole array
+
+
+def test_captions_file_with_a_byte_order_mark_is_read(tmp_path):
+    """A caps.txt saved by a spreadsheet program or editor starts with a UTF-8 byte-order mark:
+    it is not part of the first caption."""
+    make_precomp(tmp_path / "pc")
+    caps = tmp_path / "pc" / "train_caps.txt"
+    caps.write_bytes(b"\xef\xbb\xbf" + caps.read_bytes())
+    root = tmp_path / "data"
+    assert cli(["import-precomp", "--dir", str(tmp_path / "pc"), "--name", "f30k", "--root", str(root),
+                "--quiet"]) == 0
+    texts = shards.read_table(Layout(root, "f30k").captions, "captions").column("text").to_pylist()
+    assert texts[0] == "train image 0 caption 0"

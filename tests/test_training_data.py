@@ -134,3 +134,49 @@ def test_half_batches_become_float32_on_to(synth):
     assert moved.image.regions.dtype == torch.float32
     assert torch.equal(moved.image.regions, full.image.regions)
     assert torch.equal(moved.text.tokens, full.text.tokens)
+
+
+def with_graph_rows(root, edit):
+    """A small synthetic dataset whose first graph chunk is rewritten with ``edit`` applied to
+    its rows and registered again, so that only the rows are at fault."""
+    layout = make_dataset(root, splits={"train": 4})
+    path = layout.graphs(0)
+    rows = shards.read_table(path, "graphs").to_pylist()
+    edit(rows)
+    shards.write_table(path, rows, "graphs")
+    chash = layout.index.entries("graphs")[0].config_hash
+    layout.index.register("graphs", path, rows=len(rows), config_hash=chash)
+    return layout, path
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("tokens", None, "'tokens' is null"),
+    ("objects", None, "'objects' is null"),
+    ("objects", [{"head": "cube", "span": "cube", "token_index": None}], "'objects' holds a null"),
+    ("relations", [None], "'relations' holds a null")])
+def test_null_graph_fields_are_one_line_naming_the_file_and_row(tmp_path, field, value, problem):
+    def edit(rows):
+        rows[3][field] = value
+    layout, path = with_graph_rows(tmp_path, edit)
+    with pytest.raises(ShardError) as e:
+        ShardData(tmp_path, "synth", Vocabulary.load(layout.vocab), DataConfig())
+    assert str(e.value).startswith(f"{path}: row 3 (caption_id 3): {problem}")
+    assert "\n" not in str(e.value)
+
+
+def test_out_of_range_graph_indices_are_counted_in_one_warning(tmp_path, capsys):
+    def edit(rows):
+        rows[1]["relations"].append({"subject": 0, "predicate": "on", "object": 99})
+        rows[2]["relations"].append({"subject": -1, "predicate": "on", "object": 0})
+        rows[4]["attributes"].append({"object": 7, "attribute": "red"})
+    layout, path = with_graph_rows(tmp_path, edit)
+    data = ShardData(tmp_path, "synth", Vocabulary.load(layout.vocab), DataConfig())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {path}: dropped 2 relation(s) and 1 attribute(s) whose object index is out of range"]
+    good = sum(len(r) for r in shards.read_table(path, "graphs").column("relations").to_pylist()) - 2
+    assert sum(len(data.text.relations[j]) for j in range(10)) == good   # the rows still load
+
+    # relations whose objects a short max_len cuts off are dropped as before, and not counted
+    short = ShardData(tmp_path, "synth", Vocabulary.load(layout.vocab), DataConfig(max_len=4))
+    assert sum(len(short.text.relations[j]) for j in range(10)) < good
+    assert capsys.readouterr().err.strip().splitlines() == err

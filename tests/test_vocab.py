@@ -149,3 +149,14 @@ def test_refuses_missing_incomplete_or_mixed_graphs(tmp_path, capsys):
     layout.index.register("graphs", path, rows=0, config_hash=other)
     assert run(tmp_path) == 1
     assert "parser configs" in capsys.readouterr().err
+
+
+def test_a_graphs_row_with_a_null_is_one_line_naming_the_file_and_row(tmp_path, capsys):
+    from test_training_data import with_graph_rows
+
+    def edit(rows):
+        rows[2]["tokens"] = None
+    _, path = with_graph_rows(tmp_path, edit)
+    assert cli.main(["vocab", "--dataset", "synth", "--root", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: row 2 (caption_id 2): 'tokens' is null" in err[0], err

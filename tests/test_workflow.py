@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,14 @@ CHUNK = 10                                   # 45 captions at 10 per chunk: 5 gr
 @pytest.fixture(scope="module")
 def fake_copy(tmp_path_factory) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("wf")
+    return work, write_fake_copy(work)
+
+
+def write_fake_copy(work: Path) -> dict:
+    """Both datasets' local copies under ``work``/raw, ingested into ``work``/data; the config
+    that points at them."""
     cfg = {"weights": str(work / "weights.pkl"), "shard_size": 2, "parse_chunk_size": CHUNK}
+    work.mkdir(parents=True, exist_ok=True)
     (work / "weights.pkl").write_bytes(b"not read by a dry run")
     for ds, ann in (("coco", "dataset_coco.json"), ("f30k", "dataset_flickr30k.json")):
         src = work / "raw" / ds
@@ -82,7 +90,7 @@ def fake_copy(tmp_path_factory) -> tuple[Path, dict]:
         layout = Layout(work / "data", ds)
         shards.write_table(layout.images, images, "images")       # newer than the annotation file
         shards.write_table(layout.captions, caps, "captions")
-    return work, cfg
+    return cfg
 
 
 def expected_jobs(target: str) -> dict[str, int]:
@@ -148,6 +156,79 @@ def test_dry_run_commands_carry_the_config(fake_copy):
     out = ok(snakemake(work, "-n", "-p", "features_coco", config=dict(cfg, boxes="fixed:36", extract_amp=True)))
     cmd = next(line for line in out.splitlines() if "--split train --chunk 0001" in line)
     assert "--kind both" in cmd and "--boxes fixed:36" in cmd and "--grid 7 7" in cmd and "--amp" in cmd
+
+
+# ---------------------------------------------------------------------------------------------
+# quoting: a config value reaches a job's shell line as one word, never as shell code
+
+# a space, a command substitution and a command separator ('#' would end a --config value: YAML)
+HOSTILE = " $(touch injected); touch injected2"
+SHELL_RULES = {"ingest", "extract", "extract_regions", "extract_grid", "gather_regions", "gather_grid",
+               "parse", "gather_graphs", "vocab", "train", "evaluate", "report"}
+
+
+def shell_commands(out: str) -> dict[str, list[list[str]]]:
+    """rule -> the words (as a POSIX shell splits them) of each of its jobs' shell lines."""
+    jobs = {}
+    for rule, block in re.findall(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^\[|\Z)", out, re.M | re.S):
+        cmd = re.search(r"^Shell command: (.+)$", block, re.M)
+        if cmd and cmd.group(1) != "None":
+            jobs.setdefault(rule, []).append(shlex.split(cmd.group(1)))
+    return jobs
+
+
+def test_dry_run_quotes_every_config_value_of_every_rule(tmp_path):
+    """Paths, the parser's name and model settings holding spaces and shell code: in every
+    rule's command each is one word, and nothing runs. Unquoted, a shell would split them at
+    the spaces and run the substitution."""
+    work = tmp_path / f"my data{HOSTILE}"
+    cfg = dict(write_fake_copy(work), runs=str(work / "runs"), min_count=2, spacy_model=f"en_core_web_sm{HOSTILE}",
+               train_set={"note": f"1{HOSTILE} #"}, demo_set={"embed_dim": f"256{HOSTILE} #"})
+    out = "".join(ok(snakemake(work, "-n", "-p", *targets, config=cfg)) for targets in (
+        ["train_coco", "regions_f30k"], ["grid_f30k"], ["demo", "text_coco", "--forcerun", "ingest"]))
+    jobs = shell_commands(out)
+    assert set(jobs) == SHELL_RULES
+    whole = {cfg["spacy_model"], f"note=1{HOSTILE} #", f"embed_dim=256{HOSTILE} #"}
+    for rule, commands in jobs.items():
+        for words in commands:
+            # every word with shell code in it is a whole value: a path under work, or one of those
+            assert all(w.startswith(str(work)) or w in whole for w in words if "injected" in w), (rule, words)
+            if "--root" in words:
+                assert words[words.index("--root") + 1] == str(work / "data"), (rule, words)
+
+    def value(rule, option):
+        return {words[words.index(option) + 1] for words in jobs[rule] if option in words}
+    assert value("parse", "--model") == {cfg["spacy_model"]}
+    assert value("extract", "--weights") == value("extract_regions", "--weights") == {cfg["weights"]}
+    assert value("ingest", "--source-root") == {cfg["coco_source_root"]}
+    assert value("train", "--set") == {f"note=1{HOSTILE} #", f"embed_dim=256{HOSTILE} #"}
+    assert value("train", "--out") == {str(work / "runs" / "coco-vsepp"), str(work / "runs" / "demo-vsepp")}
+    assert not list(tmp_path.rglob("injected*")) and not (REPO / "injected").exists()
+
+
+def test_real_ingest_job_under_a_root_with_a_space_and_shell_code(tmp_path):
+    """The demo's ingest job writes under a data root named with a space and shell code; the
+    injected commands never run and nothing is written beside the root."""
+    root = tmp_path / f"my data{HOSTILE}"
+    layout = Layout(root, "demo")
+    ok(snakemake(tmp_path / "wf", "--cores", "1", str(layout.images), config={"root": str(root), "demo_images": 8}))
+    assert len(shards.read_table(layout.images, "images")) == 8 and layout.captions.exists()
+    assert "wrote 8 images" in (root / "logs" / "demo" / "ingest.log").read_text()
+    assert not list(tmp_path.rglob("injected*")) and not (REPO / "injected").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([root.name, "wf"])   # no stray "my"
+
+
+@pytest.mark.slow
+def test_real_parse_job_gets_the_parser_name_as_one_word(tmp_path):
+    """The parse job after it (spaCy's imports take seconds): the parser's name with shell code
+    reaches the command whole, which says that model is not installed; nothing injected runs."""
+    root = tmp_path / f"my data{HOSTILE}"
+    r = snakemake(tmp_path / "wf", "--cores", "1", str(Layout(root, "demo").graphs(0)),
+                  config={"root": str(root), "demo_images": 8, "spacy_model": f"en_core_web_sm{HOSTILE}"})
+    assert r.returncode != 0
+    log = (root / "logs" / "demo" / "graphs-0000.log").read_text()
+    assert f"spaCy model 'en_core_web_sm{HOSTILE}' is not installed" in log, log
+    assert not list(tmp_path.rglob("injected*")) and not (REPO / "injected").exists()
 
 
 def test_dry_run_local_gpus_one_job_per_gpu(fake_copy):

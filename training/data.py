@@ -23,6 +23,8 @@ Batch format (the contract every model codes against; see docs/training.md "Mode
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline import shards
 from pipeline.shards import GridShard, Layout, RegionShard, ShardError, Vocabulary
+from pipeline.shards.tables import graph_row_problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +243,15 @@ def encode_graph(row: dict, vocab: Vocabulary, max_len: int) -> tuple[list, list
     return ids, objects, attrs, rels
 
 
+def dangling(row: dict) -> Counter:
+    """Attributes and relations of a graphs row whose object index points at no object of the
+    row (``encode_graph`` drops them; the parser never writes them)."""
+    n = len(row["objects"])
+    return Counter({"relation(s)": sum(not (0 <= r["subject"] < n and 0 <= r["object"] < n)
+                                       for r in row["relations"]),
+                    "attribute(s)": sum(not 0 <= a["object"] < n for a in row["attributes"])})
+
+
 class TextStore:
     def __init__(self, caption_ids: np.ndarray, image_ids: np.ndarray, graph_files: list[Path],
                  vocab: Vocabulary, max_len: int = 64):
@@ -249,9 +261,17 @@ class TextStore:
         wanted = pa.array(caption_ids, pa.int64())
         for path in graph_files:
             table = shards.read_table(path, "graphs")
+            table = table.append_column("row", pa.array(np.arange(len(table))))   # for messages
             table = table.filter(pc.is_in(table["caption_id"], wanted))
+            dropped = Counter()
             for row in table.to_pylist():
+                if problem := graph_row_problem(row):
+                    raise ShardError(f"{path}: row {row['row']} (caption_id {row['caption_id']}): {problem}")
+                dropped.update(dangling(row))
                 encoded[pos[row["caption_id"]]] = encode_graph(row, vocab, max_len)
+            if dropped.total():
+                counts = " and ".join(f"{n} {what}" for what, n in dropped.items() if n)
+                print(f"warning: {path}: dropped {counts} whose object index is out of range", file=sys.stderr)
         missing = [int(caption_ids[i]) for i, e in enumerate(encoded) if e is None]
         if missing:
             raise ShardError(f"{len(missing)} caption(s) have no row in the graph tables "

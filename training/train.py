@@ -33,8 +33,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.config import (UsageError, add_quiet_argument, add_root_argument, add_set_argument,
-                             non_negative_int, positive_int, resolve_root, run_command)
+from pipeline.config import (UsageError, add_dataset_argument, add_quiet_argument, add_root_argument,
+                             add_set_argument, non_negative_int, positive_int, resolve_root, run_command)
 from pipeline.shards import Layout, ShardError
 from pipeline.shards.atomic import is_no_space
 from training import checkpoint, losses, models
@@ -50,7 +50,7 @@ ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as on
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, choices=models.names(), help="a registered model")
-    p.add_argument("--dataset", required=True, help="dataset name (folder under the data root)")
+    add_dataset_argument(p)
     add_root_argument(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -1,9 +1,14 @@
 # Paths, wildcards and the command-line flags each rule passes. The rules hold no logic: every
 # step is a package CLI, and the flags that decide what a step writes are also its `params`, so a
 # changed setting reruns exactly the rules whose flags changed (Snakemake's params trigger).
+#
+# Quoting: no config value reaches a shell line unquoted. The rules write single values as
+# {x:q}; the flag strings built here quote every value with `flag` (shlex.quote, which leaves a
+# plain value such as 16 or fixed:36 as it is, so the params, and what reruns, stay the same).
 
 import functools
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +37,11 @@ wildcard_constraints:
     model=r"[a-z0-9_]+",
 
 
+def flag(name, value):
+    """``--name value`` for a shell line, the value quoted."""
+    return f"{name} {shlex.quote(str(value))}"
+
+
 def data(ds, *parts):
     """A path under the dataset folder, as a string (patterns keep their {wildcards})."""
     return str(ROOT.joinpath(ds, *parts))
@@ -54,9 +64,10 @@ def manifest(ds):
 def ingest_flags(wc):
     ds = wc.dataset
     if ds == "demo":
-        return (f"--set demo.images={config['demo_images']} --set demo.seed={config['demo_seed']} "
-                f"--set demo.image_size={config['demo_image_size']} --set expected=null")
-    flags = [f"--{opt.replace('_', '-')} {config[f'{ds}_{key}']}"
+        return " ".join([flag("--set", f"demo.images={config['demo_images']}"),
+                         flag("--set", f"demo.seed={config['demo_seed']}"),
+                         flag("--set", f"demo.image_size={config['demo_image_size']}"), "--set expected=null"])
+    flags = [flag(f"--{opt.replace('_', '-')}", config[f"{ds}_{key}"])
              for key, opt in (("source_root", "source_root"), ("images", "images_dir"),
                               ("annotations", "annotations")) if config.get(f"{ds}_{key}")]
     if not manifest(ds).images_dir.is_dir():
@@ -103,17 +114,17 @@ def extract_flags(*kinds):
     rewrites only the region shard: the grid one is still current)."""
     def flags(wc):
         ds = wc.dataset
-        out = [f"--weights {'random' if ds == 'demo' else config['weights']}",
-               f"--shard-size {setting(ds, 'shard_size')}",
-               f"--min-size {setting(ds, 'min_size')} --max-size {setting(ds, 'max_size')}"]
+        out = [flag("--weights", "random" if ds == "demo" else config["weights"]),
+               flag("--shard-size", setting(ds, "shard_size")),
+               flag("--min-size", setting(ds, "min_size")), flag("--max-size", setting(ds, "max_size"))]
         if config["extract_amp"]:
             out.append("--amp")
         if "regions" in kinds:
-            out += [f"--boxes {setting(ds, 'boxes')}", f"--min-boxes {config['min_boxes']}",
-                    f"--max-boxes {config['max_boxes']}", f"--conf-thresh {config['conf_thresh']}",
-                    f"--proposals {config['proposals']}"]
+            out += [flag("--boxes", setting(ds, "boxes")), flag("--min-boxes", config["min_boxes"]),
+                    flag("--max-boxes", config["max_boxes"]), flag("--conf-thresh", config["conf_thresh"]),
+                    flag("--proposals", config["proposals"])]
         if "grid" in kinds:
-            out.append("--grid {} {}".format(*config["grid_size"]))
+            out.append("--grid {} {}".format(*map(shlex.quote, map(str, config["grid_size"]))))
         return " ".join(out)
     return flags
 
@@ -132,19 +143,19 @@ class RunFlags:
 
 def run_flags(wc):
     ds = wc.dataset
-    out = [f"--device {setting(ds, 'device')}", f"--batch-size {config['extract_batch_size']}",
-           f"--workers {0 if ds == 'demo' else config['extract_workers']}"]
+    out = [flag("--device", setting(ds, "device")), flag("--batch-size", config["extract_batch_size"]),
+           flag("--workers", 0 if ds == "demo" else config["extract_workers"])]
     if gpus(wc):
-        out.append(f"--gpu-locks {GPU_LOCKS}")
-        out += [flag for key, flag in (("extract_channels_last", "--channels-last"),
-                                       ("extract_cudnn_benchmark", "--cudnn-benchmark")) if config[key]]
+        out.append(flag("--gpu-locks", GPU_LOCKS))
+        out += [opt for key, opt in (("extract_channels_last", "--channels-last"),
+                                     ("extract_cudnn_benchmark", "--cudnn-benchmark")) if config[key]]
     return RunFlags(out)
 
 
 # the command of every extraction job; the rules differ in --kind, outputs and flags
-EXTRACT = ("{PY} -m features extract --dataset {wildcards.dataset} --root {ROOT} --kind {params.kind}"
+EXTRACT = ("{PY:q} -m features extract --dataset {wildcards.dataset} --root {ROOT:q} --kind {params.kind}"
            " --split {wildcards.split} --chunk {wildcards.chunk} {params.flags} {params.run}"
-           " --threads {threads} --no-progress > {log} 2>&1")
+           " --threads {threads} --no-progress > {log:q} 2>&1")
 # With several GPUs on one machine (--resources gpu=N), each extraction job takes a free one.
 # GPUs belong to a machine, so their locks live in its temporary folder (not on a shared disk).
 GPU_LOCKS = Path(tempfile.gettempdir()) / f"itmkit-gpu-locks-{os.getuid()}"
@@ -175,7 +186,7 @@ def one_pass(wc):
 
 
 def parse_flags(wc):
-    return f"--model {config['spacy_model']} --chunk-size {config['parse_chunk_size']}"
+    return f"{flag('--model', config['spacy_model'])} {flag('--chunk-size', config['parse_chunk_size'])}"
 
 
 def extract_shards(kind):

@@ -92,7 +92,7 @@ rule gather_regions:
     log:
         str(LOGS / "{dataset}" / "regions.log"),
     shell:
-        "{PY} -m pipeline prune {params.dir} --kind regions --shard-size {params.size} > {log} 2>&1"
+        "{PY:q} -m pipeline prune {params.dir:q} --kind regions --shard-size {params.size:q} > {log:q} 2>&1"
 
 
 rule gather_grid:
@@ -107,4 +107,4 @@ rule gather_grid:
     log:
         str(LOGS / "{dataset}" / "grid.log"),
     shell:
-        "{PY} -m pipeline prune {params.dir} --kind grid --shard-size {params.size} > {log} 2>&1"
+        "{PY:q} -m pipeline prune {params.dir:q} --kind grid --shard-size {params.size:q} > {log:q} 2>&1"

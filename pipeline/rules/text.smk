@@ -16,8 +16,8 @@ rule parse:
     benchmark:
         str(BENCH / "{dataset}" / "graphs-{chunk}.tsv")
     shell:
-        "{PY} -m pipeline parse --dataset {wildcards.dataset} --root {ROOT} --chunk {wildcards.chunk}"
-        " {params.flags} --workers {threads} --no-progress > {log} 2>&1"
+        "{PY:q} -m pipeline parse --dataset {wildcards.dataset} --root {ROOT:q} --chunk {wildcards.chunk}"
+        " {params.flags} --workers {threads} --no-progress > {log:q} 2>&1"
 
 
 rule gather_graphs:
@@ -32,7 +32,7 @@ rule gather_graphs:
     log:
         str(LOGS / "{dataset}" / "graphs.log"),
     shell:
-        "{PY} -m pipeline prune {params.dir} --kind graphs --chunk-size {params.size} > {log} 2>&1"
+        "{PY:q} -m pipeline prune {params.dir:q} --kind graphs --chunk-size {params.size:q} > {log:q} 2>&1"
 
 
 rule vocab:
@@ -43,9 +43,9 @@ rule vocab:
         data("{dataset}", "text", "vocab.json"),
     params:
         # unset: the command's own default, so that the workflow and `itmkit vocab` agree
-        min_count="" if config.get("min_count") is None else f"--min-count {config['min_count']}",
+        min_count="" if config.get("min_count") is None else flag("--min-count", config["min_count"]),
     log:
         str(LOGS / "{dataset}" / "vocab.log"),
     shell:
-        "{PY} -m pipeline vocab --dataset {wildcards.dataset} --root {ROOT}"
-        " {params.min_count} --no-progress > {log} 2>&1"
+        "{PY:q} -m pipeline vocab --dataset {wildcards.dataset} --root {ROOT:q}"
+        " {params.min_count} --no-progress > {log:q} 2>&1"

@@ -7,15 +7,15 @@
 def train_flags(wc):
     """Flags that decide what a run learns (params: a change retrains)."""
     if wc.dataset == "demo":
-        flags = [f"--epochs {config['demo_epochs']}", f"--batch-size {config['demo_batch_size']}"]
+        flags = [flag("--epochs", config["demo_epochs"]), flag("--batch-size", config["demo_batch_size"])]
         settings = config.get("demo_set")
     else:
-        flags = [f"--epochs {config['train_epochs']}" if config.get("train_epochs") else "",
-                 f"--batch-size {config['train_batch_size']}" if config.get("train_batch_size") else ""]
+        flags = [flag("--epochs", config["train_epochs"]) if config.get("train_epochs") else "",
+                 flag("--batch-size", config["train_batch_size"]) if config.get("train_batch_size") else ""]
         settings = config.get("train_set")
     for key, value in (settings or {}).items():
         value = ",".join(map(str, value)) if isinstance(value, list) else value
-        flags.append(f"--set {key}={value}")
+        flags.append(flag("--set", f"{key}={value}"))
     return " ".join(f for f in flags if f)
 
 
@@ -69,10 +69,10 @@ rule train:
     benchmark:
         str(BENCH / "{dataset}" / "train-{model}.tsv")
     shell:
-        "{PY} {TRAIN} --model {wildcards.model} --dataset {wildcards.dataset} --root {ROOT}"
-        " --out {params.out} {params.flags} --device {params.device} --workers {resources.workers}"
+        "{PY:q} {TRAIN:q} --model {wildcards.model} --dataset {wildcards.dataset} --root {ROOT:q}"
+        " --out {params.out:q} {params.flags} --device {params.device:q} --workers {resources.workers}"
         " --threads {resources.torch_threads}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -94,8 +94,8 @@ rule evaluate:
     benchmark:
         str(BENCH / "{dataset}" / "evaluate-{model}.tsv")
     shell:
-        "{PY} {EVALUATE} {params.run} --root {ROOT} --hard-negatives --save-sims --device {params.device}"
-        " --workers {resources.workers} > {log} 2>&1"
+        "{PY:q} {EVALUATE:q} {params.run:q} --root {ROOT:q} --hard-negatives --save-sims --device {params.device:q}"
+        " --workers {resources.workers} > {log:q} 2>&1"
 
 
 rule report:
@@ -115,5 +115,5 @@ rule report:
     benchmark:
         str(BENCH / "{dataset}" / "report-{model}.tsv")
     shell:
-        "{PY} {REPORT} {params.run} --root {ROOT} --out {output} --device {params.device} --workers 0"
-        " > {log} 2>&1 && tail -n 1 {log}"
+        "{PY:q} {REPORT:q} {params.run:q} --root {ROOT:q} --out {output:q} --device {params.device:q} --workers 0"
+        " > {log:q} 2>&1 && tail -n 1 {log:q}"

@@ -84,3 +84,22 @@ def read_table(path, kind: str | None = None, columns: list[str] | None = None) 
 def table_metadata(path) -> dict:
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(b"itmkit", b"{}"))
+
+
+# what a graphs row refers to by index: (list, its index fields)
+_GRAPH_ENTRIES = (("objects", ("token_index",)), ("attributes", ("object",)), ("relations", ("subject", "object")))
+
+
+def graph_row_problem(row: dict) -> str | None:
+    """Why a graphs-table row cannot be read (a null where the parser always writes a value), or
+    None. The schema lets Parquet store nulls anywhere, so a table written by another tool may
+    hold them."""
+    if row["tokens"] is None or None in row["tokens"]:
+        return "'tokens' is null or holds a null"
+    for name, keys in _GRAPH_ENTRIES:
+        items = row[name]
+        if items is None:
+            return f"'{name}' is null (an empty list is written for none)"
+        if any(item is None or any(item[k] is None for k in keys) for item in items):
+            return f"'{name}' holds a null entry or index"
+    return None
