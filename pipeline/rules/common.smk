@@ -55,7 +55,8 @@ def ingest_flags(wc):
     ds = wc.dataset
     if ds == "demo":
         return (f"--set demo.images={config['demo_images']} --set demo.seed={config['demo_seed']} "
-                f"--set demo.image_size={config['demo_image_size']} --set expected=null")
+                f"--set demo.image_size={config['demo_image_size']} "
+                f"--set demo.scenes={config.get('demo_scenes', 'flat')} --set expected=null")
     flags = [f"--{opt.replace('_', '-')} {config[f'{ds}_{key}']}"
              for key, opt in (("source_root", "source_root"), ("images", "images_dir"),
                               ("annotations", "annotations")) if config.get(f"{ds}_{key}")]
