@@ -6,6 +6,8 @@ attributes, counts and spatial relations. Every scene has a *focus pair* (object
 row or one column) that three of its captions describe. Some scenes come with a partner image
 that differs only in attribute binding (an attribute of A and B swapped) or in relation direction
 (A and B swapped in place); those pairs are listed in ``hard_negatives.parquet``.
+``--scenes context`` builds on these scenes (pipeline/demo_context.py): named backdrops, entangled
+objects, captions of mixed specificity and two more kinds of hard negative.
 
 Everything is deterministic per seed: scene ``i`` is drawn from its own generator seeded with
 ``(seed, i)``, so the same seed gives byte-identical captions and identical pixels.
