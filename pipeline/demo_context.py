@@ -8,7 +8,8 @@ and every caption is about equally specific. A context scene adds what the flat 
   tile that fills its box, so no backdrop pixel lies inside a box: the backdrop reaches a model
   only through features of the whole image (the grid stream), never through the regions;
 * a focus pair that often **touches or overlaps** (entangled regions);
-* relations that only **geometry** decides (left of, above, on top of, next to, overlapping),
+* relations that only **geometry** decides (left of, above, on top of, next to, touching,
+  overlapping),
   each computed from the drawn boxes and recorded in ``Scene.facts``;
 * captions of **mixed specificity** (``SPECIFICITY``): every object with attributes and
   relations, the focus pair, one object, or only the scene and a count; and a small share of
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import backdrops
-from pipeline.demo import (NUMBERS, RELATIONS, SHAPE_WORDS, DemoConfig, Scene, _pick,
+from pipeline.demo import (NEAR_WORDS, NUMBERS, RELATIONS, SHAPE_WORDS, DemoConfig, Scene, _pick,
                            fit_in_cell, noun_phrase, object_masks, sample_scene as sample_flat, stack,
                            tight_box)
 
@@ -44,6 +45,7 @@ ENTANGLE_FRACTION = 0.4         # focus pairs in neighbouring cells moved to tou
 NEAR_DUPLICATE_FRACTION = 0.05  # unpaired scenes followed by a jittered copy
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "on": "under", "under": "on"}
 CONTACT_WORDS = {"overlapping": ["overlapping", "partly covering"], "touching": ["touching", "in contact"]}
+NEAR = 0.15  # "next to": boxes at most this share of the image side apart
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +78,13 @@ def box_contact(a, b) -> str | None:
     if w > -2 and h > -2:
         return "touching"
     return None
+
+
+def box_gap(a, b) -> float:
+    """Shortest distance between two boxes in pixels (0 where they touch or overlap)."""
+    gx = max(0.0, max(a[0], b[0]) - min(a[2], b[2]))
+    gy = max(0.0, max(a[1], b[1]) - min(a[3], b[3]))
+    return float(np.hypot(gx, gy))
 
 
 def boxes_of(scene: Scene, size: int) -> list[list[float]]:
@@ -209,7 +218,7 @@ def _focus(rng, scene: Scene, need, facts: list) -> str:
     return f"{nb} {_pick(rng, RELATIONS[scene.relation][1])} {na}"
 
 
-def _full(rng, scene: Scene, boxes, need, facts: list) -> str:
+def _full(rng, scene: Scene, boxes, need, facts: list, size: int) -> str:
     """Every object with its attributes; the extras placed relative to A or B where the boxes
     decide it; whether A and B touch or overlap."""
     parts = [_focus(rng, scene, need, facts)]
@@ -222,8 +231,10 @@ def _full(rng, scene: Scene, boxes, need, facts: list) -> str:
         for ref in rng.permutation(2):
             rel = box_relation(boxes[k], boxes[int(ref)])
             if rel is not None:
-                facts.append((k, rel, int(ref)))
-                text += f" {_relation_phrase(rng, rel)} the {_pick(rng, SHAPE_WORDS[scene.objects[int(ref)].shape])}"
+                near = box_gap(boxes[k], boxes[int(ref)]) <= NEAR * size and rng.random() < 0.3
+                facts.append((k, "near" if near else rel, int(ref)))
+                phrase = _pick(rng, NEAR_WORDS) if near else _relation_phrase(rng, rel)
+                text += f" {phrase} the {_pick(rng, SHAPE_WORDS[scene.objects[int(ref)].shape])}"
                 break
         parts.append(text)
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -234,11 +245,11 @@ def _place(rng, text: str, where: str) -> str:
     return f"{text} {where}" if rng.random() < 0.7 else f"{where}, {text}"
 
 
-def caption(rng, scene: Scene, level: str, boxes, need, facts: list) -> str:
+def caption(rng, scene: Scene, level: str, boxes, need, facts: list, size: int) -> str:
     where = _pick(rng, backdrops.BACKDROP_WORDS[scene.backdrop])
     n = len(scene.objects)
     if level == "full":
-        return _place(rng, _full(rng, scene, boxes, need, facts), where)
+        return _place(rng, _full(rng, scene, boxes, need, facts, size), where)
     if level == "pair":
         text = _focus(rng, scene, need, facts)
         return _place(rng, f"there is {text}" if rng.random() < 0.2 else text, where)
@@ -270,7 +281,7 @@ def captions(rng, scene: Scene, levels: dict, size: int) -> tuple[list[str], lis
     boxes = boxes_of(scene, size)
     drawn = [_draw(rng, levels) for _ in range(5)]
     facts: list[tuple] = []
-    texts = [caption(rng, scene, level, boxes, need, facts) for level in drawn]
+    texts = [caption(rng, scene, level, boxes, need, facts, size) for level in drawn]
     return texts, drawn, sorted(set(facts))
 
 
