@@ -5,8 +5,9 @@ and every caption is about equally specific. A context scene adds what the flat 
 
 * a **backdrop** (pipeline/backdrops.py: grass, sea with a horizon, sky, brick wall, night,
   sand) that every caption names ("... on the grass", "at night"). Each object sits on a grey
-  tile that fills its box, so no backdrop pixel lies inside a box: the backdrop reaches a model
-  only through features of the whole image (the grid stream), never through the regions;
+  tile that fills its box, so no backdrop pixel lies inside a box: a box's crop never shows it,
+  only the whole image (the grid stream) does, and region features only as far as their
+  receptive field reaches past the box (benchmarks/backdrop_probe.py measures it);
 * a focus pair that often **touches or overlaps** (entangled regions);
 * relations that only **geometry** decides (left of, above, on top of, next to, touching,
   overlapping),
