@@ -61,8 +61,9 @@ def main(argv=None) -> int:
     scenes, _ = demo.build_scenes(demo.DemoConfig(**config))
     label = {i: s.backdrop for i, (_, s) in enumerate(scenes)}
     split = {i: sp for i, (sp, _) in enumerate(scenes)}
-    print(f"backdrops: {len(set(label.values()))} (chance {100 / len(set(label.values())):.1f} %); "
-          f"{sum(v == 'train' for v in split.values())} train / {sum(v == 'test' for v in split.values())} test images")
+    n = len(set(label.values()))
+    counts = {s: sum(v == s for v in split.values()) for s in ("train", "test")}
+    print(f"backdrops: {n} (chance {100 / n:.1f} %); {counts['train']} train / {counts['test']} test images")
     for kind in ("regions", "grid"):
         files = sorted((layout.dir / kind).glob(f"{kind}-*.h5"))
         if not files:
