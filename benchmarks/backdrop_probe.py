@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     config = shards.table_metadata(layout.images)["config"]
     if config.get("scenes") != "context":
         raise SystemExit(f"backdrop_probe: {layout.images} is not a --scenes context demo build")
+    version = config.pop("context_version", 1)
+    if version != demo.CONTEXT_VERSION:
+        print(f"note: built by context scenes version {version}, labels drawn by version {demo.CONTEXT_VERSION}")
     scenes, _ = demo.build_scenes(demo.DemoConfig(**config))
     label = {i: s.backdrop for i, (_, s) in enumerate(scenes)}
     split = {i: sp for i, (sp, _) in enumerate(scenes)}

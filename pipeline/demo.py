@@ -64,6 +64,7 @@ RELATIONS = {
 NEAR_WORDS = ["next to", "near", "beside", "close to"]
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 SCENES = ("flat", "context")  # kinds of scene; build_scenes has the builder of each
+CONTEXT_VERSION = 2  # raised whenever a context build's output changes, so that its hash does too
 
 
 @dataclass
@@ -81,6 +82,8 @@ class DemoConfig:
         d = asdict(self)
         if d["scenes"] == "flat":
             del d["scenes"]
+        else:
+            d["context_version"] = CONTEXT_VERSION
         return d
 
     def splits(self) -> dict[str, int]:

@@ -60,7 +60,8 @@ def test_flat_build_is_unchanged(tmp_path):
     demo.generate(tmp_path, demo.DemoConfig(images=30, seed=3, scenes="flat"), progress=False)
     assert fingerprint(tmp_path) == FLAT_FINGERPRINT
     assert "scenes" not in demo.DemoConfig().record()
-    assert demo.DemoConfig(scenes="context").record()["scenes"] == "context"
+    context = demo.DemoConfig(scenes="context").record()
+    assert context["scenes"] == "context" and context["context_version"] == demo.CONTEXT_VERSION
 
 
 def test_context_build_is_deterministic_per_seed(tmp_path):
