@@ -75,6 +75,14 @@ def test_context_build_is_deterministic_per_seed(tmp_path):
     first, again, other = build("a", 7), build("b", 7), build("c", 8)
     assert len(first) == 3 + N and first == again
     assert first["captions"] != other["captions"]
+    # the files hold the scenes the other tests check
+    scenes, pairs = demo.build_scenes(demo.DemoConfig(images=N, seed=7, scenes="context"))
+    layout = Layout(tmp_path / "a", "demo")
+    texts = [r["text"] for r in shards.read_table(layout.captions, "captions").to_pylist()]
+    assert texts == [t for _, s in scenes for t in s.captions]
+    assert shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist() == pairs
+    assert [r["labels"] for r in shards.read_table(layout.boxes, "boxes").to_pylist()] == \
+           [[o.shape for o in s.objects] for _, s in scenes]
     # a context build and a flat build of one seed are different datasets with different hashes
     flat = demo.generate(tmp_path / "flat", demo.DemoConfig(images=N, seed=7), progress=False)
     assert flat["config_hash"] != shards.table_metadata(Layout(tmp_path / "a", "demo").captions)["config_hash"]
