@@ -6,6 +6,8 @@ attributes, counts and spatial relations. Every scene has a *focus pair* (object
 row or one column) that three of its captions describe. Some scenes come with a partner image
 that differs only in attribute binding (an attribute of A and B swapped) or in relation direction
 (A and B swapped in place); those pairs are listed in ``hard_negatives.parquet``.
+``--scenes context`` builds on these scenes (pipeline/demo_context.py): named backdrops, entangled
+objects, captions of mixed specificity and two more kinds of hard negative.
 
 Everything is deterministic per seed: scene ``i`` is drawn from its own generator seeded with
 ``(seed, i)``, so the same seed gives byte-identical captions and identical pixels.
@@ -25,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
-from pipeline import shards
+from pipeline import backdrops, shards
 from pipeline.config import add_quiet_argument, add_root_argument, resolve_root
 from pipeline.shards import Layout
 
@@ -61,6 +63,8 @@ RELATIONS = {
 }
 NEAR_WORDS = ["next to", "near", "beside", "close to"]
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+SCENES = ("flat", "context")  # kinds of scene; build_scenes has the builder of each
+CONTEXT_VERSION = 2  # raised whenever a context build's output changes, so that its hash does too
 
 
 @dataclass
@@ -70,6 +74,17 @@ class DemoConfig:
     image_size: int = 160
     pair_fraction: float = 0.3   # fraction of scenes that get a hard-negative partner image
     version: int = GENERATOR_VERSION
+    scenes: str = "flat"         # "flat" (shapes on grey) or "context" (pipeline/demo_context.py)
+
+    def record(self) -> dict:
+        """The settings hashed and written into the tables. A flat build records what it did
+        before scenes had a choice, so its tables, hashes and PNG tags stay byte-identical."""
+        d = asdict(self)
+        if d["scenes"] == "flat":
+            del d["scenes"]
+        else:
+            d["context_version"] = CONTEXT_VERSION
+        return d
 
     def splits(self) -> dict[str, int]:
         """Test split up to 1,000 images (the F30K/COCO-1K protocol size), val up to 1,000."""
@@ -98,6 +113,12 @@ class Scene:
     background: int
     swapped: str = ""             # for a partner: "colour"/"texture"/"size" or "position"
     captions: list[str] = field(default_factory=list)
+    # context scenes only (pipeline/demo_context.py)
+    backdrop: str = ""            # a pipeline/backdrops.py name; "" is the flat grey background
+    backdrop_seed: int = 0
+    levels: list[str] = field(default_factory=list)   # each caption's specificity
+    facts: list[tuple] = field(default_factory=list)  # (i, relation, j) the captions state
+    near_duplicate: bool = False  # a jittered copy of the scene before it (not a hard negative)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,22 +269,41 @@ def second_colour(rgb: np.ndarray) -> np.ndarray:
     return rgb + (255 - rgb) * 0.7
 
 
-def render(scene: Scene, size: int) -> tuple[np.ndarray, list[list[float]]]:
-    """RGB uint8 [size, size, 3] and one tight box (x1, y1, x2, y2 pixels) per object."""
-    shade = np.linspace(-8, 8, size)[:, None, None]  # a soft vertical gradient
-    img = np.clip(scene.background + shade, 0, 255).repeat(size, axis=1).repeat(3, axis=2)
-    boxes = []
-    for o in scene.objects:
-        mask = shape_mask(o.shape, size, o.cx, o.cy, o.side)
+TILE = 128  # grey behind each object of a context scene: no backdrop pixel lies inside a box
+
+
+def object_masks(scene: Scene, size: int) -> list[np.ndarray]:
+    masks = [shape_mask(o.shape, size, o.cx, o.cy, o.side) for o in scene.objects]
+    for o, mask in zip(scene.objects, masks):
         if not mask.any():
             raise ValueError(f"object {o.shape} at ({o.cx:.0f}, {o.cy:.0f}) is outside the image")
+    return masks
+
+
+def tight_box(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def render(scene: Scene, size: int) -> tuple[np.ndarray, list[list[float]]]:
+    """RGB uint8 [size, size, 3] and one tight box (x1, y1, x2, y2 pixels) per object."""
+    masks = object_masks(scene, size)
+    if scene.backdrop:
+        img = backdrops.draw(scene.backdrop, scene.backdrop_seed, size)
+        for mask in masks:  # the whole box, so that a box holds its object and nothing of the scene
+            x1, y1, x2, y2 = (int(v) for v in tight_box(mask))
+            img[y1:y2, x1:x2] = TILE
+    else:
+        shade = np.linspace(-8, 8, size)[:, None, None]  # a soft vertical gradient
+        img = np.clip(scene.background + shade, 0, 255).repeat(size, axis=1).repeat(3, axis=2)
+    boxes = []
+    for o, mask in zip(scene.objects, masks):
         rgb = np.clip(np.array(COLOURS[o.colour]) + np.array(o.tint), 0, 255)
         second = second_colour(np.array(COLOURS[o.colour], float))
         pattern = texture_mask(o.texture, size)
         img[mask] = rgb
         img[mask & pattern] = second
-        ys, xs = np.nonzero(mask)
-        boxes.append([float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)])
+        boxes.append(tight_box(mask))
     return img.astype(np.uint8), boxes
 
 
@@ -374,6 +414,15 @@ def captions(rng, scene: Scene) -> list[str]:
 
 def build_scenes(cfg: DemoConfig) -> tuple[list[tuple[str, Scene]], list[dict]]:
     """Scenes in image-id order with their splits, and the hard-negative pairs."""
+    from pipeline import demo_context  # context scenes are built from this module's parts
+
+    builders = {"flat": build_flat_scenes, "context": demo_context.build_scenes}
+    if cfg.scenes not in builders:
+        raise ValueError(f"--scenes must be one of {', '.join(builders)}, got {cfg.scenes!r}")
+    return builders[cfg.scenes](cfg)
+
+
+def build_flat_scenes(cfg: DemoConfig) -> tuple[list[tuple[str, Scene]], list[dict]]:
     out, pairs = [], []
     for split, n in cfg.splits().items():
         start = len(out)
@@ -426,7 +475,7 @@ def generate(root, cfg: DemoConfig, force: bool = False, progress: bool = True) 
         raise ValueError(f"--image-size must be in [96, 1024], got {cfg.image_size}")
     layout = Layout(Path(root), NAME)
     index = layout.index
-    chash = shards.config_hash(asdict(cfg))
+    chash = shards.config_hash(cfg.record())
     outputs = {"images": layout.images, "captions": layout.captions, "boxes": layout.boxes,
                "hard_negatives": layout.hard_negatives}
     if not force and all(index.is_valid(k, p, chash) for k, p in outputs.items()):
@@ -451,7 +500,7 @@ def generate(root, cfg: DemoConfig, force: bool = False, progress: bool = True) 
         for j, text in enumerate(scene.captions):
             caps.append({"caption_id": image_id * 5 + j, "image_id": image_id, "split": split, "text": text})
 
-    meta = {"config": asdict(cfg), "config_hash": chash}
+    meta = {"config": cfg.record(), "config_hash": chash}
     written = [
         ("images", layout.images, images), ("captions", layout.captions, caps),
         ("boxes", layout.boxes, boxes), ("hard_negatives", layout.hard_negatives, pairs),
@@ -474,13 +523,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")
     p.add_argument("--pair-fraction", type=float, default=d.pair_fraction,
                    help="fraction of scenes that get a hard-negative partner")
+    p.add_argument("--scenes", choices=SCENES, default=d.scenes,
+                   help="flat: shapes on a grey background; context: shapes on named, textured "
+                        "backdrops, touching and overlapping objects, captions of mixed specificity "
+                        "and context-swap / specificity hard negatives (docs/datasets.md)")
     p.add_argument("--force", action="store_true", help="regenerate even if shards.json says it is current")
     add_quiet_argument(p)
 
 
 def command(args) -> int:
     cfg = DemoConfig(images=args.images, seed=args.seed, image_size=args.image_size,
-                     pair_fraction=args.pair_fraction)
+                     pair_fraction=args.pair_fraction, scenes=args.scenes)
     try:
         s = generate(resolve_root(args.root), cfg, force=args.force, progress=not args.quiet)
     except ValueError as e:

@@ -266,6 +266,14 @@ def test_dry_run_demo_trains_with_the_demo_recipe_on_one_thread(tmp_path):
     assert "--set embed_dim=1024 --set lr=0.001" in train
 
 
+def test_dry_run_demo_scenes_reach_the_generator(tmp_path):
+    ingest = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo", config={"demo_scenes": "context"})),
+                        "pipeline ingest")
+    assert "--set demo.scenes=context" in ingest
+    r = snakemake(tmp_path, "-n", "demo", config={"demo_scenes": "busy"})
+    assert r.returncode != 0 and "demo_scenes" in output(r)
+
+
 def shell_line(out: str, marker: str) -> str:
     return next(line for line in out.splitlines() if marker in line)
 

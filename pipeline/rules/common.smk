@@ -66,7 +66,8 @@ def ingest_flags(wc):
     if ds == "demo":
         return " ".join([flag("--set", f"demo.images={config['demo_images']}"),
                          flag("--set", f"demo.seed={config['demo_seed']}"),
-                         flag("--set", f"demo.image_size={config['demo_image_size']}"), "--set expected=null"])
+                         flag("--set", f"demo.image_size={config['demo_image_size']}"),
+                         flag("--set", f"demo.scenes={config.get('demo_scenes', 'flat')}"), "--set expected=null"])
     flags = [flag(f"--{opt.replace('_', '-')}", config[f"{ds}_{key}"])
              for key, opt in (("source_root", "source_root"), ("images", "images_dir"),
                               ("annotations", "annotations")) if config.get(f"{ds}_{key}")]

@@ -26,8 +26,9 @@ BOXES_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("boxes", pa.list_(pa.float32())), ("labels", pa.list_(pa.string())),
 ])
 
-# Pairs of images that differ only in attribute binding or relation direction (demo dataset):
-# the hard-negative evaluation asks whether a model tells the two apart.
+# Pairs of images that differ in one stated way, the ``kind`` (demo dataset: attribute binding,
+# relation direction; context scenes also backdrop, specificity): the hard-negative evaluation
+# asks whether a model tells the two apart.
 HARD_NEGATIVES_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("partner_id", pa.int64()), ("kind", pa.string()),
 ])
