@@ -186,7 +186,7 @@ def _attribute_word(tok) -> str:
 
 def _number_word(tok) -> str:
     """A numeral with the numbers it is built of: "twenty four" (not "four")."""
-    words = [t.lower_ for t in tok.doc[tok.left_edge.i:tok.i + 1] if t.pos_ == "NUM" or t is tok]
+    words = [t.lower_ for t in tok.doc[tok.left_edge.i:tok.i + 1] if t.pos_ == "NUM" or t.i == tok.i]
     return " ".join(words)
 
 
