@@ -139,6 +139,21 @@ class Graph:
         return [(self.objects[o][0], a) for o, a in self.attributes]
 
 
+def graph_lines(row: dict, text: str | None = None) -> list[str]:
+    """A graph row (``Graph.row`` or a row of a graphs table) for reading: the caption, each
+    object with its attributes, each relation as a (subject, predicate, object) triple."""
+    heads = [o["head"] for o in row["objects"]]
+    attrs: dict[int, list[str]] = {}
+    for a in row["attributes"]:
+        attrs.setdefault(a["object"], []).append(a["attribute"])
+    objects = [h + (f" ({', '.join(attrs[i])})" if i in attrs else "") for i, h in enumerate(heads)]
+    triples = [f"({heads[r['subject']]}, {r['predicate']}, {heads[r['object']]})" for r in row["relations"]]
+    caption = text if text is not None else " ".join(row["tokens"])
+    return [f"[{row['caption_id']}] {caption}",
+            f"  objects    {'; '.join(objects) or '-'}",
+            f"  relations  {' '.join(triples) or '-'}"]
+
+
 def parse_texts(nlp, texts: Iterable[str], batch_size: int = 256) -> Iterator[Graph]:
     """Graphs of many captions, parsed with ``nlp.pipe`` in batches (None counts as "")."""
     texts = ((t[:MAX_CHARS] if isinstance(t, str) else "") for t in texts)
