@@ -46,6 +46,14 @@ IMAGE_NOUNS = {"picture", "photo", "image", "photograph", "frame", "shot"}
 TIMES = {"night", "nighttime", "dusk", "dawn", "sunset", "sunrise", "twilight", "daytime",
          "evening", "morning", "afternoon", "noon", "midday", "midnight", "daybreak"}
 TIME_PREPS = {"at", "during", "in"}
+# Places a scene happens in: "in the grass" after the object of a verb says where the doing is
+# ("dogs playing with a ball in the grass" -> dog play in grass), whatever the parser attached.
+SCENE_NOUNS = {"grass", "field", "beach", "street", "road", "snow", "water", "ocean", "sea", "lake",
+               "river", "stage", "floor", "ground", "park", "yard", "backyard", "kitchen", "room",
+               "city", "sidewalk", "court", "forest", "woods", "sand", "air", "sky", "rain", "dirt",
+               "mud", "pool", "garden", "parking lot", "zoo", "desert", "hill", "mountain", "fog",
+               "crowd", "wave", "surf", "shore", "sun", "shade", "distance"}
+SCENE_PREPS = {"in", "on", "at"}
 # Nouns with no singular keep their written form and get no count attribute ("black pants").
 PLURALIA_TANTUM = {"pants", "jeans", "shorts", "trousers", "glasses", "sunglasses", "eyeglasses",
                    "goggles", "scissors", "binoculars", "clothes", "overalls", "tongs", "pliers",
@@ -434,7 +442,8 @@ class _GraphBuilder:
             if not (t.dep_ == "amod" or t.lower_ in COLOURS and _is_modifier_noun(t)):
                 continue
             h = t.head
-            while h.i != tok.i and tok.left_edge.i <= h.i < tok.i and (h.dep_ == "amod" or _is_modifier_noun(h)):
+            while h.i != tok.i and tok.left_edge.i <= h.i < tok.i and h.i not in self.obj_index \
+                    and (h.dep_ == "amod" or _is_modifier_noun(h)):
                 h = h.head
             if h.i == tok.i:
                 out.append(t)
@@ -461,6 +470,11 @@ class _GraphBuilder:
                 return (self.with_conjuncts(attrs[0]) if attrs else []), passive
         if verb.dep_ in ("acl", "relcl", "amod") and verb.head.pos_ in NOUN_POS:
             return self.with_conjuncts(self._doer(verb), before=verb.i), passive
+        # "a black dog and a white dog playing": the parser hangs the second dog on the verb
+        nouns = [c for c in verb.children if c.dep_ == "compound" and c.i in self.obj_index]
+        if nouns:
+            heads = [verb.head] if verb.dep_ == "conj" and verb.head.pos_ in NOUN_POS else []
+            return list(dict.fromkeys(o for n in heads + nouns for o in self.with_conjuncts(n))), passive
         if verb.dep_ in ("conj", "advcl", "xcomp") and verb.head.pos_ in ("VERB", "AUX") and seen < 8:
             subj, head_passive = self._subjects(verb.head, seen + 1)
             return subj, passive or (verb.dep_ == "conj" and head_passive and verb.tag_ == "VBN")
@@ -479,6 +493,8 @@ class _GraphBuilder:
         return verb.head
 
     def _predicate(self, verb) -> str:
+        if verb.lower_ == "left" and any(c.lower_ == "of" for c in verb.children):
+            return "left"  # "a disc left of a heart", tagged as the verb "leave"
         prt = [c.lower_ for c in verb.children if c.dep_ == "prt"]
         return " ".join([_lemma(verb)] + prt)
 
@@ -555,6 +571,7 @@ class _GraphBuilder:
         objects = self.with_conjuncts(target)
         if not objects:
             return
+        anchor = self._scene_anchor(anchor, prep, target)
         if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS or anchor.i in self.stands_for:
             self._relate(self.with_conjuncts(anchor, before=prep.i), phrase, objects)
         elif anchor.pos_ in ("ADJ", "VERB") and (cop := self._copula(anchor)) is not None:
@@ -586,3 +603,13 @@ class _GraphBuilder:
                     and tok.head.i in self.obj_index:
                 out.add(self.obj_index[tok.head.i])
         return out
+
+    def _scene_anchor(self, anchor, prep, target):
+        """The verb a scene phrase ("in the grass") belongs to when the parser hung it on the
+        verb's object ("playing with a ball in the grass"); else ``anchor``."""
+        if prep.lower_ not in SCENE_PREPS or self._head(target) not in SCENE_NOUNS or anchor.pos_ not in NOUN_POS:
+            return anchor
+        verb = anchor.head if anchor.dep_ == "dobj" else anchor.head.head if anchor.dep_ == "pobj" else None
+        if verb is not None and verb.pos_ == "VERB" and _lemma(verb) != "be" and self._subjects(verb)[0]:
+            return verb
+        return anchor

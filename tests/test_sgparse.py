@@ -115,6 +115,13 @@ REAL_CAPTIONS = {
     "close up": ("A close up of a pizza.", ["close up", "pizza"], [], [("close up", "of", "pizza")], []),
     "modifier of a compound": ("A stuffed teddy bear sitting on a shelf.", ["teddy bear"],
                                [("teddy bear", "stuffed")], [], []),
+    "scene after the verb's object": ("Two dogs playing with a red ball in the grass.", ["dog", "ball", "grass"], [],
+                                      [("dog", "play with", "ball"), ("dog", "play in", "grass")],
+                                      [("ball", "in", "grass")]),
+    "noun hung on a verb": ("A black dog and a white dog playing in the snow.", ["dog", "snow"], [],
+                            [("dog", "play in", "snow")], []),
+    "left of, tagged as a verb": ("One green dotted disc left of a red triangle.", ["disc", "triangle"], [],
+                                  [("disc", "left of", "triangle")], [("disc", "leave of", "triangle")]),
     "colour tagged as a noun": ("A tiny purple circle and a large orange dotted cross.", ["circle", "cross"],
                                 [("cross", "orange"), ("cross", "large"), ("cross", "dotted")], [], ["orange"]),
 }
