@@ -249,6 +249,7 @@ class _GraphBuilder:
         self.position = {t.i: k for k, t in enumerate(kept)}  # spaCy index -> index in tokens
         self.graph = Graph(tokens=[t.text for t in kept], lemmas=[_lemma(t) for t in kept])
         self.obj_index: dict[int, int] = {}  # spaCy index of a head noun -> object number
+        self.obj_token: list[int] = []  # object number -> spaCy index
         # "a table drinking coffee" / "a retina showing veins", one noun phrase to the parser:
         # -ing word -> (first noun, last noun); the last noun stands for the first one
         self.split: dict[int, tuple] = {}
@@ -262,6 +263,7 @@ class _GraphBuilder:
         for tok in self.doc:
             if self._is_object(tok):
                 self.obj_index[tok.i] = len(self.graph.objects)
+                self.obj_token.append(tok.i)
                 self.graph.objects.append((self._head(tok), self._span(tok), self.position[tok.i]))
         for tok in self.doc:
             if tok.i in self.obj_index:
@@ -560,7 +562,7 @@ class _GraphBuilder:
         if setting == "time":
             return
         if setting == "position":  # "a tree in the background" -> tree: background
-            placed = [o for o in self._anchor_objects(anchor, prep) if o not in self._positioned(prep)]
+            placed = [o for o in self._anchor_objects(anchor, prep) if not self._placed_elsewhere(o, prep)]
             self._add_attribute(placed, _lemma(target))
             return
         inner = self._of_object(target) if _lemma(target) in PLACE_NOUNS else None
@@ -594,15 +596,12 @@ class _GraphBuilder:
             return self._subjects(anchor)[0]
         return []
 
-    def _positioned(self, prep) -> set[int]:
-        """Objects with a position phrase of their own before ``prep`` ("a man in the foreground
-        and a crowd in the background": the background is the crowd's only)."""
-        out = set()
-        for tok in self.doc[:prep.i]:
-            if tok.dep_ == "prep" and any(self._setting(c) == "position" for c in tok.children) \
-                    and tok.head.i in self.obj_index:
-                out.add(self.obj_index[tok.head.i])
-        return out
+    def _placed_elsewhere(self, obj: int, prep) -> bool:
+        """Whether object ``obj`` has a position phrase of its own besides ``prep`` ("a man in the
+        foreground and a crowd in the background": the background is the crowd's only)."""
+        noun = self.doc[self.obj_token[obj]]
+        return any(c.dep_ == "prep" and c.i != prep.i and any(self._setting(g) == "position" for g in c.children)
+                   for c in noun.children)
 
     def _scene_anchor(self, anchor, prep, target):
         """The verb a scene phrase ("in the grass") belongs to when the parser hung it on the
