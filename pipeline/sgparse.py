@@ -229,6 +229,11 @@ def _is_modifier_noun(tok) -> bool:
     return tok.head.dep_ == "amod" and tok.dep_ in ("compound", "nsubj", "npadvmod") and tok.i == tok.head.i - 1
 
 
+def _is_verb(tok) -> bool:
+    """A verb, or an -ing clause the tagger calls a noun ("a giraffe *standing* in a field")."""
+    return tok.pos_ in ("VERB", "AUX") or tok.pos_ == "NOUN" and tok.dep_ == "acl" and tok.lower_.endswith("ing")
+
+
 def _close_up(tok) -> bool:
     """ "close" of "a close up" / "a close-up" (the head the parser chose: close or up)."""
     doc, i = tok.doc, tok.i
@@ -269,7 +274,7 @@ class _GraphBuilder:
             if tok.i in self.obj_index:
                 self._noun_attributes(tok)
                 self._possessive(tok)
-            if tok.pos_ in ("VERB", "AUX"):
+            if _is_verb(tok):
                 self._verb(tok)
             if tok.dep_ in ("prep", "dative") and tok.pos_ in ("ADP", "PART", "SCONJ"):
                 self._preposition(tok)
@@ -295,7 +300,8 @@ class _GraphBuilder:
         if tok.i == 0 and tok.tag_ == "VB" and tok.dep_ == "ROOT" \
                 and not any(c.dep_.startswith("nsubj") for c in tok.children):
             return True  # "Tissue with brown staining": captions are not imperatives
-        if tok.pos_ not in NOUN_POS or _is_modifier_noun(tok) or not any(c.isalpha() for c in tok.text):
+        if tok.pos_ not in NOUN_POS or _is_modifier_noun(tok) or not any(c.isalpha() for c in tok.text) \
+                or _is_verb(tok):
             return False
         if tok.dep_ == "nummod" or self._setting(tok) or self._in_image(tok):
             return False  # "a dozen eggs", "on the left", "at night", "top of the picture"
@@ -498,7 +504,7 @@ class _GraphBuilder:
         if verb.lower_ == "left" and any(c.lower_ == "of" for c in verb.children):
             return "left"  # "a disc left of a heart", tagged as the verb "leave"
         prt = [c.lower_ for c in verb.children if c.dep_ == "prt"]
-        return " ".join([_lemma(verb)] + prt)
+        return " ".join([_ing_lemma(verb) if verb.pos_ in NOUN_POS else _lemma(verb)] + prt)
 
     def _relate(self, subjects, predicate, objects) -> None:
         self.graph.relations += [(s, predicate, o) for s in subjects for o in objects]
@@ -574,11 +580,11 @@ class _GraphBuilder:
         if not objects:
             return
         anchor = self._scene_anchor(anchor, prep, target)
-        if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS or anchor.i in self.stands_for:
+        if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS and not _is_verb(anchor) or anchor.i in self.stands_for:
             self._relate(self.with_conjuncts(anchor, before=prep.i), phrase, objects)
         elif anchor.pos_ in ("ADJ", "VERB") and (cop := self._copula(anchor)) is not None:
             self._relate(self._subjects(cop)[0], phrase, objects)  # "is orange and dotted above X"
-        elif anchor.pos_ in ("VERB", "AUX"):
+        elif _is_verb(anchor):
             if prep.dep_ == "agent":
                 return
             subjects, _ = self._subjects(anchor)
@@ -588,11 +594,11 @@ class _GraphBuilder:
     def _anchor_objects(self, anchor, prep) -> list[int]:
         """The objects a phrase hanging on ``anchor`` is said of: the noun, or the subject of
         the verb or of the "be" of a predicative adjective."""
-        if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS or anchor.i in self.stands_for:
+        if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS and not _is_verb(anchor) or anchor.i in self.stands_for:
             return self.with_conjuncts(anchor, before=prep.i)
         if anchor.pos_ in ("ADJ", "VERB") and (cop := self._copula(anchor)) is not None:
             return self._subjects(cop)[0]
-        if anchor.pos_ in ("VERB", "AUX"):
+        if _is_verb(anchor):
             return self._subjects(anchor)[0]
         return []
 
@@ -606,7 +612,8 @@ class _GraphBuilder:
     def _scene_anchor(self, anchor, prep, target):
         """The verb a scene phrase ("in the grass") belongs to when the parser hung it on the
         verb's object ("playing with a ball in the grass"); else ``anchor``."""
-        if prep.lower_ not in SCENE_PREPS or self._head(target) not in SCENE_NOUNS or anchor.pos_ not in NOUN_POS:
+        if prep.lower_ not in SCENE_PREPS or self._head(target) not in SCENE_NOUNS or anchor.pos_ not in NOUN_POS \
+                or _is_verb(anchor):
             return anchor
         verb = anchor.head if anchor.dep_ == "dobj" else anchor.head.head if anchor.dep_ == "pobj" else None
         if verb is not None and verb.pos_ == "VERB" and _lemma(verb) != "be" and self._subjects(verb)[0]:

@@ -122,6 +122,8 @@ REAL_CAPTIONS = {
                             [("dog", "play in", "snow")], []),
     "left of, tagged as a verb": ("One green dotted disc left of a red triangle.", ["disc", "triangle"], [],
                                   [("disc", "left of", "triangle")], [("disc", "leave of", "triangle")]),
+    "-ing clause tagged as a noun": ("A giraffe standing in a field in the distance.", ["giraffe", "field"],
+                                     [("giraffe", "distance")], [("giraffe", "stand in", "field")], ["standing"]),
     "colour tagged as a noun": ("A tiny purple circle and a large orange dotted cross.", ["circle", "cross"],
                                 [("cross", "orange"), ("cross", "large"), ("cross", "dotted")], [], ["orange"]),
 }
