@@ -198,6 +198,8 @@ def _ing_lemma(tok) -> str:
     stem = tok.lower_[:-3]
     if len(stem) > 2 and stem[-1] == stem[-2] and stem[-1] not in VOWELS | set("ls"):
         return stem[:-1]  # "sitting" -> sit
+    if len(stem) == 2 and stem[-1] == "y":
+        return stem[0] + "ie"  # "lying" -> lie
     return _restore_e(tok.lower_, stem)
 
 
@@ -579,7 +581,8 @@ class _GraphBuilder:
         objects = self.with_conjuncts(target)
         if not objects:
             return
-        anchor = self._scene_anchor(anchor, prep, target)
+        if len(words) == 1:
+            anchor = self._scene_anchor(anchor, prep, target)
         if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS and not _is_verb(anchor) or anchor.i in self.stands_for:
             self._relate(self.with_conjuncts(anchor, before=prep.i), phrase, objects)
         elif anchor.pos_ in ("ADJ", "VERB") and (cop := self._copula(anchor)) is not None:
@@ -616,6 +619,7 @@ class _GraphBuilder:
                 or _is_verb(anchor):
             return anchor
         verb = anchor.head if anchor.dep_ == "dobj" else anchor.head.head if anchor.dep_ == "pobj" else None
-        if verb is not None and verb.pos_ == "VERB" and _lemma(verb) != "be" and self._subjects(verb)[0]:
-            return verb
-        return anchor
+        if verb is None or verb.pos_ != "VERB" or _lemma(verb) == "be":
+            return anchor
+        subjects, passive = self._subjects(verb)
+        return verb if subjects and not passive else anchor
