@@ -89,6 +89,20 @@ def test_dataset_required_without_show(capsys):
     assert e.value.code == 2 and "--dataset" in capsys.readouterr().err
 
 
+def test_new_parser_rules_rewrite_every_chunk(tmp_path, capsys, monkeypatch):
+    from pipeline import sgparse
+
+    layout = write_captions(tmp_path, n=40)
+    monkeypatch.setattr(sgparse, "PARSER_VERSION", "1")  # graphs written by the earlier rules
+    assert run("--dataset", "toy", "--root", tmp_path, "--chunk-size", 15) == 0
+    old = {e.config_hash for e in layout.index.entries("graphs")}
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run("--dataset", "toy", "--root", tmp_path, "--chunk-size", 15) == 0
+    assert "wrote 3 chunk(s)" in capsys.readouterr().out
+    assert not old & {e.config_hash for e in layout.index.entries("graphs")}
+
+
 def test_rerun_skips_current_chunks_and_redoes_changed_ones(tmp_path, capsys):
     layout = write_captions(tmp_path, n=40)
     assert run("--dataset", "toy", "--root", tmp_path, "--chunk-size", 15) == 0
