@@ -4,8 +4,10 @@ A caption becomes objects (head nouns with their compounds, "tennis racket"), at
 objects (adjectives, numerals, colours, predicative "the dog is brown", counts of plurals) and
 relations (subject, predicate, object) from prepositions ("on"), verbs ("ride"), verb +
 preposition ("sit on"), multi-word prepositions ("in front of", "next to"), passives ("a ball
-thrown by a boy" -> boy throw ball), relative clauses and coordination. Every string in a graph is
-lowercased; heads, attributes and predicates are lemmas. See docs/text.md for the conventions.
+thrown by a boy" -> boy throw ball), relative clauses and coordination. Positions in the picture
+("on the left") are attributes and times ("at night") nothing. A few rules repair what the small
+English model's tagger gets wrong on captions. Every string in a graph is lowercased; heads and
+predicates are lemmas. See docs/text.md for the conventions.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ POSITIONS = {"left", "right", "top", "bottom", "middle", "center", "centre", "fr
              "corner", "background", "foreground", "distance"}
 POSITION_PREPS = {"on", "in", "at", "to"}
 IMAGE_NOUNS = {"picture", "photo", "image", "photograph", "frame", "shot"}
-# "at night", "during the day": when, not an object; the phrase adds nothing to the graph.
+# "at night", "during the evening": when, not an object; the phrase adds nothing to the graph.
 TIMES = {"night", "nighttime", "dusk", "dawn", "sunset", "sunrise", "twilight", "daytime",
          "evening", "morning", "afternoon", "noon", "midday", "midnight", "daybreak"}
 TIME_PREPS = {"at", "during", "in"}
@@ -52,7 +54,7 @@ SCENE_NOUNS = {"grass", "field", "beach", "street", "road", "snow", "water", "oc
                "river", "stage", "floor", "ground", "park", "yard", "backyard", "kitchen", "room",
                "city", "sidewalk", "court", "forest", "woods", "sand", "air", "sky", "rain", "dirt",
                "mud", "pool", "garden", "parking lot", "zoo", "desert", "hill", "mountain", "fog",
-               "crowd", "wave", "surf", "shore", "sun", "shade", "distance"}
+               "crowd", "wave", "surf", "shore", "sun", "shade"}
 SCENE_PREPS = {"in", "on", "at"}
 # Nouns with no singular keep their written form and get no count attribute ("black pants").
 PLURALIA_TANTUM = {"pants", "jeans", "shorts", "trousers", "glasses", "sunglasses", "eyeglasses",
@@ -63,8 +65,8 @@ UNCHANGED_PLURALS = {"people", "sheep", "deer", "fish", "cattle", "police", "air
 # "a car parked by a fence": after these participles "by" is a place, not the agent.
 LOCATIVE_VERBS = {"park", "place", "station", "position", "seat", "situate", "locate", "set",
                   "line", "stack", "pile", "leave", "lay", "dock", "perch", "store", "hang"}
-# "a table drinking coffee", which the tagger reads as one compound noun: -ing words of these
-# verbs between two nouns are the verb of the first noun ("table" -> women sit at table).
+# "sitting at a table drinking coffee" is one compound noun to the tagger: an -ing noun of these
+# verbs between two nouns is a verb, and the two nouns are objects.
 ING_VERBS = {"drink", "eat", "hold", "ride", "play", "watch", "wear", "use", "carry", "look",
              "read", "throw", "catch", "fly", "walk", "hit", "kick", "pull", "push", "show",
              "chase", "feed", "pet", "hug", "take", "make", "cook", "brush", "talk", "stare",
@@ -248,7 +250,8 @@ def _close_up(tok) -> bool:
 
 
 class _GraphBuilder:
-    """Walks one parsed Doc once for objects, then once for attributes and relations."""
+    """Walks one parsed Doc once for objects, then once for attributes and relations (after a
+    first look for noun phrases the parser made of a clause, see ``_split_phrase``)."""
 
     def __init__(self, doc):
         self.doc = doc
@@ -265,6 +268,7 @@ class _GraphBuilder:
             if (pair := self._split_phrase(tok)) is not None:
                 self.split[tok.i] = pair
                 self.stands_for[pair[1].i] = pair[0]
+        self.split_first = {first.i for first, _ in self.split.values()}
 
     def build(self) -> Graph:
         for tok in self.doc:
@@ -297,7 +301,7 @@ class _GraphBuilder:
     def _is_object(self, tok) -> bool:
         if _close_up(tok):
             return tok.head.i == tok.i or not _close_up(tok.head)
-        if any(first.i == tok.i for first, _ in self.split.values()):
+        if tok.i in self.split_first:
             return True
         if tok.i == 0 and tok.tag_ == "VB" and tok.dep_ == "ROOT" \
                 and not any(c.dep_.startswith("nsubj") for c in tok.children):
@@ -362,7 +366,7 @@ class _GraphBuilder:
         while i >= 0:
             t = tok.doc[i]
             if not _is_modifier_noun(t) or t.head.i not in (tok.i, i + 1) or t.lower_ in COLOURS \
-                    or t.i in self.split or any(first.i == t.i for first, _ in self.split.values()):
+                    or t.i in self.split or t.i in self.split_first:
                 break
             out.insert(0, t)
             i -= 1
@@ -583,7 +587,7 @@ class _GraphBuilder:
             return
         if len(words) == 1:
             anchor = self._scene_anchor(anchor, prep, target)
-        if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS and not _is_verb(anchor) or anchor.i in self.stands_for:
+        if self._noun_like(anchor):
             self._relate(self.with_conjuncts(anchor, before=prep.i), phrase, objects)
         elif anchor.pos_ in ("ADJ", "VERB") and (cop := self._copula(anchor)) is not None:
             self._relate(self._subjects(cop)[0], phrase, objects)  # "is orange and dotted above X"
@@ -594,10 +598,13 @@ class _GraphBuilder:
             pred = phrase if _lemma(anchor) == "be" else self._predicate(anchor) + " " + phrase
             self._relate(subjects, pred, objects)
 
+    def _noun_like(self, tok) -> bool:
+        return tok.i in self.obj_index or tok.i in self.stands_for or tok.pos_ in NOUN_POS and not _is_verb(tok)
+
     def _anchor_objects(self, anchor, prep) -> list[int]:
         """The objects a phrase hanging on ``anchor`` is said of: the noun, or the subject of
         the verb or of the "be" of a predicative adjective."""
-        if anchor.i in self.obj_index or anchor.pos_ in NOUN_POS and not _is_verb(anchor) or anchor.i in self.stands_for:
+        if self._noun_like(anchor):
             return self.with_conjuncts(anchor, before=prep.i)
         if anchor.pos_ in ("ADJ", "VERB") and (cop := self._copula(anchor)) is not None:
             return self._subjects(cop)[0]
