@@ -46,8 +46,8 @@ POSITION_PREPS = {"on", "in", "at", "to"}
 IMAGE_NOUNS = {"picture", "photo", "image", "photograph", "frame", "shot"}
 # "at night", "during the evening": when, not an object; the phrase adds nothing to the graph.
 TIMES = {"night", "nighttime", "dusk", "dawn", "sunset", "sunrise", "twilight", "daytime",
-         "evening", "morning", "afternoon", "noon", "midday", "midnight", "daybreak"}
-TIME_PREPS = {"at", "during", "in"}
+         "evening", "morning", "afternoon", "noon", "midday", "midnight", "daybreak", "day"}
+TIME_PREPS = {"at", "during", "in", "on"}
 # Places a scene happens in: "in the grass" after the object of a verb says where the doing is
 # ("dogs playing with a ball in the grass" -> dog play in grass), whatever the parser attached.
 SCENE_NOUNS = {"grass", "field", "beach", "street", "road", "snow", "water", "ocean", "sea", "lake",
@@ -59,7 +59,7 @@ SCENE_PREPS = {"in", "on", "at"}
 # Nouns with no singular keep their written form and get no count attribute ("black pants").
 PLURALIA_TANTUM = {"pants", "jeans", "shorts", "trousers", "glasses", "sunglasses", "eyeglasses",
                    "goggles", "scissors", "binoculars", "clothes", "overalls", "tongs", "pliers",
-                   "tights", "leggings", "pajamas", "pyjamas"}
+                   "tights", "leggings", "pajamas", "pyjamas", "woods"}
 # Plurals spelt like their singular: the count attribute needs the plural tag and this list.
 UNCHANGED_PLURALS = {"people", "sheep", "deer", "fish", "cattle", "police", "aircraft"}
 # "a car parked by a fence": after these participles "by" is a place, not the agent.
@@ -338,7 +338,9 @@ class _GraphBuilder:
         lemma, prep = _lemma(tok), tok.head.lower_
         if lemma in TIMES and prep in TIME_PREPS:
             return "time"
-        if lemma in POSITIONS and prep in POSITION_PREPS and not any(c.dep_ == "poss" for c in tok.children):
+        # "on the left", not "on its back" nor "on a busy street corner"
+        if lemma in POSITIONS and prep in POSITION_PREPS \
+                and all(c.i > tok.i or c.dep_ == "det" and c.lower_ == "the" for c in tok.children):
             of = [c for c in tok.rights if c.dep_ == "prep" and c.lower_ == "of"]
             if not of or any(_lemma(o) in IMAGE_NOUNS for o in of[0].children if o.dep_ == "pobj"):
                 return "position"

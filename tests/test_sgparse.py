@@ -98,6 +98,9 @@ REAL_CAPTIONS = {
     "positions of two conjuncts": ("A man in the foreground and a crowd in the background.", ["man", "crowd"],
                                    [("man", "foreground"), ("crowd", "background")], [],
                                    ["foreground", "background", ("man", "background")]),
+    "corner of a street is a place": ("An older man is playing the accordion on a busy street corner.",
+                                      ["man", "accordion", "street corner"], [("street corner", "busy")],
+                                      [("man", "play on", "street corner")], [("man", "corner")]),
     "time": ("A group of people walking down a street at night.", ["people", "street"], [("people", "group")],
              [("people", "walk down", "street")], ["night", ("people", "walk at", "night")]),
     "clause after clothing": ("An astronaut in an orange flight suit holding a white helmet.",
@@ -139,6 +142,15 @@ def test_real_caption(nlp, name):
     assert all(r in g.triples() for r in relations), (text, g.triples())
     for x in absent:  # an object head, an attribute pair or a triple
         assert x not in heads + g.named_attributes() + g.triples(), (text, x)
+
+
+def test_times_give_nothing(nlp):
+    for text in ["A boy jumps into the water on a sunny day.", "A city skyline at dusk.",
+                 "A horse grazing in a field at sunset."]:
+        g = graph(nlp, text)
+        heads = [h for h, _, _ in g.objects]
+        assert not {"day", "dusk", "sunset"} & set(heads), (text, heads)
+        assert all(p.split()[-1] not in ("on", "at") for _, p, _ in g.triples()), (text, g.triples())
 
 
 def test_position_is_an_attribute_of_what_it_locates(nlp):
