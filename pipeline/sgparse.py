@@ -70,10 +70,14 @@ LOCATIVE_VERBS = {"park", "place", "station", "position", "seat", "situate", "lo
 ING_VERBS = {"drink", "eat", "hold", "ride", "play", "watch", "wear", "use", "carry", "look",
              "read", "throw", "catch", "fly", "walk", "hit", "kick", "pull", "push", "show",
              "chase", "feed", "pet", "hug", "take", "make", "cook", "brush", "talk", "stare",
-             "sit", "stand", "lie", "lay", "hang", "face", "cross", "climb", "jump", "graze"}
+             "sit", "stand", "lie", "lay", "hang", "face", "climb", "jump", "graze", "swim", "run",
+             "rest", "sleep", "wait"}
 # "next to", "close to", "out of": the word before the preposition belongs to it.
 PREP_HEADS = {"next", "close", "near", "ahead", "out", "away", "apart", "across", "up", "down",
               "along", "together", "right", "off", "far", "inside", "outside"}
+# Adjective + noun names of one thing: the adjective is part of the head, not an attribute.
+FIXED_COMPOUNDS = {("hot", "dog"), ("polar", "bear"), ("french", "fry"), ("double", "decker"),
+                   ("grizzly", "bear"), ("high", "chair"), ("public", "transit")}
 COLOURS = {"black", "white", "red", "green", "blue", "yellow", "orange", "purple", "pink",
            "brown", "gray", "grey", "silver", "gold", "golden", "tan", "beige", "maroon",
            "teal", "turquoise", "navy", "dark", "light", "colorful", "colourful"}
@@ -227,15 +231,28 @@ def _is_modifier_noun(tok) -> bool:
     "optic" disc, which the tagger reads as a subject) or a modifier ("motion" blurred)."""
     if tok.i > tok.head.i:
         return False
-    if tok.head.pos_ in NOUN_POS:
+    if tok.head.pos_ in NOUN_POS and not _is_verb(tok.head):
         return tok.dep_ == "compound" or tok.dep_ == "amod" and tok.pos_ in NOUN_POS \
             or tok.dep_ == "nsubj" and tok.i == tok.head.i - 1
     return tok.head.dep_ == "amod" and tok.dep_ in ("compound", "nsubj", "npadvmod") and tok.i == tok.head.i - 1
 
 
+def _fixed_compound(tok) -> bool:
+    """The adjective of "hot dog", "polar bear" (``FIXED_COMPOUNDS``)."""
+    nxt = tok.nbor() if tok.i + 1 < len(tok.doc) else None
+    return nxt is not None and tok.dep_ == "amod" and (tok.lower_, _lemma(nxt)) in FIXED_COMPOUNDS
+
+
 def _is_verb(tok) -> bool:
-    """A verb, or an -ing clause the tagger calls a noun ("a giraffe *standing* in a field")."""
-    return tok.pos_ in ("VERB", "AUX") or tok.pos_ == "NOUN" and tok.dep_ == "acl" and tok.lower_.endswith("ing")
+    """A verb, or an -ing clause the tagger calls a noun: "a giraffe *standing* in a field" (as
+    a clause of the giraffe), "a polar bear *swimming* in the water" (as a compound noun)."""
+    if tok.pos_ in ("VERB", "AUX"):
+        return True
+    if tok.pos_ != "NOUN" or not tok.lower_.endswith("ing"):
+        return False
+    before = tok.doc[tok.i - 1] if tok.i > 0 else None
+    return tok.dep_ == "acl" or before is not None and before.dep_ == "compound" and before.head.i == tok.i \
+        and _ing_lemma(tok) in ING_VERBS
 
 
 def _close_up(tok) -> bool:
@@ -367,6 +384,10 @@ class _GraphBuilder:
         out, i = [], tok.i - 1
         while i >= 0:
             t = tok.doc[i]
+            if _fixed_compound(t):
+                out.insert(0, t)
+                i -= 1
+                continue
             if not _is_modifier_noun(t) or t.head.i not in (tok.i, i + 1) or t.lower_ in COLOURS \
                     or t.i in self.split or t.i in self.split_first:
                 break
@@ -429,6 +450,9 @@ class _GraphBuilder:
         counted = False
         # modifiers of the noun, and of its compounds ("a stuffed teddy bear")
         children = [c for c in tok.children if c.i > tok.i or c.dep_ != "amod"] + self._left_modifiers(tok)
+        if tok.dep_ == "compound" and _is_verb(tok.head):  # "a large zebra standing": large hangs on standing
+            children += [c for c in tok.head.lefts
+                         if c.i < tok.i and c.dep_ in ("amod", "nummod", "det") and not _fixed_compound(c)]
         for child in children:
             colour_noun = child.lower_ in COLOURS and _is_modifier_noun(child)  # tagged as a noun
             if _is_modifier_noun(child) and not colour_noun or child.i in self.split:
@@ -455,7 +479,7 @@ class _GraphBuilder:
         checked), "a stuffed teddy bear" (stuffed on teddy)."""
         out = []
         for t in tok.doc[tok.left_edge.i:tok.i]:
-            if not (t.dep_ == "amod" or t.lower_ in COLOURS and _is_modifier_noun(t)):
+            if not (t.dep_ == "amod" or t.lower_ in COLOURS and _is_modifier_noun(t)) or _fixed_compound(t):
                 continue
             h = t.head
             while h.i != tok.i and tok.left_edge.i <= h.i < tok.i and h.i not in self.obj_index \

@@ -127,6 +127,11 @@ REAL_CAPTIONS = {
                                   [("disc", "left of", "triangle")], [("disc", "leave of", "triangle")]),
     "-ing clause tagged as a noun": ("A giraffe standing in a field in the distance.", ["giraffe", "field"],
                                      [("giraffe", "distance")], [("giraffe", "stand in", "field")], ["standing"]),
+    "-ing verb the tagger joined to its subject": ("A polar bear swimming in the water.", ["polar bear", "water"], [],
+                                                   [("polar bear", "swim in", "water")],
+                                                   ["polar bear swimming", ("polar bear", "polar")]),
+    "adjective + noun names": ("A person holding a hot dog.", ["person", "hot dog"], [],
+                               [("person", "hold", "hot dog")], ["dog", ("hot dog", "hot")]),
     "colour tagged as a noun": ("A tiny purple circle and a large orange dotted cross.", ["circle", "cross"],
                                 [("cross", "orange"), ("cross", "large"), ("cross", "dotted")], [], ["orange"]),
 }
