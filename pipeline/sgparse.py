@@ -424,6 +424,8 @@ class _GraphBuilder:
                 tok = inner
             elif tok.lower_ in RELATIVE_PRONOUNS and tok.head.dep_ == "relcl":
                 tok = tok.head.head
+            elif tok.pos_ == "NOUN" and _is_verb(tok) and tok.i > 0 and tok.doc[tok.i - 1].head.i == tok.i:
+                tok = tok.doc[tok.i - 1]  # "held by a zebra standing": the zebra
             elif _is_modifier_noun(tok):
                 tok = tok.head
             else:

@@ -130,6 +130,8 @@ REAL_CAPTIONS = {
     "-ing verb the tagger joined to its subject": ("A polar bear swimming in the water.", ["polar bear", "water"], [],
                                                    [("polar bear", "swim in", "water")],
                                                    ["polar bear swimming", ("polar bear", "polar")]),
+    "that -ing verb as the agent": ("A bicycle being held by a zebra standing in a snow.", ["bicycle", "zebra"], [],
+                                    [("zebra", "hold", "bicycle")], ["zebra standing"]),
     "adjective + noun names": ("A person holding a hot dog.", ["person", "hot dog"], [],
                                [("person", "hold", "hot dog")], ["dog", ("hot dog", "hot")]),
     "colour tagged as a noun": ("A tiny purple circle and a large orange dotted cross.", ["circle", "cross"],
