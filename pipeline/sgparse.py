@@ -231,7 +231,7 @@ def _is_modifier_noun(tok) -> bool:
     "optic" disc, which the tagger reads as a subject) or a modifier ("motion" blurred)."""
     if tok.i > tok.head.i:
         return False
-    if tok.head.pos_ in NOUN_POS and not _is_verb(tok.head):
+    if tok.head.pos_ in NOUN_POS and not _is_verb(tok.head) and _side_noun(tok.head) is None:
         return tok.dep_ == "compound" or tok.dep_ == "amod" and tok.pos_ in NOUN_POS \
             or tok.dep_ == "nsubj" and tok.i == tok.head.i - 1
     return tok.head.dep_ == "amod" and tok.dep_ in ("compound", "nsubj", "npadvmod") and tok.i == tok.head.i - 1
@@ -241,6 +241,16 @@ def _fixed_compound(tok) -> bool:
     """The adjective of "hot dog", "polar bear" (``FIXED_COMPOUNDS``)."""
     nxt = tok.nbor() if tok.i + 1 < len(tok.doc) else None
     return nxt is not None and tok.dep_ == "amod" and (tok.lower_, _lemma(nxt)) in FIXED_COMPOUNDS
+
+
+def _side_noun(tok):
+    """The noun of "a square right of a cross" when the tagger made "square right" one noun
+    phrase: ``tok`` is "right" (or "left") and the noun is returned; else None."""
+    if _lemma(tok) not in ("left", "right") or tok.pos_ not in NOUN_POS or tok.i == 0 \
+            or not any(c.dep_ == "prep" and c.lower_ == "of" for c in tok.children):
+        return None
+    noun = tok.doc[tok.i - 1]
+    return noun if noun.pos_ in NOUN_POS and noun.head.i == tok.i and noun.dep_ in ("compound", "amod") else None
 
 
 def _is_verb(tok) -> bool:
@@ -326,7 +336,7 @@ class _GraphBuilder:
         if tok.pos_ not in NOUN_POS or _is_modifier_noun(tok) or not any(c.isalpha() for c in tok.text) \
                 or _is_verb(tok):
             return False
-        if tok.dep_ == "nummod" or self._setting(tok) or self._in_image(tok):
+        if tok.dep_ == "nummod" or self._setting(tok) or self._in_image(tok) or _side_noun(tok) is not None:
             return False  # "a dozen eggs", "on the left", "at night", "top of the picture"
         if _lemma(tok) in PLACE_NOUNS and self._of_object(tok) is not None and tok.dep_ == "pobj":
             return False
@@ -426,6 +436,8 @@ class _GraphBuilder:
                 tok = tok.head.head
             elif tok.pos_ == "NOUN" and _is_verb(tok) and tok.i > 0 and tok.doc[tok.i - 1].head.i == tok.i:
                 tok = tok.doc[tok.i - 1]  # "held by a zebra standing": the zebra
+            elif (noun := _side_noun(tok)) is not None:
+                tok = noun  # "there is a square right of a cross": the square
             elif _is_modifier_noun(tok):
                 tok = tok.head
             else:
@@ -452,7 +464,9 @@ class _GraphBuilder:
         counted = False
         # modifiers of the noun, and of its compounds ("a stuffed teddy bear")
         children = [c for c in tok.children if c.i > tok.i or c.dep_ != "amod"] + self._left_modifiers(tok)
-        if tok.dep_ == "compound" and _is_verb(tok.head):  # "a large zebra standing": large hangs on standing
+        side = _side_noun(tok.head)
+        if tok.dep_ == "compound" and _is_verb(tok.head) or side is not None and side.i == tok.i:
+            # "a large zebra standing", "a red square right of": "large" hangs on "standing"
             children += [c for c in tok.head.lefts
                          if c.i < tok.i and c.dep_ in ("amod", "nummod", "det") and not _fixed_compound(c)]
         for child in children:
@@ -592,6 +606,13 @@ class _GraphBuilder:
             anchor = anchor.head
         if anchor.lower_ == "up" and _close_up(anchor.head):  # "a close up of a pizza"
             anchor = anchor.head
+        if prep.lower_ == "of" and (noun := _side_noun(anchor)) is not None:  # "a square right of"
+            words.insert(0, anchor)
+            anchor = noun
+        subject = [c for c in anchor.children if c.dep_ == "nsubj"] if anchor.pos_ in ("ADJ", "ADV") else []
+        if subject and _lemma(anchor) in PREP_HEADS | {"left"} and len(words) == 1:  # "the cross right of the moon"
+            words.insert(0, anchor)
+            anchor = subject[0]
         if prep.lower_ == "of" and (_lemma(anchor) in GROUP_NOUNS | PLACE_NOUNS) and anchor.i not in self.obj_index:
             return  # part of "a group of" / "in front of", handled from the outside
         pobjs = [c for c in prep.children if c.dep_ == "pobj"]

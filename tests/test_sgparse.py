@@ -134,6 +134,10 @@ REAL_CAPTIONS = {
                                     [("zebra", "hold", "bicycle")], ["zebra standing"]),
     "adjective + noun names": ("A person holding a hot dog.", ["person", "hot dog"], [],
                                [("person", "hold", "hot dog")], ["dog", ("hot dog", "hot")]),
+    "right of, read as one noun": ("A black diamond right of one white disc.", ["diamond", "disc"],
+                                   [("diamond", "black")], [("diamond", "right of", "disc")], ["diamond right"]),
+    "right of after a subject": ("The cross right of the moon.", ["cross", "moon"], [],
+                                 [("cross", "right of", "moon")], []),
     "colour tagged as a noun": ("A tiny purple circle and a large orange dotted cross.", ["circle", "cross"],
                                 [("cross", "orange"), ("cross", "large"), ("cross", "dotted")], [], ["orange"]),
 }
