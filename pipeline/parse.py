@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import sgparse, shards
-from pipeline.config import (add_dataset_argument, add_quiet_argument, add_root_argument, positive_int,
-                             resolve_root)
+from pipeline.config import (UsageError, add_dataset_argument, add_quiet_argument, add_root_argument,
+                             positive_int, resolve_root)
 
 LONG_CAPTION_TOKENS = 200  # captions longer than this are parsed, and counted in the summary
 
@@ -170,7 +170,11 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_dataset_argument(p)
+    add_dataset_argument(p, required=False,
+                         help="dataset name (folder under the data root); required unless --show")
+    p.add_argument("--show", nargs="+", metavar="CAPTION",
+                   help="print the graph of each CAPTION (objects with their attributes, relations "
+                        "as triples) and write nothing")
     add_root_argument(p)
     p.add_argument("--workers", type=positive_int, default=1,
                    help="local dask worker processes (1: parse in this process)")
@@ -187,7 +191,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quiet_argument(p)
 
 
+def show(captions: list[str], model: str) -> int:
+    """``--show``: parse the captions given on the command line and print their graphs."""
+    try:
+        nlp = sgparse.load_model(model)
+    except OSError as e:
+        print(f"parse: {e}", file=sys.stderr)
+        return 2
+    for i, (text, graph) in enumerate(zip(captions, sgparse.parse_texts(nlp, captions))):
+        print("\n".join(sgparse.graph_lines(graph.row(i), text)))
+    return 0
+
+
 def command(args) -> int:
+    if args.show:
+        return show(args.show, args.model)
+    if not args.dataset:
+        raise UsageError("the following arguments are required: --dataset (or --show CAPTION ...)")
     # absolute, so that paths registered in shards.json resolve from any working directory
     layout = shards.Layout(resolve_root(args.root).absolute(), args.dataset)
     cfg = ParseConfig(model=args.model, chunk_size=args.chunk_size, batch_size=args.batch_size)

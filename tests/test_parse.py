@@ -66,6 +66,41 @@ def test_parse_writes_and_registers_chunks(tmp_path, capsys):
     assert first["tokens"][:3] == ["A", "man", "riding"]
     assert {"subject": 0, "predicate": "ride", "object": 1} in first["relations"]
     assert layout.index.verify() == []
+    # inspect prints the first graphs readably
+    assert cli.main(["inspect", str(layout.graphs(0))]) == 0
+    out = capsys.readouterr().out
+    assert "first 5 graph(s):" in out and "[1000] A man riding a horse on a beach ." in out
+    assert "(man, ride, horse) (man, ride on, beach)" in out and "[1005]" not in out
+
+
+def test_show_prints_graphs_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run("--show", "Two dogs playing with a red ball.", "A man in a red jacket.") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[0] Two dogs playing with a red ball.", "  objects    dog (two); ball (red)",
+                   "  relations  (dog, play with, ball)",
+                   "[1] A man in a red jacket.", "  objects    man; jacket (red)", "  relations  (man, in, jacket)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_required_without_show(capsys):
+    with pytest.raises(SystemExit) as e:
+        run("--workers", "1")
+    assert e.value.code == 2 and "--dataset" in capsys.readouterr().err
+
+
+def test_new_parser_rules_rewrite_every_chunk(tmp_path, capsys, monkeypatch):
+    from pipeline import sgparse
+
+    layout = write_captions(tmp_path, n=40)
+    monkeypatch.setattr(sgparse, "PARSER_VERSION", "1")  # graphs written by the earlier rules
+    assert run("--dataset", "toy", "--root", tmp_path, "--chunk-size", 15) == 0
+    old = {e.config_hash for e in layout.index.entries("graphs")}
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run("--dataset", "toy", "--root", tmp_path, "--chunk-size", 15) == 0
+    assert "wrote 3 chunk(s)" in capsys.readouterr().out
+    assert not old & {e.config_hash for e in layout.index.entries("graphs")}
 
 
 def test_rerun_skips_current_chunks_and_redoes_changed_ones(tmp_path, capsys):

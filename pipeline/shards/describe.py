@@ -13,6 +13,8 @@ from pipeline.shards.h5 import get_attrs, open_h5
 from pipeline.shards.index import checked
 from pipeline.shards.tables import read_table, table_metadata
 
+GRAPH_ROWS = 5  # graphs inspect prints of a graphs table
+
 
 def label_lines(obj_labels: np.ndarray, attr_labels: np.ndarray, attrs: dict, top: int = 10) -> list[str]:
     """The most frequent object and attribute labels of a region shard, by name."""
@@ -60,6 +62,11 @@ def describe(path) -> str:
                 lines.append(f"  split {s['values']}: {s['counts']:,}")
         for k, v in table_metadata(path).items():
             lines.append(f"  @{k} = {json.dumps(v)}")
+        if {"tokens", "objects", "attributes", "relations"} <= set(table.column_names):
+            from pipeline.sgparse import graph_lines
+
+            lines.append(f"  first {min(GRAPH_ROWS, table.num_rows)} graph(s):")
+            lines += ["    " + g for row in table.slice(0, GRAPH_ROWS).to_pylist() for g in graph_lines(row)]
     elif path.suffix == ".json":
         data = read_json(path)
         if "words" in data:
