@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import (LocalGlobal, bigru_states, masked_mean, masked_softmax,
+from training.models.layers import (FeatureNorm, LocalGlobal, bigru_states, masked_mean, masked_softmax,
                                     relative_geometry)
 
 # node types of the relation graph (row/column index of its learned type bias)
@@ -46,10 +46,19 @@ class KIDRRConfig(ModelConfig):
     attn_lambda: float = 9.0       # inverse temperature of the cross attention (SCAN / SGRAF)
     prune_init: float = 0.5        # initial pruning threshold, in units of a uniform edge weight
     readout: str = "mean"          # score from: mean (all reasoned nodes) | global (SGRAF's node)
+    # SGRAF's initialisation of the scoring layers (similarity vectors, relation graph, score):
+    # Xavier-uniform weights, zero biases. False: PyTorch's default, under which all scores of a
+    # batch start within 1 % of the margin of each other and training sat at the collapsed loss
+    # (docs/models.md, "kidrr")
+    sgraf_init: bool = True
+    # standardise region features per channel before the projection (layers.FeatureNorm), as
+    # vsepp does: on random-weight features the images otherwise start at cosine 0.98
+    feature_norm: bool = True
     sim_block_elems: int = 1 << 25  # bound on pairs x nodes x max(embed_dim, sim_dim) per chunk
     # SGRAF's Flickr30K schedule (COCO: the base's DATASET_DEFAULTS)
     epochs: int = 40
     lr_decay_epochs: tuple[int, ...] = (30,)
+    SAVED_BEFORE = {"sgraf_init": False, "feature_norm": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +201,18 @@ class RelationGraph(nn.Module):
         return torch.sigmoid(self.score(self.readout(s, mask))).squeeze(-1)
 
 
+def xavier_init(module: nn.Module) -> None:
+    """SGRAF's ``init_weights`` on every linear layer of ``module``: weights uniform in
+    ±sqrt(6 / (fan_in + fan_out)), biases zero. With PyTorch's default the projection biases
+    are about 4x longer than the data part of (a - b)^2, so every similarity vector starts near
+    the same direction and the scores of all pairs nearly equal."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # the model
 
@@ -204,6 +225,7 @@ class KIDRR(ITMModel):
         super().__init__(cfg, vocab)
         d, s = cfg.embed_dim, cfg.sim_dim
         # image side
+        self.feature_norm = FeatureNorm(cfg.feature_dim) if cfg.feature_norm else None
         self.img_fc = nn.Linear(cfg.feature_dim, d)
         self.geometry = BoxGeometry()
         self.img_graph = Dissemination(d, cfg.kid_iters, cfg.kid_scale_init)
@@ -221,12 +243,17 @@ class KIDRR(ITMModel):
         self.sim_gg, self.sim_gl = SimVector(d, s), SimVector(d, s)
         self.sim_t2i, self.sim_i2t = SimVector(d, s), SimVector(d, s)
         self.relation = RelationGraph(s, cfg.reason_steps, cfg.prune_init, cfg.readout)
+        if cfg.sgraf_init:
+            for layer in (self.sim_gg, self.sim_gl, self.sim_t2i, self.sim_i2t, self.relation):
+                xavier_init(layer)
 
     # encoders ---------------------------------------------------------------------------------
 
     def encode_image(self, img):
-        x = self.img_fc(img.regions)
-        mask = img.region_mask
+        x, mask = img.regions, img.region_mask
+        if self.feature_norm is not None:
+            x = self.feature_norm(x, mask)
+        x = self.img_fc(x)
         edges = mask[:, :, None] & mask[:, None, :]
         x, g = self.img_graph(x, mask, edges, self.geometry(img.boxes, img.boxes_known))
         return LocalGlobal(F.normalize(x, dim=-1), mask, F.normalize(g, dim=-1))
