@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import (FeatureNorm, LocalGlobal, bigru_states, masked_mean, masked_softmax,
+from training.models.layers import (LocalGlobal, bigru_states, masked_mean, masked_softmax,
                                     relative_geometry)
 
 # node types of the relation graph (row/column index of its learned type bias)
@@ -51,9 +51,6 @@ class KIDRRConfig(ModelConfig):
     # batch start within 1 % of the margin of each other and training sat at the collapsed loss
     # (docs/models.md, "kidrr")
     sgraf_init: bool = True
-    # standardise region features per channel before the projection (layers.FeatureNorm), as
-    # vsepp does: on random-weight features the images otherwise start at cosine 0.98
-    feature_norm: bool = True
     sim_block_elems: int = 1 << 25  # bound on pairs x nodes x max(embed_dim, sim_dim) per chunk
     # SGRAF's Flickr30K schedule (COCO: the base's DATASET_DEFAULTS)
     epochs: int = 40
@@ -225,7 +222,6 @@ class KIDRR(ITMModel):
         super().__init__(cfg, vocab)
         d, s = cfg.embed_dim, cfg.sim_dim
         # image side
-        self.feature_norm = FeatureNorm(cfg.feature_dim) if cfg.feature_norm else None
         self.img_fc = nn.Linear(cfg.feature_dim, d)
         self.geometry = BoxGeometry()
         self.img_graph = Dissemination(d, cfg.kid_iters, cfg.kid_scale_init)
@@ -250,10 +246,7 @@ class KIDRR(ITMModel):
     # encoders ---------------------------------------------------------------------------------
 
     def encode_image(self, img):
-        x, mask = img.regions, img.region_mask
-        if self.feature_norm is not None:
-            x = self.feature_norm(x, mask)
-        x = self.img_fc(x)
+        x, mask = self.img_fc(self.regions(img)), img.region_mask
         edges = mask[:, :, None] & mask[:, None, :]
         x, g = self.img_graph(x, mask, edges, self.geometry(img.boxes, img.boxes_known))
         return LocalGlobal(F.normalize(x, dim=-1), mask, F.normalize(g, dim=-1))
