@@ -244,7 +244,7 @@ def test_no_dissemination_keeps_the_projected_nodes_and_their_mean(data, items):
     model = make_model(vocab, kid_iters=0).train()
     b = batch_of(items[:4])
     ie = model.encode_image(b.image)
-    x, mask = model.img_fc(b.image.regions), b.image.region_mask
+    x, mask = model.img_fc(model.regions(b.image)), b.image.region_mask
     torch.testing.assert_close(ie.local[mask], torch.nn.functional.normalize(x, dim=-1)[mask])
     torch.testing.assert_close(ie.global_, torch.nn.functional.normalize(masked_mean(x, mask), dim=-1))
     te = model.encode_text(b.text)
@@ -270,3 +270,34 @@ def test_no_reconstruction_is_the_graph_with_no_type_bias_and_no_pruning(data, i
         off = scores(full, b)
     assert (reconstructed - off).abs().max() > 1e-5
     torch.testing.assert_close(scores(plain, b), off, rtol=1e-4, atol=1e-5)
+
+
+FIRST_VERSION = {"sgraf_init": False, "feature_norm": False}   # what runs saved before them did
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scores_start_spread_apart_at_the_demo_sizes(data, items, seed):
+    """At initialisation the scores of a training batch differ by a useful part of the margin:
+    with PyTorch's default initialisation of the scoring layers and raw region features (the
+    first version) their spread was about 1 % of it, and training sat at the collapsed loss
+    2 x margin x batch for epochs (docs/models.md, "kidrr")."""
+    _, vocab, _ = data
+    sizes = dict(TINY, embed_dim=256, word_dim=128, sim_dim=64, reason_steps=3)
+    b = batch_of(items[:12])
+
+    def spread(**over):
+        torch.manual_seed(seed)
+        model = models.build("kidrr", dict(sizes, **over), vocab).train()   # FeatureNorm: batch statistics
+        return scores(model, b).std().item()
+
+    margin = models.default_config("kidrr").margin
+    assert spread() > 0.05 * margin > spread(**FIRST_VERSION)
+
+
+def test_runs_saved_before_the_fix_keep_their_initialisation_and_inputs():
+    cls = models.get("kidrr").config_class
+    saved = {k: v for k, v in dataclasses.asdict(cls()).items() if k not in FIRST_VERSION}
+    old = models.make_config(cls, saved, saved=True)
+    assert {k: getattr(old, k) for k in FIRST_VERSION} == FIRST_VERSION
+    new = models.default_config("kidrr")
+    assert new.sgraf_init and new.feature_norm

@@ -115,7 +115,7 @@ def _small(name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# region feature standardisation (vsepp)
+# region feature standardisation (every model)
 
 def test_feature_norm_ignores_padding_and_depends_on_the_item_alone_at_evaluation():
     g = torch.Generator().manual_seed(0)
@@ -154,6 +154,27 @@ def test_vsepp_tells_apart_images_that_share_a_large_common_component():
     assert mean_cosine(True) < 0.3
 
 
+@pytest.mark.parametrize("name", ["vsepp", "cimn", "dsrln", "kidrr", "resg"])
+def test_standardised_regions_spread_the_scores_over_images_that_share_a_component(name):
+    """Region features with one large positive common part (as detector features have): with
+    raw features every model's scores of a caption against 16 images start nearly equal; the
+    base config's feature_norm spreads them several times wider."""
+    g = torch.Generator().manual_seed(0)
+    common = 1.6 + 0.6 * torch.rand(32, generator=g)
+    img = random_image_batches(16, 3, 32, 16, grid_hw=(2, 2))[0]
+    img = dataclasses.replace(img, regions=common + 0.15 * torch.randn(16, 3, 32, generator=g))
+    vocab = random_vocab(30)
+    txt = random_caption_batches(16, vocab, 16)[0]
+
+    def spread(feature_norm):
+        torch.manual_seed(0)
+        m = models.build(name, dict(_small(name), feature_norm=feature_norm), vocab).train()
+        with torch.no_grad():
+            return m.similarity(m.encode_image(img), m.encode_text(txt)).std(0).mean().item()
+
+    assert spread(True) > 3 * spread(False)
+
+
 # ---------------------------------------------------------------------------------------------
 # registry and configs
 
@@ -189,26 +210,30 @@ def test_saved_configs_of_older_runs_load_as_they_were_trained():
     old = {k: v for k, v in models.dataclasses.asdict(cls()).items() if k != "sim_block_elems"}
     old["sim_budget"] = 1234                                       # renamed since
     assert models.make_config(cls, old, saved=True).sim_block_elems == 1234
-    vsepp = models.get("vsepp").config_class
-    saved = {k: v for k, v in models.dataclasses.asdict(vsepp()).items() if k != "feature_norm"}
-    assert models.make_config(vsepp, saved, saved=True).feature_norm is False   # added since
-    assert models.default_config("vsepp").feature_norm is True                    # new runs
+    for name in models.names():
+        config_class = models.get(name).config_class
+        saved = {k: v for k, v in models.dataclasses.asdict(config_class()).items() if k != "feature_norm"}
+        assert models.make_config(config_class, saved, saved=True).feature_norm is False  # added since
+        assert models.default_config(name).feature_norm is True                           # new runs
 
 
-def test_a_vsepp_run_saved_before_feature_norm_loads_and_scores_the_same(tmp_path):
+@pytest.mark.parametrize("name", ["vsepp", "cimn", "dsrln", "kidrr", "resg"])
+def test_a_run_saved_before_feature_norm_loads_and_scores_the_same(name, tmp_path):
     vocab = random_vocab(30)
-    cfg = dict(embed_dim=16, word_dim=8, feature_dim=32)
+    cfg = _small(name)
     torch.manual_seed(0)
-    old = models.build("vsepp", dict(cfg, feature_norm=False), vocab).eval()
+    old = models.build(name, dict(cfg, feature_norm=False), vocab).eval()
     checkpoint.save(tmp_path / "best.pt", {"model": old.state_dict()})
-    saved = {k: v for k, v in models.dataclasses.asdict(models.default_config("vsepp", **cfg)).items()
-             if k != "feature_norm"}
-    run = RunConfig(model="vsepp", dataset="synth", root=str(tmp_path), model_config=saved)
-    again = models.build("vsepp", run.model_cfg(), vocab).eval()
+    saved = {k: v for k, v in models.dataclasses.asdict(models.default_config(name, **cfg)).items()
+             if k not in models.get(name).config_class.SAVED_BEFORE}
+    run = RunConfig(model=name, dataset="synth", root=str(tmp_path), model_config=saved)
+    again = models.build(name, run.model_cfg(), vocab).eval()
     again.load_state_dict(checkpoint.load(tmp_path / "best.pt")["model"])   # strict: same keys
-    img = random_image_batches(4, 3, 32, 4)[0]
+    img = random_image_batches(4, 3, 32, 4, grid_hw=(2, 2))[0]
+    txt = random_caption_batches(4, vocab, 4)[0]
     with torch.no_grad():
-        assert torch.equal(again.encode_image(img), old.encode_image(img))
+        assert torch.equal(again.similarity(again.encode_image(img), again.encode_text(txt)),
+                           old.similarity(old.encode_image(img), old.encode_text(txt)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from torch import nn
 
 from pipeline import shards
 from training import losses
+from training.models.layers import FeatureNorm
 
 _REGISTRY: dict[str, type["ITMModel"]] = {}
 
@@ -48,11 +49,16 @@ class ModelConfig:
     what those runs did; a saved config without such a field gets that value (``make_config(...,
     saved=True)``), a new run the field's default."""
 
-    SAVED_BEFORE: ClassVar[dict[str, Any]] = {}
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"feature_norm": False}
 
     embed_dim: int = 1024
     word_dim: int = 300            # word embedding size (GloVe's 300 in the SCAN family)
     feature_dim: int = 2048        # region feature channels (bottom-up attention)
+    # standardise region features per channel before the model's first layer (layers.FeatureNorm;
+    # False: raw features, as runs saved before it). Detector features share a large common
+    # component that starts every image near the same point and the hardest-negative loss at
+    # 2 x margin x batch (docs/models.md, "What the models share")
+    feature_norm: bool = True
     word_vectors: bool = False     # initialise the word embedding from text/vocab.vectors.npy
     # cross-attention models: bound on the elements of the largest tensor of one similarity chunk
     sim_block_elems: int = 1 << 24
@@ -99,6 +105,14 @@ class ITMModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = len(vocab)
+        self.feature_norm = FeatureNorm(cfg.feature_dim) if cfg.feature_norm else None
+
+    def regions(self, img) -> torch.Tensor:
+        """The batch's region features [B, R, C], standardised when ``cfg.feature_norm``: what
+        every model's ``encode_image`` projects."""
+        if self.feature_norm is None:
+            return img.regions
+        return self.feature_norm(img.regions, img.region_mask)
 
     def encode_image(self, img) -> Any:
         """``img`` is a ``training.data.ImageBatch``; returns a [B, D] tensor (two-tower), or a

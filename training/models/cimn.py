@@ -169,7 +169,7 @@ class CIMN(ITMModel):
         self.text_tower = Tower(d, d, cfg.frr_layers, cfg.dropout, cfg.frr_scale_init, cfg.pooling)
 
     def encode_image(self, img):
-        x = self.region_fc(img.regions) + self.box_fc(box_features(img.boxes))
+        x = self.region_fc(self.regions(img)) + self.box_fc(box_features(img.boxes))
         near = box_neighbourhood(img.boxes, img.region_mask, img.boxes_known, self.cfg.box_sigma)
         return self.image_tower(x, near, img.region_mask)
 

@@ -195,7 +195,7 @@ class DSRLN(ITMModel):
         real = (mask & known[:, None]).unsqueeze(-1)
         boxes = torch.where(real, img.boxes, img.boxes.new_tensor([0., 0., 1., 1.]))
         geo = sinusoid(relative_geometry(boxes), self.cfg.geo_dim)
-        x = self.img_fc(img.regions)
+        x = self.img_fc(self.regions(img))
         for layer in self.gisa:
             x = layer(x, mask, geo, geometry)
         if self.dif is not None:

@@ -127,7 +127,7 @@ class ReSG(ITMModel):
     # -- VReG ----------------------------------------------------------------------------------
     def encode_image(self, img):
         mask, boxes = img.region_mask, img.boxes
-        x = self.region_fc(img.regions) + self.box_fc(box_features(boxes))
+        x = self.region_fc(self.regions(img)) + self.box_fc(box_features(boxes))
         x = x * mask.unsqueeze(-1)
         for layer in self.v_refine:
             x = layer(x, mask)

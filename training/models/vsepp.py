@@ -10,15 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
-from training.models.layers import FeatureNorm, masked_mean
+from training.models.layers import masked_mean
 
 
 @dataclass
 class VSEPPConfig(ModelConfig):
-    # standardise region features before pooling (False: the first version, which collapsed to
-    # equal scores on features with a large common component; docs/models.md)
-    feature_norm: bool = True
-    SAVED_BEFORE = {"feature_norm": False}
+    """The base's fields; ``feature_norm = false`` is the first version, which collapsed to equal
+    scores on features with a large common component (docs/models.md)."""
 
 
 @register("vsepp")
@@ -29,16 +27,12 @@ class VSEPP(ITMModel):
 
     def __init__(self, cfg: VSEPPConfig, vocab):
         super().__init__(cfg, vocab)
-        self.feature_norm = FeatureNorm(cfg.feature_dim) if cfg.feature_norm else None
         self.img_fc = nn.Linear(cfg.feature_dim, cfg.embed_dim)
         self.embed = nn.Embedding(len(vocab), cfg.word_dim, padding_idx=0)
         self.gru = nn.GRU(cfg.word_dim, cfg.embed_dim, batch_first=True)
 
     def encode_image(self, img):
-        x = img.regions
-        if self.feature_norm is not None:
-            x = self.feature_norm(x, img.region_mask)
-        return F.normalize(self.img_fc(masked_mean(x, img.region_mask)), dim=-1)
+        return F.normalize(self.img_fc(masked_mean(self.regions(img), img.region_mask)), dim=-1)
 
     def encode_text(self, txt):
         x = self.embed(txt.tokens)
