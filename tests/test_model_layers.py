@@ -222,7 +222,7 @@ def test_a_run_saved_before_feature_norm_loads_and_scores_the_same(name, tmp_pat
     vocab = random_vocab(30)
     cfg = _small(name)
     torch.manual_seed(0)
-    old = models.build(name, dict(cfg, feature_norm=False), vocab).eval()
+    old = models.build(name, dict(cfg, **models.get(name).config_class.SAVED_BEFORE), vocab).eval()
     checkpoint.save(tmp_path / "best.pt", {"model": old.state_dict()})
     saved = {k: v for k, v in models.dataclasses.asdict(models.default_config(name, **cfg)).items()
              if k not in models.get(name).config_class.SAVED_BEFORE}
