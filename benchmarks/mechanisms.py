@@ -27,6 +27,7 @@ import statistics
 import sys
 
 import torch
+from torchvision import ops
 
 from pipeline.config import HelpFormatter
 from pipeline.shards import ShardError
@@ -107,12 +108,9 @@ def dif_gate(run, images, texts, args) -> list[str]:
 # cimn
 
 def box_iou(boxes: torch.Tensor) -> torch.Tensor:
-    """[B, R, 4] x1y1x2y2 -> [B, R, R] IoU of every pair."""
-    lo = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
-    hi = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
-    inter = (hi - lo).clamp(min=0).prod(-1)
-    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-9)
+    """[B, R, 4] x1y1x2y2 -> [B, R, R] IoU of every pair (torchvision's, image by image); pairs of
+    empty boxes (padding) give 0."""
+    return torch.stack([ops.box_iou(b, b) for b in boxes]).nan_to_num(0.0)
 
 
 def attention_stats(att: torch.Tensor, mask: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict:
