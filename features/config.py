@@ -49,6 +49,10 @@ class ExtractorConfig:
     min_boxes: int = 10
     max_boxes: int = 100
     regress_boxes: bool = False          # False: report the proposal boxes the features come from
+    # what a region's features see: "image", the whole image (the backbone's receptive field reaches
+    # past the box, as in the published extractor), or "box", the image with every pixel outside
+    # the box set to the mean pixel (one more backbone pass per box)
+    region_input: str = "image"
     # grid features: res5 over the whole C4 map, average-pooled to this grid
     grid_size: tuple = (7, 7)
     amp: bool = False
@@ -62,6 +66,8 @@ class ExtractorConfig:
         self.anchor_ratios = tuple(self.anchor_ratios)
         self.grid_size = tuple(self.grid_size)
         self.fixed_boxes  # validates ``boxes``
+        if self.region_input not in REGION_INPUTS:
+            raise ValueError(f"region_input must be one of {list(REGION_INPUTS)}, got {self.region_input!r}")
         if self.depth not in RESNET_BLOCKS:
             raise ValueError(f"depth must be one of {sorted(RESNET_BLOCKS)}, got {self.depth}")
         if not 0 < self.min_boxes <= self.max_boxes:
@@ -84,7 +90,8 @@ class ExtractorConfig:
         """The settings that shape one kind of output; its shards' config hash covers only
         these, so changing the box rule does not invalidate grid shards (and vice versa)."""
         drop = {"regions": GRID_ONLY, "grid": REGION_ONLY}[kind]
-        return {k: v for k, v in self.to_dict().items() if k not in drop}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in drop and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
     def shard_hash(self, kind: str, weights_sha256: str) -> str:
         """The config hash shards of ``kind`` are registered under in shards.json."""
@@ -102,10 +109,16 @@ class ExtractorConfig:
 # blocks per stage res2..res5
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
+REGION_INPUTS = ("image", "box")
+
+# settings added after shards were first written: left out of the hash while at their default, so
+# the shards written before them stay current
+ADDED_LATER = {"region_input": "image"}
+
 GRID_ONLY = frozenset({"grid_size"})
 REGION_ONLY = frozenset({
     "anchor_sizes", "anchor_ratios", "anchor_offset", "rpn_channels", "rpn_pre_nms_topk",
     "rpn_post_nms_topk", "rpn_nms", "rpn_min_size", "pooler", "pooler_resolution",
     "pooler_sampling_ratio", "num_classes", "bbox_reg_classes", "background_last", "num_attributes",
     "attr_embed_dim", "attr_hidden_dim", "boxes", "nms", "conf_thresh", "min_boxes", "max_boxes",
-    "regress_boxes"})
+    "regress_boxes", "region_input"})

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from features.config import ExtractorConfig
+from features.config import REGION_INPUTS, ExtractorConfig
 from features.devices import held_gpu, visible_gpus
 from features.profile import Stages, no_stages
 from features.rcnn import BottomUpRCNN
@@ -208,6 +208,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adaptive boxes: keep detections scoring at least this")
     p.add_argument("--min-boxes", type=int, default=d.min_boxes, help="adaptive boxes: at least this many")
     p.add_argument("--max-boxes", type=int, default=d.max_boxes, help="adaptive boxes: at most this many")
+    p.add_argument("--region-input", choices=REGION_INPUTS, default=d.region_input,
+                   help="what a region's features see: image (the whole image through the backbone's receptive "
+                        "field, as the published extractor) or box (every pixel outside the box set to the mean "
+                        "pixel; one backbone pass per box)")
     p.add_argument("--grid", type=int, nargs=2, default=list(d.grid_size), metavar=("H", "W"),
                    help="grid features: H x W cells")
     add_set_argument(p, "any other extractor setting of features/config.py (e.g. --set pooler=roi_pool)")
@@ -223,7 +227,8 @@ def run_options(args, device: str) -> RunOptions:
 def config_from_args(args) -> ExtractorConfig:
     values = dict(min_size=args.min_size, max_size=args.max_size, boxes=args.boxes,
                   rpn_post_nms_topk=args.proposals, conf_thresh=args.conf_thresh, min_boxes=args.min_boxes,
-                  max_boxes=args.max_boxes, grid_size=tuple(args.grid), amp=args.amp)
+                  max_boxes=args.max_boxes, region_input=args.region_input, grid_size=tuple(args.grid),
+                  amp=args.amp)
     values.update(typed_settings(args.set, ExtractorConfig, "the extractor (features/config.py)"))
     return ExtractorConfig.from_dict(values)
 
@@ -271,7 +276,8 @@ def command(args) -> int:
         print(f"features extract: where the time went ({device}):\n{r.stages.table(r.loop_seconds, r.images)}",
               file=sys.stderr)
     weights = "RANDOM weights" if args.weights == RANDOM else f"weights {Path(args.weights).name}"
-    print(f"features extract: {args.dataset} [{args.kind}, boxes {args.boxes}, {weights}]: " + "; ".join(parts))
+    boxes = f"boxes {args.boxes}" + (", each seen alone" if args.region_input == "box" else "")
+    print(f"features extract: {args.dataset} [{args.kind}, {boxes}, {weights}]: " + "; ".join(parts))
     return 0
 
 

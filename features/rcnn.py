@@ -75,19 +75,24 @@ class BottomUpRCNN(nn.Module):
                                      [self._to_input_pixels(given_boxes[i], images[i], orig_sizes[i]) for i in group])
                     for j, i in enumerate(group):
                         given = None if given_boxes is None else given_boxes[i]
-                        out[i].update(self._regions(c4[j:j + 1], proposals[j], sizes[j], orig_sizes[i], given,
-                                                    stages))
+                        out[i].update(self._regions(c4[j:j + 1], x[j], proposals[j], sizes[j], orig_sizes[i],
+                                                    given, stages))
         return out
 
-    def _regions(self, c4, proposals, size, orig_size, given, stages=no_stages) -> dict:
+    def _regions(self, c4, x, proposals, size, orig_size, given, stages=no_stages) -> dict:
+        """``x``: the image's mean-subtracted input, for ``region_input="box"``."""
         cfg, heads = self.cfg, self.roi_heads
         if given is None:  # too few proposals (tiny image, degenerate scores): pad with the whole image
             need = (cfg.fixed_boxes or 1) - len(proposals)
             if need > 0:
                 whole = torch.tensor([[0.0, 0.0, size[1], size[0]]], device=c4.device)
                 proposals = torch.cat([proposals, whole.expand(need, 4)])
+        box_only = cfg.region_input == "box"
         with stages("box head"):
-            features = heads.region_features(c4, [proposals]).float()
+            if box_only and given is not None:   # nothing to select: pool the given boxes once, each alone
+                features = self._box_only_features(x, proposals, stages)
+            else:
+                features = heads.region_features(c4, [proposals]).float()
             cls_logits, deltas = heads.box_predictor(features)
             fg = heads.foreground_probs(cls_logits)
         with stages("box selection"):
@@ -97,6 +102,9 @@ class BottomUpRCNN(nn.Module):
             else:
                 keep = torch.arange(len(proposals), device=c4.device)
         features, fg = features[keep], fg[keep]
+        if box_only and given is None:   # detections were selected on the whole image; describe each alone
+            features = self._box_only_features(x, proposals[keep], stages)
+            fg = heads.foreground_probs(heads.box_predictor(features)[0])
         obj_scores, obj_labels = fg.max(dim=1) if len(fg) else (fg.new_zeros(0), fg.new_zeros(0, dtype=torch.long))
         with stages("attributes"):
             attr_labels, attr_scores = heads.attributes(features, obj_labels)
@@ -109,6 +117,18 @@ class BottomUpRCNN(nn.Module):
             boxes = self._to_original_pixels(boxes, size, orig_size)
         return {"features": features, "boxes": boxes, "obj_labels": obj_labels, "obj_scores": obj_scores,
                 "attr_labels": attr_labels, "attr_scores": attr_scores}
+
+    def _box_only_features(self, x, boxes, stages=no_stages) -> torch.Tensor:
+        """Region features of ``boxes`` (input pixels), each from its own backbone pass over ``x``
+        with every pixel outside the box set to the mean pixel (0 after the mean is subtracted), so
+        nothing outside a box reaches its features."""
+        out = [x.new_zeros(0, self.roi_heads.box_predictor.cls_score.in_features)]
+        for chunk in boxes.split(BOX_ONLY_BATCH):
+            masked = x.unsqueeze(0) * box_masks(chunk, x.shape[1:]).unsqueeze(1).to(x.dtype)
+            with stages("backbone"):
+                c4 = self.backbone(masked.contiguous(memory_format=self.memory_format))
+            out.append(self.roi_heads.region_features(c4, list(chunk.unsqueeze(1))).float())
+        return torch.cat(out)
 
     def _regress(self, boxes, deltas, labels, size):
         n_reg = self.cfg.bbox_reg_classes
@@ -134,6 +154,19 @@ class BottomUpRCNN(nn.Module):
             return contextlib.nullcontext()
         dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         return torch.autocast(device.type, dtype=dtype)
+
+
+BOX_ONLY_BATCH = 16   # masked copies of one image per backbone pass
+
+
+def box_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[n, h, w] booleans: the pixels each box (x1, y1, x2, y2, in pixels) touches."""
+    h, w = size
+    ys = torch.arange(h, device=boxes.device).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=boxes.device).view(1, 1, w) + 0.5
+    x1, y1, x2, y2 = (boxes[:, k].view(-1, 1, 1) for k in range(4))
+    # a pixel counts when the box covers any part of it: [floor(x1), ceil(x2)) on each axis
+    return ((xs > x1.floor()) & (xs < x2.ceil())) & ((ys > y1.floor()) & (ys < y2.ceil()))
 
 
 def _same_size_groups(images) -> list[list[int]]:

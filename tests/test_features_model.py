@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 from PIL import Image, ImageDraw
 
 from features.config import ExtractorConfig
-from features.rcnn import BottomUpRCNN
+from features.rcnn import BottomUpRCNN, box_masks
 from features.roi_heads import max_class_scores, select_boxes
 from features.transforms import resized_size, to_network_input
 from features.weights import load_weights
@@ -224,3 +224,56 @@ def test_profile_times_every_stage(state):
     assert all(s > 0 for s in stages.seconds.values())
     table = stages.table(wall=sum(stages.seconds.values()), images=2)
     assert table.splitlines()[1].startswith("backbone") and "loop wall" in table
+
+
+def test_box_masks_cover_every_pixel_a_box_touches():
+    masks = box_masks(torch.tensor([[1.5, 2.0, 4.0, 5.2], [0.0, 0.0, 8.0, 6.0]]), (6, 8))
+    want = torch.zeros(6, 8, dtype=torch.bool)
+    want[2:6, 1:4] = True   # rows 2..5 (5.2 reaches into row 5), columns 1..3 (1.5 reaches into column 1)
+    assert torch.equal(masks[0], want)
+    assert masks[1].all()
+
+
+def _mean_filled_outside(im, box):
+    """``im`` with every pixel outside ``box`` set to the model's mean pixel (RGB)."""
+    arr = np.asarray(im).copy()
+    mean_rgb = np.rint(ExtractorConfig().pixel_mean_bgr[::-1]).astype(np.uint8)
+    inside = box_masks(torch.tensor([box]), arr.shape[:2])[0].numpy()
+    arr[~inside] = mean_rgb
+    return Image.fromarray(arr)
+
+
+def test_box_only_regions_see_nothing_outside_their_box(state):
+    image_mode, box_mode = make_model(state, boxes="given"), make_model(state, boxes="given", region_input="box")
+    box = [30.0, 10.0, 70.0, 50.0]
+    given = [torch.tensor([box])]
+    # two images that differ only outside the box (inside it, the same ellipse on the same grey)
+    a, b = scene(shape="round", x=30, size=(64, 96)), scene(shape="round", x=30, size=(64, 96))
+    ImageDraw.Draw(b).rectangle([0, 0, 25, 63], fill=(0, 200, 255))
+    ImageDraw.Draw(b).rectangle([75, 0, 95, 63], fill=(255, 255, 0))
+    fa, fb = (run(box_mode, [im], given_boxes=given)[0]["features"] for im in (a, b))
+    torch.testing.assert_close(fa, fb)
+    ga, gb = (run(image_mode, [im], given_boxes=given)[0]["features"] for im in (a, b))
+    assert (ga - gb).norm() > 1e-3 * ga.norm()   # the whole-image features do see the change
+    # and a box-only feature is the whole-image feature of the image filled with the mean pixel outside the box
+    # (up to the mean's rounding to whole pixel values)
+    filled = run(image_mode, [_mean_filled_outside(a, box)], given_boxes=given)[0]["features"]
+    torch.testing.assert_close(fa, filled, rtol=2e-2, atol=2e-2)
+
+
+def test_box_only_detections_describe_each_kept_box_alone(state):
+    im = scene(size=(64, 96))   # min_size 64, max_size 96: the input is the image itself, no resizing
+    out = run(make_model(state, region_input="box"), [im])[0]
+    assert 10 <= len(out["features"]) <= 16
+    alone = run(make_model(state, boxes="given", region_input="box"), [im], given_boxes=[out["boxes"]])[0]
+    torch.testing.assert_close(out["features"], alone["features"])
+    torch.testing.assert_close(out["obj_labels"], alone["obj_labels"])
+
+
+def test_region_input_is_in_the_region_hash_only_when_not_the_default():
+    image, box = ExtractorConfig(), ExtractorConfig(region_input="box")
+    assert "region_input" not in image.settings_for("regions")   # shards written before it stay current
+    assert image.shard_hash("regions", "w") != box.shard_hash("regions", "w")
+    assert image.shard_hash("grid", "w") == box.shard_hash("grid", "w")
+    with pytest.raises(ValueError, match="region_input"):
+        ExtractorConfig(region_input="crop")

@@ -123,7 +123,7 @@ def extract_flags(*kinds):
         if "regions" in kinds:
             out += [flag("--boxes", setting(ds, "boxes")), flag("--min-boxes", config["min_boxes"]),
                     flag("--max-boxes", config["max_boxes"]), flag("--conf-thresh", config["conf_thresh"]),
-                    flag("--proposals", config["proposals"])]
+                    flag("--proposals", config["proposals"]), flag("--region-input", setting(ds, "region_input"))]
         if "grid" in kinds:
             out.append("--grid {} {}".format(*map(shlex.quote, map(str, config["grid_size"]))))
         return " ".join(out)
