@@ -1,6 +1,9 @@
-"""Which feature stream of a context demo build knows the backdrop? Prints the accuracy of a
-nearest-centroid probe (cosine, one centroid per backdrop from the train split, scored on the
-test split) on each image's mean-pooled region features and mean-pooled grid features.
+"""Which feature stream of a context demo build knows the backdrop? Prints, for region and grid
+features, the test-split accuracy of two probes fitted on the train split: a nearest-centroid
+probe (cosine, one centroid per backdrop) on each image's mean-pooled features, and a linear
+probe (softmax regression on every region or grid cell, standardised with the train statistics;
+an image's guess is the backdrop of the highest summed log-probability of its regions/cells),
+which also finds a backdrop that only some regions (e.g. the corners of their boxes) show.
 
     python benchmarks/backdrop_probe.py --root data [--dataset demo]
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,6 +42,44 @@ def pooled(files: list[Path], kind: str) -> dict[int, np.ndarray]:
         means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-12
         out.update(zip(ids.tolist(), means))
     return out
+
+
+def per_item(files: list[Path], kind: str) -> dict[int, np.ndarray]:
+    """image id -> its [n, C] region features or grid cells."""
+    out = {}
+    for path in files:
+        with h5py.File(path, "r") as f:
+            ids, feats = f["image_ids"][:].tolist(), f["features"][:].astype(np.float32)
+            if kind == "grid":
+                out.update(zip(ids, feats))
+            else:
+                offsets = f["offsets"][:]
+                out.update((i, feats[a:b]) for i, a, b in zip(ids, offsets[:-1], offsets[1:]))
+    return out
+
+
+def linear_probe(items: dict[int, np.ndarray], label: dict[int, str], split: dict[int, str],
+                 steps: int = 300, seed: int = 0) -> float:
+    names = sorted(set(label.values()))
+    train = [i for i in items if split[i] == "train" and len(items[i])]
+    test = [i for i in items if split[i] == "test"]
+    x = torch.from_numpy(np.concatenate([items[i] for i in train]))
+    y = torch.tensor([names.index(label[i]) for i in train for _ in range(len(items[i]))])
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(x.shape[1], len(names))
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(layer((x - mean) / std), y).backward()
+        opt.step()
+    right = 0
+    with torch.no_grad():
+        for i in test:
+            if len(items[i]):
+                logp = layer((torch.from_numpy(items[i]) - mean) / std).log_softmax(1).sum(0)
+                right += names[int(logp.argmax())] == label[i]
+    return 100.0 * right / len(test)
 
 
 def probe(features: dict[int, np.ndarray], label: dict[int, str], split: dict[int, str]) -> float:
@@ -72,7 +114,8 @@ def main(argv=None) -> int:
         if not files:
             print(f"{kind}: no shards under {layout.dir / kind}")
             continue
-        print(f"{kind}: nearest-centroid backdrop accuracy {probe(pooled(files, kind), label, split):.1f} %")
+        print(f"{kind}: nearest-centroid backdrop accuracy {probe(pooled(files, kind), label, split):.1f} %, "
+              f"linear probe {linear_probe(per_item(files, kind), label, split):.1f} %")
     return 0
 
 
