@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from features.__main__ import build_parser
-from features.__main__ import main as features_main
+from itmkit.cli import build_parser
+from itmkit.cli import main as features_main
 from features.extract import config_from_args
 from features.rcnn import BottomUpRCNN
 from features.transforms import BadImage, load_image

@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from pipeline import __main__ as cli
+from itmkit import cli
 from pipeline import parse, shards
 
 TEXTS = [

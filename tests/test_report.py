@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from itmkit.cli import main as itmkit
 from pipeline import shards
 from pipeline.labels import LabelNames, attribute_names, object_names
 from pipeline.shards import Layout, Regions, RegionShard, RegionShardWriter
@@ -249,7 +250,7 @@ def test_several_runs_get_one_comparison_table_and_the_same_queries(run, tmp_pat
 
 
 def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
-    assert report.main([str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
+    assert itmkit(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
     err = capsys.readouterr().err
     assert err == f"report: error: {tmp_path}: not a run dir (no config.json)\n"
     assert not (tmp_path / "r.html").exists()

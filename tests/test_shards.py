@@ -193,7 +193,7 @@ def test_index_register_valid_stale_and_verify(tmp_path):
     assert any("b.h5" in p and "truncated" in p for p in problems)
     assert not index.is_valid("regions", b, "c2")
 
-    from pipeline.__main__ import main
+    from itmkit.cli import main
     assert main(["verify", str(ds)]) == 1
     b.unlink()
     assert any("missing" in p for p in index.verify())
@@ -247,7 +247,7 @@ def test_multi_worker_reads_match(tmp_path):
 
 def test_describe_and_cli(tmp_path, capsys):
     path = write_regions(tmp_path / "r.h5", make_regions(np.random.default_rng(9), [2, 0]))
-    from pipeline.__main__ import main
+    from itmkit.cli import main
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "features" in out and "(2, 2048)" in out and "boxes/image  min 0" in out
@@ -308,7 +308,7 @@ def test_prune_removes_shards_outside_the_plan_and_reports_them(tmp_path, capsys
     dead = orphan.with_name(orphan.name + ".tmp")          # an older version's temporary file
     dead.write_bytes(b"half")
     busy = _register_shard(layout, "regions", "train", 4)
-    from pipeline.__main__ import main
+    from itmkit.cli import main
     with shards.claim(busy) as held:
         assert held
         rc = main(["prune", str(layout.dir), "--kind", "regions", "--shard-size", "2"])

@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-from features.__main__ import main as features_main
-from pipeline import __main__ as cli
+from itmkit.cli import main as features_main
+from itmkit import cli
 from pipeline import parse, shards
 from pipeline.shards import ShardError, Vocabulary
 from test_features_extract import FAST, make_dataset
@@ -260,7 +260,7 @@ def test_identical_runs_write_identical_bytes(tmp_path):
 def test_refused_weights_stop_extract_before_it_announces_replacements(tmp_path):
     from features.rcnn import BottomUpRCNN
     from features.weights import load_weights, save_detectron2_pickle
-    from features.__main__ import build_parser
+    from itmkit.cli import build_parser
     from features.extract import config_from_args
 
     layout, _ = make_dataset(tmp_path, splits=("val",) * 2)

@@ -4,7 +4,7 @@ GloVe vectors, skipping, and refusal of inconsistent graphs."""
 import numpy as np
 import pytest
 
-from pipeline import __main__ as cli
+from itmkit import cli
 from pipeline import parse, shards, vocab
 
 CAPTIONS = [  # (split, text)

@@ -256,19 +256,19 @@ def test_dry_run_demo_on_a_fresh_root(tmp_path):
 
 
 def test_dry_run_demo_trains_with_the_demo_recipe_on_one_thread(tmp_path):
-    train = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo")), "training/train.py")
+    train = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo")), "itmkit train ")
     recipe = default("demo_set")
     assert recipe == {"embed_dim": 256}
     assert f"--epochs {default('demo_epochs')} --batch-size {default('demo_batch_size')} --set embed_dim=256" in train
     assert "--device cpu" in train and "--threads 1" in train
     train = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo", config={"demo_set": "{embed_dim: 1024, lr: 0.001}"})),
-                       "training/train.py")
+                       "itmkit train ")
     assert "--set embed_dim=1024 --set lr=0.001" in train
 
 
 def test_dry_run_demo_scenes_reach_the_generator(tmp_path):
     ingest = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo", config={"demo_scenes": "context"})),
-                        "pipeline ingest")
+                        "itmkit ingest ")
     assert "--set demo.scenes=context" in ingest
     r = snakemake(tmp_path, "-n", "demo", config={"demo_scenes": "busy"})
     assert r.returncode != 0 and "demo_scenes" in output(r)
@@ -285,12 +285,12 @@ def test_dry_run_train_target_takes_the_model_and_its_defaults(fake_copy):
     out = ok(snakemake(work, "-n", "-p", "train_coco", config=dict(cfg, model="kidrr")))
     assert job_counts(out) == expected_jobs("train_coco")   # every shard job, then train, evaluate, report
     run = work / "runs" / "coco-kidrr"
-    train = shell_line(out, "training/train.py")
+    train = shell_line(out, "itmkit train ")
     assert "--model kidrr --dataset coco" in train and f"--out {run}" in train
     assert "--epochs" not in train and "--batch-size" not in train and "--set" not in train
     assert "--device cuda" in train and "--workers 4" in train and "--threads 0" in train   # torch's threads
-    assert "--save-sims" in shell_line(out, "training/evaluate.py")
-    assert f"--out {run / 'report.html'}" in shell_line(out, "training/report.py")
+    assert "--save-sims" in shell_line(out, "itmkit evaluate ")
+    assert f"--out {run / 'report.html'}" in shell_line(out, "itmkit report ")
 
 
 def test_dry_run_train_target_passes_the_training_keys(fake_copy):
@@ -299,7 +299,7 @@ def test_dry_run_train_target_passes_the_training_keys(fake_copy):
                 train_set={"lr": 0.0001, "lr_decay_epochs": [10, 20]})
     out = ok(snakemake(work, "-n", "-p", "train_f30k", config=keys))
     assert job_counts(out) == expected_jobs("train_f30k")
-    train = shell_line(out, "training/train.py")
+    train = shell_line(out, "itmkit train ")
     assert "--model vsepp --dataset f30k" in train   # the default model
     assert "--epochs 3 --batch-size 64 --set lr=0.0001 --set lr_decay_epochs=10,20" in train
     assert "--device cpu" in train

@@ -7,7 +7,6 @@ saved) is refused with one line saying what to do.
 
     itmkit upgrade runs/NAME [...]   # convert the checkpoints of an earlier version, still
                                      # without running code from them
-                                     # (or: python training/checkpoint.py upgrade ...)
 """
 
 from __future__ import annotations
@@ -212,13 +211,15 @@ def command(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python training/checkpoint.py upgrade ...`` from Python; errors are raised."""
+    """``itmkit upgrade ...`` from Python (``["upgrade", PATH, ...]``); errors are raised."""
     parser = argparse.ArgumentParser(prog="training/checkpoint.py")
     add_arguments(parser.add_subparsers(dest="command", required=True).add_parser("upgrade"))
     return command(parser.parse_args(argv))
 
 
-if __name__ == "__main__":   # python training/checkpoint.py upgrade ...: the same as itmkit upgrade ...
-    from itmkit.cli import main as itmkit
+if __name__ == "__main__":   # the spelling before `itmkit upgrade`: say what to run instead
+    import shlex
 
-    sys.exit(itmkit(sys.argv[1:]))
+    print("python training/checkpoint.py is no longer a command; run: itmkit "
+          + shlex.join(sys.argv[1:]), file=sys.stderr)
+    sys.exit(2)

@@ -5,9 +5,7 @@
            [--export-index DIR]
     itmkit evaluate --ensemble runs/A runs/B [--split test]   # averages saved sims
     itmkit evaluate runs/KIDRR --shortlist runs/VSEPP [--topk 100] [--fuse 0.5]
-    torchrun --nproc_per_node N training/evaluate.py runs/NAME ...   # scoring split over N processes
-
-``python training/evaluate.py ...`` is the same as ``itmkit evaluate ...``.
+    torchrun --nproc_per_node N -m itmkit evaluate runs/NAME ...   # scoring split over N processes
 
 Results are printed and merged into <run>/eval.json under "<split>/<protocol>" (an ensemble's
 into eval-ensemble.json of RUN, else of its first member, with the member runs); each entry
@@ -282,7 +280,9 @@ def command(args) -> int:
     return 0
 
 
-if __name__ == "__main__":   # python training/evaluate.py ...: the same as itmkit evaluate ...
-    from itmkit.cli import main as itmkit
+if __name__ == "__main__":   # the spelling before `itmkit evaluate`: say what to run instead
+    import shlex
 
-    sys.exit(itmkit(["evaluate", *sys.argv[1:]]))
+    print("python training/evaluate.py is no longer a command; run: itmkit evaluate "
+          + shlex.join(sys.argv[1:]), file=sys.stderr)
+    sys.exit(2)

@@ -1,6 +1,6 @@
 """Draw runs' training loss and validation rSum per epoch to a PNG.
 
-    itmkit plot runs/NAME [runs/OTHER ...] [--out curves.png]   # or: python training/plot.py ...
+    itmkit plot runs/NAME [runs/OTHER ...] [--out curves.png]
 
 One loss panel (log scale) for all runs, then one rSum panel per validation size, each with the
 rSum that random scores get on that many images (dashed): rSums on different numbers of images
@@ -91,7 +91,9 @@ def command(args) -> int:
     return 0
 
 
-if __name__ == "__main__":   # python training/plot.py ...: the same as itmkit plot ...
-    from itmkit.cli import main as itmkit
+if __name__ == "__main__":   # the spelling before `itmkit plot`: say what to run instead
+    import shlex
 
-    sys.exit(itmkit(["plot", *sys.argv[1:]]))
+    print("python training/plot.py is no longer a command; run: itmkit plot "
+          + shlex.join(sys.argv[1:]), file=sys.stderr)
+    sys.exit(2)

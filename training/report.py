@@ -1,7 +1,7 @@
 """One self-contained HTML report of trained runs: what they were trained on, how, how well, and
 what they retrieve.
 
-    python training/report.py runs/NAME [runs/OTHER ...] [--out report.html] [--split test]
+    itmkit report runs/NAME [runs/OTHER ...] [--out report.html] [--split test]
 
 The file needs nothing but a browser: images are embedded as JPEG thumbnails and the training
 curves as a PNG, all as data: URIs; no script, font or style sheet is fetched. Per run: the data
@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import shards
-from pipeline.config import HelpFormatter, non_negative_int, positive_int
+from pipeline.config import HelpFormatter, non_negative_int, positive_int, run_command
 from pipeline.labels import LabelNames
 from pipeline.shards import Layout, ShardError
 from training import plot
@@ -645,10 +645,8 @@ ERRORS = (ShardError, CheckpointError, ValueError, OSError)   # one line, exit 1
 
 
 def main(argv=None) -> int:
-    """``itmkit report`` from Python, as the command line runs it (errors: one line, exit 1)."""
-    from itmkit.cli import main as itmkit
-
-    return itmkit(["report", *(sys.argv[1:] if argv is None else argv)])
+    """``itmkit report`` from Python; errors are raised."""
+    return run_command(add_arguments, command, argv)
 
 
 def command(args) -> int:
@@ -656,5 +654,9 @@ def command(args) -> int:
     return 0
 
 
-if __name__ == "__main__":   # python training/report.py ...: the same as itmkit report ...
-    sys.exit(main())
+if __name__ == "__main__":   # the spelling before `itmkit report`: say what to run instead
+    import shlex
+
+    print("python training/report.py is no longer a command; run: itmkit report "
+          + shlex.join(sys.argv[1:]), file=sys.stderr)
+    sys.exit(2)

@@ -673,7 +673,9 @@ def command(args) -> int:
     return 0
 
 
-if __name__ == "__main__":   # python training/retrieve.py ...: the same as itmkit retrieve ...
-    from itmkit.cli import main as itmkit
+if __name__ == "__main__":   # the spelling before `itmkit retrieve`: say what to run instead
+    import shlex
 
-    sys.exit(itmkit(["retrieve", *sys.argv[1:]]))
+    print("python training/retrieve.py is no longer a command; run: itmkit retrieve "
+          + shlex.join(sys.argv[1:]), file=sys.stderr)
+    sys.exit(2)

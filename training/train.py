@@ -2,9 +2,7 @@
 
     itmkit train --model vsepp --dataset demo --root data --out runs/demo-vsepp
     itmkit train ... --resume                                   # continue from <out>/last.pt
-    torchrun --nproc_per_node 2 training/train.py ...           # DDP (nccl on CUDA, gloo on CPU)
-
-``python training/train.py ...`` is the same as ``itmkit train ...``.
+    torchrun --nproc_per_node 2 -m itmkit train ...             # DDP (nccl on CUDA, gloo on CPU)
 
 Config, data, model, optimiser, loop, validation, checkpoint, in that order. The run folder gets
 config.json, best.pt (the weights of the best validation rSum: what inference needs), last.pt (the
@@ -354,7 +352,9 @@ def append_metrics(path: Path, row: dict) -> None:
         w.writerows(rows)
 
 
-if __name__ == "__main__":   # python training/train.py ...: the same as itmkit train ...
-    from itmkit.cli import main as itmkit
+if __name__ == "__main__":   # the spelling before `itmkit train`: say what to run instead
+    import shlex
 
-    sys.exit(itmkit(["train", *sys.argv[1:]]))
+    print("python training/train.py is no longer a command; run: itmkit train "
+          + shlex.join(sys.argv[1:]), file=sys.stderr)
+    sys.exit(2)
