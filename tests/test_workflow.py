@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline import shards
-from pipeline.shards import Layout, ShardIndex
+from pipeline.shards import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -418,7 +418,7 @@ def test_local_profile_runs_a_dry_run(tmp_path):
 # real runs
 
 def shard_state(root: Path, kinds) -> dict:
-    index = ShardIndex(root / "demo")
+    index = Layout(root, "demo").index
     return {e.path: (e.sha256, e.config_hash, e.created) for k in kinds for e in index.entries(k)}
 
 
@@ -465,7 +465,7 @@ def test_demo_end_to_end_reuse_and_changed_boxes(tmp_path):
     assert any(k.startswith("test/") for k in evaluation)
     assert "-> " + str(run / "report.html") in out   # the report's path ends the output
     assert "RANDOM EXTRACTOR WEIGHTS" in (run / "report.html").read_text()
-    index = ShardIndex(root / "demo")
+    index = Layout(root, "demo").index
     assert {"images", "captions", "boxes", "regions", "grid", "graphs", "vocab"} <= set(index.load()["kinds"])
     assert index.verify() == []
     one_pass_per_image(index)
