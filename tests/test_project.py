@@ -1,5 +1,5 @@
-"""The project's entry points: README set-up commands that CI runs, and the --help of `itmkit`
-(its earlier spellings: tests/test_design.py)."""
+"""The project's entry points: README set-up commands that CI runs, and the --help of `itmkit` and of
+the training scripts (`python -m pipeline`: tests/test_design.py)."""
 
 import subprocess
 import sys
@@ -29,6 +29,7 @@ def test_ci_runs_the_readme_commands():
 @pytest.mark.parametrize("cmd", [
     [sys.executable, "-m", "itmkit", "--help"],
     [str(Path(sys.executable).with_name("itmkit")), "--help"],
+    [sys.executable, "training/train.py", "--help"],
 ])
 def test_cli_help(cmd):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

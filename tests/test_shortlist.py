@@ -299,7 +299,7 @@ def test_validation_with_a_shortlist(runs, tmp_path, capsys):
 def _torchrun(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "itmkit", "evaluate", *map(str, args), "--workers", "0"],
+                        str(REPO / "training" / "evaluate.py"), *map(str, args), "--workers", "0"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout

@@ -7,6 +7,7 @@ saved) is refused with one line saying what to do.
 
     itmkit upgrade runs/NAME [...]   # convert the checkpoints of an earlier version, still
                                      # without running code from them
+                                     # (or: python training/checkpoint.py upgrade ...)
 """
 
 from __future__ import annotations
@@ -211,15 +212,14 @@ def command(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``itmkit upgrade ...`` from Python (``["upgrade", PATH, ...]``); errors are raised."""
+    """``python training/checkpoint.py upgrade ...`` from Python; errors are raised."""
     parser = argparse.ArgumentParser(prog="training/checkpoint.py")
     add_arguments(parser.add_subparsers(dest="command", required=True).add_parser("upgrade"))
     return command(parser.parse_args(argv))
 
 
-if __name__ == "__main__":   # the spelling before `itmkit upgrade`: say what to run instead
-    import shlex
-
-    print("python training/checkpoint.py is no longer a command; run: itmkit "
-          + shlex.join(sys.argv[1:]), file=sys.stderr)
-    sys.exit(2)
+if __name__ == "__main__":   # python training/checkpoint.py upgrade ...: the same as itmkit upgrade ...
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"upgrade: error: {e}")

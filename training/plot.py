@@ -1,6 +1,6 @@
 """Draw runs' training loss and validation rSum per epoch to a PNG.
 
-    itmkit plot runs/NAME [runs/OTHER ...] [--out curves.png]
+    itmkit plot runs/NAME [runs/OTHER ...] [--out curves.png]   # or: python training/plot.py ...
 
 One loss panel (log scale) for all runs, then one rSum panel per validation size, each with the
 rSum that random scores get on that many images (dashed): rSums on different numbers of images
@@ -91,9 +91,8 @@ def command(args) -> int:
     return 0
 
 
-if __name__ == "__main__":   # the spelling before `itmkit plot`: say what to run instead
-    import shlex
-
-    print("python training/plot.py is no longer a command; run: itmkit plot "
-          + shlex.join(sys.argv[1:]), file=sys.stderr)
-    sys.exit(2)
+if __name__ == "__main__":   # python training/plot.py ...: the same as itmkit plot ...
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"plot: error: {e}")

@@ -1,7 +1,7 @@
 """One self-contained HTML report of trained runs: what they were trained on, how, how well, and
 what they retrieve.
 
-    itmkit report runs/NAME [runs/OTHER ...] [--out report.html] [--split test]
+    itmkit report runs/NAME [runs/OTHER ...] [--out report.html] [--split test]   # or: python training/report.py ...
 
 The file needs nothing but a browser: images are embedded as JPEG thumbnails and the training
 curves as a PNG, all as data: URIs; no script, font or style sheet is fetched. Per run: the data
@@ -654,9 +654,8 @@ def command(args) -> int:
     return 0
 
 
-if __name__ == "__main__":   # the spelling before `itmkit report`: say what to run instead
-    import shlex
-
-    print("python training/report.py is no longer a command; run: itmkit report "
-          + shlex.join(sys.argv[1:]), file=sys.stderr)
-    sys.exit(2)
+if __name__ == "__main__":   # python training/report.py ...: the same as itmkit report ...
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"report: error: {e}")

@@ -673,9 +673,8 @@ def command(args) -> int:
     return 0
 
 
-if __name__ == "__main__":   # the spelling before `itmkit retrieve`: say what to run instead
-    import shlex
-
-    print("python training/retrieve.py is no longer a command; run: itmkit retrieve "
-          + shlex.join(sys.argv[1:]), file=sys.stderr)
-    sys.exit(2)
+if __name__ == "__main__":   # python training/retrieve.py ...: the same as itmkit retrieve ...
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"retrieve: error: {e}")
