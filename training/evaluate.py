@@ -178,7 +178,7 @@ def main(argv=None) -> int:
 def command(args) -> int:
     rank, world, device = distributed(args.device)
     check_args(args, world)
-    report = Outcome()
+    outcome = Outcome()
     scored = score_ensemble(args, outcome) if args.ensemble else score_run(args, rank, world, device, outcome)
     if scored is None:   # the other processes only scored their share
         dist.destroy_process_group()
