@@ -271,7 +271,9 @@ def command(args) -> int:
         print(f"features extract: where the time went ({device}):\n{r.stages.table(r.loop_seconds, r.images)}",
               file=sys.stderr)
     weights = "RANDOM weights" if args.weights == RANDOM else f"weights {Path(args.weights).name}"
-    print(f"features extract: {args.dataset} [{args.kind}, boxes {args.boxes}, {weights}]: " + "; ".join(parts))
+    folders = ", ".join(str(Path(layout.pattern(kind)).parent) for kind in kinds)
+    print(f"features extract: {args.dataset} [{args.kind}, boxes {args.boxes}, {weights}]: " + "; ".join(parts)
+          + f" -> {folders}")
     return 0
 
 

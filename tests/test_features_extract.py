@@ -89,6 +89,7 @@ def test_extract_writes_registers_and_reuses(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in layout.dir.rglob("*.h5")}
     rc, summary = extract(layout, "--kind", "both", "--shard-size", "2")
     assert rc == 0 and "wrote 0 regions + 0 grid shard(s) for 0 image(s)" in summary and "reused 6" in summary
+    assert summary.rstrip().endswith(f" -> {layout.dir.resolve() / 'regions'}, {layout.dir.resolve() / 'grid'}")
     assert before == {p: p.stat().st_mtime_ns for p in layout.dir.rglob("*.h5")}
     # a new box rule touches region shards only: the grid shards stay current
     grid_before = {p: p.stat().st_mtime_ns for p in (layout.dir / "grid").glob("*.h5")}

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from itmkit.cli import COMMANDS
 from pipeline import shards
 from pipeline.shards import Layout
 
@@ -189,8 +190,10 @@ def test_dry_run_quotes_every_config_value_of_every_rule(tmp_path):
     jobs = shell_commands(out)
     assert set(jobs) == SHELL_RULES
     whole = {cfg["spacy_model"], f"note=1{HOSTILE} #", f"embed_dim=256{HOSTILE} #"}
+    itmkit = str(Path(sys.executable).with_name("itmkit"))
     for rule, commands in jobs.items():
         for words in commands:
+            assert words[0] == itmkit and words[1] in COMMANDS, (rule, words)   # the workflow runs commands
             # every word with shell code in it is a whole value: a path under work, or one of those
             assert all(w.startswith(str(work)) or w in whole for w in words if "injected" in w), (rule, words)
             if "--root" in words:
