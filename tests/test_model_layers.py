@@ -258,7 +258,7 @@ def test_word_vectors_initialise_every_models_embedding(vocab, tmp_path, name):
 
 
 def test_word_vectors_missing_or_of_another_width_are_refused_clearly(vocab, tmp_path):
-    with pytest.raises(shards.ShardError, match=r"v\.npy: file not found.*python -m pipeline vocab .*--vectors"):
+    with pytest.raises(shards.ShardError, match=r"v\.npy: file not found.*itmkit vocab .*--vectors"):
         models.build("vsepp", {"word_vectors": True}, vocab, vectors=tmp_path / "v.npy")
     shards.write_vectors(tmp_path / "v.npy", np.zeros((len(vocab), 50)))
     with pytest.raises(ValueError, match=r"50-d, the model's word_dim is 300: add --set word_dim=50"):
@@ -274,7 +274,7 @@ def test_train_with_word_vectors(tmp_path, capsys):
     args = ["--model", "vsepp", "--dataset", "synth", "--root", str(root), "--epochs", "1",
             "--batch-size", "10", "--workers", "0", "--set", "embed_dim=16", "--set", "word_dim=8",
             "--set", "word_vectors=true"]
-    with pytest.raises(shards.ShardError, match="python -m pipeline vocab"):
+    with pytest.raises(shards.ShardError, match="itmkit vocab"):
         train.main([*args, "--out", str(tmp_path / "r0")])
     n = len(Vocabulary.load(layout.vocab))
     shards.write_vectors(layout.vocab_vectors, np.random.default_rng(0).normal(size=(n, 8)))

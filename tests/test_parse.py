@@ -1,4 +1,4 @@
-"""`python -m pipeline parse`: chunks, shards.json, skipping, resume after a kill, dask."""
+"""`itmkit parse`: chunks, shards.json, skipping, resume after a kill, dask."""
 
 import os
 import signal

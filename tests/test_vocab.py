@@ -1,4 +1,4 @@
-"""`python -m pipeline vocab`: train-only words, specials, predicates/attributes, coverage,
+"""`itmkit vocab`: train-only words, specials, predicates/attributes, coverage,
 GloVe vectors, skipping, and refusal of inconsistent graphs."""
 
 import numpy as np

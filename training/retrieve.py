@@ -162,7 +162,7 @@ def caption_query(run: LoadedRun, caption_id: int) -> Query:
             break
     if graph is None:
         raise ShardError(f"caption_id {caption_id} has no row in the graph shards; "
-                         "rerun python -m pipeline parse")
+                         "rerun itmkit parse")
     captions = shards.read_table(layout.captions, "captions", ["caption_id", "text"])
     text = captions.filter(pc.equal(captions["caption_id"], caption_id))["text"][0].as_py()
     image_id = int(data.text.image_ids[where[0]])
