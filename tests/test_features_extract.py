@@ -180,7 +180,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
     splits = ("train",) * 8
     killed, _ = make_dataset(tmp_path / "a", splits)
     clean, _ = make_dataset(tmp_path / "b", splits)
-    cmd = [sys.executable, "-m", "features", "extract", "--dataset", "toy", "--root", str(killed.root),
+    cmd = [sys.executable, "-m", "itmkit", "extract", "--dataset", "toy", "--root", str(killed.root),
            "--kind", "regions", "--shard-size", "2", *FAST]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -37,7 +37,7 @@ def extract(layout, *args):
 
 
 def extract_cmd(layout, *args):
-    return [sys.executable, "-m", "features", "extract", "--dataset", layout.name, "--root",
+    return [sys.executable, "-m", "itmkit", "extract", "--dataset", layout.name, "--root",
             str(layout.root), *FAST, *args]
 
 
@@ -112,7 +112,7 @@ def test_concurrent_extracts_and_parses_end_verified(tmp_path):
     procs = [subprocess.Popen(extract_cmd(layout, "--kind", "both", "--shard-size", "2"), cwd=REPO,
                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
-    procs += [subprocess.Popen([sys.executable, "-m", "pipeline", "parse", "--dataset", layout.name,
+    procs += [subprocess.Popen([sys.executable, "-m", "itmkit", "parse", "--dataset", layout.name,
                                 "--root", str(tmp_path), "--chunk-size", "10", "--no-progress"],
                                cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for _ in range(3)]
@@ -217,9 +217,9 @@ FULL_DISK = textwrap.dedent("""
     cp -r "$2" "$1/data"
     cd "$3"
     set +e
-    "$4" -m features extract --dataset toy --root "$1/data" --kind both --shard-size 2 {fast} > "$5" 2>&1
+    "$4" -m itmkit extract --dataset toy --root "$1/data" --kind both --shard-size 2 {fast} > "$5" 2>&1
     echo "rc=$?" >> "$5"
-    "$4" -m pipeline verify "$1/data/toy" >> "$5" 2>&1
+    "$4" -m itmkit verify "$1/data/toy" >> "$5" 2>&1
 """)
 
 
