@@ -174,6 +174,8 @@ def test_a_sixth_model_is_one_file(tmp_path, monkeypatch, capsys):
                        "--epochs", "1", "--batch-size", "10", "--workers", "0", "--quiet"]) == 0
         assert itmkit(["evaluate", run, "--workers", "0", "--quiet"]) == 0
         assert "f30k-1k (test, 6 images)" in capsys.readouterr().out
+        assert itmkit(["report", run, "--workers", "0", "--device", "cpu"]) == 0
+        assert "bag on synth" in (run / "report.html").read_text()
     finally:
         monkeypatch.undo()
         models._REGISTRY.pop("bag", None)

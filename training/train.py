@@ -297,7 +297,7 @@ class TrainState:
     """What the epochs change, and what last.pt saves for --resume."""
 
     model: models.ITMModel
-    train_model: torch.nn.Module            # the model, wrapped in DDP under torchrun
+    train_model: torch.nn.Module           # the model, wrapped in DDP under torchrun
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     start_epoch: int = 0                   # the first epoch this invocation runs (0-based)
