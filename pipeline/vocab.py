@@ -26,9 +26,8 @@ from pipeline.shards.tables import graph_row_problem
 
 VOCAB_VERSION = "1"
 TRAIN_SPLIT = "train"
-# an out-of-vocabulary rate above this on another split is warned about: COCO's and Flickr30K's
-# test splits stay near 1-3 % at min count 4, so a higher one means a train split too small for
-# the min count, or other splits whose captions come from another source
+# an out-of-vocabulary rate above this on another split is warned about: one token in ten read as
+# <unk> means a train split too small for the min count, or captions unlike train's
 OOV_WARNING = 0.10
 
 
