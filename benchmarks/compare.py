@@ -6,8 +6,8 @@ N times (seeds --seed .. --seed+N-1) and every figure is the mean ± sample std 
         --models vsepp,cimn,dsrln,kidrr,resg --epochs 10 --batch-size 64 --seeds 3 \\
         --set embed_dim=256 --set kidrr:sim_dim=64 [--threads 1] [--eval-images 500]
 
-Each run is the commands a user runs, in its own process: ``training/train.py`` into
-``<out>/<model>-seed<S>`` and ``training/evaluate.py --hard-negatives`` (when the dataset has
+Each run is the commands a user runs, in its own process: ``itmkit train`` into
+``<out>/<model>-seed<S>`` and ``itmkit evaluate --hard-negatives`` (when the dataset has
 hard-negative pairs). ``--set KEY=VALUE`` goes to every model, ``--set MODEL:KEY=VALUE`` to one.
 A run that is complete and evaluated is not run again, and an interrupted run is resumed, so the
 command can be repeated after a stop (or run for a few models at a time, then for all to print
@@ -151,7 +151,7 @@ def train_and_evaluate(args, name: str, run_dir: Path, sets: list[str], seed: in
     if why and why != "not evaluated":
         print(f"compare: {run_dir}: {why}: evaluating again", file=sys.stderr)
     if why:
-        train = [py, "training/train.py", "--model", name, "--dataset", args.dataset, "--root", args.root,
+        train = [py, "-m", "itmkit", "train", "--model", name, "--dataset", args.dataset, "--root", args.root,
                  "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                  "--seed", str(seed), "--workers", "0", "--device", args.device]
         train += [a for s in sets for a in ("--set", s)]
@@ -159,7 +159,7 @@ def train_and_evaluate(args, name: str, run_dir: Path, sets: list[str], seed: in
         train += ["--resume"] if (run_dir / "config.json").exists() else []
         print(f"training {run_dir.name} (log {log})", file=sys.stderr)
         times["train_s"] += run(train, log, env)
-        evaluate = [py, "training/evaluate.py", str(run_dir), "--root", args.root, "--split", args.split,
+        evaluate = [py, "-m", "itmkit", "evaluate", str(run_dir), "--root", args.root, "--split", args.split,
                     "--protocol", "f30k-1k", "--workers", "0", "--device", args.device]
         evaluate += ["--hard-negatives"] if hard else []
         evaluate += ["--max-images", str(args.eval_images)] if args.eval_images else []

@@ -2,7 +2,7 @@
 
   way       the workflow's way against the old way on the same images: one job writing regions
             and grid from one backbone pass, against two jobs (regions, then grid), each a
-            `python -m features extract` process as Snakemake starts it (process start, model
+            `itmkit extract` process as Snakemake starts it (process start, model
             setup and the images all counted):
               - given boxes at the demo size: one shard of the demo (its test split, 100 images
                 at 160 px, the demo's settings from config/config.yaml);
@@ -113,7 +113,7 @@ def children_cpu() -> float:
 
 
 def job(layout: shards.Layout, kind: str, flags: list[str], threads: int) -> dict:
-    cmd = [sys.executable, "-m", "features", "extract", "--dataset", layout.name, "--root", str(layout.root),
+    cmd = [sys.executable, "-m", "itmkit", "extract", "--dataset", layout.name, "--root", str(layout.root),
            "--kind", kind, "--weights", "random", "--device", "cpu", "--threads", str(threads), "--no-progress",
            *flags]
     t, cpu = time.perf_counter(), children_cpu()

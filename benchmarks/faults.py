@@ -92,11 +92,11 @@ def tail(r, n=300) -> str:
 
 
 def extract_cmd(root, *extra):
-    return [PY, "-m", "features", "extract", "--dataset", "demo", "--root", root, *EXTRACT, *extra]
+    return [PY, "-m", "itmkit", "extract", "--dataset", "demo", "--root", root, *EXTRACT, *extra]
 
 
 def verify(root, name="demo") -> subprocess.CompletedProcess:
-    return run(PY, "-m", "pipeline", "verify", Path(root) / name)
+    return run(PY, "-m", "itmkit", "verify", Path(root) / name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def verify(root, name="demo") -> subprocess.CompletedProcess:
 
 def concurrent_writers(root: Path) -> tuple[bool, str]:
     procs = [start(*extract_cmd(root)) for _ in range(3)]
-    procs += [start(PY, "-m", "pipeline", "parse", "--dataset", "demo", "--root", root, "--chunk-size", "50",
+    procs += [start(PY, "-m", "itmkit", "parse", "--dataset", "demo", "--root", root, "--chunk-size", "50",
                     "--no-progress") for _ in range(3)]
     rcs = []
     for p in procs:
@@ -136,16 +136,16 @@ CRAFT = textwrap.dedent("""
 
 def crafted_checkpoint(root: Path, work: Path) -> tuple[bool, str]:
     run_dir = work / "run"
-    r = run(PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", run_dir,
+    r = run(PY, "-m", "itmkit", "train", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", run_dir,
             "--epochs", "1", "--batch-size", "8", "--max-images", "8", "--workers", "0")
     if r.returncode:
         return False, f"could not train the run to tamper with: {tail(r)}"
     seen = []
     loaders = {
-        "evaluate": [PY, "training/evaluate.py", run_dir, "--root", root, "--workers", "0"],
-        "train --resume": [PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root,
+        "evaluate": [PY, "-m", "itmkit", "evaluate", run_dir, "--root", root, "--workers", "0"],
+        "train --resume": [PY, "-m", "itmkit", "train", "--model", "vsepp", "--dataset", "demo", "--root", root,
                            "--out", run_dir, "--resume", "--workers", "0"],
-        "export": [PY, "training/evaluate.py", run_dir, "--root", root, "--workers", "0",
+        "export": [PY, "-m", "itmkit", "evaluate", run_dir, "--root", root, "--workers", "0",
                    "--export-index", work / "index"],
     }
     for name, cmd in loaders.items():
@@ -174,7 +174,7 @@ def flip_byte(path: Path, where: float = 0.9) -> None:
 def altered_shard(root: Path, work: Path) -> tuple[bool, str]:
     shard = root / "demo" / "regions" / "regions-train-0001.h5"
     flip_byte(shard)
-    t = run(PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root,
+    t = run(PY, "-m", "itmkit", "train", "--model", "vsepp", "--dataset", "demo", "--root", root,
             "--out", work / "run-altered", "--epochs", "1", "--batch-size", "8", "--workers", "0")
     refused = t.returncode != 0 and shard.name in t.stderr
     e = run(*extract_cmd(root))
@@ -220,7 +220,7 @@ def traversal_rows(work: Path, root: Path) -> tuple[bool, str]:
     src, manifest = folder_dataset(work, root, "folder_paths",
                                    [("img0.png", ""), ("img1.png", ""), *[(f, "") for f in bad]])
     (src / "images" / "sub").mkdir()
-    r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest", "--quiet")
+    r = run(PY, "-m", "itmkit", "ingest", "--manifest", manifest, "--root", work / "ingest", "--quiet")
     paths = [Path(p).resolve() for p in ingested_paths(work / "ingest", "folder_paths")]
     images = (src / "images").resolve()
     outside_in = [str(p) for p in paths if not p.is_relative_to(images)]
@@ -241,7 +241,7 @@ def bomb_in_ingest(work: Path, root: Path) -> tuple[bool, str]:
     from test_features_extract import _png_with_size  # a valid 8x8 PNG whose header claims W x H
 
     _png_with_size(src / "images" / "bomb.png", 20000, 20000)
-    r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest", "--quiet")
+    r = run(PY, "-m", "itmkit", "ingest", "--manifest", manifest, "--root", work / "ingest", "--quiet")
     paths = ingested_paths(work / "ingest", "folder_bomb")
     report = r.stdout + r.stderr + "".join(p.read_text() for p in (work / "ingest").rglob("ingest-report*"))
     ok = r.returncode == 0 and len(paths) == 2 and "bomb.png" in report and "Traceback" not in report
@@ -265,9 +265,9 @@ TMPFS = textwrap.dedent("""
     "$@" --root "$MNT/data" > "$MNT.extract" 2>&1; echo "exit $?" >> "$MNT.extract"
     avail=$(df --output=avail -B1 "$MNT" | tail -1)
     head -c $((avail > 30000 ? avail - 30000 : 0)) /dev/zero > "$MNT/filler"
-    "$PYBIN" -m pipeline parse --dataset demo --root "$MNT/data" --chunk-size 50 --no-progress \\
+    "$PYBIN" -m itmkit parse --dataset demo --root "$MNT/data" --chunk-size 50 --no-progress \\
         > "$MNT.parse" 2>&1; echo "exit $?" >> "$MNT.parse"
-    "$PYBIN" -m pipeline verify "$MNT/data/demo" > "$MNT.verify" 2>&1; echo "exit $?" >> "$MNT.verify"
+    "$PYBIN" -m itmkit verify "$MNT/data/demo" > "$MNT.verify" 2>&1; echo "exit $?" >> "$MNT.verify"
 """)
 
 INJECT = textwrap.dedent("""
@@ -314,8 +314,8 @@ def full_disk(root: Path, work: Path) -> tuple[bool, str]:
         (copy / "demo" / "text").mkdir(parents=True)
         for f in ("images.parquet", "boxes.parquet", "text/captions.parquet"):
             shutil.copy(ds / f, copy / "demo" / f)
-        e = run(PY, "-c", INJECT, "features", *extract_cmd(copy)[3:])
-        p = run(PY, "-c", INJECT, "pipeline", "parse", "--dataset", "demo", "--root", copy, "--no-progress")
+        e = run(PY, "-c", INJECT, "itmkit", *extract_cmd(copy)[3:])
+        p = run(PY, "-c", INJECT, "itmkit", "parse", "--dataset", "demo", "--root", copy, "--no-progress")
         checks = [full_disk_verdict("extract", e.stdout + e.stderr + f"\nexit {e.returncode}"),
                   full_disk_verdict("parse", p.stdout + p.stderr + f"\nexit {p.returncode}")]
         v = verify(copy)
@@ -349,7 +349,7 @@ def config_error(work: Path) -> tuple[bool, str]:
 
 WEIGHTS = textwrap.dedent("""
     import sys
-    from features.__main__ import build_parser
+    from itmkit.cli import build_parser
     from features.extract import config_from_args
     from features.rcnn import BottomUpRCNN
     from features.weights import load_weights, save_detectron2_pickle
@@ -381,7 +381,7 @@ RUN_ARGS = ["--batch-size", "8", "--workers", "0", "--threads", "1", "--quiet", 
 
 
 def train_cmd(root, out, *extra) -> list:
-    return [PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", out,
+    return [PY, "-m", "itmkit", "train", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", out,
             *RUN_ARGS, *extra]
 
 
@@ -413,7 +413,7 @@ def one_writer(root: Path, work: Path) -> tuple[bool, str]:
     p = start(*train_cmd(root, busy, "--epochs", "500"))
     while p.poll() is None and not (busy / "best.pt").exists():
         time.sleep(0.5)
-    e = run(PY, "training/evaluate.py", busy, "--root", root, "--workers", "0", "--quiet")
+    e = run(PY, "-m", "itmkit", "evaluate", busy, "--root", root, "--workers", "0", "--quiet")
     p.kill()
     p.wait()
     note = next((l for l in e.stderr.splitlines() if " is being trained (host " in l), "")
@@ -436,9 +436,9 @@ RUN_TMPFS = textwrap.dedent("""
     head -c $((avail > 100000 ? avail - 100000 : 0)) /dev/zero > "$MNT/filler"
     "$@" --resume > "$MNT.train" 2>&1; echo "exit $?" >> "$MNT.train"
     head -c 100000000 /dev/zero >> "$MNT/filler" 2>/dev/null
-    "$PYBIN" training/evaluate.py "$MNT/run" --workers 0 --quiet --save-sims > "$MNT.evaluate" 2>&1
+    "$PYBIN" -m itmkit evaluate "$MNT/run" --workers 0 --quiet --save-sims > "$MNT.evaluate" 2>&1
     echo "exit $?" >> "$MNT.evaluate"
-    "$PYBIN" training/report.py "$MNT/run" --workers 0 > "$MNT.report" 2>&1; echo "exit $?" >> "$MNT.report"
+    "$PYBIN" -m itmkit report "$MNT/run" --workers 0 > "$MNT.report" 2>&1; echo "exit $?" >> "$MNT.report"
     sha256sum "$MNT"/run/*.pt "$MNT"/run/*.csv "$MNT"/run/*.json > "$MNT.after"
 """)
 
@@ -520,10 +520,10 @@ def stale_evaluation(root: Path, work: Path) -> tuple[bool, str]:
 
     out, fresh = work / "stale", work / "stale-fresh"
     steps = [train_cmd(root, out, "--epochs", "2", "--stop-after", "1"),
-             [PY, "training/evaluate.py", out, "--checkpoint", "last", "--save-sims", "--workers", "0",
+             [PY, "-m", "itmkit", "evaluate", out, "--checkpoint", "last", "--save-sims", "--workers", "0",
               "--quiet"],
              train_cmd(root, out, "--resume"),
-             [PY, "training/report.py", out, "--checkpoint", "last", "--workers", "0", "--out",
+             [PY, "-m", "itmkit", "report", out, "--checkpoint", "last", "--workers", "0", "--out",
               work / "stale.html"]]
     for cmd in steps:
         r = run(*cmd)
@@ -533,7 +533,7 @@ def stale_evaluation(root: Path, work: Path) -> tuple[bool, str]:
     shutil.copytree(out, fresh)
     for f in ("eval.json", "sims-test.npz"):
         (fresh / f).unlink()
-    r = run(PY, "training/evaluate.py", fresh, "--checkpoint", "last", "--workers", "0", "--quiet")
+    r = run(PY, "-m", "itmkit", "evaluate", fresh, "--checkpoint", "last", "--workers", "0", "--quiet")
     then = json.loads((out / "eval.json").read_text())["test/f30k-1k"]["rsum"]
     now = json.loads((fresh / "eval.json").read_text())["test/f30k-1k"]["rsum"] if r.returncode == 0 else None
     shown = re.search(r'<tr class="recall">.*?</tr>', page)
@@ -609,11 +609,11 @@ def index_outside_folder(root: Path, work: Path) -> tuple[bool, str]:
                "regions absolute": ("regions", str(victim / "victim.txt")),
                "regions symlink": ("regions", "regions/regions-train-0099.h5"),
                "regions no sha256": ("regions", None)}
-    commands = {"verify": [PY, "-m", "pipeline", "verify", ds],
-                "prune": [PY, "-m", "pipeline", "prune", ds, "--kind", "regions", "--shard-size", "8"],
-                "parse": [PY, "-m", "pipeline", "parse", "--dataset", "demo", "--root", ds.parent,
+    commands = {"verify": [PY, "-m", "itmkit", "verify", ds],
+                "prune": [PY, "-m", "itmkit", "prune", ds, "--kind", "regions", "--shard-size", "8"],
+                "parse": [PY, "-m", "itmkit", "parse", "--dataset", "demo", "--root", ds.parent,
                           "--chunk-size", "50", "--no-progress"],
-                "inspect": [PY, "-m", "pipeline", "inspect", index]}
+                "inspect": [PY, "-m", "itmkit", "inspect", index]}
     before = sorted(p.name for p in victim.iterdir())
     bad = []
     for case, (kind, path) in crafted.items():
@@ -669,7 +669,7 @@ def h5_reading_outside(root: Path, work: Path) -> tuple[bool, str]:
     shard = ds / "regions" / "regions-train-0000.h5"
     original = shard.read_bytes()
     if not (ds / "text" / "vocab.json").exists():
-        run(PY, "-m", "pipeline", "vocab", "--dataset", "demo", "--root", ds.parent, "--min-count", "1", "--no-progress")
+        run(PY, "-m", "itmkit", "vocab", "--dataset", "demo", "--root", ds.parent, "--min-count", "1", "--no-progress")
     index = ds / "shards.json"
     clean = index.read_text()
     seen = []
@@ -682,9 +682,9 @@ def h5_reading_outside(root: Path, work: Path) -> tuple[bool, str]:
         entry = next(e for e in data["kinds"]["regions"] if e["path"] == "regions/regions-train-0000.h5")
         entry.update(sha256=hashlib.sha256(shard.read_bytes()).hexdigest(), size=shard.stat().st_size)
         index.write_text(json.dumps(data))
-        checks = {"verify": run(PY, "-m", "pipeline", "verify", ds),
-                  "inspect": run(PY, "-m", "pipeline", "inspect", shard),
-                  "train": run(PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", ds.parent,
+        checks = {"verify": run(PY, "-m", "itmkit", "verify", ds),
+                  "inspect": run(PY, "-m", "itmkit", "inspect", shard),
+                  "train": run(PY, "-m", "itmkit", "train", "--model", "vsepp", "--dataset", "demo", "--root", ds.parent,
                                "--out", work / "untrusted-h5" / "run", "--epochs", "1", "--batch-size", "8",
                                "--max-images", "8", "--workers", "0")}
         refused = [what for what, r in checks.items() if one_line_refusal(r, shard.name, "'features'")]
@@ -730,7 +730,7 @@ def workflow_quoting(work: Path) -> tuple[bool, str]:
 
 def dataset_outside_root(work: Path, root: Path) -> tuple[bool, str]:
     before = sorted(p.name for p in work.iterdir())
-    r = run(PY, "-m", "pipeline", "vocab", "--dataset", "../escaped", "--root", root, "--min-count", "1",
+    r = run(PY, "-m", "itmkit", "vocab", "--dataset", "../escaped", "--root", root, "--min-count", "1",
             "--no-progress")
     after = sorted(p.name for p in work.iterdir())
     lines = [l for l in r.stderr.splitlines() if l.strip()]
@@ -766,7 +766,7 @@ def rewrite_graphs(root: Path, edit) -> tuple[Path, int]:
 
 
 def train_briefly(root: Path, out: Path) -> subprocess.CompletedProcess:
-    return run(PY, "training/train.py", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", out,
+    return run(PY, "-m", "itmkit", "train", "--model", "vsepp", "--dataset", "demo", "--root", root, "--out", out,
                "--epochs", "1", "--batch-size", "8", "--workers", "0", "--threads", "1")
 
 
@@ -809,7 +809,7 @@ def csv_with_bom(work: Path, root: Path) -> tuple[bool, str]:
     src, manifest = folder_dataset(work, root, "folder_bom", [("img0.png", ""), ("img1.png", ""), ("img2.png", "")])
     csv = src / "captions.csv"
     csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes())
-    r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest-bom", "--quiet")
+    r = run(PY, "-m", "itmkit", "ingest", "--manifest", manifest, "--root", work / "ingest-bom", "--quiet")
     paths = ingested_paths(work / "ingest-bom", "folder_bom")
     ok = r.returncode == 0 and len(paths) == 3
     return ok, f"exit {r.returncode}, {len(paths)} of 3 images ingested" + (f"; {tail(r, 160)}" if not ok else "")
@@ -819,7 +819,7 @@ def short_csv_row(work: Path, root: Path) -> tuple[bool, str]:
     src, manifest = folder_dataset(work, root, "folder_short", [("img0.png", ""), ("img1.png", "")])
     with open(src / "captions.csv", "a") as f:
         f.write("img0.png\n")   # line 4: no caption, no split
-    r = run(PY, "-m", "pipeline", "ingest", "--manifest", manifest, "--root", work / "ingest-short", "--quiet")
+    r = run(PY, "-m", "itmkit", "ingest", "--manifest", manifest, "--root", work / "ingest-short", "--quiet")
     report = ingest_report(r, work / "ingest-short")
     said = "line 4: row has 1 field, needs 2–3" in report
     ok = r.returncode == 0 and said and "split conflict" not in report
@@ -842,7 +842,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     root = work / "data"
     t0 = time.time()
-    r = run(PY, "-m", "pipeline", "demo", "--root", root, "--images", args.images, "--image-size", "96", "--quiet")
+    r = run(PY, "-m", "itmkit", "demo", "--root", root, "--images", args.images, "--image-size", "96", "--quiet")
     if r.returncode:
         print(f"faults: could not build the demo: {tail(r)}", file=sys.stderr)
         return 1
@@ -876,7 +876,7 @@ def main() -> int:
     for i, (name, check) in enumerate(faults):
         t = time.time()
         if i == 1:  # training needs the vocabulary of the captions the first fault parsed
-            run(PY, "-m", "pipeline", "vocab", "--dataset", "demo", "--root", root, "--min-count", "1", "--no-progress")
+            run(PY, "-m", "itmkit", "vocab", "--dataset", "demo", "--root", root, "--min-count", "1", "--no-progress")
         try:
             ok, what = check()
         except Exception as e:  # a fault that breaks the audit itself is a failure, not a crash

@@ -7,7 +7,7 @@ The data is the demo's, in the data root --root: reused when ROOT/demo has regio
 and a vocabulary (e.g. the data/ of a `snakemake demo` run), else built there by the workflow's own
 targets (config/config.yaml's demo_* settings: images, given boxes, RANDOM extractor weights,
 scene graphs, vocabulary; a few minutes). Each model then trains in its own process with
-``training/train.py`` into OUT/MODEL, with the demo's recipe (``demo_batch_size`` and ``demo_set``;
+``itmkit train`` into OUT/MODEL, with the demo's recipe (``demo_batch_size`` and ``demo_set``;
 the model's own defaults otherwise) for --epochs epochs on the first --max-images training images
 (0: all of them), validating on the val split after every epoch as the trainer does.
 
@@ -72,7 +72,7 @@ def cpu_seconds_of_children() -> float:
 def train_one(model: str, args, recipe: list[str], env: dict) -> dict:
     out = Path(args.out) / model
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "training" / "train.py"), "--model", model, "--dataset", "demo",
+    cmd = [sys.executable, "-m", "itmkit", "train", "--model", model, "--dataset", "demo",
            "--root", args.root, "--out", str(out), "--epochs", str(args.epochs),
            "--device", "cpu", "--workers", "0", "--threads", str(args.threads), "--quiet", *recipe]
     if args.max_images:

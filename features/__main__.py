@@ -1,9 +1,10 @@
-"""``python -m features extract``: the same as ``itmkit extract`` (the earlier spelling, kept for
-scripts)."""
+"""``python -m features extract``, the spelling before ``itmkit extract``: says what to run
+instead (one line, exit 2). It imports nothing from ``itmkit``, which sits above this package."""
 
+import shlex
 import sys
 
-from itmkit.cli import build_parser, main  # noqa: F401  (build_parser: for tests and scripts)
-
 if __name__ == "__main__":
-    sys.exit(main())
+    print(f"python -m features is no longer a command; run: itmkit {shlex.join(sys.argv[1:]) or 'extract'}",
+          file=sys.stderr)
+    sys.exit(2)

@@ -277,7 +277,9 @@ def command(args) -> int:
               file=sys.stderr)
     weights = "RANDOM weights" if args.weights == RANDOM else f"weights {Path(args.weights).name}"
     boxes = f"boxes {args.boxes}" + (", each seen alone" if args.region_input == "box" else "")
-    print(f"features extract: {args.dataset} [{args.kind}, {boxes}, {weights}]: " + "; ".join(parts))
+    folders = ", ".join(str(Path(layout.pattern(kind)).parent) for kind in kinds)
+    print(f"features extract: {args.dataset} [{args.kind}, {boxes}, {weights}]: " + "; ".join(parts)
+          + f" -> {folders}")
     return 0
 
 

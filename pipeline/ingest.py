@@ -474,8 +474,16 @@ def inputs_hash(m: Manifest) -> str:
     return shards.config_hash([shards.sha256_file(f) for f in files])
 
 
+def formats() -> list[str]:
+    """The annotation formats a manifest may name: the registered readers and the demo."""
+    return sorted([*READERS, "demo"])
+
+
 def ingest(m: Manifest, root, *, strict: bool = False, with_images: bool = True,
            force: bool = False, progress: bool = True) -> Result:
+    if m.format not in formats():
+        raise ManifestError(f"{m.file}: field 'format': no reader of format '{m.format}' is registered "
+                            f"(pipeline/ingest.py); known: {', '.join(formats())}")
     layout = Layout(Path(root), m.name)
     if m.format == "demo":
         return ingest_demo(m, layout, strict=strict, force=force, progress=progress)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import positive_int
-from pipeline.shards import SHARD_FILES, Layout, ShardError, ShardIndex, describe
+from pipeline.shards import SHARD_FILES, Layout, ShardError, describe
 
 
 def add_arguments_inspect(p):
@@ -28,7 +28,8 @@ def add_arguments_verify(p):
 
 
 def command_verify(args) -> int:
-    index = ShardIndex(args.dataset_dir)
+    d = Path(args.dataset_dir)
+    index = Layout(d.parent, d.name).index
     if not index.path.exists():
         print(f"verify: {index.path}: no shards.json here", file=sys.stderr)
         return 1

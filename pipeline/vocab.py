@@ -2,8 +2,9 @@
 
 Built from the graph tokens of the train split only (the split of each caption comes from
 captions.parquet); words are lowercased parser tokens; ``<pad>`` = 0, ``<start>``, ``<end>``,
-``<unk>`` first. Prints the out-of-vocabulary rate of every split. With ``--vectors`` it also
-writes initial word vectors from a local GloVe-format text file.
+``<unk>`` first. Prints the out-of-vocabulary rate of every split, with a warning for a split
+other than train where it exceeds OOV_WARNING (10 %). With ``--vectors`` it also writes initial
+word vectors from a local GloVe-format text file.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from pipeline.shards.tables import graph_row_problem
 
 VOCAB_VERSION = "1"
 TRAIN_SPLIT = "train"
+# an out-of-vocabulary rate above this on another split is warned about: one token in ten read as
+# <unk> means a train split too small for the min count, or captions unlike train's
+OOV_WARNING = 0.10
 
 
 @dataclass
@@ -101,6 +105,14 @@ def build_vocab(counts: Counts, cfg: VocabConfig) -> dict:
             "predicates": _ranked(counts.predicates, cfg.min_count),
             "attributes": _ranked(counts.attributes, cfg.min_count),
             "built_from": TRAIN_SPLIT, "coverage": coverage}
+
+
+def oov_warnings(vocab: dict) -> list[str]:
+    """One line per split other than train whose out-of-vocabulary rate exceeds OOV_WARNING."""
+    return [f"{c['oov_rate']:.1%} of the {split} tokens ({c['oov']:,} of {c['tokens']:,}) are not in the "
+            f"vocabulary and read as <unk>; train is too small for --min-count {vocab['min_count']}, or "
+            f"{split} captions are unlike train's"
+            for split, c in vocab["coverage"].items() if split != TRAIN_SPLIT and c["oov_rate"] > OOV_WARNING]
 
 
 def read_glove(path: Path, wanted: dict[str, int], progress: bool = True) -> tuple[dict[int, np.ndarray], int]:
@@ -207,6 +219,8 @@ def command(args) -> int:
     except (shards.ShardError, ValueError, OSError) as e:
         print(f"vocab: {e}", file=sys.stderr)
         return 1
+    for warning in oov_warnings(vocab):
+        print(f"vocab: warning: {warning}", file=sys.stderr)
     print(f"vocab {args.dataset}: {'wrote ' + ', '.join(written) if written else 'wrote nothing'} in "
           f"{layout.vocab.parent}; {len(vocab['words']):,} words (min count {vocab['min_count']}), "
           f"{len(vocab['predicates']):,} predicates, {len(vocab['attributes']):,} attributes from "

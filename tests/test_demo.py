@@ -175,7 +175,7 @@ def test_second_run_is_skipped_and_new_seed_regenerates(tmp_path):
 
 
 def test_cli_summary_and_bad_arguments(tmp_path):
-    cmd = [sys.executable, "-m", "pipeline", "demo", "--root", str(tmp_path), "--images", "8", "--quiet"]
+    cmd = [sys.executable, "-m", "itmkit", "demo", "--root", str(tmp_path), "--images", "8", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "demo: wrote 8 images" in r.stdout

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from features.__main__ import build_parser
-from features.__main__ import main as features_main
+from itmkit.cli import build_parser
+from itmkit.cli import main as features_main
 from features.extract import config_from_args
 from features.rcnn import BottomUpRCNN
 from features.transforms import BadImage, load_image
@@ -89,6 +89,7 @@ def test_extract_writes_registers_and_reuses(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in layout.dir.rglob("*.h5")}
     rc, summary = extract(layout, "--kind", "both", "--shard-size", "2")
     assert rc == 0 and "wrote 0 regions + 0 grid shard(s) for 0 image(s)" in summary and "reused 6" in summary
+    assert summary.rstrip().endswith(f" -> {layout.dir.resolve() / 'regions'}, {layout.dir.resolve() / 'grid'}")
     assert before == {p: p.stat().st_mtime_ns for p in layout.dir.rglob("*.h5")}
     # a new box rule touches region shards only: the grid shards stay current
     grid_before = {p: p.stat().st_mtime_ns for p in (layout.dir / "grid").glob("*.h5")}
@@ -179,7 +180,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
     splits = ("train",) * 8
     killed, _ = make_dataset(tmp_path / "a", splits)
     clean, _ = make_dataset(tmp_path / "b", splits)
-    cmd = [sys.executable, "-m", "features", "extract", "--dataset", "toy", "--root", str(killed.root),
+    cmd = [sys.executable, "-m", "itmkit", "extract", "--dataset", "toy", "--root", str(killed.root),
            "--kind", "regions", "--shard-size", "2", *FAST]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import manifest as manifests
 from pipeline import shards
-from pipeline.__main__ import main as cli
+from itmkit.cli import main as cli
 from pipeline.ingest import IngestError, ingest, stable_id
 from pipeline.manifest import ManifestError
 from pipeline.shards import Layout

@@ -87,7 +87,7 @@ def test_installed_wheel_ingests_from_another_directory(wheel, tmp_path):
         {"filename": "1.jpg", "imgid": 1, "split": "train",
          "sentences": [{"raw": f"a photo {k}", "sentid": k} for k in range(5)]}]}))
     for manifest in ("f30k", "manifests/f30k.yaml"):   # and the earlier spelling
-        r = run([python, "-m", "pipeline", "ingest", "--manifest", manifest, "--source-root", "f30k",
+        r = run([python, "-m", "itmkit", "ingest", "--manifest", manifest, "--source-root", "f30k",
                  "--root", "data", "--set", "expected=null", "--force", "--quiet"], cwd=work)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "wrote 1 images" in r.stdout

@@ -1,4 +1,4 @@
-"""`python -m pipeline parse`: chunks, shards.json, skipping, resume after a kill, dask."""
+"""`itmkit parse`: chunks, shards.json, skipping, resume after a kill, dask."""
 
 import os
 import signal
@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from pipeline import __main__ as cli
+from itmkit import cli
 from pipeline import parse, shards
 
 TEXTS = [
@@ -146,7 +146,7 @@ def test_missing_captions_is_a_clear_error(tmp_path, capsys):
 def test_resume_after_kill(tmp_path, capsys):
     """Kill a real run once some chunks are registered; the rerun parses only the rest."""
     layout = write_captions(tmp_path, n=300)
-    cmd = [sys.executable, "-m", "pipeline", "parse", "--dataset", "toy", "--root", str(tmp_path),
+    cmd = [sys.executable, "-m", "itmkit", "parse", "--dataset", "toy", "--root", str(tmp_path),
            "--chunk-size", "10", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

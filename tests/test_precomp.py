@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import precomp, shards
-from pipeline.__main__ import main as cli
+from itmkit.cli import main as cli
 from pipeline.ingest import IngestError
 from pipeline.precomp import PrecompConfig, import_precomp
 from pipeline.shards import Layout, RegionShard

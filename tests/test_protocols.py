@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.__main__ import main as pipeline_cli
+from itmkit.cli import main as pipeline_cli
 from pipeline import shards
 from pipeline.shards import Layout
 from training import evaluate, protocols

@@ -4,6 +4,7 @@ it renders; the label names it and `pipeline inspect` show."""
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import re
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from itmkit.cli import main as itmkit
 from pipeline import shards
 from pipeline.labels import LabelNames, attribute_names, object_names
 from pipeline.shards import Layout, Regions, RegionShard, RegionShardWriter
@@ -209,6 +211,70 @@ def test_page_labels_boxes_by_name(page, run):
     assert "RANDOM EXTRACTOR WEIGHTS" in page and "The box labels below come from RANDOM" in page
 
 
+def test_the_weights_scored_are_named_by_the_epoch_metrics_csv_counts(page, run):
+    """The training log and metrics.csv count epochs from 1; so does the report (a checkpoint
+    stores the 0-based index of the epoch it ends)."""
+    _, run_dir, _ = run
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    best = max(rows, key=lambda r: float(r["rsum"]))   # the first best: a later equal one is not saved
+    assert f"epoch {best['epoch']} (best.pt)" in page and "epoch 0 " not in page
+
+
+def test_page_names_every_image_by_its_file(page, run):
+    root, _, _ = run
+    images = shards.read_table(Layout(root, "synth").images, "images").to_pylist()
+    files = {r["image_id"]: Path(r["path"]).name for r in images if r["split"] == "test"}
+    shown = re.findall(r'alt="([^"]*)" title="[^"]*"><figcaption>.*?<div class="file">(.*?)</div>', page)
+    assert len(shown) == page.count("<figure")
+    for alt, name in shown:
+        image_id = int(re.fullmatch(r".* \(image (\d+)\)", alt).group(1))
+        assert name == files[image_id] and alt.startswith(name)
+
+
+def test_labels_stay_on_the_thumbnail_and_do_not_overlap():
+    """Labels go inside a box's top edge, above it, inside its bottom edge or below it, wherever
+    they overlap no label placed before (boxes come best first) and fit the thumbnail; a label
+    that finds no place is left to the legend. Names wider than the thumbnail are cut."""
+    rng = np.random.default_rng(0)
+    W, H = 160, 120
+    same = report.place_labels([(10, 10, 150, 110)] * 3, [(60, 12)] * 3, (W, H))
+    assert same[0] == (12, 11) and same[1] == (12, 97) and same[2] is None
+    for _ in range(200):
+        n = int(rng.integers(1, 8))
+        x1, y1 = rng.uniform(-5, W, n), rng.uniform(-5, H, n)
+        boxes = list(zip(x1, y1, x1 + rng.uniform(1, W, n), y1 + rng.uniform(1, H, n)))
+        sizes = list(zip(rng.uniform(10, W - 2, n), [report.LABEL_HEIGHT] * n))
+        placed = [(x, y, x + w, y + h) for at, (w, h) in zip(report.place_labels(boxes, sizes, (W, H)), sizes)
+                  if at is not None for x, y in [at]]
+        assert all(0 <= a and 0 <= b and c <= W and d <= H for a, b, c, d in placed)
+        assert not any(report.overlap(a, b) for i, a in enumerate(placed) for b in placed[i + 1:])
+    assert report.fitted("a very long attribute object name", 60, lambda t: 6 * len(t)) == "a very lo…"
+    assert report.fitted("red ball", 60, lambda t: 6 * len(t)) == "red ball"
+
+
+def test_a_run_on_precomp_features_is_reported_without_images(tmp_path):
+    """SCAN's precomp features come without images, boxes or image sizes (0 x 0): the report
+    shows a grey thumbnail saying so, names the images by id, and draws no box."""
+    from test_precomp import make_precomp
+    make_precomp(tmp_path / "pc", splits=(("train", 8), ("dev", 2), ("test", 2)), boxes=4)
+    root, run_dir, out = tmp_path / "data", tmp_path / "run", tmp_path / "r.html"
+    assert itmkit(["import-precomp", "--dir", tmp_path / "pc", "--name", "pc", "--root", root, "--quiet"]) == 0
+    assert itmkit(["parse", "--dataset", "pc", "--root", root, "--no-progress"]) == 0
+    assert itmkit(["vocab", "--dataset", "pc", "--root", root, "--min-count", "1", "--no-progress"]) == 0
+    assert itmkit(["train", "--model", "vsepp", "--dataset", "pc", "--root", root, "--out", run_dir,
+                   "--epochs", "1", "--batch-size", "10", "--workers", "0", "--set", "embed_dim=16",
+                   "--set", "word_dim=8", "--quiet"]) == 0
+    assert itmkit(["report", run_dir, "--out", out, "--workers", "0", "--device", "cpu"]) == 0
+    text = out.read_text()
+    assert "<div class=\"legend\"></div>" in text and "<span style=" not in text   # no box drawn
+    names = re.findall(r'<div class="file">(.*?)</div>', text)
+    assert names and all(re.fullmatch(r"image \d+", n) for n in names)
+    for src in set(re.findall(r'<img src="data:image/jpeg;base64,([^"]*)"', text)):
+        thumb = Image.open(io.BytesIO(base64.b64decode(src)))
+        assert thumb.size == (160, 120)
+
+
 def test_page_recalls_are_computed_when_eval_json_has_none(page, run):
     """The run has no eval.json: the report computes the recalls, equal to evaluate's."""
     _, run_dir, _ = run
@@ -249,7 +315,7 @@ def test_several_runs_get_one_comparison_table_and_the_same_queries(run, tmp_pat
 
 
 def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
-    assert report.main([str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
+    assert itmkit(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
     err = capsys.readouterr().err
     assert err == f"report: error: {tmp_path}: not a run dir (no config.json)\n"
     assert not (tmp_path / "r.html").exists()

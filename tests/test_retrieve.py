@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -256,7 +257,7 @@ FAST = ["--min-size", "64", "--max-size", "96", "--proposals", "8", "--no-progre
 def extracted_run(tmp_path_factory):
     """A synthetic dataset's captions and graphs with region and grid features extracted (random
     weights, seed 3, a small network) from drawn image files, and a 1-epoch vsepp run on it."""
-    from features.__main__ import main as features_main
+    from itmkit.cli import main as features_main
     from training.synthetic import make_dataset
     root = tmp_path_factory.mktemp("extracted")
     layout = make_dataset(root, "toy", splits={"train": 6, "val": 2, "test": 3})
@@ -329,3 +330,24 @@ def test_shards_without_an_extractor_config_are_refused_for_image_files(run, tmp
     Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(other)
     rc, _, err = cli(out, "--root", root, "--image", other, "--weights", "random")
     assert rc == 1 and "records no extractor config" in err
+
+
+def test_the_table_fits_19_digit_ids_and_the_summary_names_the_index_folder(run, tmp_path):
+    """Ids hashed from file names (ingest.stable_id) take up to 19 digits: every column is as wide
+    as its widest cell, so the columns stay under their headers; the last line names the folder
+    the embeddings were exported to (RUN/index-SPLIT by default)."""
+    root, out, loaded = run
+    image_id = int(loaded.data.image_ids[3])
+    res = cli_json(out, "--root", root, "--image-id", image_id, "-k", 3)
+    big = 2 ** 60 - 1 - np.arange(3)
+    for r, caption_id, image in zip(res["results"], big, big[::-1]):
+        r.update(caption_id=int(caption_id), image_id=int(image))
+    lines = retrieve.format_text(res).splitlines()
+    header, rows = lines[1], lines[2:5]
+    for row in rows:   # right-aligned: each cell ends where its header ends
+        assert [m.end() for m in re.finditer(r"\S+", row)][:4] == \
+            [m.end() for m in re.finditer(r"\S+", header)][:4], (header, row)
+    assert str(2 ** 60 - 1) in rows[0]
+    index_dir = out / "index-test"
+    assert lines[-1].endswith(f"; embeddings in {index_dir} (index built)"), lines[-1]
+    assert (index_dir / "index.json").is_file()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import shards
-from pipeline.shards import (GridShard, RegionShard, Regions, ShardError, ShardIndex, Vocabulary,
+from pipeline.shards import (GridShard, Layout, RegionShard, Regions, ShardError, Vocabulary,
                              read_table, read_vocab, write_grid, write_regions, write_table,
                              write_vocab)
 
@@ -172,7 +172,7 @@ def test_index_register_valid_stale_and_verify(tmp_path):
     ds = tmp_path / "demo"
     a = write_regions(ds / "regions" / "a.h5", make_regions(np.random.default_rng(6), [2, 3]))
     b = write_regions(ds / "regions" / "b.h5", make_regions(np.random.default_rng(7), [4]))
-    index = ShardIndex(ds)
+    index = Layout(tmp_path, "demo").index
     index.register("regions", a, rows=2, config_hash="c1", inputs_hash="i1")
     index.register("regions", "regions/b.h5", rows=1, config_hash="c2")
     assert index.is_valid("regions", a, "c1", "i1")
@@ -193,7 +193,7 @@ def test_index_register_valid_stale_and_verify(tmp_path):
     assert any("b.h5" in p and "truncated" in p for p in problems)
     assert not index.is_valid("regions", b, "c2")
 
-    from pipeline.__main__ import main
+    from itmkit.cli import main
     assert main(["verify", str(ds)]) == 1
     b.unlink()
     assert any("missing" in p for p in index.verify())
@@ -204,7 +204,7 @@ def test_index_register_valid_stale_and_verify(tmp_path):
 def test_index_accepts_paths_from_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_regions("d/demo/regions/a.h5", make_regions(np.random.default_rng(11), [1]))
-    index = ShardIndex("d/demo")
+    index = Layout("d", "demo").index
     index.register("regions", "d/demo/regions/a.h5", rows=1, config_hash="c")
     index.register("regions", "regions/a.h5", rows=1, config_hash="c")
     assert [e.path for e in index.entries()] == ["regions/a.h5"]
@@ -218,11 +218,11 @@ def test_concurrent_registration(tmp_path):
     for i in range(8):
         (ds / f"f{i}.bin").parent.mkdir(parents=True, exist_ok=True)
         (ds / f"f{i}.bin").write_bytes(bytes([i]) * 10)
-    code = ("import sys; from pipeline.shards import ShardIndex; "
-            "ShardIndex(sys.argv[1]).register('graphs', 'f' + sys.argv[2] + '.bin', rows=1, config_hash='h')")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(ds), str(i)]) for i in range(8)]
+    code = ("import sys; from pipeline.shards import Layout; "
+            "Layout(sys.argv[1], 'demo').index.register('graphs', 'f' + sys.argv[2] + '.bin', rows=1, config_hash='h')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(i)]) for i in range(8)]
     assert all(p.wait() == 0 for p in procs)
-    assert sorted(e.path for e in ShardIndex(ds).entries("graphs")) == [f"f{i}.bin" for i in range(8)]
+    assert sorted(e.path for e in Layout(tmp_path, "demo").index.entries("graphs")) == [f"f{i}.bin" for i in range(8)]
 
 
 class _Reads(torch.utils.data.Dataset):
@@ -247,7 +247,7 @@ def test_multi_worker_reads_match(tmp_path):
 
 def test_describe_and_cli(tmp_path, capsys):
     path = write_regions(tmp_path / "r.h5", make_regions(np.random.default_rng(9), [2, 0]))
-    from pipeline.__main__ import main
+    from itmkit.cli import main
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "features" in out and "(2, 2048)" in out and "boxes/image  min 0" in out
@@ -308,7 +308,7 @@ def test_prune_removes_shards_outside_the_plan_and_reports_them(tmp_path, capsys
     dead = orphan.with_name(orphan.name + ".tmp")          # an older version's temporary file
     dead.write_bytes(b"half")
     busy = _register_shard(layout, "regions", "train", 4)
-    from pipeline.__main__ import main
+    from itmkit.cli import main
     with shards.claim(busy) as held:
         assert held
         rc = main(["prune", str(layout.dir), "--kind", "regions", "--shard-size", "2"])
@@ -334,11 +334,14 @@ def test_run_config_hashes_are_resolved_by_one_pure_function(tmp_path):
     _register_shard(layout, "grid", "train", 0, "g")
     index = layout.index
     assert index.splits("regions") == {"train", "val", "test"}
-    assert index.config_hashes(["regions", "grid"], ["train"]) == {"regions": "a", "grid": "g"}
+
+    def hashes(kinds, splits):
+        return shards.resolve_config_hashes(index.read_set(kinds, splits))
+    assert hashes(["regions", "grid"], ["train"]) == {"regions": "a", "grid": "g"}
     with pytest.raises(ShardError, match="no grid registered for split 'val'"):
-        index.config_hashes(["grid"], ["val"])
+        hashes(["grid"], ["val"])
     with pytest.raises(ShardError, match="several configs"):
-        index.config_hashes(["regions"], ["train", "test"])
+        hashes(["regions"], ["train", "test"])
     entries = index.read_set(["regions"], ["test"])
     assert shards.resolve_config_hashes(entries) == {"regions": "b"}
     with pytest.raises(ShardError, match="expects regions shards of config a"):
@@ -359,5 +362,5 @@ def test_files_of_earlier_versions_stay_readable(tmp_path):
                                           "kinds": {"regions": [entry]}})
     assert RegionShard(path).attrs["created"] and len(RegionShard(path)) == 1
     assert layout.index.is_valid("regions", path, "c", "i") and layout.index.verify() == []
-    assert layout.index.config_hashes(["regions"], ["train"]) == {"regions": "c"}
+    assert shards.resolve_config_hashes(layout.index.read_set(["regions"], ["train"])) == {"regions": "c"}
     assert layout.index.prune("regions", [path]).temporary == ["regions/regions-train-0000.h5.tmp"]

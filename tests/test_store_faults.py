@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-from features.__main__ import main as features_main
-from pipeline import __main__ as cli
+from itmkit.cli import main as features_main
+from itmkit import cli
 from pipeline import parse, shards
 from pipeline.shards import ShardError, Vocabulary
 from test_features_extract import FAST, make_dataset
@@ -37,7 +37,7 @@ def extract(layout, *args):
 
 
 def extract_cmd(layout, *args):
-    return [sys.executable, "-m", "features", "extract", "--dataset", layout.name, "--root",
+    return [sys.executable, "-m", "itmkit", "extract", "--dataset", layout.name, "--root",
             str(layout.root), *FAST, *args]
 
 
@@ -112,7 +112,7 @@ def test_concurrent_extracts_and_parses_end_verified(tmp_path):
     procs = [subprocess.Popen(extract_cmd(layout, "--kind", "both", "--shard-size", "2"), cwd=REPO,
                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
-    procs += [subprocess.Popen([sys.executable, "-m", "pipeline", "parse", "--dataset", layout.name,
+    procs += [subprocess.Popen([sys.executable, "-m", "itmkit", "parse", "--dataset", layout.name,
                                 "--root", str(tmp_path), "--chunk-size", "10", "--no-progress"],
                                cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for _ in range(3)]
@@ -217,9 +217,9 @@ FULL_DISK = textwrap.dedent("""
     cp -r "$2" "$1/data"
     cd "$3"
     set +e
-    "$4" -m features extract --dataset toy --root "$1/data" --kind both --shard-size 2 {fast} > "$5" 2>&1
+    "$4" -m itmkit extract --dataset toy --root "$1/data" --kind both --shard-size 2 {fast} > "$5" 2>&1
     echo "rc=$?" >> "$5"
-    "$4" -m pipeline verify "$1/data/toy" >> "$5" 2>&1
+    "$4" -m itmkit verify "$1/data/toy" >> "$5" 2>&1
 """)
 
 
@@ -260,7 +260,7 @@ def test_identical_runs_write_identical_bytes(tmp_path):
 def test_refused_weights_stop_extract_before_it_announces_replacements(tmp_path):
     from features.rcnn import BottomUpRCNN
     from features.weights import load_weights, save_detectron2_pickle
-    from features.__main__ import build_parser
+    from itmkit.cli import build_parser
     from features.extract import config_from_args
 
     layout, _ = make_dataset(tmp_path, splits=("val",) * 2)

@@ -1,10 +1,10 @@
-"""`python -m pipeline vocab`: train-only words, specials, predicates/attributes, coverage,
+"""`itmkit vocab`: train-only words, specials, predicates/attributes, coverage,
 GloVe vectors, skipping, and refusal of inconsistent graphs."""
 
 import numpy as np
 import pytest
 
-from pipeline import __main__ as cli
+from itmkit import cli
 from pipeline import parse, shards, vocab
 
 CAPTIONS = [  # (split, text)
@@ -160,3 +160,24 @@ def test_a_graphs_row_with_a_null_is_one_line_naming_the_file_and_row(tmp_path, 
     assert cli.main(["vocab", "--dataset", "synth", "--root", str(tmp_path), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{path}: row 2 (caption_id 2): 'tokens' is null" in err[0], err
+
+
+def test_a_high_out_of_vocabulary_rate_is_warned(tmp_path, capsys):
+    """Val and test captions whose words train has not seen: each split over 10 % is warned
+    about, on every run (also when the vocabulary is current); none when they share train's words."""
+    layout = make_dataset(tmp_path)
+    capsys.readouterr()
+    for _ in range(2):
+        assert run(tmp_path, "--min-count", 1) == 0
+        err = capsys.readouterr().err
+        coverage = shards.read_vocab(layout.vocab)["coverage"]
+        for split in ("val", "test"):
+            c = coverage[split]
+            assert c["oov_rate"] > vocab.OOV_WARNING
+            assert (f"vocab: warning: {c['oov_rate']:.1%} of the {split} tokens ({c['oov']} of {c['tokens']}) "
+                    "are not in the vocabulary") in err
+        assert "of the train tokens" not in err
+    same = [(split, text) for split in ("train", "val", "test") for _, text in CAPTIONS[:4]]
+    make_dataset(tmp_path / "same", same)
+    assert run(tmp_path / "same", "--min-count", 1) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from itmkit.cli import COMMANDS
 from pipeline import shards
-from pipeline.shards import Layout, ShardIndex
+from pipeline.shards import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -189,8 +190,10 @@ def test_dry_run_quotes_every_config_value_of_every_rule(tmp_path):
     jobs = shell_commands(out)
     assert set(jobs) == SHELL_RULES
     whole = {cfg["spacy_model"], f"note=1{HOSTILE} #", f"embed_dim=256{HOSTILE} #"}
+    itmkit = str(Path(sys.executable).with_name("itmkit"))
     for rule, commands in jobs.items():
         for words in commands:
+            assert words[0] == itmkit and words[1] in COMMANDS, (rule, words)   # the workflow runs commands
             # every word with shell code in it is a whole value: a path under work, or one of those
             assert all(w.startswith(str(work)) or w in whole for w in words if "injected" in w), (rule, words)
             if "--root" in words:
@@ -256,19 +259,19 @@ def test_dry_run_demo_on_a_fresh_root(tmp_path):
 
 
 def test_dry_run_demo_trains_with_the_demo_recipe_on_one_thread(tmp_path):
-    train = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo")), "training/train.py")
+    train = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo")), "itmkit train ")
     recipe = default("demo_set")
     assert recipe == {"embed_dim": 256}
     assert f"--epochs {default('demo_epochs')} --batch-size {default('demo_batch_size')} --set embed_dim=256" in train
     assert "--device cpu" in train and "--threads 1" in train
     train = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo", config={"demo_set": "{embed_dim: 1024, lr: 0.001}"})),
-                       "training/train.py")
+                       "itmkit train ")
     assert "--set embed_dim=1024 --set lr=0.001" in train
 
 
 def test_dry_run_demo_scenes_reach_the_generator(tmp_path):
     ingest = shell_line(ok(snakemake(tmp_path, "-n", "-p", "demo", config={"demo_scenes": "context"})),
-                        "pipeline ingest")
+                        "itmkit ingest ")
     assert "--set demo.scenes=context" in ingest
     r = snakemake(tmp_path, "-n", "demo", config={"demo_scenes": "busy"})
     assert r.returncode != 0 and "demo_scenes" in output(r)
@@ -285,12 +288,12 @@ def test_dry_run_train_target_takes_the_model_and_its_defaults(fake_copy):
     out = ok(snakemake(work, "-n", "-p", "train_coco", config=dict(cfg, model="kidrr")))
     assert job_counts(out) == expected_jobs("train_coco")   # every shard job, then train, evaluate, report
     run = work / "runs" / "coco-kidrr"
-    train = shell_line(out, "training/train.py")
+    train = shell_line(out, "itmkit train ")
     assert "--model kidrr --dataset coco" in train and f"--out {run}" in train
     assert "--epochs" not in train and "--batch-size" not in train and "--set" not in train
     assert "--device cuda" in train and "--workers 4" in train and "--threads 0" in train   # torch's threads
-    assert "--save-sims" in shell_line(out, "training/evaluate.py")
-    assert f"--out {run / 'report.html'}" in shell_line(out, "training/report.py")
+    assert "--save-sims" in shell_line(out, "itmkit evaluate ")
+    assert f"--out {run / 'report.html'}" in shell_line(out, "itmkit report ")
 
 
 def test_dry_run_train_target_passes_the_training_keys(fake_copy):
@@ -299,7 +302,7 @@ def test_dry_run_train_target_passes_the_training_keys(fake_copy):
                 train_set={"lr": 0.0001, "lr_decay_epochs": [10, 20]})
     out = ok(snakemake(work, "-n", "-p", "train_f30k", config=keys))
     assert job_counts(out) == expected_jobs("train_f30k")
-    train = shell_line(out, "training/train.py")
+    train = shell_line(out, "itmkit train ")
     assert "--model vsepp --dataset f30k" in train   # the default model
     assert "--epochs 3 --batch-size 64 --set lr=0.0001 --set lr_decay_epochs=10,20" in train
     assert "--device cpu" in train
@@ -418,7 +421,7 @@ def test_local_profile_runs_a_dry_run(tmp_path):
 # real runs
 
 def shard_state(root: Path, kinds) -> dict:
-    index = ShardIndex(root / "demo")
+    index = Layout(root, "demo").index
     return {e.path: (e.sha256, e.config_hash, e.created) for k in kinds for e in index.entries(k)}
 
 
@@ -465,7 +468,7 @@ def test_demo_end_to_end_reuse_and_changed_boxes(tmp_path):
     assert any(k.startswith("test/") for k in evaluation)
     assert "-> " + str(run / "report.html") in out   # the report's path ends the output
     assert "RANDOM EXTRACTOR WEIGHTS" in (run / "report.html").read_text()
-    index = ShardIndex(root / "demo")
+    index = Layout(root, "demo").index
     assert {"images", "captions", "boxes", "regions", "grid", "graphs", "vocab"} <= set(index.load()["kinds"])
     assert index.verify() == []
     one_pass_per_image(index)

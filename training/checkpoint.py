@@ -219,6 +219,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":   # python training/checkpoint.py upgrade ...: the same as itmkit upgrade ...
-    from itmkit.cli import main as itmkit
-
-    sys.exit(itmkit(sys.argv[1:]))
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"upgrade: error: {e}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -177,112 +178,156 @@ def main(argv=None) -> int:
 def command(args) -> int:
     rank, world, device = distributed(args.device)
     check_args(args, world)
-    written, skipped = [], []
-
-    def skip(part: str, why: str) -> None:
-        skipped.append(part)
-        print(f"evaluate: skipped {part}: {why}", file=sys.stderr)
-
-    t2i_sims, suffix = None, ""
-    if args.ensemble:
-        members = args.ensemble
-        sims, image_ids, caption_ids, dataset = ensemble_sims(members, args.split)
-        out = Path(args.run or members[0]) / "eval-ensemble.json"
-        tag = {"runs": [str(m) for m in members]}
-        root = data_root(RunConfig.load(members[0]), args.root) if args.hard_negatives else None
-        what = f"ensemble of {len(members)} runs"
-        for flag in ("--save-sims", "--export-index"):
-            if getattr(args, flag[2:].replace("-", "_")):
-                skip(flag, "an ensemble averages saved similarities; it has no model of its own")
-    else:
-        trainer = training_now(args.run) if rank == 0 else None
-        if trainer and not (Path(args.run) / f"{args.checkpoint}.pt").exists():
-            raise CheckpointError(f"{args.run}: being trained ({trainer}) and has no finished "
-                                  f"{args.checkpoint}.pt yet; evaluate it after its first epoch")
-        run = load_run(args.run, args.root, which=args.checkpoint, device=device, split=args.split,
-                       max_images=args.max_images)
-        if trainer:
-            print(f"evaluate: {args.run} is being trained ({trainer}): scoring its {args.checkpoint}.pt "
-                  f"of epoch {run.scored['epoch']} of {run.config.model_cfg().epochs}, the last finished one",
-                  file=sys.stderr)
-        data = run.data
-        two_tower = models.get(run.config.model).two_tower
-        if rank == 0 and args.export_index and not two_tower:   # said before the scoring, which may take long
-            skip("--export-index", f"model '{run.config.model}' is a cross-attention model: its scores "
-                 "need the image and the caption together, so it has no per-item embeddings to index")
-        images, texts = eval_loaders(data, args.batch_size, args.workers)
-        if args.shortlist:
-            done, info = shortlisted(run, args, images, texts, device, rank, world)
-            sims, t2i_sims, tag = (done.i2t, done.t2i, {"shortlist": info}) if done else (None, None, {})
-            tag["checkpoint"] = run.scored
-            suffix = f" shortlist={args.shortlist}@{args.topk}" + (
-                f" fuse={args.fuse:g}" if args.fuse is not None else "")
-        else:
-            sims, tag = compute_sims(run.model, images, texts, device, progress=not args.quiet,
-                                     rank=rank, world=world), {"checkpoint": run.scored}
-        if rank != 0:   # the other processes only scored their share
-            dist.destroy_process_group()
-            return 0
-        image_ids, caption_ids = data.image_ids, data.text.caption_ids
-        dataset, root = run.config.dataset, run.root
-        out, what = run.dir / "eval.json", f"{args.run} ({args.checkpoint}.pt)"
-        if args.save_sims and args.shortlist:
-            skip("--save-sims", "a shortlisted evaluation ranks each direction on its own; there is no "
-                 "one similarity matrix to save")
-        elif args.save_sims:
-            save_sims(sims_path(run.dir, args.split), sims, data.image_ids, data.text.caption_ids,
-                      {"dataset": dataset, "shard_hashes": data.hashes,
-                       "checkpoint_sha256": run.scored["sha256"]})
-            written.append(str(sims_path(run.dir, args.split)))
-        if args.export_index and two_tower:
-            from training.export import export_run
-            files, summary = export_run(run, args.export_index, batch_size=args.batch_size,
-                                        workers=args.workers)
-            print(summary)
-            written += [str(f) for f in files]
-    if warning := small_split_warning(args.split, sims.shape[0]):
+    outcome = Outcome()
+    scored = score_ensemble(args, outcome) if args.ensemble else score_run(args, rank, world, device, outcome)
+    if scored is None:   # the other processes only scored their share
+        dist.destroy_process_group()
+        return 0
+    if warning := small_split_warning(args.split, scored.sims.shape[0]):
         print(f"evaluate: warning: {warning}", file=sys.stderr)
-
-    protocols = args.protocol or (["coco-1k", "coco-5k"] if "coco" in dataset.lower() else ["f30k-1k"])
-    results, failed = {}, []
-    for protocol in protocols:
-        try:
-            result, line = protocol_result(sims, protocol, args.fold_size, image_ids=image_ids,
-                                           caption_ids=caption_ids, t2i_sims=t2i_sims)
-        except ValueError as e:   # e.g. coco-1k on fewer images than a fold, eccv off COCO 5K
-            failed.append((protocol, e))
-            continue
-        results[f"{args.split}/{protocol}{suffix}"] = {**result, **tag}
-        print(f"{protocol} ({args.split}, {sims.shape[0]} images{suffix}): {line}")
-    if not results:   # nothing to keep: the first reason is the error
-        raise failed[0][1]
-    for protocol, e in failed:
-        skip(protocol, str(e))
+    results = protocol_results(scored, args, outcome)
     if args.hard_negatives:
-        layout = Layout(root, dataset)
-        if not layout.hard_negatives.exists():
-            skip("--hard-negatives", f"the dataset has no hard-negative pairs ({layout.hard_negatives} "
-                 "does not exist)")
-        else:
-            pairs = shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
-            hn = hard_negative_accuracy(sims, image_ids, pairs, t2i_sims=t2i_sims)
-            results[f"{args.split}/hard_negatives{suffix}"] = {**hn, **tag}
-            for kind, r in hn.items():
-                if isinstance(r, dict):
-                    print(f"hard negatives [{kind}] {r['pairs']} pairs: image->text {r['i2t_acc']:.1f}% "
-                          f"text->image {r['t2i_acc']:.1f}%")
-    with shards.claim(out):   # two evaluations of one run merge, neither loses the other's entries
-        old = shards.read_json(out) if out.exists() else {}
-        shards.write_json(out, {**old, **results})
-    written.append(str(out))
-    print(f"evaluate: {what} on {dataset}/{args.split}: {', '.join(results)}"
-          f"{'; skipped ' + ', '.join(skipped) if skipped else ''}; wrote {', '.join(written)}")
+        results.update(hard_negative_results(scored, args, outcome))
+    with shards.claim(scored.out):   # two evaluations of one run merge, neither loses the other's entries
+        old = shards.read_json(scored.out) if scored.out.exists() else {}
+        shards.write_json(scored.out, {**old, **results})
+    outcome.written.append(str(scored.out))
+    print(f"evaluate: {scored.what} on {scored.dataset}/{args.split}: {', '.join(results)}"
+          f"{'; skipped ' + ', '.join(outcome.skipped) if outcome.skipped else ''}; wrote {', '.join(outcome.written)}")
     if world > 1:
         dist.destroy_process_group()
     return 0
 
 
-if __name__ == "__main__":   # python training/evaluate.py ...: the same as itmkit evaluate ...
-    from itmkit.cli import main as itmkit
+@dataclass
+class Outcome:
+    """What the command wrote and what it skipped (each skip said in one line as it happens)."""
 
-    sys.exit(itmkit(["evaluate", *sys.argv[1:]]))
+    written: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def skip(self, part: str, why: str) -> None:
+        self.skipped.append(part)
+        print(f"evaluate: skipped {part}: {why}", file=sys.stderr)
+
+
+@dataclass
+class Scored:
+    """The similarities of a split and what the results are saved with."""
+
+    sims: np.ndarray                 # [images, captions]; image -> text ranks under a shortlist
+    t2i_sims: np.ndarray | None      # text -> image ranks under a shortlist, else None
+    image_ids: np.ndarray
+    caption_ids: np.ndarray
+    dataset: str
+    root: Path | None                # the data root (for the hard-negative pairs)
+    out: Path                        # eval.json (eval-ensemble.json)
+    what: str                        # the run (or the ensemble) for the summary
+    tag: dict                        # saved with every result: the checkpoint, the shortlist or the members
+    suffix: str = ""                 # of the result keys: " shortlist=RUN2@K[ fuse=A]"
+
+
+def score_ensemble(args, outcome: Outcome) -> Scored:
+    """The mean of the members' saved similarities; their results go to eval-ensemble.json."""
+    members = args.ensemble
+    sims, image_ids, caption_ids, dataset = ensemble_sims(members, args.split)
+    root = data_root(RunConfig.load(members[0]), args.root) if args.hard_negatives else None
+    for flag in ("--save-sims", "--export-index"):
+        if getattr(args, flag[2:].replace("-", "_")):
+            outcome.skip(flag, "an ensemble averages saved similarities; it has no model of its own")
+    return Scored(sims, None, image_ids, caption_ids, dataset, root, Path(args.run or members[0]) / "eval-ensemble.json",
+                  f"ensemble of {len(members)} runs", {"runs": [str(m) for m in members]})
+
+
+def score_run(args, rank: int, world: int, device: str, outcome: Outcome) -> Scored | None:
+    """The run's checkpoint scored on the split, every pair or only a shortlist's; the
+    similarities saved and the embeddings exported when asked. None on processes other than the
+    first (under torchrun), which only score their share."""
+    trainer = training_now(args.run) if rank == 0 else None
+    if trainer and not (Path(args.run) / f"{args.checkpoint}.pt").exists():
+        raise CheckpointError(f"{args.run}: being trained ({trainer}) and has no finished "
+                              f"{args.checkpoint}.pt yet; evaluate it after its first epoch")
+    run = load_run(args.run, args.root, which=args.checkpoint, device=device, split=args.split,
+                   max_images=args.max_images)
+    if trainer:
+        print(f"evaluate: {args.run} is being trained ({trainer}): scoring its {args.checkpoint}.pt "
+              f"of epoch {run.scored['epoch']} of {run.config.model_cfg().epochs}, the last finished one",
+              file=sys.stderr)
+    data = run.data
+    two_tower = models.get(run.config.model).two_tower
+    if rank == 0 and args.export_index and not two_tower:   # said before the scoring, which may take long
+        outcome.skip("--export-index", f"model '{run.config.model}' is a cross-attention model: its scores "
+                    "need the image and the caption together, so it has no per-item embeddings to index")
+    images, texts = eval_loaders(data, args.batch_size, args.workers)
+    t2i_sims, suffix = None, ""
+    if args.shortlist:
+        done, info = shortlisted(run, args, images, texts, device, rank, world)
+        sims, t2i_sims, tag = (done.i2t, done.t2i, {"shortlist": info}) if done else (None, None, {})
+        tag["checkpoint"] = run.scored
+        suffix = f" shortlist={args.shortlist}@{args.topk}" + (
+            f" fuse={args.fuse:g}" if args.fuse is not None else "")
+    else:
+        sims, tag = compute_sims(run.model, images, texts, device, progress=not args.quiet,
+                                 rank=rank, world=world), {"checkpoint": run.scored}
+    if rank != 0:
+        return None
+    if args.save_sims and args.shortlist:
+        outcome.skip("--save-sims", "a shortlisted evaluation ranks each direction on its own; there is no "
+                    "one similarity matrix to save")
+    elif args.save_sims:
+        save_sims(sims_path(run.dir, args.split), sims, data.image_ids, data.text.caption_ids,
+                  {"dataset": run.config.dataset, "shard_hashes": data.hashes,
+                   "checkpoint_sha256": run.scored["sha256"]})
+        outcome.written.append(str(sims_path(run.dir, args.split)))
+    if args.export_index and two_tower:
+        from training.export import export_run
+        files, summary = export_run(run, args.export_index, batch_size=args.batch_size, workers=args.workers)
+        print(summary)
+        outcome.written += [str(f) for f in files]
+    return Scored(sims, t2i_sims, data.image_ids, data.text.caption_ids, run.config.dataset, run.root,
+                  run.dir / "eval.json", f"{args.run} ({args.checkpoint}.pt)", tag, suffix)
+
+
+def protocol_results(scored: Scored, args, outcome: Outcome) -> dict:
+    """The eval.json entries of the protocols asked for (default: the dataset's), each printed. A
+    protocol the split does not fit is skipped, saying why; when none fits, the first reason is
+    the error."""
+    protocols = args.protocol or (["coco-1k", "coco-5k"] if "coco" in scored.dataset.lower() else ["f30k-1k"])
+    results, failed = {}, []
+    for protocol in protocols:
+        try:
+            result, line = protocol_result(scored.sims, protocol, args.fold_size, image_ids=scored.image_ids,
+                                           caption_ids=scored.caption_ids, t2i_sims=scored.t2i_sims)
+        except ValueError as e:   # e.g. coco-1k on fewer images than a fold, eccv off COCO 5K
+            failed.append((protocol, e))
+            continue
+        results[f"{args.split}/{protocol}{scored.suffix}"] = {**result, **scored.tag}
+        print(f"{protocol} ({args.split}, {scored.sims.shape[0]} images{scored.suffix}): {line}")
+    if not results:   # nothing to keep: the first reason is the error
+        raise failed[0][1]
+    for protocol, e in failed:
+        outcome.skip(protocol, str(e))
+    return results
+
+
+def hard_negative_results(scored: Scored, args, outcome: Outcome) -> dict:
+    """Pairwise accuracy on the dataset's hard-negative pairs (skipped when it has none)."""
+    layout = Layout(scored.root, scored.dataset)
+    if not layout.hard_negatives.exists():
+        outcome.skip("--hard-negatives", f"the dataset has no hard-negative pairs ({layout.hard_negatives} "
+                    "does not exist)")
+        return {}
+    pairs = shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
+    hn = hard_negative_accuracy(scored.sims, scored.image_ids, pairs, t2i_sims=scored.t2i_sims)
+    for kind, r in hn.items():
+        if isinstance(r, dict):
+            print(f"hard negatives [{kind}] {r['pairs']} pairs: image->text {r['i2t_acc']:.1f}% "
+                  f"text->image {r['t2i_acc']:.1f}%")
+    return {f"{args.split}/hard_negatives{scored.suffix}": {**hn, **scored.tag}}
+
+
+if __name__ == "__main__":   # python training/evaluate.py ...: the same as itmkit evaluate ...
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"evaluate: error: {e}")

@@ -92,6 +92,7 @@ def command(args) -> int:
 
 
 if __name__ == "__main__":   # python training/plot.py ...: the same as itmkit plot ...
-    from itmkit.cli import main as itmkit
-
-    sys.exit(itmkit(["plot", *sys.argv[1:]]))
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"plot: error: {e}")

@@ -1,7 +1,7 @@
 """One self-contained HTML report of trained runs: what they were trained on, how, how well, and
 what they retrieve.
 
-    python training/report.py runs/NAME [runs/OTHER ...] [--out report.html] [--split test]
+    itmkit report runs/NAME [runs/OTHER ...] [--out report.html] [--split test]   # or: python training/report.py ...
 
 The file needs nothing but a browser: images are embedded as JPEG thumbnails and the training
 curves as a PNG, all as data: URIs; no script, font or style sheet is fetched. Per run: the data
@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import shards
-from pipeline.config import HelpFormatter, non_negative_int, positive_int
+from pipeline.config import HelpFormatter, non_negative_int, positive_int, run_command
 from pipeline.labels import LabelNames
 from pipeline.shards import Layout, ShardError
 from training import plot
@@ -144,7 +144,7 @@ class Gallery:
         """The image's file; a relative path is taken from the working directory, else from the
         dataset folder."""
         path = self.paths.get(int(self.image_ids[i]))
-        if path is None:
+        if not path:
             return None
         for p in (Path(path), self.layout.dir / path):
             if p.is_file():
@@ -158,18 +158,24 @@ class Gallery:
             self._cache[i] = self._draw(i)
         return self._cache[i]
 
+    def file_name(self, i: int) -> str:
+        """The name of image row ``i``'s file as images.parquet gives it ("" when it has none:
+        features imported without images)."""
+        return Path(self.paths.get(int(self.image_ids[i])) or "").name
+
     def _image(self, i: int, w: int, h: int) -> Image.Image:
-        """The image, or a grey one of its size saying why not (no file: features imported
-        without images, or a copy of the dataset without them)."""
+        """The image, or a grey one saying why not (no file: features imported without images,
+        or a copy of the dataset without them) of its size, or of the thumbnail's when the size
+        is not known either (precomp features record 0 x 0)."""
         path = self.image_file(i)
-        why = "image file not found"
+        why = "image file not found" if self.file_name(i) else "no image (features imported without images)"
         if path is not None:
             try:
                 with Image.open(path) as f:
                     return f.convert("RGB")
             except (OSError, Image.DecompressionBombError):
                 why = "image file unreadable"
-        im = Image.new("RGB", (w, h), (200, 200, 200))
+        im = Image.new("RGB", (w, h) if w > 0 and h > 0 else (self.thumb, self.thumb * 3 // 4), (200, 200, 200))
         ImageDraw.Draw(im).text((4, 4), why, fill=(60, 60, 60))
         return im
 
@@ -181,23 +187,60 @@ class Gallery:
         scale = self.thumb / max(im.size)
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
                        Image.BILINEAR)
-        sx, sy = im.width / w, im.height / h
         draw, font = ImageDraw.Draw(im), ImageFont.load_default(size=10)
-        legend = []
-        known = r.boxes is not None and len(r.boxes) and not np.isnan(r.boxes).any()
+        legend, boxes = [], []
+        known = w > 0 and h > 0 and r.boxes is not None and len(r.boxes) and not np.isnan(r.boxes).any()
         best = np.argsort(-np.nan_to_num(r.obj_scores, nan=0.0), kind="stable")
-        order = best[:self.boxes] if known else []
-        for n, k in enumerate(order):
+        for n, k in enumerate(best[:self.boxes] if known else []):
             colour = PALETTE[n % len(PALETTE)]
-            x1, y1, x2, y2 = (float(v) for v in r.boxes[k] * [sx, sy, sx, sy])
-            draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
+            box = [float(v) for v in r.boxes[k] * ([im.width / w, im.height / h] * 2)]
+            draw.rectangle(box, outline=colour, width=2)
             name = self.names.region(r.obj_labels[k], r.attr_labels[k])
-            tx = max(0.0, min(x1 + 2, im.width - draw.textlength(name, font=font) - 2))
-            draw.text((tx, y1 + 1), name, fill="white", font=font, stroke_width=2, stroke_fill=colour)
+            boxes.append((box, colour, fitted(name, im.width - 4, lambda t: draw.textlength(t, font=font))))
             legend.append((colour, name, float(r.obj_scores[k])))
+        sizes = [(draw.textlength(text, font=font), LABEL_HEIGHT) for _, _, text in boxes]
+        for (_, colour, text), at in zip(boxes, place_labels([b for b, _, _ in boxes], sizes, im.size)):
+            if at is not None:   # no free place on the thumbnail: the legend names it
+                draw.text(at, text, fill="white", font=font, stroke_width=2, stroke_fill=colour)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=85)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), legend
+
+
+LABEL_HEIGHT = 12   # pixels of a 10-pixel label with its 2-pixel outline
+
+
+def fitted(text: str, width: float, length) -> str:
+    """``text``, cut with an ellipsis to fit ``width`` pixels (``length(text)``: its width)."""
+    if length(text) <= width:
+        return text
+    while text and length(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def place_labels(boxes: list, sizes: list, image: tuple[int, int]) -> list:
+    """Where to write each box's label on an image of ``image`` (width, height): the top-left
+    (x, y) of a ``sizes`` (width, height) rectangle inside the image that overlaps no label
+    placed before it (boxes come best first), tried inside the box's top edge, above it, inside
+    its bottom edge, below it; None when none of them is free."""
+    placed, out = [], []
+    W, H = image
+    for (x1, y1, x2, y2), (w, h) in zip(boxes, sizes):
+        x = max(0.0, min(x1 + 2, W - w - 1))
+        spot = None
+        for y in (y1 + 1, y1 - h - 1, y2 - h - 1, y2 + 1):
+            rect = (x, y, x + w, y + h)
+            if y >= 0 and y + h <= H and x + w <= W and not any(overlap(rect, o) for o in placed):
+                spot = (x, y)
+                placed.append(rect)
+                break
+        out.append(spot)
+    return out
+
+
+def overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +390,7 @@ class RunReport:
     dir: Path
     name: str
     config: dict
-    checkpoint: dict        # epoch, step, best_rsum of the weights scored
+    checkpoint: dict        # epoch (from 1, as metrics.csv counts), step, best_rsum of the weights scored
     checkpoint_name: str    # best or last
     split: str
     n_images: int
@@ -381,7 +424,8 @@ def collect(run_dir, args) -> RunReport:
     epochs = len(plot.read_metrics(run.dir)["epoch"]) if metrics.exists() else 0
     return RunReport(
         run.dir, run.dir.name, dataclasses.asdict(run.config),
-        {k: run.checkpoint.get(k) for k in ("epoch", "step", "best_rsum")}, run.which,
+        {"epoch": run.scored["epoch"], "step": run.checkpoint.get("step"),
+         "best_rsum": run.checkpoint.get("best_rsum")}, run.which,
         args.split, len(run.data.image_ids), sims_source, ev, ev_source, provenance(run),
         curves_png([run.dir]), epochs,
         results(sims, run.data.image_ids, pairs, queries=args.queries, k=args.top, failures=args.failures,
@@ -405,7 +449,7 @@ figcaption{font-size:.8em;min-width:8em}.legend span{display:inline-block;width:
 margin-right:3px;vertical-align:middle}.legend{white-space:nowrap}li.gt{color:#1a7e2a;font-weight:bold}
 table.t2i td:first-child,table.t2i-fail td:first-child{width:16em}table.i2t td:first-child,
 table.i2t-fail td:first-child{width:12em}.ok{color:#1a7e2a;font-weight:bold}.bad{color:#c00;font-weight:bold}
-code{font-size:.9em}
+code{font-size:.9em}.file{font-size:.85em;color:#555;word-break:break-all}
 """
 
 
@@ -438,8 +482,11 @@ def grey(chance: float, fmt: str = "{:.1f}") -> str:
 def figure(g: Gallery, i: int, label: str, gt: bool = False) -> str:
     uri, legend = g.labelled(i)
     items = "<br>".join(f"<span style=\"background:{c}\"></span>{esc(n)} {s:.2f}" for c, n, s in legend)
-    return (f"<figure class=\"{'gt' if gt else ''}\"><img src=\"{uri}\" alt=\"image {int(g.image_ids[i])}\">"
-            f"<figcaption>{label}<div class=\"legend\">{items}</div></figcaption></figure>")
+    image_id, name = int(g.image_ids[i]), g.file_name(i)
+    title = f"{name} (image {image_id})" if name else f"image {image_id}"
+    return (f"<figure class=\"{'gt' if gt else ''}\"><img src=\"{uri}\" alt=\"{esc(title)}\" "
+            f"title=\"{esc(title)}\"><figcaption>{label}<div class=\"file\">{esc(name or title)}</div>"
+            f"<div class=\"legend\">{items}</div></figcaption></figure>")
 
 
 def recall_table(ev: dict) -> str:
@@ -534,7 +581,7 @@ def image_rows(r: RunReport, items: list, cls: str) -> str:
         if all(j // PER != q["image"] for j, _ in q["hits"]):
             own = (f"<p class=\"note\">its own captions, best at rank {q['gt_rank']}: "
                    f"{esc(g.text(q['image'] * PER))}</p>")
-        rows.append([figure(g, q["image"], f"image {int(g.image_ids[q['image']])}"),
+        rows.append([figure(g, q["image"], ""),
                      f"<ol>{lis}</ol>{own}"])
     return table(["query", "top captions (its own in green)"], rows, cls)
 
@@ -645,10 +692,8 @@ ERRORS = (ShardError, CheckpointError, ValueError, OSError)   # one line, exit 1
 
 
 def main(argv=None) -> int:
-    """``itmkit report`` from Python, as the command line runs it (errors: one line, exit 1)."""
-    from itmkit.cli import main as itmkit
-
-    return itmkit(["report", *(sys.argv[1:] if argv is None else argv)])
+    """``itmkit report`` from Python; errors are raised."""
+    return run_command(add_arguments, command, argv)
 
 
 def command(args) -> int:
@@ -657,4 +702,7 @@ def command(args) -> int:
 
 
 if __name__ == "__main__":   # python training/report.py ...: the same as itmkit report ...
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"report: error: {e}")

@@ -162,7 +162,7 @@ def caption_query(run: LoadedRun, caption_id: int) -> Query:
             break
     if graph is None:
         raise ShardError(f"caption_id {caption_id} has no row in the graph shards; "
-                         "rerun python -m pipeline parse")
+                         "rerun itmkit parse")
     captions = shards.read_table(layout.captions, "captions", ["caption_id", "text"])
     text = captions.filter(pc.equal(captions["caption_id"], caption_id))["text"][0].as_py()
     image_id = int(data.text.image_ids[where[0]])
@@ -523,7 +523,9 @@ def format_text(result: dict) -> str:
     what = {"text": "", "caption": f" [caption {q.get('caption_id')} of image {q.get('image_id')}]",
             "image": f" [image {q.get('image_id')}]", "file": f" [{q.get('path')}]"}[q["kind"]]
     lines = [f"query{what}: {q['text']}" if "text" in q else f"query{what}"]
-    columns = COLUMNS[side]
+    # each column as wide as its widest cell: ids hashed from file names (ingest.stable_id) take 19 digits
+    columns = [(name, width and max(width, len(name), *(len(f"{r[name]:{fmt}}") for r in result["results"])), fmt)
+               for name, width, fmt in COLUMNS[side]]
     lines.append("  ".join(f"{name:>{width}}" for name, width, _ in columns))
     lines += ["  ".join(f"{r[name]:>{width}{fmt}}" for name, width, fmt in columns)
               + ("  <- ground truth" if r["ground_truth"] else "") for r in result["results"]]
@@ -541,7 +543,9 @@ def format_text(result: dict) -> str:
     lines.append(f"retrieve: {result['run']} ({result['model']}, {result['checkpoint']}.pt) on "
                  f"{result['dataset']}/{result['split']}: top {len(result['results'])} of "
                  f"{result['gallery_size']} {side} by {how}; {sec['search']:.3f} s per query "
-                 f"(load {sec['load']:.1f} s, index {sec['index']:.1f} s)")
+                 f"(load {sec['load']:.1f} s, index {sec['index']:.1f} s)"
+                 + "".join(f"; embeddings in {s['export']} (index {s['index']})"
+                           for s in (m, m.get("shortlist") or {}) if "export" in s))
     return "\n".join(lines)
 
 
@@ -674,6 +678,7 @@ def command(args) -> int:
 
 
 if __name__ == "__main__":   # python training/retrieve.py ...: the same as itmkit retrieve ...
-    from itmkit.cli import main as itmkit
-
-    sys.exit(itmkit(["retrieve", *sys.argv[1:]]))
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"retrieve: error: {e}")

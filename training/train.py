@@ -40,10 +40,11 @@ from pipeline.shards.atomic import is_no_space
 from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, dataset_key, parse_run_settings
-from training.data import PairDataset, collate_pairs, eval_loaders, make_loader, shard_hashes
-from training.evaluation import chance_metrics, compute_sims, recall_metrics, small_split_warning
+from training.data import PairDataset, ShardData, collate_pairs, eval_loaders, make_loader, shard_hashes
+from training.evaluation import (METRIC_KEYS, chance_metrics, compute_sims, recall_metrics,
+                                 small_split_warning)
 from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split, writer_claim
-from training.shortlist import rerank_split, split_shortlist
+from training.shortlist import Shortlist, rerank_split, split_shortlist
 
 ERRORS = (ShardError, CheckpointError, ValueError)   # what itmkit reports as one line (exit 1)
 
@@ -133,23 +134,51 @@ def main(argv=None) -> int:
 
 
 def command(args) -> int:
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = torch.device(args.device)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    master = rank == 0
+    proc = start_process(args.device)
     if args.threads:   # threads that wait for a busy core at every op cost more than they give
         torch.set_num_threads(args.threads)
     # the first process writes the run folder; it holds the folder's claim until it ends
-    with writer_claim(args.out) if master else contextlib.nullcontext(), tensorboard_full_disk(args.out):
-        train(args, device, rank, world, ddp)
-    if ddp:
+    with writer_claim(args.out) if proc.master else contextlib.nullcontext(), tensorboard_full_disk(args.out):
+        train(args, proc)
+    if proc.ddp:
         dist.destroy_process_group()
     return 0
+
+
+@dataclasses.dataclass
+class Process:
+    """This process of the run: its rank among ``world`` (torchrun's DDP; 0 of 1 without it) and
+    its device. The first process validates and writes the run folder."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.ddp:
+            dist.barrier()
+
+
+def start_process(device: str) -> Process:
+    """Join torchrun's process group when there is one: nccl on CUDA (GPU ``LOCAL_RANK``), gloo
+    on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Process(0, 1, torch.device(device))
+    proc = Process(int(os.environ["RANK"]), world, torch.device(device))
+    dist.init_process_group("nccl" if proc.device.type == "cuda" else "gloo")
+    if proc.device.type == "cuda":
+        proc.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(proc.device)
+    return proc
 
 
 @contextlib.contextmanager
@@ -174,62 +203,120 @@ def tensorboard_full_disk(out):
         threading.excepthook = before
 
 
-def train(args, device: torch.device, rank: int, world: int, ddp: bool) -> None:
-    master = rank == 0
+def train(args, proc: Process) -> None:
+    """Config, data, model and optimiser; then each epoch: train, validate, checkpoint."""
     out = Path(args.out)
-
-    # config
-    run = make_run(args, out)
-    if ddp:  # every rank has checked --out before rank 0 writes config.json into it
-        dist.barrier()
+    run, vocab, layout = configure(args, out, proc)
     cfg = run.model_cfg()
+    data = open_data(run, vocab, layout, proc)
+    state = start_state(args, run, vocab, layout, proc)
+    writer = tensorboard(out, state.step) if proc.master else None
+    last_epoch = cfg.epochs if args.stop_after is None else min(cfg.epochs, state.start_epoch + args.stop_after)
+    for epoch in range(state.start_epoch, last_epoch):
+        t0 = time.time()
+        loss = train_epoch(state, data.train, cfg, epoch, proc, writer, progress=proc.master and not args.quiet)
+        train_seconds = time.time() - t0
+        if proc.master:   # validation on the first process; the others wait
+            metrics, sims = validate(state.model, data, proc.device)
+            row = {"epoch": epoch + 1, "step": state.step, "lr": lr_at(cfg, epoch), "train_loss": loss,
+                   **metrics, "val_images": data.val.n_images, "chance_rsum": data.chance,
+                   "train_seconds": train_seconds, "seconds": time.time() - t0}
+            is_best = metrics["rsum"] > state.best_rsum
+            state.best_rsum = max(state.best_rsum, metrics["rsum"])
+            save_epoch(out, run, state, epoch, row, is_best)
+            log_epoch(writer, row, state.step, is_best,
+                      losses.collapse_note(loss, sims, cfg.margin, cfg.batch_size // proc.world))
+        proc.barrier()
+    if proc.master:
+        writer.close()
+        done = last_epoch - state.start_epoch
+        print(f"train: {run.model} on {run.dataset}: {done} epoch(s) run "
+              f"({state.start_epoch} done before), best val rSum {state.best_rsum:.1f}; wrote {out}/last.pt, "
+              f"best.pt, metrics.csv, tb/" + ("" if done else " (nothing to do: run already complete)"))
+
+
+def configure(args, out: Path, proc: Process):
+    """The run's config (new, or the saved one when resuming), its vocabulary, its dataset's
+    layout; the validation split and the shard config hashes resolved and recorded in it."""
+    run = make_run(args, out)
+    proc.barrier()   # every rank has checked --out before rank 0 writes config.json into it
     root = data_root(run, args.root)
     vocab = load_vocab(root, run)
     run.vocab_fingerprint = vocab.fingerprint
     torch.manual_seed(run.seed)
-
-    # data
-    cls = models.get(run.model)
     layout = Layout(root, run.dataset)
     run.val_split = pick_val_split(layout, run.val_split)
     # resolved once for both splits: a new run records what it finds, a resumed one insists on its own
-    run.shard_hashes = shard_hashes(layout, [run.train_split, run.val_split], cls.needs_grid,
+    run.shard_hashes = shard_hashes(layout, [run.train_split, run.val_split], models.get(run.model).needs_grid,
                                     run.shard_hashes or None)
-    train_data = open_split(root, run, vocab, run.train_split, run.max_images)
-    val_data = open_split(root, run, vocab, run.val_split)
+    return run, vocab, layout
+
+
+@dataclasses.dataclass
+class TrainData:
+    train: torch.utils.data.DataLoader     # pairs, this process's share
+    val: ShardData                          # the validation split
+    val_images: torch.utils.data.DataLoader
+    val_texts: torch.utils.data.DataLoader
+    chance: float                           # the rSum of random scores on the validation split
+    shortlist: Shortlist | None             # validation re-scores only its candidates (val_shortlist)
+
+
+def open_data(run: RunConfig, vocab, layout: Layout, proc: Process) -> TrainData:
+    """The training pairs, this process's share in batches, and the validation split (on the
+    first process, its shortlist when the run validates on one)."""
+    cfg = run.model_cfg()
+    train_data = open_split(layout.root, run, vocab, run.train_split, run.max_images)
+    val_data = open_split(layout.root, run, vocab, run.val_split)
     chance = chance_metrics(val_data.n_images)["rsum"]
-    if master and (warning := small_split_warning(run.val_split, val_data.n_images)):
+    if proc.master and (warning := small_split_warning(run.val_split, val_data.n_images)):
         print(f"train: warning: {warning}", file=sys.stderr)
-    pin = device.type == "cuda"
     # loaders carry features as float16; Batch.to(device) makes them float32
-    train_loader = make_loader(PairDataset(train_data), partial(collate_pairs, half=True),
-                               cfg.batch_size // world, shuffle=True, seed=run.seed,
-                               workers=run.workers, rank=rank, world_size=world, drop_last=True,
-                               pin_memory=pin)
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(train_loader.dataset)} training pairs make no full batch of "
-                         f"{cfg.batch_size // world}; lower --batch-size")
+    loader = make_loader(PairDataset(train_data), partial(collate_pairs, half=True),
+                         cfg.batch_size // proc.world, shuffle=True, seed=run.seed,
+                         workers=run.workers, rank=proc.rank, world_size=proc.world, drop_last=True,
+                         pin_memory=proc.device.type == "cuda")
+    if len(loader) == 0:
+        raise ValueError(f"{len(loader.dataset)} training pairs make no full batch of "
+                         f"{cfg.batch_size // proc.world}; lower --batch-size")
     val_images, val_texts = eval_loaders(val_data, run.eval_batch_size, run.workers)
     shortlist = None   # the shortlisting run does not train: its candidates are made once
-    if master and run.val_shortlist:
+    if proc.master and run.val_shortlist:
         with torch.random.fork_rng(devices=[]):   # building its model must not move this run's seed
-            shortlist, _ = split_shortlist(run.val_shortlist, val_data, run.val_topk, device,
+            shortlist, _ = split_shortlist(run.val_shortlist, val_data, run.val_topk, proc.device,
                                            run.eval_batch_size, run.workers, progress=False)
         rec = shortlist.recall(val_data.cfg.captions_per_image)
         print(f"train: validation re-scores the top {run.val_topk} of {run.val_shortlist}: "
               f"{len(shortlist.pairs):,} of {shortlist.sims.size:,} pairs; its shortlist holds a ground "
               f"truth for {rec['i2t']:.1f} % of images, {rec['t2i']:.1f} % of captions", file=sys.stderr)
+    return TrainData(loader, val_data, val_images, val_texts, chance, shortlist)
 
-    # model and optimiser
+
+@dataclasses.dataclass
+class TrainState:
+    """What the epochs change, and what last.pt saves for --resume."""
+
+    model: models.ITMModel
+    train_model: torch.nn.Module           # the model, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start_epoch: int = 0                   # the first epoch this invocation runs (0-based)
+    step: int = 0
+    best_rsum: float = -math.inf
+
+
+def start_state(args, run: RunConfig, vocab, layout: Layout, proc: Process) -> TrainState:
+    """The model and its optimiser: new (the run folder gets config.json), or as last.pt left
+    them when resuming (and metrics.csv gets the row of an epoch whose end it missed)."""
+    out, cfg = Path(args.out), run.model_cfg()
     # the word vectors (word_vectors=true) start a new run; a resumed one takes its checkpoint's
-    model = create_model(run, vocab, vectors=None if args.resume else layout.vocab_vectors).to(device)
+    model = create_model(run, vocab, vectors=None if args.resume else layout.vocab_vectors).to(proc.device)
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     # foreach: torch picks it on CUDA but loops over the tensors in Python on the CPU; the same
     # arithmetic (bitwise: tests/test_training_train.py), fewer passes
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, step, best_rsum = 0, 0, -math.inf
+    scaler = torch.amp.GradScaler("cuda", enabled=proc.device.type == "cuda")
+    state = TrainState(model, model, optimizer, scaler)
     if args.resume and not (out / "last.pt").exists():
         print(f"train: {out} has no checkpoint yet (stopped in its first epoch): starting it over",
               file=sys.stderr)
@@ -237,97 +324,95 @@ def train(args, device: torch.device, rank: int, world: int, ddp: bool) -> None:
         ckpt = load_checkpoint(model, out / "last.pt", run, vocab)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best_rsum = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_rsum"]
+        state.start_epoch, state.step, state.best_rsum = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_rsum"]
         checkpoint.set_rng_state(ckpt["rng"])
-        if master and "metrics_row" in ckpt and restore_metrics(out / "metrics.csv", ckpt["metrics_row"]):
+        if proc.master and "metrics_row" in ckpt and restore_metrics(out / "metrics.csv", ckpt["metrics_row"]):
             print(f"train: restored the metrics.csv row of epoch {ckpt['metrics_row']['epoch']} from last.pt "
                   "(the run stopped before writing it)", file=sys.stderr)
-    elif master:
+    elif proc.master:
         out.mkdir(parents=True, exist_ok=True)
         run.save(out)
-    train_model = torch.nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=cls.ddp_find_unused_parameters) if ddp else model
+    if proc.ddp:
+        state.train_model = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=models.get(run.model).ddp_find_unused_parameters)
+    return state
 
-    writer = None
-    if master:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"), purge_step=step)
-    meta = {"model": run.model, "vocab_fingerprint": vocab.fingerprint, "shard_hashes": run.shard_hashes,
+
+def tensorboard(out: Path, step: int):
+    from torch.utils.tensorboard import SummaryWriter   # imported by the first process only
+    return SummaryWriter(str(out / "tb"), purge_step=step)
+
+
+def train_epoch(state: TrainState, loader, cfg: models.ModelConfig, epoch: int, proc: Process, writer,
+                progress: bool) -> float:
+    """One pass over this process's share of the pairs at the epoch's learning rate; the mean
+    loss of its batches."""
+    loader.sampler.set_epoch(epoch)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr_at(cfg, epoch)
+    state.train_model.train()
+    use_amp = pin = proc.device.type == "cuda"
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+    for batch in bar:
+        batch = batch.to(proc.device, non_blocking=pin)
+        with torch.autocast(proc.device.type, enabled=use_amp):
+            result = state.train_model(batch, epoch)
+        parts = result if isinstance(result, dict) else {"loss": result}
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(parts["loss"]).backward()
+        if cfg.grad_clip > 0:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip, foreach=True)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.step += 1
+        loss = parts["loss"].item()
+        total, count = total + loss, count + 1
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if writer is not None:
+            for k, v in parts.items():
+                writer.add_scalar(f"train/{k}", float(v.detach() if torch.is_tensor(v) else v), state.step)
+    return total / max(count, 1)
+
+
+def validate(model: models.ITMModel, data: TrainData, device: torch.device):
+    """Recalls on the validation split (re-scoring only the shortlist's candidates when there is
+    one), and the scores the collapse check reads."""
+    per = data.val.cfg.captions_per_image
+    if data.shortlist is None:
+        sims = compute_sims(model, data.val_images, data.val_texts, device, progress=False)
+        return recall_metrics(sims, per), sims
+    # the collapse check reads each query's re-scored candidates
+    done = rerank_split(model, data.val_images, data.val_texts, data.shortlist, device, progress=False)
+    return recall_metrics(done.i2t, per, done.t2i), data.shortlist.candidate_scores(done.scores)
+
+
+def save_epoch(out: Path, run: RunConfig, state: TrainState, epoch: int, row: dict, is_best: bool) -> None:
+    """best.pt when the epoch is the best, then last.pt, then its metrics.csv row. A checkpoint's
+    ``epoch`` counts from 0 (the epoch it ends); metrics.csv, the log and every report count from 1."""
+    meta = {"model": run.model, "vocab_fingerprint": run.vocab_fingerprint, "shard_hashes": run.shard_hashes,
             "dataset": run.dataset}
-    run_config = dataclasses.asdict(run)
+    weights = {"model": state.model.state_dict(), "meta": meta, "config": dataclasses.asdict(run),
+               "epoch": epoch, "step": state.step, "best_rsum": state.best_rsum}
+    if is_best:   # before last.pt: a stop in between repeats this epoch on resume
+        checkpoint.save(out / "best.pt", weights)
+    # last.pt carries the epoch's row: a stop before metrics.csv is written loses nothing,
+    # --resume writes the row from it (restore_metrics)
+    checkpoint.save(out / "last.pt", {**weights, "optimizer": state.optimizer.state_dict(),
+                                      "scaler": state.scaler.state_dict(), "rng": checkpoint.rng_state(),
+                                      "metrics_row": row})
+    append_metrics(out / "metrics.csv", row)
 
-    # loop
-    last_epoch = cfg.epochs if args.stop_after is None else min(cfg.epochs, start_epoch + args.stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        t0 = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        train_model.train()
-        total, count = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master or args.quiet, leave=False)
-        for batch in bar:
-            batch = batch.to(device, non_blocking=pin)
-            with torch.autocast(device.type, enabled=use_amp):
-                result = train_model(batch, epoch)
-            parts = result if isinstance(result, dict) else {"loss": result}
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts["loss"]).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            loss = parts["loss"].item()
-            total, count = total + loss, count + 1
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if writer is not None:
-                for k, v in parts.items():
-                    writer.add_scalar(f"train/{k}", float(v.detach() if torch.is_tensor(v) else v), step)
-        train_seconds = time.time() - t0
 
-        # validation on the first process; the others wait
-        if master:
-            per = val_data.cfg.captions_per_image
-            if shortlist is None:
-                sims = compute_sims(model, val_images, val_texts, device, progress=False)
-                metrics = recall_metrics(sims, per)
-            else:   # the collapse check reads each query's re-scored candidates
-                done = rerank_split(model, val_images, val_texts, shortlist, device, progress=False)
-                metrics = recall_metrics(done.i2t, per, done.t2i)
-                sims = shortlist.candidate_scores(done.scores)
-            row = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, epoch),
-                   "train_loss": total / max(count, 1), **metrics, "val_images": val_data.n_images,
-                   "chance_rsum": chance, "train_seconds": train_seconds, "seconds": time.time() - t0}
-            is_best = metrics["rsum"] > best_rsum
-            best_rsum = max(best_rsum, metrics["rsum"])
-            weights = {"model": model.state_dict(), "meta": meta, "config": run_config,
-                       "epoch": epoch, "step": step, "best_rsum": best_rsum}
-            if is_best:   # before last.pt: a stop in between repeats this epoch on resume
-                checkpoint.save(out / "best.pt", weights)
-            # last.pt carries the epoch's row: a stop before metrics.csv is written loses nothing,
-            # --resume writes the row from it (restore_metrics)
-            checkpoint.save(out / "last.pt", {**weights, "optimizer": optimizer.state_dict(),
-                                              "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
-                                              "metrics_row": row})
-            append_metrics(out / "metrics.csv", row)
-            for k, v in row.items():
-                writer.add_scalar(f"val/{k}" if k in metrics else f"epoch/{k}", v, step)
-            writer.flush()
-            collapsed = losses.collapse_note(row["train_loss"], sims, cfg.margin, cfg.batch_size // world)
-            print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} rsum {metrics['rsum']:.1f} "
-                  f"(chance {chance:.1f}; R@1 i2t {metrics['i2t_r1']:.1f} t2i {metrics['t2i_r1']:.1f})"
-                  f"{' best' if is_best else ''}{collapsed}", file=sys.stderr)
-        if ddp:
-            dist.barrier()
-
-    if master:
-        writer.close()
-        done = last_epoch - start_epoch
-        print(f"train: {run.model} on {run.dataset}: {done} epoch(s) run "
-              f"({start_epoch} done before), best val rSum {best_rsum:.1f}; wrote {out}/last.pt, "
-              f"best.pt, metrics.csv, tb/" + ("" if done else " (nothing to do: run already complete)"))
+def log_epoch(writer, row: dict, step: int, is_best: bool, collapsed: str) -> None:
+    """The epoch's row to TensorBoard and one line to the log."""
+    for k, v in row.items():
+        writer.add_scalar(f"val/{k}" if k in METRIC_KEYS else f"epoch/{k}", v, step)
+    writer.flush()
+    print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f} rsum {row['rsum']:.1f} "
+          f"(chance {row['chance_rsum']:.1f}; R@1 i2t {row['i2t_r1']:.1f} t2i {row['t2i_r1']:.1f})"
+          f"{' best' if is_best else ''}{collapsed}", file=sys.stderr)
 
 
 def restore_metrics(path: Path, row: dict) -> bool:
@@ -355,6 +440,7 @@ def append_metrics(path: Path, row: dict) -> None:
 
 
 if __name__ == "__main__":   # python training/train.py ...: the same as itmkit train ...
-    from itmkit.cli import main as itmkit
-
-    sys.exit(itmkit(["train", *sys.argv[1:]]))
+    try:
+        sys.exit(main())
+    except ERRORS as e:   # one line, exit 1, as itmkit reports them
+        sys.exit(f"train: error: {e}")

@@ -1,5 +1,5 @@
 # Paths, wildcards and the command-line flags each rule passes. The rules hold no logic: every
-# step is a package CLI, and the flags that decide what a step writes are also its `params`, so a
+# step is an `itmkit COMMAND`, and the flags that decide what a step writes are also its `params`, so a
 # changed setting reruns exactly the rules whose flags changed (Snakemake's params trigger).
 #
 # Quoting: no config value reaches a shell line unquoted. The rules write single values as
@@ -9,6 +9,8 @@
 import functools
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,17 +20,28 @@ from snakemake.exceptions import WorkflowError
 from pipeline import manifest as manifests
 from pipeline.shards import Layout
 
-PY = sys.executable
 BASE = Path(workflow.basedir)
-TRAIN = BASE / "training" / "train.py"
-EVALUATE = BASE / "training" / "evaluate.py"
-REPORT = BASE / "training" / "report.py"
 # absolute, because shards.json keeps paths relative to the dataset folder
 ROOT = Path(config["root"]).expanduser().resolve()
 RUNS = Path(config["runs"]).expanduser().resolve()
 LOGS = ROOT / "logs"
 BENCH = ROOT / "benchmarks"
 REAL = ("coco", "f30k")        # datasets read from a local copy; `demo` is generated
+
+
+
+def itmkit_command():
+    """The `itmkit` command of the Python that runs Snakemake (its environment's scripts folder),
+    so that every job runs the package this workflow was read with; else the one on PATH."""
+    beside = Path(sys.executable).with_name("itmkit")
+    found = str(beside) if beside.is_file() else shutil.which("itmkit")
+    if found is None:
+        raise WorkflowError(f"no `itmkit` command beside {sys.executable} nor on PATH: install the "
+                            "package in this environment (pip install -e .) and run Snakemake from it")
+    return found
+
+
+ITMKIT = itmkit_command()
 
 wildcard_constraints:
     dataset="coco|f30k|demo",
@@ -154,7 +167,7 @@ def run_flags(wc):
 
 
 # the command of every extraction job; the rules differ in --kind, outputs and flags
-EXTRACT = ("{PY:q} -m features extract --dataset {wildcards.dataset} --root {ROOT:q} --kind {params.kind}"
+EXTRACT = ("{ITMKIT:q} extract --dataset {wildcards.dataset} --root {ROOT:q} --kind {params.kind}"
            " --split {wildcards.split} --chunk {wildcards.chunk} {params.flags} {params.run}"
            " --threads {threads} --no-progress > {log:q} 2>&1")
 # With several GPUs on one machine (--resources gpu=N), each extraction job takes a free one.

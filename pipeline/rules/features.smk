@@ -1,6 +1,6 @@
 # Region and grid features: one job per shard (scatter), then one job per dataset and kind that
 # removes the shards of an older plan and checks that every shard of this one is registered
-# (gather, `python -m pipeline prune`).
+# (gather, `itmkit prune`).
 #
 # When both kinds of a dataset are wanted (features_*, all, demo), one `extract` job per shard
 # writes both from one backbone pass; regions_* / grid_* targets take `extract_regions` /
@@ -92,7 +92,7 @@ rule gather_regions:
     log:
         str(LOGS / "{dataset}" / "regions.log"),
     shell:
-        "{PY:q} -m pipeline prune {params.dir:q} --kind regions --shard-size {params.size:q} > {log:q} 2>&1"
+        "{ITMKIT:q} prune {params.dir:q} --kind regions --shard-size {params.size:q} > {log:q} 2>&1"
 
 
 rule gather_grid:
@@ -107,4 +107,4 @@ rule gather_grid:
     log:
         str(LOGS / "{dataset}" / "grid.log"),
     shell:
-        "{PY:q} -m pipeline prune {params.dir:q} --kind grid --shard-size {params.size:q} > {log:q} 2>&1"
+        "{ITMKIT:q} prune {params.dir:q} --kind grid --shard-size {params.size:q} > {log:q} 2>&1"

@@ -17,4 +17,4 @@ checkpoint ingest:
     benchmark:
         str(BENCH / "{dataset}" / "ingest.tsv")
     shell:
-        "{PY:q} -m pipeline ingest --manifest {input.manifest:q} --root {ROOT:q} {params.flags} --quiet > {log:q} 2>&1"
+        "{ITMKIT:q} ingest --manifest {input.manifest:q} --root {ROOT:q} {params.flags} --quiet > {log:q} 2>&1"

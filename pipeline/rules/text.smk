@@ -16,7 +16,7 @@ rule parse:
     benchmark:
         str(BENCH / "{dataset}" / "graphs-{chunk}.tsv")
     shell:
-        "{PY:q} -m pipeline parse --dataset {wildcards.dataset} --root {ROOT:q} --chunk {wildcards.chunk}"
+        "{ITMKIT:q} parse --dataset {wildcards.dataset} --root {ROOT:q} --chunk {wildcards.chunk}"
         " {params.flags} --workers {threads} --no-progress > {log:q} 2>&1"
 
 
@@ -32,7 +32,7 @@ rule gather_graphs:
     log:
         str(LOGS / "{dataset}" / "graphs.log"),
     shell:
-        "{PY:q} -m pipeline prune {params.dir:q} --kind graphs --chunk-size {params.size:q} > {log:q} 2>&1"
+        "{ITMKIT:q} prune {params.dir:q} --kind graphs --chunk-size {params.size:q} > {log:q} 2>&1"
 
 
 rule vocab:
@@ -47,5 +47,5 @@ rule vocab:
     log:
         str(LOGS / "{dataset}" / "vocab.log"),
     shell:
-        "{PY:q} -m pipeline vocab --dataset {wildcards.dataset} --root {ROOT:q}"
+        "{ITMKIT:q} vocab --dataset {wildcards.dataset} --root {ROOT:q}"
         " {params.min_count} --no-progress > {log:q} 2>&1"

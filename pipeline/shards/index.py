@@ -1,5 +1,6 @@
 """``shards.json``: the per-dataset index of what was written, by which config, from which
-inputs, and the judge of which files are current.
+inputs, and the judge of which files are current. A ``ShardIndex`` belongs to a ``Layout``
+(``layout.index``), which names the files: this module builds no path and parses no name.
 
 The currency rule: a file is reused only when it is registered with the same config hash and
 inputs hash, and the file on disk still has the registered size and sha256. Anything else
@@ -22,14 +23,13 @@ import os
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterable, Mapping
 
 from pipeline import __version__
 from pipeline.shards.atomic import (ShardError, claim, now_iso, open_lock, read_json,
                                     remove_dead_tmp, sha256_file, write_json)
 from pipeline.shards.h5 import open_h5
-from pipeline.shards.layout import SHARD_FILES, SPLIT_KINDS, Layout
 
 INDEX_NAME = "shards.json"
 KINDS = ("images", "captions", "boxes", "hard_negatives", "regions", "grid", "graphs", "vocab")
@@ -149,14 +149,15 @@ class Pruned:
 
 
 class ShardIndex:
-    """``<dataset_dir>/shards.json``. Every update re-reads the file under an exclusive lock,
-    so parallel jobs (Snakemake, dask workers) can register outputs into the same index."""
+    """``<dataset_dir>/shards.json`` of ``layout`` (made by ``layout.index``). Every update
+    re-reads the file under an exclusive lock, so parallel jobs (Snakemake, dask workers) can
+    register outputs into the same index."""
 
-    def __init__(self, dataset_dir, name: str | None = None):
-        self.dir = Path(dataset_dir)
+    def __init__(self, layout):   # a pipeline.shards.Layout, which imports this module
+        self.layout = layout
+        self.dir = Path(layout.dir)
         self.path = self.dir / INDEX_NAME
-        self.name = name or self.dir.name
-        self.layout = Layout(self.dir.parent, self.dir.name)
+        self.name = layout.name
 
     # -- reading
     def load(self) -> dict:
@@ -199,19 +200,13 @@ class ShardIndex:
         others. Raises ShardError when a kind (or a split of a split kind) has none."""
         out, splits = [], list(splits)
         for kind in kinds:
-            for split in splits if kind in SPLIT_KINDS else [None]:
+            for split in splits if self.layout.split_kind(kind) else [None]:
                 got = self.split_entries(kind, split) if split else self.entries(kind)
                 if not got:
                     raise ShardError(f"{self.path}: no {kind} registered"
                                      + (f" for split '{split}'" if split else ""))
                 out += got
         return out
-
-    def config_hashes(self, kinds: Iterable[str], splits: Iterable[str],
-                      pinned: Mapping[str, str] | None = None) -> dict[str, str]:
-        """``{kind: config hash}`` of the files a run on ``splits`` reads (see read_set and
-        resolve_config_hashes)."""
-        return resolve_config_hashes(self.read_set(kinds, splits), pinned, str(self.path))
 
     # -- currency
     def status(self, kind: str, path, config_hash: str, inputs_hash: str = "") -> str:
@@ -322,7 +317,8 @@ class ShardIndex:
         files of those splits are touched. A file another process is writing (claimed) is
         left alone and listed as busy. Temporary files of writers that are gone go too."""
         registered = {e.path: e for e in self.entries(kind)}
-        self._inside(PurePosixPath(SHARD_FILES[kind]).parent.as_posix())  # a folder linked elsewhere
+        folder = Path(self.layout.pattern(kind)).parent
+        self._inside(folder.relative_to(self.dir).as_posix())  # a folder linked elsewhere
         keep = {self._rel(p) for p in keep}
         splits = None if splits is None else set(splits)
         on_disk = {p.relative_to(self.dir).as_posix() for p in self.layout.on_disk(kind)}
@@ -343,7 +339,6 @@ class ShardIndex:
                     self.unregister(kind, [rel])
                 (self.dir / rel).unlink(missing_ok=True)
                 out.removed.append(rel)
-        folder = Path(self.layout.pattern(kind)).parent
         if folder.is_dir():
             out.temporary = sorted(p.relative_to(self.dir).as_posix() for p in remove_dead_tmp(folder))
         return out

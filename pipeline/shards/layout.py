@@ -1,5 +1,6 @@
 """Where every file of a dataset lives. ``Layout`` is the only code that builds or parses the
-name of a shard: the writers, the workflow, the trainer and ``prune`` all ask it."""
+name of a shard: the writers, the workflow, the trainer and ``prune`` all ask it. Its ``index``
+(``shards.json``) asks it too: this module imports the index, never the other way."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.shards.index import ShardIndex
 from pipeline.shards.tables import read_table
 
 # kind -> name of its chunk files under the dataset folder; {split} and {chunk} are filled in
@@ -46,10 +48,8 @@ class Layout:
         return Path(self.root) / self.name
 
     @property
-    def index(self):
-        from pipeline.shards.index import ShardIndex  # the index reads shard names through Layout
-
-        return ShardIndex(self.dir, self.name)
+    def index(self) -> ShardIndex:
+        return ShardIndex(self)
 
     @property
     def images(self) -> Path:
@@ -76,6 +76,11 @@ class Layout:
         return self.dir / "text" / "vocab.vectors.npy"
 
     # -- shard files: chunk k (of one split) of a kind
+    @staticmethod
+    def split_kind(kind: str) -> bool:
+        """Whether ``kind``'s files are named by split (regions, grid), not by chunk alone."""
+        return kind in SPLIT_KINDS
+
     def shard(self, kind: str, split: str | None, chunk: int) -> Path:
         if (split is None) != (kind not in SPLIT_KINDS):
             raise ValueError(f"{kind} shards are {'' if kind in SPLIT_KINDS else 'not '}named by split")

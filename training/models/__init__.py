@@ -148,7 +148,7 @@ class ITMModel(nn.Module):
         """Initialise the word embedding from a vocabulary's vectors file (``pipeline vocab
         --vectors``; rows in vocabulary order, ``<pad>`` zero). The embedding stays trainable."""
         path = Path(path)
-        hint = "run `python -m pipeline vocab --dataset DATASET --vectors GLOVE.txt`"
+        hint = "run `itmkit vocab --dataset DATASET --vectors GLOVE.txt`"
         if not path.exists():
             raise shards.ShardError(f"{path}: file not found; word_vectors=true initialises the word "
                                     f"embedding from it: {hint}")
