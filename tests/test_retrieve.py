@@ -157,6 +157,21 @@ def test_faiss_indexes_rank_as_brute_force_and_are_cached(run, tmp_path):
         assert again.search(query, 8).rows.tolist() == got.rows.tolist()
 
 
+def test_the_exact_index_scores_float16_vectors_as_a_flat_inner_product_does():
+    """``--index flat`` keeps the exported float16 vectors as float16: on them it ranks and scores
+    as FAISS's IndexFlatIP does."""
+    import faiss
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 48)).astype(np.float16).astype(np.float32)
+    q = rng.standard_normal((5, 48)).astype(np.float32)
+    index = retrieve.build_index(x, retrieve.IndexConfig("flat"))
+    reference = faiss.IndexFlatIP(48)
+    reference.add(x)
+    (scores, rows), (want_scores, want_rows) = index.search(q, 20), reference.search(q, 20)
+    assert index.ntotal == 3000 and rows.tolist() == want_rows.tolist()
+    assert np.allclose(scores, want_scores, atol=1e-5)
+
+
 def test_block_scoring_of_any_rows_equals_evaluation(run):
     """A cross-attention model's ``score_rows`` on all rows, on a subset in any order, and in
     both directions equals ``compute_sims`` on the same pairs."""
