@@ -2,18 +2,19 @@
 and a bounded load test from several concurrent clients (p50/p95/p99 and errors).
 
     python benchmarks/serve_load.py RUN [--root R] [--requests 2000] [--clients 8] [-k 10]
-           [--gallery 100000] [--threads 1] [--seed 0]
+           [--gallery 100000] [--index flat] [--texts 500] [--threads 1] [--seed 0]
 
 The server is started as a subprocess (``--server``: ``itmkit serve``'s own app, run by uvicorn on
 a free loopback port), so that the clients do not share its interpreter. The queries are the
 split's captions sent as free text (``/api/search?q=``, each parsed by spaCy and encoded by the
-run, as a typed query is) in a seeded random order; every answer is the page's (the top-k
-images with their region labels). ``--gallery N`` pads a two-tower run's image index to N
-vectors with random unit vectors (float16-rounded, as exported embeddings are), to time FAISS's
-exact search over a gallery of that size; a padded row is answered as the real image of row
-``row % n_real``, so the response has the same size as a real one; ``--index`` chooses the FAISS
-index (flat: exact, the default; ivf, hnsw), built over the padded gallery as ``itmkit serve``
-builds it.
+run, as a typed query is): ``--texts`` of them drawn at random, sent in a seeded random order;
+every answer is the page's (the top-k images with their region labels).
+
+``--gallery N`` pads a two-tower run's image index to N vectors with random unit vectors
+(float16-rounded, as exported embeddings are), to time the search over a gallery of that size;
+a padded row is answered as the real image of row ``row % n_real``, so the response has the
+size of a real one. ``--index`` chooses the FAISS index (flat: exact, the default; ivf, hnsw),
+built over the padded gallery as ``itmkit serve`` builds it.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients of the load test")
     p.add_argument("--warm", type=int, default=200, help="sequential requests of the one-client test")
     p.add_argument("-k", type=int, default=10)
+    p.add_argument("--texts", type=int, default=500, help="captions drawn (with replacement) as the queries")
     p.add_argument("--gallery", type=int, default=0, help="pad the image index to N vectors (0: as is)")
     p.add_argument("--index", default="flat", help="two-tower runs: the FAISS index (flat, ivf, hnsw)")
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads of the server")
@@ -142,9 +144,7 @@ def main() -> int:
             client = Client(port)
         ready = time.perf_counter() - t0 - build
         info = json.loads(client.get("/api/runs")[2])["runs"][0]
-        texts = []
-        for _ in range(20):
-            texts.append(json.loads(client.get("/api/example")[2])["text"])
+        texts = [json.loads(client.get("/api/example")[2])["text"] for _ in range(args.texts)]
         rng = random.Random(args.seed)
         paths = [f"/api/search?k={args.k}&q={urllib.parse.quote(rng.choice(texts))}"
                  for _ in range(args.requests + args.warm + 20)]
