@@ -140,6 +140,17 @@ def test_a_text_query_goes_through_the_runs_parser_and_vocabulary(run, tmp_path)
     assert by_text["query"] == {"kind": "text", "text": cap["text"]} and by_text["truth"] == []
 
 
+def test_a_model_that_reads_no_graph_gets_the_tokens_of_the_full_parse(run):
+    root, out, loaded = run
+    layout = Layout(root, "synth")
+    full, _ = retrieve.query_parser(layout)
+    words, _ = retrieve.query_parser(layout, graph=False)
+    for text in ("A man's  dog, running!\n near the car.", "two red circles left of a blue square", " x "):
+        got, want = words(text), full(text)
+        assert got["tokens"] == want["tokens"] and got["objects"] == []
+        assert want["objects"] or text == " x "
+
+
 def test_faiss_indexes_rank_as_brute_force_and_are_cached(run, tmp_path):
     root, out, loaded = run
     query = retrieve.caption_query(loaded, int(loaded.data.text.caption_ids[11]))

@@ -281,10 +281,11 @@ class Retriever:
                                cfg.topk, cfg.fuse)
 
     def parser(self) -> tuple[Callable[[str], dict], list[str]]:
-        """text -> graph row, and notes on how it differs from the graph shards' parser."""
+        """text -> graph row (only its tokens for a model that reads no graph), and notes on how
+        the parser differs from the graph shards' one."""
         with self._lock:
             if self._parser is None:
-                self._parser = query_parser(self.layout)
+                self._parser = query_parser(self.layout, graph=self.reads_graph)
             return self._parser
 
     def warm(self) -> "Retriever":
