@@ -307,7 +307,7 @@ def _limits(schema: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = IndexConfig()
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by itmkit train (several: side by side)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (another than loopback is reachable "
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (an address other than loopback is reachable "
                    "by others: a warning is printed)")
     p.add_argument("--port", type=int, default=8765, help="port")
     p.add_argument("--split", default="test", help="the split searched")
