@@ -47,7 +47,8 @@ def server(args) -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     t0 = time.perf_counter()
-    argv = ["serve", args.run, "--device", "cpu", "--index", args.index] + (["--root", args.root] if args.root else [])
+    argv = ["serve", args.run, "--device", "cpu", "--index", args.index]
+    argv += ["--root", args.root] if args.root else []
     runs = serve.load_runs(build_parser(["serve"]).parse_args(argv))
     print(json.dumps({"load_s": time.perf_counter() - t0}), flush=True)
     if args.gallery:
@@ -74,7 +75,8 @@ def pad(search, n: int, seed: int) -> None:
         ranking.rows = ranking.rows % n_real
         return ranking
     search.search = padded
-    search.method = {**search.method, "method": f"{search.method['method']} over {n} vectors ({n - n_real} synthetic)"}
+    how = f"{search.method['method']} over {n} vectors ({n - n_real} synthetic)"
+    search.method = {**search.method, "method": how}
 
 
 def free_port() -> int:
@@ -129,7 +131,8 @@ def main() -> int:
 
     port = free_port()
     cmd = [sys.executable, __file__, "--server", "--port", str(port), args.run, "--gallery", str(args.gallery),
-           "--threads", str(args.threads), "--seed", str(args.seed), "--index", args.index] + (["--root", args.root] if args.root else [])
+           "--threads", str(args.threads), "--seed", str(args.seed), "--index", args.index]
+    cmd += ["--root", args.root] if args.root else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parents[1])
@@ -159,8 +162,8 @@ def main() -> int:
             client.get(path)
         seq = [client.get(path) for path in paths[20:20 + args.warm]]
         errors = sum(s != 200 for _, s, _ in seq)
-        print(f"one client, {len(seq)} sequential text queries (k={args.k}): {percentiles([t for t, _, _ in seq])}; "
-              f"errors {errors}")
+        print(f"one client, {len(seq)} sequential text queries (k={args.k}): "
+              f"{percentiles([t for t, _, _ in seq])}; errors {errors}")
 
         todo, lock, results = list(paths[20 + args.warm:]), threading.Lock(), []
 

@@ -156,7 +156,8 @@ def retrieve(args) -> dict:
     t2 = time.perf_counter()
     ranking = r.search(query, args.k)
     t3 = time.perf_counter()
-    return {**r.answer(query, ranking, args.k), "seconds": {"load": t1 - t0, "index": t2 - t1, "search": t3 - t2}}
+    seconds = {"load": t1 - t0, "index": t2 - t1, "search": t3 - t2}
+    return {**r.answer(query, ranking, args.k), "seconds": seconds}
 
 
 ERRORS = (ShardError, CheckpointError, RetrieveError, ValueError, OSError)   # one line, exit 1

@@ -363,7 +363,8 @@ class Retriever:
         return {"run": str(run.dir), "model": run.config.model, "checkpoint": run.which,
                 "dataset": run.config.dataset, "split": self.data.cfg.split, "query": query.describe(),
                 "gallery": side, "gallery_size": self.gallery_size(side), "k": k,
-                "truth": sorted(query.truth), "search": method, "results": self.result_rows(side, ranking, query.truth),
+                "truth": sorted(query.truth), "search": method,
+                "results": self.result_rows(side, ranking, query.truth),
                 "notes": query.notes + rebuilt}
 
     def result_rows(self, side: str, ranking: "Ranking", truth: set) -> list[dict]:

@@ -61,7 +61,7 @@ class Served:
     """A run as served: its retriever, and how an uploaded image is extracted for it."""
     name: str
     retriever: Retriever
-    bounded: str | None = None       # cross-attention without a shortlist: the gallery bound, said on the page
+    bounded: str | None = None       # cross-attention without a shortlist: the gallery bound (shown)
     weights: str | None = None       # extractor weights for uploads (None: uploads refused)
     seed: int | None = None
 
@@ -82,13 +82,15 @@ class Served:
         method = r.searcher("images").method
         how = method["method"]
         if how == "shortlist":
-            how = f"{method['shortlist']['method']} top {method['topk']} of {Path(method['shortlist_run']).name}, re-scored"
+            first = Path(method["shortlist_run"]).name
+            how = f"{method['shortlist']['method']} top {method['topk']} of {first}, re-scored"
         return {"name": self.name, "dir": str(r.run.dir), "model": r.model_name,
                 "two_tower": bool(r.run.model.two_tower), "reads_graph": r.reads_graph,
                 "dataset": r.run.config.dataset, "split": r.data.cfg.split, "checkpoint": r.run.which,
                 "images": r.gallery_size("images"), "captions": r.gallery_size("captions"),
                 "method": how, "bounded": self.bounded, "uploads": self.weights is not None,
-                "random_weights": self.extractor_weights if self.extractor_weights.startswith("RANDOM") else None}
+                "random_weights": self.extractor_weights if self.extractor_weights.startswith("RANDOM")
+                else None}
 
     def regions(self, image_id: int) -> dict:
         """The image's size, file name and its ``BOXES`` most confident regions with label names
@@ -208,7 +210,8 @@ def make_app(runs: list[Served]):
 
     @app.get("/api/search", summary="the top-k images of a text (or of a caption of the split) for every run")
     def search(q: str | None = Query(None, min_length=1, max_length=MAX_QUERY, description="a text"),
-               caption_id: int | None = Query(None, description="a caption of the split: its image is marked"),
+               caption_id: int | None = Query(None, description="a caption of the split: its image is "
+                                                                 "marked"),
                k: int = Query(10, ge=1, le=MAX_K)):
         if (q is None) == (caption_id is None):
             raise HTTPException(400, "give one of q (a text) and caption_id")
@@ -222,11 +225,13 @@ def make_app(runs: list[Served]):
         caption_id = rng.choice(list(texts))
         return {"caption_id": caption_id, "text": texts[caption_id]}
 
-    @app.get("/api/images/{image_id}", summary="an image of the split: its regions and, per run, its top-k captions")
+    @app.get("/api/images/{image_id}",
+             summary="an image of the split: its regions and, per run, its top-k captions")
     def image(image_id: int, run: int = 0, k: int = Query(10, ge=1, le=MAX_K)):
         s = served(run)
         if image_id not in s.rows:
-            raise HTTPException(404, f"no image {image_id} in the split {s.retriever.data.cfg.split} of {s.name}")
+            raise HTTPException(404, f"no image {image_id} in the split {s.retriever.data.cfg.split} "
+                                     f"of {s.name}")
         return {"image": s.regions(image_id), **everyone(lambda r: r.search_image(image_id, k))}
 
     @app.get("/api/images/{image_id}/thumb", summary="a JPEG thumbnail of an image of the split",
@@ -242,7 +247,8 @@ def make_app(runs: list[Served]):
               description=f"At most {MAX_UPLOAD} bytes; the image is extracted with each run's extractor "
                           "config and weights, in memory.")
     async def upload(request: Request, k: int = Query(10, ge=1, le=MAX_K),
-                     name: str = Query("upload", max_length=200, description="the file's name, for messages")):
+                     name: str = Query("upload", max_length=200,
+                                       description="the file's name, for messages")):
         if int(request.headers.get("content-length") or 0) > MAX_UPLOAD:
             raise HTTPException(413, f"the upload is over {MAX_UPLOAD} bytes")
         body = bytearray()
@@ -306,15 +312,18 @@ def _limits(schema: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = IndexConfig()
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by itmkit train (several: side by side)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (an address other than loopback is reachable "
-                   "by others: a warning is printed)")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders written by itmkit train (several: side by side)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (an address other than loopback is reachable by others: a warning "
+                        "is printed)")
     p.add_argument("--port", type=int, default=8765, help="port")
     p.add_argument("--split", default="test", help="the split searched")
     add_run_arguments(p)
     p.add_argument("--index", choices=list(INDEXES), default=d.kind, help="two-tower runs: the FAISS index")
     p.add_argument("--shortlist", metavar="RUN2", default=None,
-                   help="cross-attention runs: a two-tower run of the same dataset whose top --topk they re-score")
+                   help="cross-attention runs: a two-tower run of the same dataset whose top --topk they "
+                        "re-score")
     p.add_argument("--topk", type=positive_int, default=100, help="shortlist length")
     p.add_argument("--block-images", type=positive_int, default=1000, metavar="N",
                    help="cross-attention runs without --shortlist score the first N images of the split "
@@ -361,6 +370,7 @@ def command(args) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serve: {len(runs)} run(s) loaded in {time.perf_counter() - t0:.1f} s: "
           + ", ".join(f"{s.name} ({s.retriever.model_name}, {s.info()['images']} images)" for s in runs))
-    print(f"serve: http://{host}:{args.port}/  (API: http://{host}:{args.port}/docs; Ctrl-C stops)", flush=True)
+    url = f"http://{host}:{args.port}"
+    print(f"serve: {url}/  (API: {url}/docs; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
