@@ -194,6 +194,10 @@ def test_a_cross_attention_run_is_bounded_or_shortlisted_and_runs_come_side_by_s
     assert runs[0]["bounded"] is None and "first 5 of the split's 8 images" in runs[1]["bounded"]
     two = bounded.get("/api/search", params={"q": "a blue square", "k": 8}).json()["runs"]
     assert [len(a["results"]) for a in two] == [8, 5] and two[1]["parse"]["reads_graph"]
+    for _ in range(10):   # drawn from the captions both runs search
+        caption_id = bounded.get("/api/example", params={"run": 1}).json()["caption_id"]
+        answers = bounded.get("/api/search", params={"caption_id": caption_id, "k": 3}).json()["runs"]
+        assert "error" not in answers[1] and answers[1]["truth"] == answers[0]["truth"]
     assert [o["head"] for o in two[1]["parse"]["objects"]] == ["square"]   # resg reads the graph
     listed = TestClient(serve.make_app(serve.load_runs(serve_args(
         cross, "--root", root, "--device", "cpu", "--shortlist", run_dir, "--topk", 3))))

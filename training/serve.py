@@ -219,11 +219,11 @@ def make_app(runs: list[Served]):
             return everyone(lambda r: r.search_text(q, k))
         return everyone(lambda r: r.search_caption(caption_id, k))
 
-    @app.get("/api/example", summary="a caption of the split drawn at random")
+    @app.get("/api/example", summary="a caption of the searched gallery drawn at random")
     def example(run: int = 0):
-        texts = served(run).retriever.texts
-        caption_id = rng.choice(list(texts))
-        return {"caption_id": caption_id, "text": texts[caption_id]}
+        r = served(run).retriever
+        caption_id = int(rng.choice(r.data.text.caption_ids))
+        return {"caption_id": caption_id, "text": r.texts[caption_id]}
 
     @app.get("/api/images/{image_id}",
              summary="an image of the split: its regions and, per run, its top-k captions")
