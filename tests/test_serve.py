@@ -301,6 +301,15 @@ def test_the_page_in_a_browser(live, site):
         assert driver.execute_script("return window.__xss") is None
         assert not driver.find_elements(By.CSS_SELECTOR, "#detail script, #results script, .card .line img")
         assert driver.execute_script("return document.querySelectorAll('script').length") == 1
+        # an upload goes to every run; these shards record no config hash to check the extractor
+        # weights against, so the run says so, as text
+        upload = Path(root) / "synth" / f"{script_image}.png"
+        driver.find_element(By.ID, "upload").send_keys(str(upload))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .column .error"))
+        said = driver.find_element(By.CSS_SELECTOR, "#results .column .error").text
+        assert "records no config hash" in said
+        assert driver.find_element(By.CSS_SELECTOR, "#results .column h2").text.endswith(
+            f"captions of {script_image}.png")
         shot = driver.get_screenshot_as_png()
         assert len(shot) > 10_000
         if os.environ.get("ITMKIT_SCREENSHOT"):

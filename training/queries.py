@@ -183,6 +183,9 @@ def file_query(run: LoadedRun, path, weights: str, seed: int | None = None, devi
             seed = int(found.group(1)) if found else 0
         seed = 0 if seed is None else seed
         for k in kinds:
+            if "config_hash" not in attrs[k]:
+                raise RetrieveError(f"{paths[k]}: the shard records no config hash, so the extractor "
+                                    "weights it was made with cannot be checked")
             check_weights(cfgs[k], k, weights, seed, attrs[k]["config_hash"], paths[k])
         cfg = cfgs["regions"]
         if cfg.boxes == "given":
