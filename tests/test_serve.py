@@ -311,6 +311,9 @@ def test_the_page_in_a_browser(live, site):
         assert driver.find_element(By.CSS_SELECTOR, "#results .column h2").text.endswith(
             f"captions of {script_image}.png")
         shot = driver.get_screenshot_as_png()
+        driver.get(live + "/?q=a%20blue%20square&k=3")   # a link to a query runs it
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card")) == 3)
+        assert driver.find_element(By.ID, "q").get_attribute("value") == "a blue square"
         assert len(shot) > 10_000
         if os.environ.get("ITMKIT_SCREENSHOT"):
             Path(os.environ["ITMKIT_SCREENSHOT"]).write_bytes(shot)
