@@ -287,7 +287,7 @@ def api_page(spec: dict) -> str:
         for method, op in ops.items():
             params = "".join(
                 f"<li><code>{e(p['name'])}</code> ({e(p['in'])}{', required' if p.get('required') else ''}): "
-                f"{e(str(p.get('schema', {}).get('type', p.get('schema', {}).get('anyOf', ''))))} "
+                f"{e(_type(p.get('schema', {})))} "
                 f"{e(_limits(p.get('schema', {})))} {e(p.get('description', ''))}</li>"
                 for p in op.get("parameters", []))
             rows.append(f"<h2><code>{e(method.upper())} {e(path)}</code></h2><p>{e(op.get('summary', ''))}</p>"
@@ -297,6 +297,12 @@ def api_page(spec: dict) -> str:
             f"<h1>{e(spec['info']['title'])} API</h1><p>{e(spec['info'].get('description', ''))} "
             "The machine-readable description: <a href=\"/openapi.json\">/openapi.json</a>. "
             "The page: <a href=\"/\">/</a>.</p>" + "".join(rows))
+
+
+def _type(schema: dict) -> str:
+    """``integer``, or ``integer, optional`` for FastAPI's ``anyOf`` with null."""
+    types = [s.get("type", "") for s in schema.get("anyOf", [schema])]
+    return ", ".join(t for t in types if t != "null") + (", optional" if "null" in types else "")
 
 
 def _limits(schema: dict) -> str:
