@@ -51,6 +51,17 @@ rule demo:
         str(RUNS / f"demo-{config['demo_model']}" / "report.html"),
 
 
+onsuccess:
+    # the demo's last line says how to query the run in a browser (printed at exit: after
+    # snakemake's own summary)
+    if "demo" in workflow.dag_settings.targets:
+        import atexit
+        import shlex
+
+        demo_run = RUNS / f"demo-{config['demo_model']}"
+        atexit.register(print, f"demo: done; query the run in a browser: itmkit serve {shlex.quote(str(demo_run))}")
+
+
 rule train_coco:
     """MS-COCO from raw data to a report: features, graphs, vocabulary, train `model`, evaluate, report."""
     localrule: True

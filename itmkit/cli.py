@@ -28,6 +28,7 @@ COMMANDS = {
     "train": ("training.train", "train a model on a dataset's shards"),
     "evaluate": ("training.evaluate", "Recall@K and rSum of a run, as the literature reports them"),
     "retrieve": ("training.retrieve", "the top-k images of a text, or captions of an image, for a run"),
+    "serve": ("training.serve", "a web page and JSON API of runs' retrievals, each run loaded once"),
     "report": ("training.report", "one self-contained HTML report of one or several runs"),
     "plot": ("training.plot", "draw the loss and rSum curves of runs"),
     "verify": ("pipeline.tools", "re-hash a dataset folder against its shards.json"),

@@ -87,6 +87,7 @@ def cases(tmp: Path) -> dict[str, tuple[list, list]]:
                   ["--model", "vsepp", "--dataset", "x", "--out", tmp / "r", *root]),
         "evaluate": ([], [tmp / "empty"]),
         "retrieve": ([tmp / "empty"], [tmp / "empty", "--image-id", "3"]),
+        "serve": ([], [tmp / "empty"]),
         "report": ([tmp / "empty", "--queries", "0"], [tmp / "empty"]),
         "plot": ([], [tmp / "empty"]),
         "verify": ([], [tmp / "empty"]),

@@ -52,6 +52,7 @@ def test_wheel_carries_every_module_and_the_manifests(wheel):
     assert {f"pipeline/rules/{p.name}" for p in (ROOT / "pipeline" / "rules").glob("*.smk")} <= names
     labels = {f"pipeline/data/genome/{p.name}" for p in (ROOT / "pipeline" / "data" / "genome").iterdir()}
     assert "pipeline/data/genome/objects_vocab.txt" in labels and labels <= names, sorted(labels - names)
+    assert "training/serve.html" in names   # itmkit serve's page
 
 
 @pytest.mark.slow  # a venv, an install and three CLI runs: over 10 s on a loaded machine

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,49 +19,18 @@ from PIL import Image
 from itmkit.cli import main as itmkit
 from pipeline import shards
 from pipeline.labels import LabelNames, attribute_names, object_names
-from pipeline.shards import Layout, Regions, RegionShard, RegionShardWriter
+from pipeline.shards import Layout, RegionShard
 from training import evaluate, report
 from training.evaluation import recall_metrics
 
+from conftest import EXTRACTOR, RANDOM
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-RANDOM = "RANDOM (seed 0): features are not meaningful"
-EXTRACTOR = {"num_classes": 1600, "num_attributes": 400, "boxes": "given", "min_size": 160}
-
-
-def label_test_split(root: Path) -> dict[int, list[str]]:
-    """Give the synthetic test split what extracted shards have: object and attribute labels and
-    scores, the extractor's attributes (RANDOM weights), and image files for the even image ids
-    (the odd ones stay missing). Returns the label names written, per image id."""
-    layout = Layout(root, "synth")
-    index = layout.index
-    written = {}
-    for entry in index.split_entries("regions", "test"):
-        path = layout.dir / entry.path
-        images = list(RegionShard(path))
-        with RegionShardWriter(path, boxes_per_chunk=6, attrs={"extractor": EXTRACTOR, "weights": RANDOM,
-                                                                "weights_sha256": "random-seed-0"}) as w:
-            for r in images:
-                n = len(r)
-                obj = (np.arange(n) * 37 + r.image_id) % 1600
-                attr = (np.arange(n) * 11 + r.image_id) % 400
-                w.append(Regions(r.image_id, r.image_hw, r.features, r.boxes, obj.astype(np.int32),
-                                 np.linspace(0.9, 0.1, n, dtype=np.float32), attr.astype(np.int32),
-                                 np.full(n, 0.5, np.float32)))
-                written[r.image_id] = [f"{attribute_names()[a]} {object_names()[o]}"
-                                       for o, a in zip(obj, attr)]
-                if r.image_id % 2 == 0:
-                    colour = (30 * (r.image_id % 8), 120, 200)
-                    Image.new("RGB", (640, 480), colour).save(layout.dir / f"{r.image_id}.png")
-        index.register("regions", path, rows=len(images), config_hash=entry.config_hash)
-    return written
 
 
 @pytest.fixture(scope="module")
-def run(tiny_run):
-    root, run_dir = tiny_run
-    labels = label_test_split(root)
-    return root, run_dir, labels
+def run(labelled_run):
+    return labelled_run
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 from itmkit.cli import main as itmkit
 from pipeline import shards
 from pipeline.shards import Layout
-from training import models, retrieve, train
+from training import models, retrieve
 from training.data import (CaptionDataset, DataConfig, ImageDataset, ShardData, collate_images, collate_text,
                            make_loader)
 from training.evaluation import compute_sims
@@ -141,6 +141,17 @@ def test_a_text_query_goes_through_the_runs_parser_and_vocabulary(run, tmp_path)
     assert by_text["query"] == {"kind": "text", "text": cap["text"]} and by_text["truth"] == []
 
 
+def test_a_model_that_reads_no_graph_gets_the_tokens_of_the_full_parse(run):
+    root, out, loaded = run
+    layout = Layout(root, "synth")
+    full, _ = retrieve.query_parser(layout)
+    words, _ = retrieve.query_parser(layout, graph=False)
+    for text in ("A man's  dog, running!\n near the car.", "two red circles left of a blue square", " x "):
+        got, want = words(text), full(text)
+        assert got["tokens"] == want["tokens"] and got["objects"] == []
+        assert want["objects"] or text == " x "
+
+
 def test_faiss_indexes_rank_as_brute_force_and_are_cached(run, tmp_path):
     root, out, loaded = run
     query = retrieve.caption_query(loaded, int(loaded.data.text.caption_ids[11]))
@@ -156,6 +167,21 @@ def test_faiss_indexes_rank_as_brute_force_and_are_cached(run, tmp_path):
         again = retrieve.IndexSearch(loaded, "images", cfg, tmp_path)
         assert first.method["index"].startswith("built") and again.method["index"].startswith("cached")
         assert again.search(query, 8).rows.tolist() == got.rows.tolist()
+
+
+def test_the_exact_index_scores_float16_vectors_as_a_flat_inner_product_does():
+    """``--index flat`` keeps the exported float16 vectors as float16: on them it ranks and scores
+    as FAISS's IndexFlatIP does."""
+    import faiss
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 48)).astype(np.float16).astype(np.float32)
+    q = rng.standard_normal((5, 48)).astype(np.float32)
+    index = retrieve.build_index(x, retrieve.IndexConfig("flat"))
+    reference = faiss.IndexFlatIP(48)
+    reference.add(x)
+    (scores, rows), (want_scores, want_rows) = index.search(q, 20), reference.search(q, 20)
+    assert index.ntotal == 3000 and rows.tolist() == want_rows.tolist()
+    assert np.allclose(scores, want_scores, atol=1e-5)
 
 
 def test_block_scoring_of_any_rows_equals_evaluation(run):
@@ -246,40 +272,6 @@ def test_bad_input_gets_one_line_and_exit_1_or_2(run, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # an image that is not in the dataset: a dataset whose regions were extracted from image files
-
-FAST = ["--min-size", "64", "--max-size", "96", "--proposals", "8", "--no-progress", "--workers", "0",
-        "--threads", "1", "--boxes", "fixed:4", "--set", "depth=50", "--set", "num_classes=20",
-        "--set", "bbox_reg_classes=21", "--set", "num_attributes=10", "--set", "pooler_resolution=7",
-        "--set", "res5_dilation=1"]
-
-
-@pytest.fixture(scope="module")
-def extracted_run(tmp_path_factory):
-    """A synthetic dataset's captions and graphs with region and grid features extracted (random
-    weights, seed 3, a small network) from drawn image files, and a 1-epoch vsepp run on it."""
-    from itmkit.cli import main as features_main
-    from training.synthetic import make_dataset
-    root = tmp_path_factory.mktemp("extracted")
-    layout = make_dataset(root, "toy", splits={"train": 6, "val": 2, "test": 3})
-    rows = shards.read_table(layout.images).to_pylist()
-    for r in rows:
-        i = r["image_id"]
-        arr = np.full((60 + 3 * i, 90 - 2 * i, 3), 20 * i % 255, np.uint8)
-        arr[10:40, 5 + 2 * i:45 + 2 * i, i % 3] = 250
-        path = layout.dir / "img" / f"{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(arr).save(path)
-        r.update(path=str(path), height=arr.shape[0], width=arr.shape[1])
-    shards.write_table(layout.images, rows, "images")
-    layout.index.unregister("regions")    # the generator's; the extractor writes its own
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert features_main(["extract", "--dataset", "toy", "--root", str(root), "--kind", "both",
-                              "--weights", "random", "--seed", "3", *FAST]) == 0
-        assert train.main(["--model", "vsepp", "--dataset", "toy", "--root", str(root), "--out",
-                           str(root / "run"), "--epochs", "1", "--set", "embed_dim=16", "--set",
-                           "word_dim=8", "--batch-size", "10", "--workers", "0"]) == 0
-    return root, root / "run", rows
-
 
 def test_an_image_file_is_extracted_as_the_dataset_was_and_searched(extracted_run, tmp_path):
     """A dataset image given as a file gets the captions, order and scores of --image-id: same

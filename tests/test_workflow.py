@@ -462,8 +462,10 @@ def one_pass_per_image(index: ShardIndex) -> None:
 @pytest.mark.slow
 def test_demo_end_to_end_reuse_and_changed_boxes(tmp_path):
     root = tmp_path / "data"
-    out = ok(snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO, timeout=1800))
+    r = snakemake(tmp_path, "--cores", "2", "demo", config=TINY_DEMO, timeout=1800)
+    out = ok(r)
     run = tmp_path / "runs" / f"demo-{default('demo_model')}"
+    assert r.stdout.splitlines()[-1] == f"demo: done; query the run in a browser: itmkit serve {run}"
     evaluation = json.loads((run / "eval.json").read_text())
     assert any(k.startswith("test/") for k in evaluation)
     assert "-> " + str(run / "report.html") in out   # the report's path ends the output
