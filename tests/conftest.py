@@ -92,7 +92,7 @@ FAST = ["--min-size", "64", "--max-size", "96", "--proposals", "8", "--no-progre
 def extracted_run(tmp_path_factory):
     """A synthetic dataset's captions and graphs with region and grid features extracted (random
     weights, seed 3, a small network) from drawn image files, and a 1-epoch vsepp run on it."""
-    from features.__main__ import main as features_main
+    from itmkit.cli import main as features_main
     from training import train
     from training.synthetic import make_dataset
     root = tmp_path_factory.mktemp("extracted")
