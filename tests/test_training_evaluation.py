@@ -120,14 +120,21 @@ def test_blocked_similarity_equals_one_matrix_product():
 def test_hard_negative_accuracy():
     sims = np.zeros((3, 15))
     sims[0, :5], sims[0, 5:10] = 1.0, 0.0     # image 0 prefers its own captions
-    sims[1, :5], sims[1, 5:10] = 0.5, 0.5     # image 1 cannot tell: ties are failures
+    sims[1, :5], sims[1, 5:10] = 0.5, 0.5     # image 1 cannot tell: ties count one half
     pairs = [{"image_id": 10, "partner_id": 11, "kind": "attribute"},
              {"image_id": 10, "partner_id": 99, "kind": "relation"}]
     r = hard_negative_accuracy(sims, np.array([10, 11, 12]), pairs)
     assert r["attribute"]["pairs"] == 1 and r["skipped_pairs"] == 1
-    assert r["attribute"]["i2t_acc"] == pytest.approx(50.0)
+    assert r["attribute"]["i2t_acc"] == pytest.approx(75.0)   # image 0: 25 of 25 wins, image 1: 25 ties
     # captions of 0 score 1.0 on image 0 vs 0.5 on image 1: pass; captions of 1: 0.5 vs 0.0: pass
     assert r["attribute"]["t2i_acc"] == pytest.approx(100.0)
+
+
+def test_hard_negative_pairs_of_equal_images_are_at_chance():
+    """Two images with equal features: every caption scores both the same; a tie is a coin toss."""
+    sims = np.tile(np.random.default_rng(0).random((1, 10)), (2, 1))
+    r = hard_negative_accuracy(sims, np.array([0, 1]), [{"image_id": 0, "partner_id": 1, "kind": "context"}])
+    assert r["context"]["t2i_acc"] == pytest.approx(50.0)
 
 
 def test_chance_metrics_match_random_scores():

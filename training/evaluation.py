@@ -329,13 +329,19 @@ def compute_sims(model, image_loader, text_loader, device="cpu", progress: bool 
 # ---------------------------------------------------------------------------------------------
 # hard negatives: pairs of images that differ only in attribute binding or relation direction
 
+def _wins(right, wrong) -> float:
+    """The share of comparisons the right item wins, a tie counting one half."""
+    return float(np.mean((right > wrong) + 0.5 * (right == wrong)))
+
+
 def hard_negative_accuracy(sims: np.ndarray, image_ids: np.ndarray, pairs: list[dict],
                            captions_per_image: int = 5, t2i_sims: np.ndarray | None = None) -> dict:
     """Per kind: ``i2t_acc`` = % of (image, own caption, partner caption) triples where the
     image scores its own caption higher; ``t2i_acc`` = % of captions that score their image
-    higher than the partner image. Both images of a pair are tested. Ties are failures.
-    Image->text compares within rows of ``sims``, text->image within columns of ``t2i_sims``
-    (default ``sims``)."""
+    higher than the partner image. Both images of a pair are tested. A tie counts one half: a
+    model that cannot tell the two apart (e.g. two images whose features are equal) is at
+    chance, 50 %, as one that guesses is. Image->text compares within rows of ``sims``,
+    text->image within columns of ``t2i_sims`` (default ``sims``)."""
     t2i_sims = sims if t2i_sims is None else _same_shape(sims, t2i_sims)
     pos = {int(i): k for k, i in enumerate(image_ids)}
     per = captions_per_image
@@ -350,8 +356,8 @@ def hard_negative_accuracy(sims: np.ndarray, image_ids: np.ndarray, pairs: list[
         r["pairs"] += 1
         for x, y in ((a, b), (b, a)):
             own, other = sims[x, x * per:(x + 1) * per], sims[x, y * per:(y + 1) * per]
-            r["i2t"].append((own[:, None] > other[None, :]).mean())
-            r["t2i"].append((t2i_sims[x, x * per:(x + 1) * per] > t2i_sims[y, x * per:(x + 1) * per]).mean())
+            r["i2t"].append(_wins(own[:, None], other[None, :]))
+            r["t2i"].append(_wins(t2i_sims[x, x * per:(x + 1) * per], t2i_sims[y, x * per:(x + 1) * per]))
     out = {kind: {"pairs": r["pairs"], "i2t_acc": 100.0 * float(np.mean(r["i2t"])),
                   "t2i_acc": 100.0 * float(np.mean(r["t2i"]))} for kind, r in sorted(acc.items())}
     if skipped:
