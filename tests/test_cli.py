@@ -106,12 +106,25 @@ def test_usage_errors_exit_2_and_failures_exit_1_with_one_line(tmp_path):
         assert code == 1 and "Traceback" not in err and err.strip(), (name, code, err)
 
 
-def test_a_missing_step_is_named_in_the_new_spelling(tmp_path):
+def test_a_missing_step_is_named_with_the_root_to_copy(tmp_path):
+    (tmp_path / "f30k").mkdir()
     code, err = exit_code(["train", "--model", "vsepp", "--dataset", "f30k", "--root", tmp_path,
                            "--out", tmp_path / "r"])
-    assert code == 1 and "`itmkit parse --dataset f30k` and `itmkit vocab --dataset f30k`" in err
+    assert code == 1 and (f"`itmkit parse --dataset f30k --root {tmp_path}` and "
+                          f"`itmkit vocab --dataset f30k --root {tmp_path}`") in err
     code, err = exit_code(["vocab", "--dataset", "f30k", "--root", tmp_path])
-    assert code == 1 and "`itmkit parse --dataset f30k`" in err
+    assert code == 1 and f"`itmkit parse --dataset f30k --root {tmp_path}`" in err
+    code, err = exit_code(["extract", "--dataset", "f30k", "--root", tmp_path, "--weights", "random"])
+    assert code == 1 and f"--root {tmp_path}`" in err
+
+
+def test_a_dataset_that_is_not_there_is_said_so(tmp_path):
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "shards.json").write_text("{}")
+    code, err = exit_code(["train", "--model", "vsepp", "--dataset", "nosuch", "--root", tmp_path,
+                           "--out", tmp_path / "r"])
+    assert code == 1 and f"no dataset 'nosuch' under {tmp_path} (its datasets: coco)" in err
+    assert "vocab.json" not in err and not (tmp_path / "r").exists()
 
 
 def test_precomp_data_says_grid_features_need_images(tmp_path):
@@ -124,7 +137,7 @@ def test_precomp_data_says_grid_features_need_images(tmp_path):
                       "--quiet"])[0] == 0
     code, err = exit_code(["train", "--model", "dsrln", "--dataset", "f30k", "--root", tmp_path,
                            "--out", tmp_path / "r"])
-    assert code == 1 and "`itmkit parse --dataset f30k` and `itmkit vocab --dataset f30k`" in err
+    assert code == 1 and f"`itmkit parse --dataset f30k --root {tmp_path}` and `itmkit vocab" in err
     with pytest.raises(ShardError, match="grid features, which are extracted from the images; a dataset "
                                          "imported from precomp features has none"):
         shard_hashes(Layout(tmp_path, "f30k"), ["train"], grid=True)

@@ -1,6 +1,6 @@
 """Evaluate a run as the image-text matching literature does.
 
-    itmkit evaluate runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc]
+    itmkit evaluate runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc|whole]
            [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
            [--export-index DIR]
     itmkit evaluate --ensemble runs/A runs/B [--split test]   # averages saved sims
@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline import shards
-from pipeline.config import UsageError, add_quiet_argument, positive_int, run_command
+from pipeline.config import UsageError, add_quiet_argument, add_threads_arguments, positive_int, run_command
+from pipeline.manifest import dataset_defaults
 from pipeline.shards import Layout, ShardError
 from training import models
 from training.checkpoint import CheckpointError
@@ -55,11 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", nargs="?", help="run folder written by itmkit train")
     p.add_argument("--split", default="test", help="split to score")
     p.add_argument("--protocol", choices=PROTOCOLS, action="append",
-                   help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k; eccv and cxc "
-                   "(COCO 5K test with COCO's ids, docs/training.md) on request")
+                   help="repeatable; default: the protocols the dataset recorded at ingest (its manifest's "
+                   "`protocols`, else its family's: coco-1k and coco-5k, f30k-1k; else whole, the whole "
+                   "split); eccv and cxc (COCO 5K test with COCO's ids, docs/training.md) on request")
     add_run_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per block, captions: 5x")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    add_threads_arguments(p)
     p.add_argument("--save-sims", action="store_true", help="write <run>/sims-<split>.npz")
     p.add_argument("--ensemble", nargs="+", metavar="RUN",
                    help="average the saved sims (--save-sims) of these runs; the results go to "
@@ -189,7 +191,7 @@ def command(args) -> int:
         sims, image_ids, caption_ids, dataset = ensemble_sims(members, args.split)
         out = Path(args.run or members[0]) / "eval-ensemble.json"
         tag = {"runs": [str(m) for m in members]}
-        root = data_root(RunConfig.load(members[0]), args.root) if args.hard_negatives else None
+        root = data_root(RunConfig.load(members[0]), args.root) if args.hard_negatives or not args.protocol else None
         what = f"ensemble of {len(members)} runs"
         for flag in ("--save-sims", "--export-index"):
             if getattr(args, flag[2:].replace("-", "_")):
@@ -243,7 +245,7 @@ def command(args) -> int:
     if warning := small_split_warning(args.split, sims.shape[0]):
         print(f"evaluate: warning: {warning}", file=sys.stderr)
 
-    protocols = args.protocol or (["coco-1k", "coco-5k"] if "coco" in dataset.lower() else ["f30k-1k"])
+    protocols = args.protocol or dataset_defaults(root, dataset).protocols
     results, failed = {}, []
     for protocol in protocols:
         try:

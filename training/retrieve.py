@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from pipeline.config import UsageError, add_quiet_argument, positive_int, run_command
+from pipeline.config import UsageError, add_quiet_argument, add_threads_arguments, positive_int, run_command
 from pipeline import shards
 from pipeline.images import BadImage
 from pipeline.shards import Layout, ShardError
@@ -565,7 +565,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per scoring or export block, captions: 5x")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    add_threads_arguments(p)
     add_quiet_argument(p)
     f = p.add_argument_group("two-tower runs: the FAISS index")
     f.add_argument("--index", choices=list(INDEXES), default=d.kind,
