@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 from pipeline import backdrops, shards
-from pipeline.config import add_quiet_argument, add_root_argument, resolve_root
+from pipeline.config import UsageError, add_quiet_argument, add_root_argument, resolve_root
 from pipeline.shards import Layout
 
 GENERATOR_VERSION = 1
@@ -542,9 +542,8 @@ def command(args) -> int:
                      pair_fraction=args.pair_fraction, scenes=args.scenes)
     try:
         s = generate(resolve_root(args.root), cfg, force=args.force, progress=not args.quiet)
-    except ValueError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:   # a setting out of range
+        raise UsageError(str(e)) from None
     except (shards.ShardError, OSError) as e:  # e.g. a full disk, a root that cannot be a folder
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
