@@ -102,8 +102,8 @@ def dataset_name(text: str) -> str:
 
 
 def step(command: str, root, dataset: str, more: str = "") -> str:
-    """The command line of a missing step, to copy: ```itmkit COMMAND --dataset NAME --root
-    ROOT MORE```, with the root, so that it runs on the same data."""
+    """The command line of a missing step, in backquotes, to copy: ``itmkit COMMAND --dataset
+    NAME --root ROOT MORE``, with the root, so that it runs on the same data."""
     return f"`itmkit {command} --dataset {dataset} --root {shlex.quote(str(root))}{' ' + more if more else ''}`"
 
 

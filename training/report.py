@@ -40,8 +40,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline import shards
 from pipeline.config import (ArgumentParser, HelpFormatter, add_quiet_argument, add_threads_arguments,
                              non_negative_int, positive_int)
-from pipeline.manifest import dataset_defaults
 from pipeline.labels import LabelNames
+from pipeline.manifest import dataset_defaults
 from pipeline.shards import Layout, ShardError
 from training import plot
 from training.checkpoint import CheckpointError
