@@ -2,7 +2,7 @@
 against fixed settings, on the machine as found and on the machine loaded by this script.
 
     python benchmarks/threads.py [--work /tmp/itmkit-threads] [--commands extract,train,evaluate]
-        [--load N] [--repeats 1] [--images 16]
+        [--load N] [--repeats 1] [--images 8]
 
 Each command runs as its own process (imports, data opening and the work; the same for every
 setting) with: its defaults (no --threads, no --workers), `--threads 1 --workers 0`,
@@ -11,12 +11,14 @@ workers: the defaults before the thread rule). Work: extract, --images demo imag
 weights, given boxes, regions and grid, the demo's image size); train, one epoch of vsepp on a
 synthetic dataset of 300 training images; evaluate, a vsepp run on its 500 test images.
 "as found" runs first; "loaded" then starts --load busy processes (default: twice the CPUs this
-process may use), which end themselves after --load-seconds even if this script is killed, and
-are stopped when it ends. Per run it prints the seconds, the ratio to the best setting of its
-command and condition, and the tasks running just before it (pipeline.config.busy_cpus, what the
-default reads) with the 1-minute load. Settings are interleaved per repeat so that a drifting
-load affects them alike. Its own runs count in the 1-minute load of the next; the default does
-not read that average.
+process may use) for the rest of the run; they are stopped when it ends and end themselves when
+it is killed (or after --load-seconds). Per run it prints the seconds, the ratio to the best
+setting of its command and condition, and the tasks running just before it
+(pipeline.config.busy_cpus, what the default reads) with the 1-minute load. Settings are
+interleaved per repeat so that a drifting load affects them alike; with --repeats N each
+setting's figure is its fastest run. Its own runs count in the 1-minute load of the next; the
+default does not read that average. Length: the 24 runs of one repeat took 25 min on 2 cores at
+load 7-17 (extract and train slow down most under load); --commands evaluate alone, a few.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ SETTINGS = {"default": [], "1 thread": ["--threads", "1", "--workers", "0"],
             "2 threads": ["--threads", "2", "--workers", "0"],
             "torch's + 2 workers": ["--threads", "0", "--workers", "2"]}
 ITMKIT = [sys.executable, "-m", "itmkit"]
-SPIN = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
+# a busy process: it ends when its parent (this script) is gone, or after argv[1] seconds
+SPIN = ("import os, sys, time\nparent, end = os.getppid(), time.time() + float(sys.argv[1])\n"
+        "while time.time() < end and os.getppid() == parent:\n    pass\n")
 
 
 def itmkit(*args, timeout=600) -> float:
@@ -119,8 +123,8 @@ def main():
     ap.add_argument("--commands", default="extract,train,evaluate")
     ap.add_argument("--load", type=int, default=None, help="busy processes of the loaded condition "
                     "(default: twice the CPUs this process may use)")
-    ap.add_argument("--load-seconds", type=float, default=900,
-                    help="the busy processes end after this, should this script not stop them")
+    ap.add_argument("--load-seconds", type=float, default=3600,
+                    help="the busy processes end after this at the latest (and when this script ends)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--images", type=int, default=8, help="demo images extracted")
     args = ap.parse_args()
