@@ -191,7 +191,8 @@ def command(args) -> int:
         sims, image_ids, caption_ids, dataset = ensemble_sims(members, args.split)
         out = Path(args.run or members[0]) / "eval-ensemble.json"
         tag = {"runs": [str(m) for m in members]}
-        root = data_root(RunConfig.load(members[0]), args.root) if args.hard_negatives or not args.protocol else None
+        needs_data = args.hard_negatives or not args.protocol   # the pairs, the dataset's protocols
+        root = data_root(RunConfig.load(members[0]), args.root) if needs_data else None
         what = f"ensemble of {len(members)} runs"
         for flag in ("--save-sims", "--export-index"):
             if getattr(args, flag[2:].replace("-", "_")):
