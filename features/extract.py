@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from features.runner import Chunk, ChunkRunner, Report, RunOptions
 from features.weights import RANDOM, WeightsError, load_weights, weights_info
 from pipeline import precomp, shards
 from pipeline.config import (UsageError, add_dataset_argument, add_quiet_argument, add_root_argument,
-                             add_set_argument, positive_int, resolve_root, typed_settings)
+                             add_set_argument, add_threads_arguments, positive_int, resolve_root,
+                             typed_settings)
 
 KIND_CHOICES = {"regions": ("regions",), "grid": ("grid",), "both": ("regions", "grid")}
 
@@ -187,9 +189,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
     p.add_argument("--batch-size", type=positive_int, default=r.batch_size,
                    help="images per forward pass (only images of one resized size are stacked)")
-    p.add_argument("--workers", type=int, default=r.workers, help="DataLoader decoding workers (0: in-process)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (default: torch's choice; 1 is fastest on a busy machine)")
+    add_threads_arguments(p)
     p.add_argument("--amp", action="store_true",
                    help="mixed precision (float16 on CUDA, bfloat16 on CPU); other numbers, so another config hash")
     p.add_argument("--channels-last", action="store_true",
@@ -236,8 +236,9 @@ def config_from_args(args) -> ExtractorConfig:
 def command(args) -> int:
     layout = shards.Layout(resolve_root(args.root).resolve(), args.dataset)
     if not layout.images.exists():
-        print(f"features extract: {layout.images} not found; run `itmkit ingest` (or `itmkit demo`) first",
-              file=sys.stderr)
+        root = shlex.quote(str(layout.root))
+        print(f"features extract: {layout.images} not found; run `itmkit ingest --manifest MANIFEST --root "
+              f"{root}` (or `itmkit demo --root {root}`) first", file=sys.stderr)
         return 1
     if precomp.imported(layout):
         print(f"features extract: {layout.name} was imported from precomp features, which come without "

@@ -3,8 +3,9 @@
 Each command is a module with ``add_arguments(parser)`` and ``command(args) -> int`` (or
 ``add_arguments_NAME`` and ``command_NAME`` where one module serves several commands), imported
 only when its command runs: ``itmkit ingest --help`` does not import torch. A module may name
-in ``ERRORS`` the exceptions it reports as one line (exit 1); a ``UsageError`` exits 2 with the
-usage line, as argparse's own errors do.
+in ``ERRORS`` the exceptions it reports as one line (exit 1); a ``UsageError`` exits 2 with one
+line, as argparse's own errors do. A command with ``--threads`` runs with the thread default
+(``pipeline.config.command_threads``).
 Adding a command is one line in COMMANDS.
 """
 
@@ -15,7 +16,7 @@ import importlib
 import sys
 
 from pipeline import __version__
-from pipeline.config import HelpFormatter, UsageError
+from pipeline.config import ArgumentParser, HelpFormatter, UsageError, command_threads
 
 # command -> (module, one-line help), in the order a dataset goes through them
 COMMANDS = {
@@ -45,11 +46,10 @@ def _function(module, stem: str, command: str):
 def build_parser(commands=None) -> argparse.ArgumentParser:
     """The parser of every command; the arguments of ``commands`` (default: all) are added,
     which imports their modules."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="itmkit", description="image-text matching: datasets, features, scene graphs, training, evaluation",
-        epilog="`itmkit COMMAND --help` lists a command's options. The earlier spellings\n"
-               "`python -m pipeline COMMAND`, `python -m features extract` and\n"
-               "`python training/train.py` (evaluate.py, plot.py) run the same commands.",
+        epilog="`itmkit COMMAND --help` lists a command's options. `python training/train.py`\n"
+               "(evaluate.py, report.py, plot.py, retrieve.py) runs the same command.",
         formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"itmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,11 +66,15 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser([command]).parse_args(argv)
+    parser = build_parser([command])
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # said by the command's parser, which names the command's --help
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args._run(args) or 0
+        with command_threads(args):
+            return args._run(args) or 0
     except UsageError as e:
-        args._parser.error(str(e))   # the usage line and the message, exit 2
+        args._parser.error(str(e))   # one line, exit 2
     except args._errors as e:
         print(f"{args.command}: error: {e}", file=sys.stderr)
         return 1

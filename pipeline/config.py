@@ -1,12 +1,18 @@
 """Where the data root is, and what every command shares: the options ``--root``, ``--dataset``,
-``--set`` and ``--quiet``, the ``--set KEY=VALUE`` grammar, the help format and the usage error."""
+``--set``, ``--quiet``, ``--threads`` and ``--workers``, the ``--set KEY=VALUE`` grammar, the
+help format, the usage error and the thread default."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import os
 import re
+import shlex
+import statistics
+import time
 from pathlib import Path
 
 import yaml
@@ -57,6 +63,14 @@ class UsageError(ValueError):
     fit): exit status 2, where a failure is 1."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A usage error is one line, the message and where the options are listed, instead of the
+    whole usage before it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """``--help`` shows the default of every option that takes a value and has a default."""
 
@@ -85,6 +99,12 @@ def dataset_name(text: str) -> str:
             f"{text!r} is not a dataset name (a folder right under the data root: letters, digits, "
             f"'_', '.', '-', starting with a letter or digit)")
     return text
+
+
+def step(command: str, root, dataset: str, more: str = "") -> str:
+    """The command line of a missing step, in backquotes, to copy: ``itmkit COMMAND --dataset
+    NAME --root ROOT MORE``, with the root, so that it runs on the same data."""
+    return f"`itmkit {command} --dataset {dataset} --root {shlex.quote(str(root))}{' ' + more if more else ''}`"
 
 
 def add_dataset_argument(parser: argparse.ArgumentParser, *flags: str, required: bool = True,
@@ -124,13 +144,15 @@ def non_negative_int(text: str) -> int:
 
 
 def run_command(add_arguments, command, argv=None) -> int:
-    """One command run from Python (``train.main([...])``): ``argv`` parsed, ``command`` run.
-    A UsageError exits 2 with the usage line, as argparse's own errors do; failures are raised."""
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    """One command run from Python (``train.main([...])``): ``argv`` parsed, ``command`` run
+    (with the thread default, as ``itmkit`` runs it). A UsageError exits 2 with one line, as
+    argparse's own errors do; failures are raised."""
+    parser = ArgumentParser(formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return command(args)
+        with command_threads(args):
+            return command(args)
     except UsageError as e:
         parser.error(str(e))
 
@@ -205,3 +227,97 @@ def _typed(value, default, text: str | None = None):
     if isinstance(value, bool) or (isinstance(default, int) and isinstance(value, float)):
         raise ValueError(value)
     return type(default)(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU threads and DataLoader workers: one default for every command that runs a model
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on: its affinity mask, capped by the cgroup's CPU quota
+    (``cpu.max`` of cgroup v2, ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of v1)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time per period the cgroup grants, None when unlimited or unknown."""
+    try:
+        if (cgroup / "cpu.max").exists():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        for v1 in (cgroup / "cpu", cgroup / "cpu,cpuacct", cgroup):
+            if (v1 / "cpu.cfs_quota_us").exists():
+                quota = int((v1 / "cpu.cfs_quota_us").read_text())
+                period = int((v1 / "cpu.cfs_period_us").read_text())
+                return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def busy_cpus(loadavg: Path = Path("/proc/loadavg"), samples: int = 5, every_s: float = 0.02) -> float:
+    """CPUs other processes keep busy now: the tasks running or waiting for a CPU (the 4th field
+    of /proc/loadavg, less this process), the median of ``samples`` looks ``every_s`` apart. Not
+    the 1-minute load average: it lags a minute behind, so it still counts a run that has just
+    ended (one's own, too) and misses a load that has just begun."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(loadavg.read_text().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        if i + 1 < samples:
+            time.sleep(every_s)
+    return float(max(0, statistics.median(counts)))
+
+
+def default_threads(workers: int, usable: int, busy: float, machine: int) -> int:
+    """The model's CPU threads when ``--threads`` is not given: the CPUs this process may use
+    (``usable``) that the machine (``machine`` CPUs, ``busy`` of them kept busy by others) has
+    free, less the DataLoader ``workers`` this process starts; at least 1. A thread that waits for
+    a busy core at every op costs more than it gives: on 2 cores at load 5, 2 threads took 3-4x
+    as long as 1 (docs/BENCHMARKS.md)."""
+    free = min(usable, round(machine - busy))
+    return max(1, free - workers)
+
+
+def default_workers(device: str) -> int:
+    """DataLoader workers when ``--workers`` is not given: 2 beside a GPU; none on the CPU,
+    where they would take the cores the model's threads use."""
+    return 2 if str(device).startswith("cuda") else 0
+
+
+def add_threads_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--workers`` of every command that runs a model."""
+    parser.add_argument("--threads", type=non_negative_int, default=None,
+                        help="CPU threads of the model (default: the CPUs this process may use that "
+                             "other processes leave free, less --workers, at least 1; 0: torch's own "
+                             "choice, one per core)")
+    parser.add_argument("--workers", type=non_negative_int, default=None,
+                        help="DataLoader worker processes (default: 2 with a GPU, 0 on the CPU, where "
+                             "they would take the model's cores)")
+
+
+@contextlib.contextmanager
+def command_threads(args):
+    """Fill in the ``--workers`` and ``--threads`` defaults of ``args`` (those a command
+    with ``add_threads_arguments`` has) and run the block with torch's thread count set to
+    ``--threads``; the count before is restored after."""
+    if not hasattr(args, "threads"):
+        yield
+        return
+    import torch
+
+    if getattr(args, "workers", 0) is None:
+        args.workers = default_workers(getattr(args, "device", "cpu"))
+    if args.threads is None:
+        args.threads = default_threads(getattr(args, "workers", 0) or 0, usable_cpus(), busy_cpus(),
+                                       os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 from pipeline import backdrops, shards
-from pipeline.config import add_quiet_argument, add_root_argument, resolve_root
+from pipeline.config import UsageError, add_quiet_argument, add_root_argument, resolve_root
 from pipeline.shards import Layout
 
 GENERATOR_VERSION = 1
@@ -467,8 +467,10 @@ def png_is_current(path: Path, tag: str) -> bool:
         return False
 
 
-def generate(root, cfg: DemoConfig, force: bool = False, progress: bool = True) -> dict:
-    """Write the demo dataset under ``root/demo``; returns a summary dict."""
+def generate(root, cfg: DemoConfig, force: bool = False, progress: bool = True,
+             record: dict | None = None) -> dict:
+    """Write the demo dataset under ``root/demo``; returns a summary dict. ``record``: what the
+    dataset is (pipeline/manifest.py), default that of manifests/demo.yaml."""
     if cfg.images < 4:
         raise ValueError(f"--images must be at least 4 (one train, val and test image), got {cfg.images}")
     if not 96 <= cfg.image_size <= 1024:
@@ -500,7 +502,11 @@ def generate(root, cfg: DemoConfig, force: bool = False, progress: bool = True) 
         for j, text in enumerate(scene.captions):
             caps.append({"caption_id": image_id * 5 + j, "image_id": image_id, "split": split, "text": text})
 
-    meta = {"config": cfg.record(), "config_hash": chash}
+    if record is None:
+        from pipeline import manifest
+
+        record = manifest.manifest_record(manifest.load("demo"))
+    meta = {"config": cfg.record(), "config_hash": chash, "dataset": record}
     written = [
         ("images", layout.images, images), ("captions", layout.captions, caps),
         ("boxes", layout.boxes, boxes), ("hard_negatives", layout.hard_negatives, pairs),
@@ -536,9 +542,8 @@ def command(args) -> int:
                      pair_fraction=args.pair_fraction, scenes=args.scenes)
     try:
         s = generate(resolve_root(args.root), cfg, force=args.force, progress=not args.quiet)
-    except ValueError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:   # a setting out of range
+        raise UsageError(str(e)) from None
     except (shards.ShardError, OSError) as e:  # e.g. a full disk, a root that cannot be a folder
         print(f"demo: error: {e}", file=sys.stderr)
         return 1

@@ -519,7 +519,8 @@ def ingest(m: Manifest, root, *, strict: bool = False, with_images: bool = True,
     notes = Counter(c for c, _ in report.notes)
     summary = {"splits": split_counts, "problems": dict(report.counts()), "notes": dict(notes),
                "mismatches": mismatches, "with_images": with_images}
-    meta = {"manifest": m.resolved(), "config_hash": chash, "summary": summary}
+    meta = {"manifest": m.resolved(), "config_hash": chash, "summary": summary,
+            "dataset": manifests.manifest_record(m)}
     report_file = layout.dir / "ingest-report.txt"
     if report.problems or report.notes:
         with shards.atomic_path(report_file) as tmp:
@@ -543,7 +544,7 @@ def ingest_demo(m: Manifest, layout: Layout, *, strict: bool, force: bool, progr
     if m.name != demo.NAME:
         raise IngestError(f"{m.file}: the demo dataset is always named '{demo.NAME}', not {m.name!r}")
     cfg = demo.DemoConfig(**m["demo"])
-    s = demo.generate(layout.root, cfg, force=force, progress=progress)
+    s = demo.generate(layout.root, cfg, force=force, progress=progress, record=manifests.manifest_record(m))
     split_counts = cfg.splits()
     mismatches = count_mismatches(m, split_counts)
     if strict and mismatches:

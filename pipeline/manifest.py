@@ -32,6 +32,12 @@ DEFAULTS = {"min_captions": 5, "max_tokens": 200, "path_template": "{filename}",
             "max_pixels": MAX_PIXELS}
 
 
+# The evaluation protocols of a family's test split (training/evaluation.py), for a manifest that
+# names none; a dataset of no family is scored on its whole test split.
+FAMILY_PROTOCOLS = {"coco": ("coco-1k", "coco-5k"), "f30k": ("f30k-1k",)}
+WHOLE_SPLIT = "whole"
+
+
 class ManifestError(ValueError):
     """A manifest is missing, not YAML, or does not follow manifests/schema.yaml."""
 
@@ -175,3 +181,53 @@ def load(name_or_path, *, source_root: str | None = None, images_dir: str | None
         raise ManifestError(f"{path}: field 'split_fractions': the fractions sum to "
                             f"{sum(data['split_fractions'].values())}, not 1")
     return Manifest(data["name"], data["format"], path, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a dataset is: its family and protocols, recorded at ingest in images.parquet
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    family: str | None             # coco, f30k or None: the per-family model defaults
+    protocols: tuple[str, ...]     # what `itmkit evaluate` and `itmkit report` score by default
+    recorded: bool = True          # False: a dataset written before the record, judged by its name
+
+
+def dataset_record(family: str | None, protocols) -> dict:
+    """The ``dataset`` entry of images.parquet's metadata, written at ingest (and by demo and
+    import-precomp)."""
+    return {"family": family, "protocols": list(protocols)}
+
+
+def manifest_record(m: Manifest) -> dict:
+    return dataset_record(m.get("family"), m.get("protocols", []))
+
+
+def family_from_name(name: str) -> str | None:
+    """The family of a dataset that recorded none (written by an earlier version, or imported
+    from precomp features, which come without a manifest): by its name."""
+    low = name.lower()
+    return "coco" if "coco" in low else "f30k" if ("f30k" in low or "flickr" in low) else None
+
+
+def dataset_defaults(root, name: str) -> DatasetDefaults:
+    """Every per-dataset default, from the record in ``root/name/images.parquet``: the family,
+    and the protocols (the recorded ones, else the family's, else the whole test split). A
+    dataset without a record (written before it was kept) is judged by its name, as before. A
+    missing dataset is a ShardError naming the datasets that are under ``root``."""
+    from pipeline import shards
+
+    layout = shards.Layout(Path(root), name)
+    if not layout.dir.is_dir():
+        there = sorted(p.name for p in Path(root).iterdir() if (p / "shards.json").exists()) \
+            if Path(root).is_dir() else []
+        raise shards.ShardError(f"no dataset '{name}' under {root} ("
+                                + (f"its datasets: {', '.join(there)}" if there else "none there")
+                                + "); pass --root, or create it with `itmkit ingest` or `itmkit demo`")
+    record = shards.table_metadata(layout.images).get("dataset") if layout.images.exists() else None
+    if record is None:
+        family = family_from_name(name)
+        return DatasetDefaults(family, FAMILY_PROTOCOLS.get(family, FAMILY_PROTOCOLS["f30k"]), recorded=False)
+    family = record.get("family")
+    protocols = tuple(record.get("protocols") or FAMILY_PROTOCOLS.get(family, (WHOLE_SPLIT,)))
+    return DatasetDefaults(family, protocols)

@@ -181,8 +181,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None,
                    help="address of an existing dask scheduler (tcp://host:8786); workers must "
                         "see the same data root")
-    p.add_argument("--chunk-size", type=positive_int, default=ParseConfig.chunk_size,
-                   help="captions per graph chunk (part of the config hash)")
+    p.add_argument("--shard-size", dest="chunk_size", type=positive_int, default=ParseConfig.chunk_size,
+                   help="captions per graph shard (part of the config hash)")
+    # the earlier spelling, still used by scripts
+    p.add_argument("--chunk-size", dest="chunk_size", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, action="append", default=None,
                    help="parse only chunk K (repeatable); for schedulers that scatter chunks")
     p.add_argument("--batch-size", type=positive_int, default=ParseConfig.batch_size, help="nlp.pipe batch size")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import shards
+from pipeline import manifest, shards
 from pipeline.config import (add_dataset_argument, add_quiet_argument, add_root_argument, positive_int,
                              resolve_root)
 from pipeline.ingest import IngestError, Report, clean_caption
@@ -225,8 +225,10 @@ def import_precomp(folder, name: str, root, cfg: PrecompConfig = PrecompConfig()
             for text in s.captions[row]:
                 caps.append({"caption_id": len(caps), "image_id": image_id, "split": s.split, "text": text})
     ihash = shards.config_hash([s.fingerprint() for s in splits])
+    # precomp folders come without a manifest: SCAN's are of COCO or Flickr30K, told by the name
     meta = {"config": attrs["config"], "config_hash": chash, "source_dir": str(folder.resolve()),
-            "splits": {s.scan_name: s.split for s in splits}}
+            "splits": {s.scan_name: s.split for s in splits},
+            "dataset": manifest.dataset_record(manifest.family_from_name(name), [])}
     for kind, path, table in (("images", layout.images, images), ("captions", layout.captions, caps)):
         if force or not index.is_valid(kind, path, chash, ihash):
             shards.write_table(path, table, kind, metadata=meta)

@@ -3,15 +3,17 @@ that are not in the current plan."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import positive_int
+from pipeline.config import UsageError, add_quiet_argument, positive_int
 from pipeline.shards import SHARD_FILES, Layout, ShardError, describe
 
 
 def add_arguments_inspect(p):
     p.add_argument("file", help="a .h5 shard, a .parquet table, a vocab.json or shards.json")
+    add_quiet_argument(p)
 
 
 def command_inspect(args) -> int:
@@ -25,6 +27,7 @@ def command_inspect(args) -> int:
 
 def add_arguments_verify(p):
     p.add_argument("dataset_dir", help="a dataset folder holding shards.json, e.g. data/coco")
+    add_quiet_argument(p)
 
 
 def command_verify(args) -> int:
@@ -48,12 +51,13 @@ def command_verify(args) -> int:
 
 def add_arguments_prune(p):
     p.add_argument("dataset_dir", help="a dataset folder holding shards.json, e.g. data/coco")
+    add_quiet_argument(p)
     p.add_argument("--kind", required=True, choices=list(SHARD_FILES), help="which shards to prune")
     p.add_argument("--shard-size", type=positive_int, default=None,
-                   help="images per shard of the current plan (regions, grid; extract's --shard-size); "
-                        "no default: it decides what is removed")
-    p.add_argument("--chunk-size", type=positive_int, default=None,
-                   help="captions per chunk of the current plan (graphs; parse's --chunk-size); no default")
+                   help="rows per shard of the current plan, as extract and parse were given it: images "
+                        "(regions, grid) or captions (graphs); no default: it decides what is removed")
+    # the earlier spelling for graphs, still used by scripts
+    p.add_argument("--chunk-size", dest="shard_size", type=positive_int, help=argparse.SUPPRESS)
 
 
 def command_prune(args) -> int:
@@ -61,10 +65,9 @@ def command_prune(args) -> int:
     complete: every planned file registered and on disk, all of one config."""
     d = Path(args.dataset_dir)
     layout = Layout(d.parent, d.name)
-    size, flag = ((args.chunk_size, "--chunk-size") if args.kind == "graphs" else (args.shard_size, "--shard-size"))
+    size = args.shard_size
     if size is None:
-        print(f"prune: --kind {args.kind} needs {flag} N: the plan it keeps", file=sys.stderr)
-        return 2
+        raise UsageError(f"--kind {args.kind} needs --shard-size N: the plan it keeps")
     try:
         planned = layout.planned(args.kind, size)
         pruned = layout.index.prune(args.kind, planned)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.config import (add_dataset_argument, add_quiet_argument, add_root_argument, positive_int,
-                             resolve_root)
+                             resolve_root, step)
 from pipeline.shards.tables import graph_row_problem
 
 VOCAB_VERSION = "1"
@@ -50,11 +50,11 @@ def graph_files(layout: shards.Layout) -> tuple[list[Path], str]:
     entries = layout.index.entries("graphs")
     if not entries:
         raise shards.ShardError(f"{layout.index.path}: no graph chunks registered; run "
-                                f"`itmkit parse --dataset {layout.name}` first")
+                                f"{step('parse', layout.root, layout.name)} first")
     hashes = sorted({e.config_hash for e in entries})
     if len(hashes) > 1:
         raise shards.ShardError(f"{layout.index.path}: graph chunks of {len(hashes)} parser configs "
-                                f"{hashes}; rerun `itmkit parse --dataset {layout.name}` to replace the old ones")
+                                f"{hashes}; rerun {step('parse', layout.root, layout.name)} to replace the old ones")
     return layout.index.files("graphs", hashes[0]), hashes[0]
 
 
@@ -73,7 +73,7 @@ def count(layout: shards.Layout, files: list[Path], progress: bool = True) -> Co
             split = split_of.get(row["caption_id"])
             if split is None:
                 raise shards.ShardError(f"{path}: caption_id {row['caption_id']} is not in {layout.captions} "
-                                        f"(graphs of older captions? rerun `itmkit parse --dataset {layout.name}`)")
+                                        f"(graphs of older captions? rerun {step('parse', layout.root, layout.name)})")
             tokens = [t.lower() for t in row["tokens"]]
             split_tokens.setdefault(split, Counter()).update(tokens)
             if split == TRAIN_SPLIT:
@@ -83,7 +83,7 @@ def count(layout: shards.Layout, files: list[Path], progress: bool = True) -> Co
             seen += 1
     if seen != len(split_of):
         raise shards.ShardError(f"{layout.dir}: graph chunks hold {seen:,} captions but {layout.captions} "
-                                f"has {len(split_of):,}; finish `itmkit parse --dataset {layout.name}`")
+                                f"has {len(split_of):,}; finish {step('parse', layout.root, layout.name)}")
     return Counts(words, predicates, attributes, split_tokens)
 
 

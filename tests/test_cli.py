@@ -80,7 +80,7 @@ def cases(tmp: Path) -> dict[str, tuple[list, list]]:
         "ingest": (["--manifest", "f30k", "--set", "no_such=1", *root], ["--manifest", "nonexistent", *root]),
         "import-precomp": (["--dir", tmp, "--name", "x", "--images-per-shard", "0"],
                            ["--dir", tmp / "nope", "--name", "x", *root]),
-        "parse": (["--dataset", "x", "--chunk-size", "0"], ["--dataset", "x", *root]),
+        "parse": (["--dataset", "x", "--shard-size", "0"], ["--dataset", "x", *root]),
         "vocab": (["--dataset", "x", "--min-count", "0"], ["--dataset", "x", *root]),
         "extract": (["--dataset", "x", *root], ["--dataset", "x", "--weights", "random", *root]),
         "train": (["--model", "vsepp", "--dataset", "x", "--out", tmp / "r", "--set", "no_such=1", *root],
@@ -107,12 +107,25 @@ def test_usage_errors_exit_2_and_failures_exit_1_with_one_line(tmp_path):
         assert code == 1 and "Traceback" not in err and err.strip(), (name, code, err)
 
 
-def test_a_missing_step_is_named_in_the_new_spelling(tmp_path):
+def test_a_missing_step_is_named_with_the_root_to_copy(tmp_path):
+    (tmp_path / "f30k").mkdir()
     code, err = exit_code(["train", "--model", "vsepp", "--dataset", "f30k", "--root", tmp_path,
                            "--out", tmp_path / "r"])
-    assert code == 1 and "`itmkit parse --dataset f30k` and `itmkit vocab --dataset f30k`" in err
+    assert code == 1 and (f"`itmkit parse --dataset f30k --root {tmp_path}` and "
+                          f"`itmkit vocab --dataset f30k --root {tmp_path}`") in err
     code, err = exit_code(["vocab", "--dataset", "f30k", "--root", tmp_path])
-    assert code == 1 and "`itmkit parse --dataset f30k`" in err
+    assert code == 1 and f"`itmkit parse --dataset f30k --root {tmp_path}`" in err
+    code, err = exit_code(["extract", "--dataset", "f30k", "--root", tmp_path, "--weights", "random"])
+    assert code == 1 and f"--root {tmp_path}`" in err
+
+
+def test_a_dataset_that_is_not_there_is_said_so(tmp_path):
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "shards.json").write_text("{}")
+    code, err = exit_code(["train", "--model", "vsepp", "--dataset", "nosuch", "--root", tmp_path,
+                           "--out", tmp_path / "r"])
+    assert code == 1 and f"no dataset 'nosuch' under {tmp_path} (its datasets: coco)" in err
+    assert "vocab.json" not in err and not (tmp_path / "r").exists()
 
 
 def test_precomp_data_says_grid_features_need_images(tmp_path):
@@ -125,7 +138,7 @@ def test_precomp_data_says_grid_features_need_images(tmp_path):
                       "--quiet"])[0] == 0
     code, err = exit_code(["train", "--model", "dsrln", "--dataset", "f30k", "--root", tmp_path,
                            "--out", tmp_path / "r"])
-    assert code == 1 and "`itmkit parse --dataset f30k` and `itmkit vocab --dataset f30k`" in err
+    assert code == 1 and f"`itmkit parse --dataset f30k --root {tmp_path}` and `itmkit vocab" in err
     with pytest.raises(ShardError, match="grid features, which are extracted from the images; a dataset "
                                          "imported from precomp features has none"):
         shard_hashes(Layout(tmp_path, "f30k"), ["train"], grid=True)
@@ -231,3 +244,121 @@ def test_every_dataset_option_takes_a_name_never_a_path(tmp_path):
     import yaml
     schema = yaml.safe_load((REPO / "manifests" / "schema.yaml").read_text())
     assert schema["properties"]["name"]["pattern"] == f"^{DATASET_NAME.pattern}$"
+
+
+# ---------------------------------------------------------------------------------------------
+# one vocabulary of options
+
+RUNS_A_MODEL = {"extract", "train", "evaluate", "retrieve", "report"}   # --threads, --workers
+TAKES_SET = {"ingest", "extract", "train"}                              # a config to set keys of
+READS_DATA = set(DATASET_COMMANDS) | {"demo", "evaluate", "retrieve", "report"}   # --root
+
+
+def options(name: str) -> dict[str, argparse.Action]:
+    return {flag: a for a in command_parser(name)._actions for flag in a.option_strings}
+
+
+def test_every_command_speaks_one_vocabulary_of_options():
+    """--quiet everywhere; --root wherever a dataset is read or written; --threads and --workers,
+    with one default, wherever a model runs; --set where a config has keys (as the README says)."""
+    for name in COMMANDS:
+        opts = options(name)
+        assert "--quiet" in opts, name
+        assert ("--root" in opts) == (name in READS_DATA), name
+        assert ("--set" in opts) == (name in TAKES_SET), name
+        assert {"--threads", "--workers"} <= set(opts) if name in RUNS_A_MODEL else "--threads" not in opts, name
+        if name in RUNS_A_MODEL:   # the same default, resolved when the command runs
+            assert opts["--threads"].default is None and opts["--workers"].default is None, name
+    readme = (REPO / "README.md").read_text()
+    assert "`--set KEY=VALUE` (ingest, extract, train" in " ".join(readme.split())
+
+
+def test_one_option_names_rows_per_shard():
+    assert "--chunk-size" not in command_parser("parse").format_help()
+    assert command_parser("parse").parse_args(["--dataset", "x", "--shard-size", "7"]).chunk_size == 7
+    assert command_parser("parse").parse_args(["--dataset", "x", "--chunk-size", "7"]).chunk_size == 7
+    prune = command_parser("prune")
+    assert "--chunk-size" not in prune.format_help()
+    assert prune.parse_args(["d", "--kind", "graphs", "--chunk-size", "5"]).shard_size == 5
+
+
+def test_a_usage_error_is_one_line_that_names_the_help(tmp_path):
+    table = cases(tmp_path)
+    table["evaluate"] = ([tmp_path / "empty", "--no-such-option", "1"], None)   # said by evaluate, not itmkit
+    for name, (usage, _) in table.items():
+        code, err = exit_code([name, *usage])
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (name, err)
+        assert lines[0].startswith(f"itmkit {name}: error: ") and lines[0].endswith(
+            f"(see `itmkit {name} --help`)"), (name, err)
+    code, err = exit_code(["nosuch"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "see `itmkit --help`" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the thread default
+
+def test_the_thread_default_leaves_busy_cores_and_the_workers_alone():
+    from pipeline.config import default_threads
+
+    assert default_threads(0, usable=2, busy=0.0, machine=2) == 2     # idle: every usable CPU
+    assert default_threads(0, usable=2, busy=5.0, machine=2) == 1     # loaded: one, never 0
+    assert default_threads(0, usable=2, busy=1.0, machine=2) == 1
+    assert default_threads(2, usable=4, busy=0.0, machine=4) == 2     # the workers' cores are theirs
+    assert default_threads(4, usable=2, busy=0.0, machine=2) == 1
+    assert default_threads(0, usable=4, busy=40.0, machine=64) == 4   # a quota on a big, busy host
+    assert default_threads(0, usable=16, busy=10.0, machine=16) == 6
+
+
+def test_usable_cpus_reads_the_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
+    from pipeline.config import usable_cpus
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert usable_cpus(tmp_path) == 8                               # no quota files
+    (tmp_path / "cpu.max").write_text("250000 100000\n")             # cgroup v2: 2.5 CPUs
+    assert usable_cpus(tmp_path) == 3
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == 8
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path / "v1") == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cpus(tmp_path / "v1") == 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    (tmp_path / "cpu.max").write_text("800000 100000\n")
+    assert usable_cpus(tmp_path) == 2                               # the affinity mask caps it
+
+
+def test_busy_cpus_counts_the_tasks_running_now_less_this_one(tmp_path):
+    from pipeline.config import busy_cpus
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.10 0.20 0.30 6/300 4242\n")   # the average lags; 5 others run now
+    assert busy_cpus(loadavg, samples=3, every_s=0) == 5.0
+    loadavg.write_text("7.00 6.00 5.00 1/300 4242\n")   # only this one runs now
+    assert busy_cpus(loadavg, samples=3, every_s=0) == 0.0
+    assert busy_cpus(tmp_path / "nope", samples=1) == 0.0
+
+
+def test_threads_given_win_and_the_default_is_set_only_while_the_command_runs(monkeypatch):
+    import torch
+
+    from pipeline import config
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(config, "busy_cpus", lambda: 0.0)
+    monkeypatch.setattr(config, "usable_cpus", lambda: 3)
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 3)
+    args = argparse.Namespace(threads=None, workers=None, device="cpu")
+    with config.command_threads(args):
+        assert (args.workers, args.threads, torch.get_num_threads()) == (0, 3, 3)
+    assert torch.get_num_threads() == before
+    args = argparse.Namespace(threads=None, workers=None, device="cuda:1")
+    with config.command_threads(args):
+        assert (args.workers, args.threads) == (2, 1)
+    args = argparse.Namespace(threads=2, workers=5, device="cpu")
+    with config.command_threads(args):
+        assert (args.workers, args.threads, torch.get_num_threads()) == (5, 2, 2)
+    assert torch.get_num_threads() == before

@@ -523,3 +523,36 @@ def test_short_and_long_csv_rows_name_their_field_counts(tmp_path):
         f"{k},{f},photo {f} {k},train\n" for f in ("a.png", "b.png") for k in range(5)) + "9,a.png\n")
     r = ingest(manifests.load(folder_manifest(tmp_path, src, "captions.csv")), tmp_path / "data2", progress=False)
     assert r.messages == ["captions.csv line 12: row has 2 fields, needs 3–4"]
+
+
+def test_the_dataset_records_its_family_and_protocols(tmp_path, f30k_src):
+    """Evaluate's and report's protocols and train's per-family defaults come from what ingest
+    recorded of the manifest, never from the dataset's name."""
+    from pipeline.manifest import DatasetDefaults, dataset_defaults
+
+    src, ann = folder_fixture(tmp_path, "jsonl")
+    root = tmp_path / "data"
+    for name, extra, family, protocols in (
+            ("f30k_like", {}, None, ("whole",)),                       # no family: the whole split
+            ("mine", {"family": "coco"}, "coco", ("coco-1k", "coco-5k")),
+            ("cocoish", {"protocols": ["eccv", "coco-5k"]}, None, ("eccv", "coco-5k"))):
+        m = manifests.load(folder_manifest(tmp_path, src, ann, **extra), name=name)
+        ingest(m, root, progress=False)
+        assert dataset_defaults(root, name) == DatasetDefaults(family, protocols)
+    ingest(manifests.load("f30k", source_root=str(f30k_src), sets=["expected=null"]), root, progress=False)
+    assert dataset_defaults(root, "f30k").family == "f30k"
+    assert dataset_defaults(root, "f30k").protocols == ("f30k-1k",)
+    # a dataset written before the record: judged by its name, as before
+    (root / "old_coco").mkdir()
+    old = dataset_defaults(root, "old_coco")
+    assert (old.family, old.protocols, old.recorded) == ("coco", ("coco-1k", "coco-5k"), False)
+
+
+def test_the_schema_lists_every_registered_protocol():
+    import yaml
+
+    from training.evaluation import PROTOCOLS
+
+    schema = yaml.safe_load(manifests.SCHEMA_FILE.read_text())
+    assert set(schema["properties"]["protocols"]["items"]["enum"]) == set(PROTOCOLS)
+    assert set(schema["properties"]["family"]["enum"]) == set(manifests.FAMILY_PROTOCOLS)

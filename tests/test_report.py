@@ -283,6 +283,39 @@ def test_several_runs_get_one_comparison_table_and_the_same_queries(run, tmp_pat
     assert text.count("alt=\"training curves") == 3                     # both runs', and one per run
 
 
+def test_quiet_draws_no_progress_bars(run, tmp_path, capsys):
+    _, run_dir, _ = run
+    args = [str(run_dir), "--workers", "0", "--device", "cpu", "--queries", "1", "--pairs", "0"]
+    assert report.main([*args, "--out", str(tmp_path / "a.html")]) == 0
+    assert "encode images" in capsys.readouterr().err
+    assert report.main([*args, "--out", str(tmp_path / "b.html"), "--quiet"]) == 0
+    assert "encode" not in capsys.readouterr().err
+
+
+def test_the_protocols_are_those_the_dataset_recorded(run, tmp_path):
+    """A dataset of no family that names no protocols (a folder of one's own) is scored on its
+    whole split, under a name that claims no protocol of the literature; one that names its
+    protocols gets those. Never decided by the dataset's name."""
+    root, run_dir, _ = run
+    for protocols, expected in (([], ["whole"]), (["coco-5k", "whole"], ["coco-5k", "whole"])):
+        data = tmp_path / f"data-{len(protocols)}"
+        shutil.copytree(root / "synth", data / "synth")
+        layout = Layout(data, "synth")
+        rows_ = shards.read_table(layout.images).to_pylist()
+        shards.write_table(layout.images, rows_, "images",
+                           metadata={"dataset": {"family": None, "protocols": protocols}})
+        entry = layout.index.entry("images", layout.images)
+        layout.index.register("images", layout.images, rows=len(rows_), config_hash=entry.config_hash)
+        copy = tmp_path / f"run-{len(protocols)}"
+        shutil.copytree(run_dir, copy)
+        assert evaluate.main([str(copy), "--root", str(data), "--workers", "0", "--device", "cpu",
+                              "--quiet"]) == 0
+        assert sorted(json.loads((copy / "eval.json").read_text())) == [f"test/{p}" for p in expected]
+        run_ = report.load_run(copy, str(data), which="best", device="cpu", split="test")
+        computed, _ = report.evaluation(run_, "nosplit", np.eye(8, 40), [])
+        assert sorted(computed) == expected
+
+
 def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
     assert itmkit(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
     err = capsys.readouterr().err

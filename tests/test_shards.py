@@ -323,7 +323,9 @@ def test_prune_removes_shards_outside_the_plan_and_reports_them(tmp_path, capsys
     assert main(["prune", str(layout.dir), "--kind", "regions", "--shard-size", "1"]) == 1
     err = capsys.readouterr().err
     assert "regions-train-0002.h5: not registered" in err and "regions-train-0003.h5" in err
-    assert main(["prune", str(layout.dir), "--kind", "regions"]) == 2   # the plan is not guessed
+    with pytest.raises(SystemExit) as e:   # the plan is not guessed: a usage error
+        main(["prune", str(layout.dir), "--kind", "regions"])
+    assert e.value.code == 2
 
 
 def test_run_config_hashes_are_resolved_by_one_pure_function(tmp_path):

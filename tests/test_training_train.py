@@ -117,10 +117,12 @@ def test_epoch_line_and_metrics_show_chance_and_a_small_split_is_warned(root, tm
     assert 0 < float(row["train_seconds"]) < float(row["seconds"])   # the loop, then validation
 
 
-def test_threads_option_sets_torchs_cpu_threads(root, tmp_path):
+def test_threads_option_sets_torchs_cpu_threads(root, tmp_path, monkeypatch):
+    seen, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
     torch.set_num_threads(2)   # the module's fixture restores the count afterwards
     run_train(root, tmp_path / "r", "--epochs", "1", "--threads", "1")
-    assert torch.get_num_threads() == 1
+    assert seen == [1] and torch.get_num_threads() == 2   # set for the run, restored after it
     with pytest.raises(SystemExit) as e:
         run_train(root, tmp_path / "s", "--epochs", "1", "--threads", "-1")
     assert e.value.code == 2 and not (tmp_path / "s").exists()

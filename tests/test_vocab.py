@@ -136,11 +136,11 @@ def test_refuses_missing_incomplete_or_mixed_graphs(tmp_path, capsys):
     rows = [{"caption_id": i, "image_id": i, "split": s, "text": t} for i, (s, t) in enumerate(CAPTIONS)]
     shards.write_table(layout.captions, rows, "captions")
     assert run(tmp_path) == 1
-    assert "run `itmkit parse --dataset toy`" in capsys.readouterr().err
+    assert f"run `itmkit parse --dataset toy --root {tmp_path}`" in capsys.readouterr().err
     cli.main(["parse", "--dataset", "toy", "--root", str(tmp_path), "--chunk-size", "4", "--chunk", "0",
               "--no-progress"])
     assert run(tmp_path) == 1
-    assert "finish `itmkit parse --dataset toy`" in capsys.readouterr().err
+    assert f"finish `itmkit parse --dataset toy --root {tmp_path}`" in capsys.readouterr().err
     # a chunk written under another parser config must not be mixed in
     cfg = parse.ParseConfig(chunk_size=4)
     other = shards.config_hash(dict(cfg.identity(), parser="old"))

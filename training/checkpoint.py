@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.config import add_quiet_argument
 from pipeline.shards import atomic_path
 
 FORMAT = 2    # 1 (no "format" key): earlier versions, numpy arrays in the RNG state
@@ -198,6 +199,7 @@ def _plain_numbers(obj):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="RUN_OR_PT", help="run folders (best.pt and last.pt) or .pt files")
+    add_quiet_argument(p)
 
 
 def command(args) -> int:

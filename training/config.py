@@ -62,10 +62,12 @@ class RunConfig:
         return cls(**data)
 
 
-def dataset_key(name: str) -> str:
-    """Per-dataset defaults are keyed ``coco`` / ``f30k``; other names get the plain defaults."""
-    low = name.lower()
-    return "coco" if "coco" in low else "f30k" if ("f30k" in low or "flickr" in low) else name
+def dataset_key(name: str) -> str | None:
+    """The family (``coco``, ``f30k``) of a dataset told by its name alone, for scripts that have
+    no data root; commands read the dataset's record (``pipeline.manifest.dataset_defaults``)."""
+    from pipeline.manifest import family_from_name
+
+    return family_from_name(name)
 
 
 def parse_overrides(items: list[str], config_class) -> dict:

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline import shards
+from pipeline.config import step
 from pipeline.shards import GridShard, Layout, RegionShard, ShardError, Vocabulary
 from pipeline.shards.tables import graph_row_problem
 
@@ -200,8 +201,8 @@ def resolve_read_set(layout: Layout, splits, grid: bool, pinned: dict | None = N
                              f"the images; a dataset imported from precomp features has none (train a "
                              f"region-only model, or ingest the images and extract)")
         raise ShardError(f"{layout.dir}: the model needs grid features but the dataset has "
-                         f"no grid shards; run `itmkit extract --dataset {layout.name} --kind grid "
-                         f"--weights WEIGHTS`")
+                         f"no grid shards; run "
+                         f"{step('extract', layout.root, layout.name, '--kind grid --weights WEIGHTS')}")
     entries = index.read_set(run_kinds(grid), list(splits))
     return shards.resolve_config_hashes(entries, pinned, str(index.path)), entries
 

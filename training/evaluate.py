@@ -1,6 +1,6 @@
 """Evaluate a run as the image-text matching literature does.
 
-    itmkit evaluate runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc]
+    itmkit evaluate runs/NAME [--split test] [--protocol f30k-1k|coco-5k|coco-1k|eccv|cxc|whole]
            [--checkpoint best|last] [--save-sims] [--hard-negatives] [--max-images N]
            [--export-index DIR]
     itmkit evaluate --ensemble runs/A runs/B [--split test]   # averages saved sims
@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline import shards
-from pipeline.config import UsageError, add_quiet_argument, positive_int, run_command
+from pipeline.config import UsageError, add_quiet_argument, add_threads_arguments, positive_int, run_command
+from pipeline.manifest import dataset_defaults
 from pipeline.shards import Layout, ShardError
 from training import models
 from training.checkpoint import CheckpointError
@@ -56,11 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", nargs="?", help="run folder written by itmkit train")
     p.add_argument("--split", default="test", help="split to score")
     p.add_argument("--protocol", choices=PROTOCOLS, action="append",
-                   help="default: coco-1k and coco-5k for COCO datasets, else f30k-1k; eccv and cxc "
-                   "(COCO 5K test with COCO's ids, docs/training.md) on request")
+                   help="repeatable; default: the protocols the dataset recorded at ingest (its manifest's "
+                   "`protocols`, else its family's: coco-1k and coco-5k, f30k-1k; else whole, the whole "
+                   "split); eccv and cxc (COCO 5K test with COCO's ids, docs/training.md) on request")
     add_run_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per block, captions: 5x")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    add_threads_arguments(p)
     p.add_argument("--save-sims", action="store_true", help="write <run>/sims-<split>.npz")
     p.add_argument("--ensemble", nargs="+", metavar="RUN",
                    help="average the saved sims (--save-sims) of these runs; the results go to "
@@ -231,7 +233,8 @@ def score_ensemble(args, outcome: Outcome) -> Scored:
     """The mean of the members' saved similarities; their results go to eval-ensemble.json."""
     members = args.ensemble
     sims, image_ids, caption_ids, dataset = ensemble_sims(members, args.split)
-    root = data_root(RunConfig.load(members[0]), args.root) if args.hard_negatives else None
+    needs_data = args.hard_negatives or not args.protocol   # the pairs, the dataset's protocols
+    root = data_root(RunConfig.load(members[0]), args.root) if needs_data else None
     for flag in ("--save-sims", "--export-index"):
         if getattr(args, flag[2:].replace("-", "_")):
             outcome.skip(flag, "an ensemble averages saved similarities; it has no model of its own")
@@ -292,7 +295,7 @@ def protocol_results(scored: Scored, args, outcome: Outcome) -> dict:
     """The eval.json entries of the protocols asked for (default: the dataset's), each printed. A
     protocol the split does not fit is skipped, saying why; when none fits, the first reason is
     the error."""
-    protocols = args.protocol or (["coco-1k", "coco-5k"] if "coco" in scored.dataset.lower() else ["f30k-1k"])
+    protocols = args.protocol or dataset_defaults(scored.root, scored.dataset).protocols
     results, failed = {}, []
     for protocol in protocols:
         try:

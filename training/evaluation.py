@@ -166,6 +166,7 @@ def _cxc_line(m: dict) -> str:
             f"(random scores: {m['chance']['rsum']:.1f})")
 
 
+@register("whole", _scan_extra, _scan_line)        # a dataset of no family (pipeline/manifest.py)
 @register("coco-5k", _scan_extra, _scan_line)
 @register("f30k-1k", _scan_extra, _scan_line)      # the innermost registers first
 def whole_split(sims, *, captions_per_image: int = 5, t2i_sims=None, **_) -> dict:
@@ -208,7 +209,7 @@ def _need(ids, protocol: str):
 def evaluate_protocol(sims: np.ndarray, protocol: str, fold_size: int = 1000,
                       captions_per_image: int = 5, image_ids=None, caption_ids=None,
                       t2i_sims: np.ndarray | None = None) -> dict:
-    """``f30k-1k`` and ``coco-5k`` score the whole matrix; ``coco-1k`` is the mean over 5
+    """``f30k-1k``, ``coco-5k`` and ``whole`` score the whole matrix; ``coco-1k`` is the mean over 5
     consecutive folds of ``fold_size`` images (fewer folds when the split is smaller); ``eccv``
     and ``cxc`` need the COCO ids of the matrix's rows and columns (``training/protocols.py``).
     ``t2i_sims``: the matrix whose columns rank the images for text->image, when it is not

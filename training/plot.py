@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pipeline.config import run_command  # noqa: E402
+from pipeline.config import add_quiet_argument, run_command  # noqa: E402
 from pipeline.shards import atomic_path  # noqa: E402
 
 ERRORS = (FileNotFoundError, ValueError)   # what itmkit reports as one line (exit 1)
@@ -74,6 +74,7 @@ def draw(runs: list[str]) -> plt.Figure:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run folders written by itmkit train")
     p.add_argument("--out", default=None, help="PNG path (default: <first run>/curves.png)")
+    add_quiet_argument(p)
 
 
 def main(argv=None) -> int:

@@ -38,8 +38,10 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import shards
-from pipeline.config import HelpFormatter, non_negative_int, positive_int, run_command
+from pipeline.config import (ArgumentParser, HelpFormatter, add_quiet_argument, add_threads_arguments,
+                             non_negative_int, positive_int, run_command)
 from pipeline.labels import LabelNames
+from pipeline.manifest import dataset_defaults
 from pipeline.shards import Layout, ShardError
 from training import plot
 from training.checkpoint import CheckpointError
@@ -62,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per block when the similarities are computed")
-    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers")
+    add_threads_arguments(p)
     p.add_argument("--queries", type=positive_int, default=10, help="text queries and image queries shown, each")
     p.add_argument("--top", type=positive_int, default=5, help="results shown per query")
     p.add_argument("--failures", type=non_negative_int, default=5, help="worst failures shown per direction")
@@ -72,10 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest side of the image thumbnails, pixels")
     p.add_argument("--boxes", type=non_negative_int, default=6,
                    help="region boxes drawn per image, best object score first")
+    add_quiet_argument(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     return p
 
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 # the split of one run: similarities, captions, images and their regions
 
 def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int,
-               device) -> tuple[np.ndarray, str]:
+               device, progress: bool = True) -> tuple[np.ndarray, str]:
     """The [images, captions] similarities of the run's split and where they come from."""
     data, saved = run.data, sims_path(run.dir, split)
     why = ""
@@ -99,7 +102,7 @@ def split_sims(run: LoadedRun, split: str, batch_size: int, workers: int,
                 and np.array_equal(s["caption_ids"], data.text.caption_ids)):
             return s["sims"], f"read from {saved.name}"
     images, texts = eval_loaders(data, batch_size, workers)
-    return compute_sims(run.model, images, texts, device), f"computed from {run.which}.pt{why}"
+    return compute_sims(run.model, images, texts, device, progress=progress), f"computed from {run.which}.pt{why}"
 
 
 @dataclass
@@ -299,10 +302,6 @@ def results(sims: np.ndarray, image_ids, pairs: list[dict], *, queries: int, k: 
 # ---------------------------------------------------------------------------------------------
 # the numbers: recalls next to chance, provenance, recipe
 
-def default_protocols(dataset: str) -> list[str]:
-    return ["coco-1k", "coco-5k"] if "coco" in dataset.lower() else ["f30k-1k"]
-
-
 def evaluation(run: LoadedRun, split: str, sims: np.ndarray, pairs: list[dict]) -> tuple[dict, str]:
     """The run's eval.json entries of ``split`` ({protocol: entry}), or, when it has none, those
     of the default protocols computed from ``sims``; and where they come from."""
@@ -314,7 +313,7 @@ def evaluation(run: LoadedRun, split: str, sims: np.ndarray, pairs: list[dict]) 
     if fresh:
         return fresh, f"from {path.name}" + (f" ({stale})" if stale else "")
     out = {}
-    for protocol in default_protocols(run.config.dataset):
+    for protocol in dataset_defaults(run.root, run.config.dataset).protocols:
         try:
             out[protocol] = protocol_result(sims, protocol, image_ids=run.data.image_ids,
                                             caption_ids=run.data.text.caption_ids)[0]
@@ -417,7 +416,8 @@ def curves_png(run_dirs: list) -> str | None:
 
 def collect(run_dir, args) -> RunReport:
     run = load_run(run_dir, args.root, which=args.checkpoint, device=args.device, split=args.split)
-    sims, sims_source = split_sims(run, args.split, args.batch_size, args.workers, args.device)
+    sims, sims_source = split_sims(run, args.split, args.batch_size, args.workers, args.device,
+                                   progress=not getattr(args, "quiet", False))
     pairs = hard_negatives(Layout(run.root, run.config.dataset))
     ev, ev_source = evaluation(run, args.split, sims, pairs)
     metrics = run.dir / "metrics.csv"

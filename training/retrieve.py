@@ -23,7 +23,7 @@ import json
 import sys
 import time
 
-from pipeline.config import UsageError, add_quiet_argument, positive_int, run_command
+from pipeline.config import UsageError, add_quiet_argument, add_threads_arguments, positive_int, run_command
 from pipeline.shards import ShardError
 from training.checkpoint import CheckpointError
 from training.index import INDEXES, IndexConfig, build_index, index_dir, ivf_lists, open_index  # noqa: F401
@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per scoring or export block, captions: 5x")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    add_threads_arguments(p)
     add_quiet_argument(p)
     f = p.add_argument_group("two-tower runs: the FAISS index")
     f.add_argument("--index", choices=list(INDEXES), default=d.kind,

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from pipeline import shards
-from pipeline.config import add_root_argument, resolve_root
+from pipeline.config import add_root_argument, resolve_root, step
 from pipeline.shards import Layout, ShardError, Vocabulary
 from pipeline.shards.atomic import claim_holder, lock_path
 from training import checkpoint, models
@@ -111,8 +111,8 @@ def load_vocab(root, run: RunConfig) -> Vocabulary:
     """The dataset's vocabulary; refused when the run was trained with another one."""
     layout = Layout(Path(root), run.dataset)
     if not layout.vocab.exists():
-        raise ShardError(f"{layout.vocab} not found: run `itmkit parse --dataset {run.dataset}` and "
-                         f"`itmkit vocab --dataset {run.dataset}` (ingest and import-precomp write captions only)")
+        raise ShardError(f"{layout.vocab} not found: run {step('parse', root, run.dataset)} and "
+                         f"{step('vocab', root, run.dataset)} (ingest and import-precomp write captions only)")
     vocab = Vocabulary.load(layout.vocab)
     if run.vocab_fingerprint and vocab.fingerprint != run.vocab_fingerprint:
         raise CheckpointError(f"the run was trained with another vocabulary than {layout.vocab} "

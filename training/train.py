@@ -34,12 +34,14 @@ from tqdm import tqdm
 
 from pipeline import shards
 from pipeline.config import (UsageError, add_dataset_argument, add_quiet_argument, add_root_argument,
-                             add_set_argument, non_negative_int, positive_int, resolve_root, run_command)
+                             add_set_argument, add_threads_arguments, positive_int, resolve_root,
+                             run_command)
+from pipeline.manifest import dataset_defaults
 from pipeline.shards import Layout, ShardError
 from pipeline.shards.atomic import is_no_space
 from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
-from training.config import RunConfig, dataset_key, parse_run_settings
+from training.config import RunConfig, parse_run_settings
 from training.data import PairDataset, ShardData, collate_pairs, eval_loaders, make_loader, shard_hashes
 from training.evaluation import (METRIC_KEYS, chance_metrics, compute_sims, recall_metrics,
                                  small_split_warning)
@@ -61,13 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_int, default=None, help="shortcut for --set epochs=N (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="shortcut for --set batch_size=N (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--val-split", default="", help="validation split (default: val, else dev)")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--threads", type=non_negative_int, default=0,
-                   help="CPU threads for the model (default 0: torch's choice, one per core; 1 is far faster "
-                        "on a busy machine and for small models)")
+    add_threads_arguments(p)
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after N epochs of this invocation (resume later with --resume)")
     add_quiet_argument(p)
@@ -122,8 +121,10 @@ def make_run(args, out: Path) -> RunConfig:
         raise CheckpointError(f"{out}: already holds a run; pass --resume to continue it or "
                               "choose another --out")
     settings, overrides = command_settings(args)
-    cfg = models.default_config(args.model, dataset_key(args.dataset), **overrides)
-    return RunConfig(model=args.model, dataset=args.dataset, root=str(resolve_root(args.root).absolute()),
+    root = resolve_root(args.root)
+    family = dataset_defaults(root, args.dataset).family   # a missing dataset is said here
+    cfg = models.default_config(args.model, family, **overrides)
+    return RunConfig(model=args.model, dataset=args.dataset, root=str(root.absolute()),
                      seed=args.seed, workers=args.workers, val_split=args.val_split,
                      max_images=args.max_images, model_config=dataclasses.asdict(cfg), **settings)
 
