@@ -249,9 +249,9 @@ def test_every_dataset_option_takes_a_name_never_a_path(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # one vocabulary of options
 
-RUNS_A_MODEL = {"extract", "train", "evaluate", "retrieve", "report"}   # --threads, --workers
+RUNS_A_MODEL = {"extract", "train", "evaluate", "retrieve", "report", "serve"}   # --threads, --workers
 TAKES_SET = {"ingest", "extract", "train"}                              # a config to set keys of
-READS_DATA = set(DATASET_COMMANDS) | {"demo", "evaluate", "retrieve", "report"}   # --root
+READS_DATA = set(DATASET_COMMANDS) | {"demo", "evaluate", "retrieve", "report", "serve"}   # --root
 
 
 def options(name: str) -> dict[str, argparse.Action]:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import positive_int
+from pipeline.config import add_quiet_argument, add_threads_arguments, positive_int
 from pipeline.images import BadImage, open_image
 from pipeline.labels import LabelNames
 from pipeline.shards import ShardError
@@ -338,6 +338,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extractor weights of the dataset, for uploaded images (default: 'random' when the "
                         "shards were extracted with random weights, else uploads are refused)")
     p.add_argument("--seed", type=int, default=None, help="seed of random weights (default: the recorded one)")
+    add_threads_arguments(p)
+    add_quiet_argument(p)
 
 
 def is_loopback(host: str) -> bool:
@@ -356,7 +358,7 @@ def load_runs(args) -> list[Served]:
         shortlist = args.shortlist if cross else None
         limit = args.block_images if cross and shortlist is None else None
         cfg = SearchConfig(args.split, limit, args.checkpoint, args.device, IndexConfig(args.index),
-                           shortlist=shortlist, topk=args.topk, progress=False)
+                           shortlist=shortlist, topk=args.topk, workers=args.workers or 0, progress=False)
         r = Retriever(run_dir, args.root, cfg).warm()
         total = len(r.paths) if limit else 0
         name = name if names.count(name) == 1 else str(run_dir)
@@ -374,8 +376,9 @@ def command(args) -> int:
     runs = load_runs(args)
     app = make_app(runs)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serve: {len(runs)} run(s) loaded in {time.perf_counter() - t0:.1f} s: "
-          + ", ".join(f"{s.name} ({s.retriever.model_name}, {s.info()['images']} images)" for s in runs))
+    if not args.quiet:
+        print(f"serve: {len(runs)} run(s) loaded in {time.perf_counter() - t0:.1f} s: "
+              + ", ".join(f"{s.name} ({s.retriever.model_name}, {s.info()['images']} images)" for s in runs))
     url = f"http://{host}:{args.port}"
     print(f"serve: {url}/  (API: {url}/docs; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
