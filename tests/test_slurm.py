@@ -25,7 +25,7 @@ def daemons() -> set[int]:
 @pytest.mark.slow
 def test_demo_through_slurm(tmp_path):
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        pytest.skip("needs snakemake-executor-plugin-slurm (pip install 'itmkit[slurm]')")
+        pytest.skip("needs snakemake-executor-plugin-slurm (pip install -e '.[slurm]')")
     if not shutil.which("slurmctld") and (os.geteuid() != 0 or not shutil.which("apt-get")):
         pytest.skip("needs slurm-wlm and munge, or root and apt-get to install them")
     before = daemons()
