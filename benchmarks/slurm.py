@@ -186,21 +186,27 @@ def completed_jobs(folder: Path) -> dict[str, dict]:
     return records
 
 
-def snakemake(work: Path, *args, env, config: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+def snakemake(work: Path, *args, env, config: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work), *args,
            "--config", f"root={work / 'data'}", f"runs={work / 'runs'}", *config]
     start = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        queue = subprocess.run(["squeue", "-o", "%i %j %P %T %r"], env=env, capture_output=True, text=True).stdout
+        out = "".join(x.decode() if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
+        raise Failed(f"snakemake did not finish in {timeout:.0f} s; the queue:\n{queue}", out) from None
     return r, time.perf_counter() - start
 
 
 class Failed(Exception):
-    pass
+    def __init__(self, what: str, output: str = ""):
+        super().__init__(what + (f"\n--- output (end) ---\n{output[-6000:]}" if output else ""))
 
 
 def check(ok: bool, what: str, output: str = "") -> None:
     if not ok:
-        raise Failed(what + (f"\n--- output (end) ---\n{output[-6000:]}" if output else ""))
+        raise Failed(what, output)
 
 
 def submitted(output: str) -> dict[str, str]:
@@ -235,7 +241,7 @@ def config_value(key: str, config: list[str]):
         yaml.safe_load((REPO / "config" / "config.yaml").read_text())[key]
 
 
-def run(work: Path, config: list[str], local: bool, cpus: int = 2) -> dict:
+def run(work: Path, config: list[str], local: bool, timeout: float, cpus: int = 2) -> dict:
     """The demo through SLURM in ``work`` (and with --cores when ``local``); the checks; the
     figures."""
     install()
@@ -243,7 +249,7 @@ def run(work: Path, config: list[str], local: bool, cpus: int = 2) -> dict:
     with one_node_cluster(work / "cluster", cpus) as slurm_env:
         env = dict(slurm_env, OMP_NUM_THREADS="1")
         r, seconds = snakemake(work / "slurm", "--profile", str(REPO / "profiles" / "slurm"), "demo",
-                               env=env, config=config)
+                               env=env, config=config, timeout=timeout)
         out = r.stdout + r.stderr
         check(r.returncode == 0, f"the demo through SLURM failed (exit {r.returncode})", out)
         jobs = submitted(out)
@@ -263,7 +269,7 @@ def run(work: Path, config: list[str], local: bool, cpus: int = 2) -> dict:
         figures.update(jobs=len(jobs), slurm_s=seconds, rules=sorted(jobs.values()))
 
         again, seconds = snakemake(work / "slurm", "--profile", str(REPO / "profiles" / "slurm"), "demo",
-                                   env=env, config=config)
+                                   env=env, config=config, timeout=timeout)
         out = again.stdout + again.stderr
         check(again.returncode == 0 and "Nothing to be done" in out and not submitted(out),
               "the second call was not a no-op", out)
@@ -276,7 +282,8 @@ def run(work: Path, config: list[str], local: bool, cpus: int = 2) -> dict:
     figures["verify"] = (verify.stdout + verify.stderr).strip().splitlines()[-1]
 
     if local:
-        r, seconds = snakemake(work / "local", "--cores", str(cpus), "demo", env=env, config=config)
+        r, seconds = snakemake(work / "local", "--cores", str(cpus), "demo", env=env, config=config,
+                               timeout=timeout)
         check(r.returncode == 0, "the local demo failed", r.stdout + r.stderr)
         figures["local_s"] = seconds
         name = f"demo-{config_value('demo_model', config)}"
@@ -305,13 +312,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local", action="store_true", help="also run the demo with --cores 2 and compare")
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="demo settings (--config of snakemake)")
+    p.add_argument("--timeout", type=float, default=3600,
+                   help="seconds a snakemake call may take before the run fails, showing the queue")
     p.add_argument("--dir", type=Path, default=None, help="work here (kept) instead of a temporary folder")
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:
         work = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="itmkit-slurm-")))
         load = os.getloadavg()[0]
         try:
-            figures = run(work.resolve(), args.config, args.local)
+            figures = run(work.resolve(), args.config, args.local, args.timeout)
         except Failed as e:
             print(f"slurm: FAILED: {e}", file=sys.stderr)
             return 1

@@ -30,7 +30,7 @@ def test_demo_through_slurm(tmp_path):
         pytest.skip("needs slurm-wlm and munge, or root and apt-get to install them")
     before = daemons()
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "slurm.py"), "--dir", str(tmp_path),
-                        "--config", *TINY_DEMO], capture_output=True, text=True, timeout=3600)
+                        "--timeout", "1500", "--config", *TINY_DEMO], capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     assert "jobs through sbatch" in r.stdout and "no-op" in r.stdout
     assert daemons() <= before, "the cluster's daemons are still running"
