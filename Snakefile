@@ -44,6 +44,28 @@ rule all:
         [data(ds, "text", "vocab.json") for ds in config["datasets"]],
 
 
+def finished_reports():
+    """A line for each report the targets of this call end in (demo, train_*, a report.html):
+    the report command's summary, which ends in the report's path."""
+    runs = {"demo": ("demo", config["demo_model"]), "train_coco": ("coco", config["model"]),
+            "train_f30k": ("f30k", config["model"])}
+    for target in getattr(workflow.dag_settings, "targets", None) or []:
+        if target in runs:
+            ds, model = runs[target]
+            log = LOGS / ds / f"report-{model}.log"
+            lines = log.read_text().splitlines() if log.exists() else []
+            yield lines[-1] if lines else f"report: {RUNS / f'{ds}-{model}' / 'report.html'}"
+        elif str(target).endswith("report.html"):
+            yield f"report: {Path(target).resolve()}"
+
+
+onsuccess:
+    # printed by the snakemake process the user watches: a cluster job's own output goes to its
+    # scheduler log, which the SLURM plugin deletes when the job succeeds
+    for line in finished_reports():
+        print(line)
+
+
 rule demo:
     """Demo end to end on CPU: generate, extract (given boxes, RANDOM weights), parse, train, evaluate, report."""
     localrule: True

@@ -26,6 +26,13 @@ from pipeline.config import (UsageError, add_dataset_argument, add_quiet_argumen
 LONG_CAPTION_TOKENS = 200  # captions longer than this are parsed, and counted in the summary
 
 
+class SchedulerError(RuntimeError):
+    """The dask scheduler named by --scheduler cannot be reached."""
+
+
+ERRORS = (SchedulerError,)   # reported by `itmkit parse` as one line, exit status 1
+
+
 @dataclass
 class ParseConfig:
     model: str = sgparse.DEFAULT_MODEL
@@ -149,14 +156,14 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
         bar.close()
         return results
 
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import LocalCluster, as_completed
 
     cluster = None if scheduler or client else LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     try:
         with contextlib.ExitStack() as stack:
             if client is None:
-                client = stack.enter_context(Client(scheduler or cluster))
+                client = stack.enter_context(connect(scheduler or cluster, scheduler))
             futures = [client.submit(parse_chunk, t, cfg, wait, pure=False,
                                      key=f"parse-{t.chunk}-{t.inputs_hash}-{wait}") for t in todo]
             for fut in as_completed(futures):
@@ -167,6 +174,24 @@ def run_tasks(todo: list[ChunkTask], cfg: ParseConfig, workers: int = 1,
         if cluster is not None:
             cluster.close()
     return sorted(results, key=lambda r: r["chunk"])
+
+
+def connect(address, scheduler: str | None):
+    """A dask client of ``address`` (a local cluster, or the ``scheduler`` address); a
+    ``scheduler`` address that does not work is one line, not distributed's 50-line traceback."""
+    from distributed import Client
+
+    try:
+        return Client(address)
+    except ValueError as e:   # not an address: "missing port number", "unknown address scheme"
+        if scheduler is None:
+            raise
+        raise UsageError(f"--scheduler {scheduler}: {e}") from None
+    except OSError as e:      # nothing answers there (TimeoutError is an OSError)
+        if scheduler is None:
+            raise
+        raise SchedulerError(f"no dask scheduler answers at {scheduler} ({e}); start one "
+                             f"(`dask scheduler`) or pass its address") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

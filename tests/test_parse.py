@@ -185,6 +185,36 @@ def test_dask_cluster_gives_the_same_tables_as_one_worker(tmp_path):
     assert parallel.index.verify() == []
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, status, says", [
+    (f"tcp://127.0.0.1:{free_port()}", 1, "no dask scheduler answers at tcp://127.0.0.1:"),
+    ("localhost", 2, "--scheduler localhost: missing port number"),
+])
+def test_a_wrong_scheduler_address_is_one_line(tmp_path, address, status, says):
+    """Nothing listens there, or it is no address: one line naming it, not a traceback; the
+    chunks already written stay."""
+    layout = write_captions(tmp_path, n=20)
+    assert run("--dataset", "toy", "--root", tmp_path, "--chunk-size", 10, "--chunk", 0) == 0
+    written = {e.path: e.sha256 for e in layout.index.entries("graphs")}
+    env = dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")  # instead of 30 s
+    r = subprocess.run([sys.executable, "-m", "pipeline", "parse", "--dataset", "toy", "--root", tmp_path,
+                        "--chunk-size", "10", "--scheduler", address, "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == status, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert says in lines[-1] and "Traceback" not in r.stderr, r.stderr
+    if status == 1:   # exit 2 prints the usage lines first, as argparse's own errors do
+        assert len(lines) == 1, r.stderr
+    assert {e.path: e.sha256 for e in layout.index.entries("graphs")} == written
+
+
 @pytest.mark.slow
 def test_local_workers_option(tmp_path):
     serial = write_captions(tmp_path / "a", n=30)

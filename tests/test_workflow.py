@@ -397,18 +397,85 @@ def known_options() -> set[str]:
     return {s[2:] for a in get_argument_parser()._actions for s in a.option_strings if s.startswith("--")}
 
 
-def test_slurm_profile_parses():
-    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+SLURM = REPO / "profiles" / "slurm"
+
+
+def job_sizes(out: str) -> list[tuple[str, dict]]:
+    """(rule, {"threads": N, resource: value, ...}) of every job of a dry run's output."""
+    jobs = []
+    for rule, block in re.findall(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^\[|\Z)", out, re.M | re.S):
+        res = re.search(r"^\s+resources: (.+)$", block, re.M)
+        threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        values = dict(item.split("=", 1) for item in res.group(1).split(", ")) if res else {}
+        jobs.append((rule, {"threads": int(threads.group(1)) if threads else 1, **values}))
+    return jobs
+
+
+def partition_of(rule: str, size: dict) -> str | None:
+    """The partition of profiles/slurm/partitions.yaml that the SLURM plugin picks for a job."""
+    import logging
+
+    plugin = pytest.importorskip("snakemake_executor_plugin_slurm.partitions")
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    job = type("Job", (), {"name": rule, "threads": size["threads"], "resources": Resources(size)})()
+    candidates = plugin.read_partition_file(SLURM / "partitions.yaml")
+    return plugin.get_best_partition(candidates, job, logging.getLogger("test"))
+
+
+def test_slurm_profile_sets_no_section_that_the_command_line_would_replace():
+    """Snakemake replaces a profile's whole default-resources, set-resources, set-threads or
+    config section with the one given on the command line: the profile has none of them (the
+    workflow's rules size their jobs), and every key is a snakemake option (the plugin's too)."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    prof = yaml.safe_load((SLURM / "config.yaml").read_text())
     assert prof["executor"] == "slurm"
-    unknown = set(prof) - known_options()
-    assert not unknown, f"not snakemake options: {unknown}"
-    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--list-rules"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
-    rules = {line.split()[0] for line in ok(r).splitlines() if line and not line.startswith(" ")}
-    for section in ("set-resources", "set-threads"):
-        assert set(prof[section]) <= rules, f"{section} names unknown rules"
-    for item in prof["config"]:   # the config it sets must pass the schema's keys
-        assert item.split("=")[0] in yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert not set(prof) - known_options(), f"not snakemake options: {set(prof) - known_options()}"
+    assert not {"default-resources", "set-resources", "set-threads", "resources", "config"} & set(prof)
+    assert (SLURM / prof["slurm-partition-config"]).is_file()
+
+
+def test_slurm_profile_sizes_real_jobs_from_the_config(fake_copy):
+    """Through the profile, with one size changed by --config and one by --set-resources: every
+    job asks for what the config says, the rest unchanged; GPU jobs go to the GPU partition,
+    the others to the CPU one; a parse job (one chunk) is one process."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    work, cfg = fake_copy
+    # --cores: a dry run scales threads down to the cores it is given; a cluster job keeps them
+    out = ok(snakemake(work, "-n", "-p", "--cores", "64", "train_coco", "--set-resources", "train:runtime=900",
+                       config=dict(cfg, extract_mem_mb=64000), profile=SLURM))
+    want = {"extract": (default("extract_threads"), 64000, default("extract_runtime"), 1),
+            "parse": (1, default("parse_mem_mb"), default("parse_runtime"), 0),
+            "train": (default("train_workers") + 1, default("train_mem_mb"), 900, 1),
+            "evaluate": (default("train_workers") + 1, default("evaluate_mem_mb"), default("evaluate_runtime"), 1),
+            "report": (1, default("evaluate_mem_mb"), default("evaluate_runtime"), 1)}
+    seen = set()
+    for rule, size in job_sizes(out):
+        if rule == "train_coco":
+            continue
+        seen.add(rule)
+        threads, mem, runtime, gpu = want.get(rule, (1, default("job_mem_mb"), default("job_runtime"), 0))
+        assert (size["threads"], int(size["mem_mb"]), int(size["runtime"]), int(size.get("gpu", 0))) == \
+            (threads, mem, runtime, gpu), (rule, size)
+        assert partition_of(rule, size) == ("gpu" if gpu else "cpu"), (rule, size)
+    assert seen == {"extract", "gather_regions", "gather_grid", "parse", "gather_graphs", "vocab",
+                    "train", "evaluate", "report"}
+    assert all("--workers 1 " in words for words in re.findall(r"^.*pipeline parse .*$", out, re.M))
+
+
+def test_slurm_profile_keeps_the_demo_small(tmp_path):
+    """Every demo job asks for one thread, no GPU, demo_mem_mb and demo_runtime, and goes to the
+    CPU partition (a one-node cluster of 2 CPUs runs them)."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    out = ok(snakemake(tmp_path, "-n", "--cores", "64", "demo", config={"demo_mem_mb": 1500}, profile=SLURM))
+    jobs = [(rule, size) for rule, size in job_sizes(out) if rule != "demo"]
+    assert {rule for rule, _ in jobs} >= {"ingest", "train", "evaluate", "report"}
+    for rule, size in jobs:
+        assert (size["threads"], size["mem_mb"], size["runtime"], size.get("gpu", "0")) == \
+            (1, "1500", str(default("demo_runtime")), "0"), (rule, size)
+        assert partition_of(rule, size) == "cpu", (rule, size)
 
 
 def test_local_profile_runs_a_dry_run(tmp_path):

@@ -222,5 +222,14 @@ def gpus(wc):
     return int(setting(wc.dataset, "device").startswith("cuda"))
 
 
+def job_size(kind):
+    """What a job asks of a cluster besides its threads and GPUs: ``mem_mb`` (MB) and ``runtime``
+    (minutes) from the config's ``<kind>_mem_mb`` / ``<kind>_runtime``; a demo job, small
+    whatever its kind, asks for ``demo_mem_mb`` / ``demo_runtime``. Local runs ignore both."""
+    def resource(what):
+        return lambda wc: config[f"demo_{what}" if wc.dataset == "demo" else f"{kind}_{what}"]
+    return {"mem_mb": resource("mem_mb"), "runtime": resource("runtime")}
+
+
 def run_dir(ds, model):
     return str(RUNS / f"{ds}-{model}")

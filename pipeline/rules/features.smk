@@ -28,6 +28,7 @@ rule extract:
     threads: lambda wc: setting(wc.dataset, "extract_threads")
     resources:
         gpu=gpus,
+        **job_size("extract"),
     log:
         str(LOGS / "{dataset}" / "features-{split}-{chunk}.log"),
     benchmark:
@@ -50,6 +51,7 @@ rule extract_regions:
     threads: lambda wc: setting(wc.dataset, "extract_threads")
     resources:
         gpu=gpus,
+        **job_size("extract"),
     log:
         str(LOGS / "{dataset}" / "regions-{split}-{chunk}.log"),
     benchmark:
@@ -72,6 +74,7 @@ rule extract_grid:
     threads: lambda wc: setting(wc.dataset, "extract_threads")
     resources:
         gpu=gpus,
+        **job_size("extract"),
     log:
         str(LOGS / "{dataset}" / "grid-{split}-{chunk}.log"),
     benchmark:
@@ -89,6 +92,8 @@ rule gather_regions:
     params:
         dir=lambda wc: data(wc.dataset),
         size=lambda wc: setting(wc.dataset, "shard_size"),
+    resources:
+        **job_size("job"),
     log:
         str(LOGS / "{dataset}" / "regions.log"),
     shell:
@@ -104,6 +109,8 @@ rule gather_grid:
     params:
         dir=lambda wc: data(wc.dataset),
         size=lambda wc: setting(wc.dataset, "shard_size"),
+    resources:
+        **job_size("job"),
     log:
         str(LOGS / "{dataset}" / "grid.log"),
     shell:

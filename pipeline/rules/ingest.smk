@@ -12,6 +12,8 @@ checkpoint ingest:
         captions=data("{dataset}", "text", "captions.parquet"),
     params:
         flags=ingest_flags,
+    resources:
+        **job_size("job"),
     log:
         str(LOGS / "{dataset}" / "ingest.log"),
     benchmark:

@@ -10,7 +10,9 @@ rule parse:
         SHARD["graphs"],
     params:
         flags=parse_flags,
-    threads: config["parse_workers"]
+    threads: 1   # one chunk per job: more dask workers would have nothing to parse but start up
+    resources:
+        **job_size("parse"),
     log:
         str(LOGS / "{dataset}" / "graphs-{chunk}.log"),
     benchmark:
@@ -29,6 +31,8 @@ rule gather_graphs:
     params:
         dir=lambda wc: data(wc.dataset),
         size=config["parse_chunk_size"],
+    resources:
+        **job_size("job"),
     log:
         str(LOGS / "{dataset}" / "graphs.log"),
     shell:
@@ -44,6 +48,8 @@ rule vocab:
     params:
         # unset: the command's own default, so that the workflow and `itmkit vocab` agree
         min_count="" if config.get("min_count") is None else flag("--min-count", config["min_count"]),
+    resources:
+        **job_size("job"),
     log:
         str(LOGS / "{dataset}" / "vocab.log"),
     shell:

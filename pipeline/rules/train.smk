@@ -36,6 +36,11 @@ def model_problem(model):
     return "" if r.returncode == 0 else (lines[-1] if lines else f"exit {r.returncode}")
 
 
+def train_threads(wc):
+    """Cores of a train or evaluate job: its DataLoader workers and the main process."""
+    return train_workers(wc) + 1
+
+
 def known_model(wc):
     """A real dataset's run comes after hours of extraction: a model name the registry does not
     know stops the workflow before anything runs (the demo's `itmkit train` says it within seconds)."""
@@ -62,9 +67,10 @@ rule train:
         out=lambda wc: run_dir(wc.dataset, wc.model),
         flags=train_flags,
         device=train_device,
-    threads: lambda wc: 1 if wc.dataset == "demo" else config["train_workers"] + 1
+    threads: train_threads
     resources:
         gpu=lambda wc: int(train_device(wc).startswith("cuda")),
+        **job_size("train"),
         workers=train_workers,   # not a param: a changed worker count must not retrain
         # the demo's small model on the CPU: one thread (two are many times slower on a shared
         # machine, docs/BENCHMARKS.md); 0: torch's choice
@@ -91,8 +97,10 @@ rule evaluate:
     params:
         run=lambda wc: run_dir(wc.dataset, wc.model),
         device=train_device,
+    threads: train_threads
     resources:
         gpu=lambda wc: int(train_device(wc).startswith("cuda")),
+        **job_size("evaluate"),
         workers=train_workers,
     log:
         str(LOGS / "{dataset}" / "evaluate-{model}.log"),
@@ -104,7 +112,8 @@ rule evaluate:
 
 
 rule report:
-    """One self-contained HTML report of a trained run (`itmkit report`); prints its path."""
+    """One self-contained HTML report of a trained run (`itmkit report`); its path is printed
+    when the workflow ends (the Snakefile's onsuccess)."""
     input:
         str(RUNS / "{dataset}-{model}" / "eval.json"),
         str(RUNS / "{dataset}-{model}" / "sims-test.npz"),
@@ -115,10 +124,11 @@ rule report:
         device=train_device,
     resources:
         gpu=lambda wc: int(train_device(wc).startswith("cuda")),
+        **job_size("evaluate"),
     log:
         str(LOGS / "{dataset}" / "report-{model}.log"),
     benchmark:
         str(BENCH / "{dataset}" / "report-{model}.tsv")
     shell:
         "{ITMKIT:q} report {params.run:q} --root {ROOT:q} --out {output:q} --device {params.device:q} --workers 0"
-        " > {log:q} 2>&1 && tail -n 1 {log:q}"
+        " > {log:q} 2>&1"
