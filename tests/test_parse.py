@@ -204,14 +204,13 @@ def test_a_wrong_scheduler_address_is_one_line(tmp_path, address, status, says):
     assert run("--dataset", "toy", "--root", tmp_path, "--chunk-size", 10, "--chunk", 0) == 0
     written = {e.path: e.sha256 for e in layout.index.entries("graphs")}
     env = dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")  # instead of 30 s
-    r = subprocess.run([sys.executable, "-m", "pipeline", "parse", "--dataset", "toy", "--root", tmp_path,
-                        "--chunk-size", "10", "--scheduler", address, "--no-progress"],
+    r = subprocess.run([sys.executable, "-m", "itmkit", "parse", "--dataset", "toy", "--root", tmp_path,
+                        "--shard-size", "10", "--scheduler", address, "--quiet"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == status, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert says in lines[-1] and "Traceback" not in r.stderr, r.stderr
-    if status == 1:   # exit 2 prints the usage lines first, as argparse's own errors do
-        assert len(lines) == 1, r.stderr
+    assert says in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1, r.stderr   # a usage error too: one line naming the help
     assert {e.path: e.sha256 for e in layout.index.entries("graphs")} == written
 
 
