@@ -208,8 +208,10 @@ def train(args, proc: Process) -> None:
     """Config, data, model and optimiser; then each epoch: train, validate, checkpoint."""
     out = Path(args.out)
     run, vocab, layout = configure(args, out, proc)
-    cfg = run.model_cfg()
     data = open_data(run, vocab, layout, proc)
+    if not args.resume:   # a resumed run keeps the warm-up its config.json records
+        settle_warmup(run, len(data.train), proc)
+    cfg = run.model_cfg()
     state = start_state(args, run, vocab, layout, proc)
     writer = tensorboard(out, state.step) if proc.master else None
     last_epoch = cfg.epochs if args.stop_after is None else min(cfg.epochs, state.start_epoch + args.stop_after)
@@ -234,6 +236,29 @@ def train(args, proc: Process) -> None:
         print(f"train: {run.model} on {run.dataset}: {done} epoch(s) run "
               f"({state.start_epoch} done before), best val rSum {state.best_rsum:.1f}; wrote {out}/last.pt, "
               f"best.pt, metrics.csv, tb/" + ("" if done else " (nothing to do: run already complete)"))
+
+
+def warmup_epochs(model: str, cfg: models.ModelConfig, steps_per_epoch: int) -> int:
+    """Epochs of summed-negative warm-up before the hardest negative: ``warmup_epochs``, or as
+    many whole epochs as ``warmup_steps`` steps take when that is more. The hardest negative of
+    a model that has taken few steps sits at the collapsed loss (2 x margin x batch) for epochs:
+    on a 600-image demo (75 steps an epoch) vsepp did for three epochs after one of warm-up, and
+    none after four (docs/models.md, "What the models share")."""
+    if not models.get(model).hardest_negative(cfg) or cfg.warmup_steps <= 0:
+        return cfg.warmup_epochs
+    return max(cfg.warmup_epochs, math.ceil(cfg.warmup_steps / steps_per_epoch))
+
+
+def settle_warmup(run: RunConfig, steps_per_epoch: int, proc: Process) -> None:
+    """Record in a new run's config the warm-up its epochs of ``steps_per_epoch`` steps need."""
+    cfg = run.model_cfg()
+    epochs = warmup_epochs(run.model, cfg, steps_per_epoch)
+    if epochs != cfg.warmup_epochs:
+        run.model_config["warmup_epochs"] = epochs
+        if proc.master:
+            print(f"train: hardest negatives from epoch {epochs + 1}: warmup_steps={cfg.warmup_steps} take "
+                  f"{epochs} epochs of {steps_per_epoch} steps (--set warmup_steps=0: after warmup_epochs="
+                  f"{cfg.warmup_epochs})", file=sys.stderr)
 
 
 def configure(args, out: Path, proc: Process):

@@ -49,7 +49,7 @@ class ModelConfig:
     what those runs did; a saved config without such a field gets that value (``make_config(...,
     saved=True)``), a new run the field's default."""
 
-    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"feature_norm": False}
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"feature_norm": False, "warmup_steps": 0}
 
     embed_dim: int = 1024
     word_dim: int = 300            # word embedding size (GloVe's 300 in the SCAN family)
@@ -76,6 +76,9 @@ class ModelConfig:
     margin: float = 0.2
     max_violation: bool = True
     warmup_epochs: int = 1
+    # ... and for at least this many steps, in whole epochs: a new run whose warmup_epochs hold
+    # fewer steps (a small build's epoch is a few dozen) warms up longer (train.warmup_epochs)
+    warmup_steps: int = 250
 
 
 class ITMModel(nn.Module):
@@ -139,6 +142,11 @@ class ITMModel(nn.Module):
         hardest = self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
         return losses.triplet_loss(sims, margin=self.cfg.margin, max_violation=hardest,
                                    positives=batch.positives())
+
+    @classmethod
+    def hardest_negative(cls, cfg: ModelConfig) -> bool:
+        """Whether training ends on the hardest-negative hinge (after the warm-up epochs)."""
+        return cfg.max_violation
 
     def word_embedding(self) -> nn.Embedding:
         """The embedding that ``word_vectors`` initialises (``self.embed`` in every model here)."""

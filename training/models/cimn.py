@@ -178,6 +178,10 @@ class CIMN(ITMModel):
         near = sequence_neighbourhood(txt.mask, self.cfg.word_window)
         return self.text_tower(x, near, txt.mask)
 
+    @classmethod
+    def hardest_negative(cls, cfg) -> bool:
+        return cfg.loss == "triplet" and cfg.max_violation
+
     def loss(self, img_enc, txt_enc, batch, epoch: int):
         if self.cfg.loss not in LOSSES:
             raise ValueError(f"cimn: unknown loss '{self.cfg.loss}'; known: {', '.join(LOSSES)}")
