@@ -60,10 +60,19 @@ def finished_reports():
 
 
 onsuccess:
-    # printed by the snakemake process the user watches: a cluster job's own output goes to its
-    # scheduler log, which the SLURM plugin deletes when the job succeeds
+    # one handler (a second `onsuccess:` would replace this one). Printed by the snakemake process
+    # the user watches: a cluster job's own output goes to its scheduler log, which the SLURM
+    # plugin deletes when the job succeeds
     for line in finished_reports():
         print(line)
+    # the demo's last line says how to query the run in a browser (at exit: after snakemake's
+    # own summary)
+    if "demo" in workflow.dag_settings.targets:
+        import atexit
+        import shlex
+
+        demo_run = RUNS / f"demo-{config['demo_model']}"
+        atexit.register(print, f"demo: done; query the run in a browser: itmkit serve {shlex.quote(str(demo_run))}")
 
 
 rule demo:
@@ -71,17 +80,6 @@ rule demo:
     localrule: True
     input:
         str(RUNS / f"demo-{config['demo_model']}" / "report.html"),
-
-
-onsuccess:
-    # the demo's last line says how to query the run in a browser (printed at exit: after
-    # snakemake's own summary)
-    if "demo" in workflow.dag_settings.targets:
-        import atexit
-        import shlex
-
-        demo_run = RUNS / f"demo-{config['demo_model']}"
-        atexit.register(print, f"demo: done; query the run in a browser: itmkit serve {shlex.quote(str(demo_run))}")
 
 
 rule train_coco:

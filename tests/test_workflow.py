@@ -578,3 +578,12 @@ def test_default_demo_baseline_learns_far_above_chance(tmp_path):
     assert test["images"] == 200 and test["chance_rsum"] < 16
     assert test["rsum"] > 120, test
     assert {"attribute", "relation"} <= set(evaluation["test/hard_negatives"])
+
+
+def test_the_workflow_has_one_success_handler():
+    """Snakemake keeps only the last `onsuccess:` it reads: a second one silently drops the
+    first (the report's path, the demo's serve line)."""
+    text = "\n".join((REPO / "Snakefile").read_text().splitlines()
+                     + [line for p in sorted((REPO / "pipeline" / "rules").glob("*.smk"))
+                        for line in p.read_text().splitlines()])
+    assert sum(line.startswith("onsuccess:") for line in text.splitlines()) == 1
