@@ -276,7 +276,7 @@ def run(work: Path, config: list[str], local: bool, timeout: float, cpus: int = 
         figures["rerun_s"] = seconds
     check(not daemons_left(work / "cluster"), "a daemon of the cluster is still running")
 
-    verify = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(work / "slurm" / "data" / "demo")],
+    verify = subprocess.run([sys.executable, "-m", "itmkit", "verify", str(work / "slurm" / "data" / "demo")],
                             capture_output=True, text=True, env=env)
     check(verify.returncode == 0, "itmkit verify failed", verify.stdout + verify.stderr)
     figures["verify"] = (verify.stdout + verify.stderr).strip().splitlines()[-1]
