@@ -37,6 +37,18 @@ def serve_args(*argv):
     return build_parser(["serve"]).parse_args(["serve", *[str(a) for a in argv]])
 
 
+def _rewrite_test_row(layout, kind: str, path, parity: int, column: str, value) -> dict:
+    """Set ``column`` of the first test row whose image id has ``parity`` to ``value``, rewrite
+    the table and register it again; returns the row."""
+    rows = shards.read_table(path).to_pylist()
+    row = next(r for r in rows if r["split"] == "test" and r["image_id"] % 2 == parity)
+    row[column] = value
+    shards.write_table(path, rows, kind)
+    entry = layout.index.entries(kind)[0]
+    layout.index.register(kind, path, rows=len(rows), config_hash=entry.config_hash)
+    return row
+
+
 @pytest.fixture(scope="module")
 def site(labelled_run):
     """The labelled tiny run with markup in one caption and in one image's file name, served.
@@ -44,18 +56,8 @@ def site(labelled_run):
     the file name with markup, the app)."""
     root, run_dir, labels = labelled_run
     layout = Layout(root, "synth")
-    caps = shards.read_table(layout.captions).to_pylist()
-    target = next(c for c in caps if c["split"] == "test" and c["image_id"] % 2 == 0)
-    target["text"] = SCRIPT_CAPTION
-    shards.write_table(layout.captions, caps, "captions")
-    entry = layout.index.entries("captions")[0]
-    layout.index.register("captions", layout.captions, rows=len(caps), config_hash=entry.config_hash)
-    images = shards.read_table(layout.images).to_pylist()
-    odd = next(r for r in images if r["split"] == "test" and r["image_id"] % 2 == 1)
-    odd["path"] = MARKUP_FILE
-    shards.write_table(layout.images, images, "images")
-    entry = layout.index.entries("images")[0]
-    layout.index.register("images", layout.images, rows=len(images), config_hash=entry.config_hash)
+    target = _rewrite_test_row(layout, "captions", layout.captions, 0, "text", SCRIPT_CAPTION)
+    odd = _rewrite_test_row(layout, "images", layout.images, 1, "path", MARKUP_FILE)
     runs = serve.load_runs(serve_args(run_dir, "--root", root, "--device", "cpu"))
     return root, run_dir, labels, target["image_id"], odd["image_id"], serve.make_app(runs)
 

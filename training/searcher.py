@@ -296,14 +296,18 @@ class Retriever:
         self.texts, self.paths   # noqa: B018
         return self
 
+    def _split_column(self, path, kind: str, key: str, value: str) -> dict:
+        """``key`` -> ``value`` of the rows of the split in a table."""
+        t = shards.read_table(path, kind, [key, "split", value])
+        t = t.filter(pc.equal(t["split"], self.data.cfg.split))
+        return dict(zip(t[key].to_pylist(), t[value].to_pylist()))
+
     @property
     def texts(self) -> dict:
         """caption id -> text, of the split."""
         with self._lock:
             if self._texts is None:
-                t = shards.read_table(self.layout.captions, "captions", ["caption_id", "split", "text"])
-                t = t.filter(pc.equal(t["split"], self.data.cfg.split))
-                self._texts = dict(zip(t["caption_id"].to_pylist(), t["text"].to_pylist()))
+                self._texts = self._split_column(self.layout.captions, "captions", "caption_id", "text")
             return self._texts
 
     @property
@@ -311,9 +315,7 @@ class Retriever:
         """image id -> image file as the images table holds it, of the split."""
         with self._lock:
             if self._paths is None:
-                t = shards.read_table(self.layout.images, "images", ["image_id", "split", "path"])
-                t = t.filter(pc.equal(t["split"], self.data.cfg.split))
-                self._paths = dict(zip(t["image_id"].to_pylist(), t["path"].to_pylist()))
+                self._paths = self._split_column(self.layout.images, "images", "image_id", "path")
             return self._paths
 
     def image_file(self, image_id: int) -> Path | None:
