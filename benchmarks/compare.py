@@ -153,14 +153,15 @@ def train_and_evaluate(args, name: str, run_dir: Path, sets: list[str], seed: in
     if why:
         train = [py, "-m", "itmkit", "train", "--model", name, "--dataset", args.dataset, "--root", args.root,
                  "--out", str(run_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                 "--seed", str(seed), "--workers", "0", "--device", args.device]
+                 "--seed", str(seed), "--workers", "0", "--threads", str(args.threads), "--device", args.device]
         train += [a for s in sets for a in ("--set", s)]
         train += ["--max-images", str(args.max_images)] if args.max_images else []
         train += ["--resume"] if (run_dir / "config.json").exists() else []
         print(f"training {run_dir.name} (log {log})", file=sys.stderr)
         times["train_s"] += run(train, log, env)
         evaluate = [py, "-m", "itmkit", "evaluate", str(run_dir), "--root", args.root, "--split", args.split,
-                    "--protocol", "f30k-1k", "--workers", "0", "--device", args.device]
+                    "--protocol", "f30k-1k", "--workers", "0", "--threads", str(args.threads),
+                    "--device", args.device]
         evaluate += ["--hard-negatives"] if hard else []
         evaluate += ["--max-images", str(args.eval_images)] if args.eval_images else []
         print(f"evaluating {run_dir.name}", file=sys.stderr)

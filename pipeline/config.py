@@ -282,6 +282,15 @@ def default_threads(workers: int, usable: int, busy: float, machine: int) -> int
     return max(1, free - workers)
 
 
+def env_threads(environ=os.environ) -> int | None:
+    """The thread count ``OMP_NUM_THREADS`` asks for (its first field, as OpenMP reads a nested
+    list), or None when it is unset or not a positive number. Torch's own default obeys it, and so
+    do batch systems and scripts that start several processes side by side, so the default below
+    must not override it."""
+    value = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def default_workers(device: str) -> int:
     """DataLoader workers when ``--workers`` is not given: 2 beside a GPU; none on the CPU,
     where they would take the cores the model's threads use."""
@@ -291,9 +300,9 @@ def default_workers(device: str) -> int:
 def add_threads_arguments(parser: argparse.ArgumentParser) -> None:
     """``--threads`` and ``--workers`` of every command that runs a model."""
     parser.add_argument("--threads", type=non_negative_int, default=None,
-                        help="CPU threads of the model (default: the CPUs this process may use that "
-                             "other processes leave free, less --workers, at least 1; 0: torch's own "
-                             "choice, one per core)")
+                        help="CPU threads of the model (default: $OMP_NUM_THREADS when set, else the "
+                             "CPUs this process may use that other processes leave free, less "
+                             "--workers, at least 1; 0: torch's own choice, one per core)")
     parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="DataLoader worker processes (default: 2 with a GPU, 0 on the CPU, where "
                              "they would take the model's cores)")
@@ -312,8 +321,8 @@ def command_threads(args):
     if getattr(args, "workers", 0) is None:
         args.workers = default_workers(getattr(args, "device", "cpu"))
     if args.threads is None:
-        args.threads = default_threads(getattr(args, "workers", 0) or 0, usable_cpus(), busy_cpus(),
-                                       os.cpu_count() or 1)
+        args.threads = env_threads() or default_threads(getattr(args, "workers", 0) or 0, usable_cpus(),
+                                                        busy_cpus(), os.cpu_count() or 1)
     before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

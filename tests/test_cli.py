@@ -348,6 +348,7 @@ def test_threads_given_win_and_the_default_is_set_only_while_the_command_runs(mo
     from pipeline import config
 
     before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(config, "busy_cpus", lambda: 0.0)
     monkeypatch.setattr(config, "usable_cpus", lambda: 3)
     monkeypatch.setattr(config.os, "cpu_count", lambda: 3)
@@ -362,3 +363,23 @@ def test_threads_given_win_and_the_default_is_set_only_while_the_command_runs(mo
     with config.command_threads(args):
         assert (args.workers, args.threads, torch.get_num_threads()) == (5, 2, 2)
     assert torch.get_num_threads() == before
+    # OMP_NUM_THREADS is the default when set (processes started side by side all see an idle
+    # machine at their start); --threads still wins over it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = argparse.Namespace(threads=None, workers=None, device="cpu")
+    with config.command_threads(args):
+        assert (args.threads, torch.get_num_threads()) == (1, 1)
+    args = argparse.Namespace(threads=3, workers=None, device="cpu")
+    with config.command_threads(args):
+        assert args.threads == 3
+
+
+def test_omp_num_threads_is_read_as_openmp_reads_it():
+    from pipeline.config import env_threads
+
+    assert env_threads({"OMP_NUM_THREADS": "3"}) == 3
+    assert env_threads({"OMP_NUM_THREADS": "4,2"}) == 4      # a nested list: the outer level
+    assert env_threads({"OMP_NUM_THREADS": " 2 "}) == 2
+    for bad in ("", "0", "-1", "two", "1.5"):
+        assert env_threads({"OMP_NUM_THREADS": bad}) is None
+    assert env_threads({}) is None
