@@ -180,3 +180,71 @@ def test_out_of_range_graph_indices_are_counted_in_one_warning(tmp_path, capsys)
     short = ShardData(tmp_path, "synth", Vocabulary.load(layout.vocab), DataConfig(max_len=4))
     assert sum(len(short.text.relations[j]) for j in range(10)) < good
     assert capsys.readouterr().err.strip().splitlines() == err
+
+
+# ---------------------------------------------------------------------------------------------
+# pair_batches: hard-negative pairs in one batch
+
+def _batches(sampler, size):
+    order = list(sampler)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def test_paired_batches_hold_each_pair_together_and_every_caption_once():
+    from training.data import PairedBatchSampler
+
+    pairs = [(0, 1), (10, 11), (20, 21), (1, 30)]   # image 1 is in two pairs: its first one counts
+    sampler = PairedBatchSampler(40, 5, pairs, 8, seed=3)
+    assert sampler.pairs == [(0, 1), (10, 11), (20, 21)]
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = _batches(sampler, 8)
+        assert all(len(b) == 8 for b in batches)                     # drop_last: whole batches
+        assert sorted(c for b in batches for c in b) == list(range(200))   # 200 = 25 batches of 8
+        for a, b in sampler.pairs:   # each caption of a beside a caption of b, five times an epoch
+            meetings = sum(min(sum(c // 5 == a for c in x), sum(c // 5 == b for c in x)) for x in batches)
+            assert meetings == 5
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    again = PairedBatchSampler(40, 5, pairs, 8, seed=3)
+    again.set_epoch(1)
+    assert list(again) == first and list(PairedBatchSampler(40, 5, pairs, 8, seed=4)) != list(again)
+
+
+def test_paired_batches_split_between_ranks_without_overlap():
+    from training.data import PairedBatchSampler
+
+    pairs = [(i, i + 1) for i in range(0, 20, 2)]
+    ranks = [PairedBatchSampler(30, 5, pairs, 6, seed=1, rank=r, world=2, drop_last=False) for r in range(2)]
+    a, b = list(ranks[0]), list(ranks[1])
+    assert not set(a) & set(b) and sorted(a + b) == list(range(150))
+    for r in ranks:   # each unit (a caption of a and one of b) stays inside one batch of its rank
+        for batch in _batches(r, 6)[:-1]:
+            for a_, b_ in pairs:
+                assert sum(c // 5 == a_ for c in batch) == sum(c // 5 == b_ for c in batch)
+    with pytest.raises(ValueError, match="at least 2"):
+        PairedBatchSampler(30, 5, pairs, 1)
+
+
+def test_image_pairs_reads_the_kinds_asked_for_within_the_split(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.shards import Layout
+    from training.data import image_pairs
+
+    layout = Layout(tmp_path, "toy")
+    with pytest.raises(ShardError, match="no hard-negative pairs.*hard_negatives.parquet"):
+        image_pairs(layout, [1, 2], "all")
+    layout.dir.mkdir(parents=True)
+    table = pa.table({"image_id": [1, 3, 5, 7], "partner_id": [2, 4, 6, 99],
+                      "kind": ["relation", "attribute", "relation", "relation"]})
+    import pyarrow.parquet as pq
+    pq.write_table(table, layout.hard_negatives)
+    ids = [5, 6, 1, 2, 3, 4, 7]           # 99 is in another split: its pair is left out
+    assert image_pairs(layout, ids, "relation") == [(2, 3), (0, 1)]
+    assert image_pairs(layout, ids, "all") == [(2, 3), (4, 5), (0, 1)]
+    assert image_pairs(layout, ids, "attribute, relation") == [(2, 3), (4, 5), (0, 1)]
+    with pytest.raises(ValueError, match="has the kinds attribute, relation"):
+        image_pairs(layout, ids, "context")

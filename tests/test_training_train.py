@@ -320,3 +320,24 @@ def test_shared_overrides_skip_fields_the_model_lacks():
     assert got == {"embed_dim": 64, "lr_decay_epochs": (3, 5)}
     with pytest.raises(ValueError):   # a field the model has still gets its type checked
         parse_shared_overrides(["embed_dim=wide"], cfg_class)
+
+
+def test_pair_batches_is_a_run_setting_that_reads_the_training_pairs(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    layout = make_dataset(tmp_path / "data", splits={"train": 24, "val": 8, "test": 8})
+    train_ids = pq.read_table(layout.images).filter(pa.compute.equal(pa.compute.field("split"), "train"))
+    ids = train_ids["image_id"].to_pylist()[:6]
+    pq.write_table(pa.table({"image_id": ids[0::2], "partner_id": ids[1::2],
+                             "kind": ["relation", "relation", "attribute"]}), layout.hard_negatives)
+    out = tmp_path / "run"
+    run_train(tmp_path / "data", out, "--epochs", "1", "--set", "pair_batches=relation")
+    assert "2 hard-negative image pairs (relation) of train share their batches" in capsys.readouterr().err
+    assert load_run(out).config.pair_batches == "relation"
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "data", out, "--epochs", "1", "--set", "pair_batches=all", "--resume")
+    assert e.value.code == 2 and "pair_batches ('relation' saved, 'all' given)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has the kinds attribute, relation \\(or: all\\)"):
+        run_train(tmp_path / "data", tmp_path / "other", "--epochs", "1", "--set", "pair_batches=context")
+    assert not (tmp_path / "other" / "config.json").exists()

@@ -18,9 +18,12 @@ class RunSettings:
     """The RunConfig fields train.py's ``--set`` accepts next to the model config's. Validation
     shortlisted by a two-tower run (training/shortlist.py): the model re-scores only each query's
     val_topk best candidates; "" = every pair scored. Run settings, not model hyper-parameters:
-    they choose how best.pt is picked, not what the model computes."""
+    they choose how best.pt is picked, not what the model computes. ``pair_batches``: the
+    hard-negative kinds (comma-separated, or ``all``) whose training-split pairs share a batch
+    (``training.data.PairedBatchSampler``); "" = random batches, the papers' recipe."""
     val_shortlist: str = ""
     val_topk: int = 20
+    pair_batches: str = ""
 
 
 RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(RunSettings))
@@ -40,6 +43,7 @@ class RunConfig:
     eval_batch_size: int = 128
     val_shortlist: str = ""          # RunSettings
     val_topk: int = 20
+    pair_batches: str = ""
     model_config: dict = field(default_factory=dict)   # the resolved ModelConfig
     shard_hashes: dict = field(default_factory=dict)   # kind -> config hash trained on
     vocab_fingerprint: str = ""

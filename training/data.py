@@ -439,15 +439,100 @@ class CaptionDataset(Dataset):
 
 def make_loader(dataset: Dataset, collate, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, sampler=None) -> DataLoader:
     """A DataLoader whose order depends only on (seed, epoch): call ``loader.sampler.set_epoch``
-    before each epoch. Under DDP each rank reads its own 1/world_size of the samples."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                 seed=seed, drop_last=drop_last) if (shuffle or world_size > 1) else None
+    before each epoch. Under DDP each rank reads its own 1/world_size of the samples. A given
+    ``sampler`` (``PairedBatchSampler``) replaces the shuffling one."""
+    if sampler is None and (shuffle or world_size > 1):
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                     seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(seed))
+
+class PairedBatchSampler(torch.utils.data.Sampler):
+    """The caption indices of ``PairDataset`` in an order whose every run of ``batch_size`` holds,
+    for each image pair in ``pairs`` (indices into the split's images), a caption of each image
+    side by side: the pair's two images meet in one batch as often as they have captions, so the
+    loss sees the one difference between them (NegCLIP-style batch composition; a random batch
+    holds an image's partner with probability about batch / images). The order depends only on
+    (seed, epoch), like ``DistributedSampler``'s; under DDP each rank takes every ``world``-th
+    unit (a caption, or a pair's two) and packs its own batches of ``batch_size``. A pair is split
+    only when a batch has one slot left and no single caption remains to fill it (near the end of
+    an epoch whose captions are mostly paired)."""
+
+    def __init__(self, n_images: int, captions_per_image: int, pairs, batch_size: int, *, seed: int = 0,
+                 rank: int = 0, world: int = 1, drop_last: bool = True):
+        if batch_size < 2:
+            raise ValueError(f"pair_batches needs a batch of at least 2 pairs per process, not {batch_size}")
+        self.n_images, self.k, self.batch_size = n_images, captions_per_image, batch_size
+        self.seed, self.rank, self.world, self.drop_last, self.epoch = seed, rank, world, drop_last, 0
+        seen: set[int] = set()
+        self.pairs = []
+        for a, b in pairs:   # an image in two pairs joins the first only: a unit holds two captions
+            if a != b and a not in seen and b not in seen:
+                self.pairs.append((int(a), int(b)))
+                seen |= {int(a), int(b)}
+        self.single = np.array(sorted(set(range(n_images)) - seen), dtype=np.int64)
+        self.order = self._order(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order = self._order(epoch)
+
+    def _order(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, epoch])
+        k = self.k
+        units = [[int(c)] for i in self.single for c in range(i * k, (i + 1) * k)]
+        for a, b in self.pairs:   # caption j of a beside a random caption of b, each used once
+            for ca, cb in zip(rng.permutation(k), rng.permutation(k)):
+                units.append([a * k + int(ca), b * k + int(cb)])
+        units = [units[u] for u in rng.permutation(len(units))][self.rank::self.world]
+        pairs, single = [u for u in units if len(u) == 2], [u for u in units if len(u) == 1]
+        batches, batch = [], []
+        while pairs or single:   # each slot drawn in proportion to the captions left of each sort
+            room = self.batch_size - len(batch)
+            pair_share = 2 * len(pairs) / (2 * len(pairs) + len(single))
+            if pairs and room >= 2 and (not single or rng.random() < pair_share):
+                batch += pairs.pop()
+            elif single:
+                batch += single.pop()
+            else:   # one slot left and only pairs: this one is split, its second caption goes on
+                first, second = pairs.pop()
+                batch.append(first)
+                single.append([second])
+            if len(batch) == self.batch_size:
+                batches.append(batch)
+                batch = []
+        if batch and not self.drop_last:
+            batches.append(batch)
+        return [c for b in batches for c in b]
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def image_pairs(layout: Layout, image_ids, kinds: str) -> list[tuple[int, int]]:
+    """The dataset's hard-negative pairs (``hard_negatives.parquet``) of the kinds named in
+    ``kinds`` (comma-separated, or ``all``) whose two images are both in ``image_ids``, as index
+    pairs into it. A dataset without the file, or an unknown kind, is an error naming both."""
+    if not layout.hard_negatives.exists():
+        raise ShardError(f"pair_batches={kinds}: dataset '{layout.name}' has no hard-negative pairs "
+                         f"({layout.hard_negatives} does not exist)")
+    table = shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
+    present = sorted({r["kind"] for r in table})
+    wanted = set(present) if kinds == "all" else {k.strip() for k in kinds.split(",") if k.strip()}
+    if not wanted or wanted - set(present):
+        raise ValueError(f"pair_batches={kinds}: {layout.hard_negatives} has the kinds "
+                         f"{', '.join(present)} (or: all)")
+    index = {int(i): n for n, i in enumerate(image_ids)}
+    return [(index[r["image_id"]], index[r["partner_id"]]) for r in table
+            if r["kind"] in wanted and r["image_id"] in index and r["partner_id"] in index]
+
 
 def eval_loaders(data, batch_size: int, workers: int = 0) -> tuple[DataLoader, DataLoader]:
     """The loaders of a split's images (float16 features) and its captions, in file order, for

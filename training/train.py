@@ -42,7 +42,8 @@ from pipeline.shards.atomic import is_no_space
 from training import checkpoint, losses, models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig, parse_run_settings
-from training.data import PairDataset, ShardData, collate_pairs, eval_loaders, make_loader, shard_hashes
+from training.data import (PairDataset, PairedBatchSampler, ShardData, collate_pairs, eval_loaders,
+                           image_pairs, make_loader, shard_hashes)
 from training.evaluation import (METRIC_KEYS, chance_metrics, compute_sims, recall_metrics,
                                  small_split_warning)
 from training.run import create_model, data_root, load_checkpoint, load_vocab, open_split, writer_claim
@@ -59,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_set_argument(p, "any field of the model's config (lr, epochs, batch_size, margin, ...) or a run "
                      "setting: val_shortlist=RUN2 validates re-scoring only the val_topk=20 best candidates "
-                     "of that two-tower run (default: every pair scored)")
+                     "of that two-tower run (default: every pair scored); pair_batches=KINDS puts both "
+                     "images of each training hard-negative pair of those kinds (relation,attribute,... "
+                     "or all) in one batch (default: random batches)")
     p.add_argument("--epochs", type=positive_int, default=None, help="shortcut for --set epochs=N (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="shortcut for --set batch_size=N (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
@@ -297,11 +300,20 @@ def open_data(run: RunConfig, vocab, layout: Layout, proc: Process) -> TrainData
     chance = chance_metrics(val_data.n_images)["rsum"]
     if proc.master and (warning := small_split_warning(run.val_split, val_data.n_images)):
         print(f"train: warning: {warning}", file=sys.stderr)
+    sampler = None
+    if run.pair_batches:
+        pairs = image_pairs(layout, train_data.image_ids, run.pair_batches)
+        sampler = PairedBatchSampler(train_data.n_images, train_data.cfg.captions_per_image, pairs,
+                                     cfg.batch_size // proc.world, seed=run.seed, rank=proc.rank,
+                                     world=proc.world)
+        if proc.master:
+            print(f"train: {len(sampler.pairs)} hard-negative image pairs ({run.pair_batches}) of "
+                  f"{run.train_split} share their batches (pair_batches)", file=sys.stderr)
     # loaders carry features as float16; Batch.to(device) makes them float32
     loader = make_loader(PairDataset(train_data), partial(collate_pairs, half=True),
                          cfg.batch_size // proc.world, shuffle=True, seed=run.seed,
                          workers=run.workers, rank=proc.rank, world_size=proc.world, drop_last=True,
-                         pin_memory=proc.device.type == "cuda")
+                         pin_memory=proc.device.type == "cuda", sampler=sampler)
     if len(loader) == 0:
         raise ValueError(f"{len(loader.dataset)} training pairs make no full batch of "
                          f"{cfg.batch_size // proc.world}; lower --batch-size")
