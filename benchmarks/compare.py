@@ -31,7 +31,7 @@ from pathlib import Path
 from pipeline import shards
 from pipeline.config import HelpFormatter, UsageError, add_root_argument, add_set_argument, positive_int, resolve_root
 from training import models
-from training.config import parse_overrides
+from training.config import parse_run_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def model_sets(items: list[str], name: str) -> list[str]:
                 out.append(rest)
         else:
             out.append(item)
-    parse_overrides(out, models.get(name).config_class)
+    parse_run_settings(out, models.get(name).config_class)   # run settings (pair_batches, ...) too
     return out
 
 

@@ -185,6 +185,7 @@ def test_compare_routes_model_settings_and_checks_them():
     items = ["embed_dim=64", "kidrr:sim_dim=8"]
     assert model_sets(items, "kidrr") == ["embed_dim=64", "sim_dim=8"]
     assert model_sets(items, "vsepp") == ["embed_dim=64"]
+    assert model_sets(["pair_batches=relation"], "vsepp") == ["pair_batches=relation"]   # a run setting
     with pytest.raises(UsageError, match="unknown model 'kidr'"):
         model_sets(["kidr:sim_dim=8"], "vsepp")
     with pytest.raises(UsageError, match="no setting 'sim_dim'"):
