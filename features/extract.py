@@ -246,10 +246,8 @@ def command(args) -> int:
               "extract features of your own)", file=sys.stderr)
         return 1
     kinds = KIND_CHOICES[args.kind]
-    t0, threads = time.time(), torch.get_num_threads()
+    t0 = time.time()   # torch's threads: pipeline.config.command_threads
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         with _device(args) as device:
             r = extract(layout, config_from_args(args), kinds, args.weights, args.seed, args.shard_size,
                         args.split, args.chunk, run_options(args, device), progress=not args.quiet)
@@ -258,8 +256,6 @@ def command(args) -> int:
     except (shards.ShardError, WeightsError, ValueError, RuntimeError) as e:
         print(f"features extract: error: {e}", file=sys.stderr)
         return 1
-    finally:
-        torch.set_num_threads(threads)
     secs = time.time() - t0
     skipped = sum(1 for b in r.bad if b[3] == "skipped")
     converted = sum(1 for b in r.bad if b[3] == "converted")

@@ -138,9 +138,7 @@ def main(argv=None) -> int:
 
 
 def command(args) -> int:
-    proc = start_process(args.device)
-    if args.threads:   # threads that wait for a busy core at every op cost more than they give
-        torch.set_num_threads(args.threads)
+    proc = start_process(args.device)   # torch's threads: pipeline.config.command_threads
     # the first process writes the run folder; it holds the folder's claim until it ends
     with writer_claim(args.out) if proc.master else contextlib.nullcontext(), tensorboard_full_disk(args.out):
         train(args, proc)
