@@ -75,11 +75,15 @@ class DemoConfig:
     pair_fraction: float = 0.3   # fraction of scenes that get a hard-negative partner image
     version: int = GENERATOR_VERSION
     scenes: str = "flat"         # "flat" (shapes on grey) or "context" (pipeline/demo_context.py)
+    pair_kinds: str = ""         # context scenes: the partner kinds drawn (comma-separated); "" = all
 
     def record(self) -> dict:
         """The settings hashed and written into the tables. A flat build records what it did
-        before scenes had a choice, so its tables, hashes and PNG tags stay byte-identical."""
+        before scenes had a choice, so its tables, hashes and PNG tags stay byte-identical; the
+        partner kinds are recorded only when they are not all of them, for the same reason."""
         d = asdict(self)
+        if not d["pair_kinds"]:
+            del d["pair_kinds"]
         if d["scenes"] == "flat":
             del d["scenes"]
         else:
@@ -475,6 +479,11 @@ def generate(root, cfg: DemoConfig, force: bool = False, progress: bool = True,
         raise ValueError(f"--images must be at least 4 (one train, val and test image), got {cfg.images}")
     if not 96 <= cfg.image_size <= 1024:
         raise ValueError(f"--image-size must be in [96, 1024], got {cfg.image_size}")
+    if cfg.pair_kinds and cfg.scenes != "context":
+        raise ValueError("--pair-kinds chooses among the partners of context scenes; add --scenes context")
+    if cfg.pair_kinds:   # an unknown kind is said before anything is written
+        from pipeline import demo_context
+        demo_context.partner_kinds(cfg.pair_kinds)
     layout = Layout(Path(root), NAME)
     index = layout.index
     chash = shards.config_hash(cfg.record())
@@ -533,13 +542,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat: shapes on a grey background; context: shapes on named, textured "
                         "backdrops, touching and overlapping objects, captions of mixed specificity "
                         "and context-swap / specificity hard negatives (docs/datasets.md)")
+    p.add_argument("--pair-kinds", default=d.pair_kinds, metavar="KINDS",
+                   help="context scenes: the hard-negative partner kinds drawn, comma-separated "
+                        "(relation, attribute, context, specificity; default: all four, equally often)")
     p.add_argument("--force", action="store_true", help="regenerate even if shards.json says it is current")
     add_quiet_argument(p)
 
 
 def command(args) -> int:
     cfg = DemoConfig(images=args.images, seed=args.seed, image_size=args.image_size,
-                     pair_fraction=args.pair_fraction, scenes=args.scenes)
+                     pair_fraction=args.pair_fraction, scenes=args.scenes, pair_kinds=args.pair_kinds)
     try:
         s = generate(resolve_root(args.root), cfg, force=args.force, progress=not args.quiet)
     except ValueError as e:   # a setting out of range

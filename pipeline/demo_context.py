@@ -289,10 +289,19 @@ def captions(rng, scene: Scene, levels: dict, size: int) -> tuple[list[str], lis
 # ---------------------------------------------------------------------------------------------
 # the dataset
 
+def partner_kinds(names: str) -> list[str]:
+    """The ``PARTNERS`` kinds of a comma-separated list ("" = all of them), checked."""
+    kinds = [k.strip() for k in names.split(",") if k.strip()] or list(PARTNERS)
+    unknown = [k for k in kinds if k not in PARTNERS]
+    if unknown:
+        raise ValueError(f"--pair-kinds: unknown kind(s) {', '.join(unknown)}; the kinds: {', '.join(PARTNERS)}")
+    return [k for k in PARTNERS if k in kinds]
+
+
 def build_scenes(cfg: DemoConfig) -> tuple[list[tuple[str, Scene]], list[dict]]:
     """Scenes in image-id order with their splits, and the hard-negative pairs."""
     size = cfg.image_size
-    kinds = list(PARTNERS)
+    kinds = partner_kinds(cfg.pair_kinds)
     weights = np.array([PARTNERS[k].weight for k in kinds])
     out, pairs = [], []
     for split, n in cfg.splits().items():
