@@ -258,3 +258,20 @@ def test_cli_and_manifest_take_the_option(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--root", tmp_path, "--images", 8, "--scenes", "busy"])
     assert e.value.code == 2 and "--scenes" in capsys.readouterr().err
+
+
+def test_pair_kinds_draws_only_the_kinds_named(tmp_path, capsys):
+    scenes, pairs = demo.build_scenes(demo.DemoConfig(images=120, seed=5, scenes="context",
+                                                      pair_kinds="relation", pair_fraction=0.5))
+    assert len(pairs) > 20 and {p["kind"] for p in pairs} == {"relation"}
+    two = demo.build_scenes(demo.DemoConfig(images=120, seed=5, scenes="context", pair_kinds="context, specificity"))[1]
+    assert {p["kind"] for p in two} == {"context", "specificity"}
+    # not recorded at its default, so every build made before it keeps its config hash
+    assert "pair_kinds" not in demo.DemoConfig(scenes="context").record()
+    assert demo.DemoConfig(scenes="context", pair_kinds="relation").record()["pair_kinds"] == "relation"
+    for argv, said in ((["--pair-kinds", "relation"], "add --scenes context"),
+                       (["--scenes", "context", "--pair-kinds", "relation,nope"], "unknown kind(s) nope")):
+        with pytest.raises(SystemExit) as e:
+            main(["demo", "--root", tmp_path, "--images", 8, *argv])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
