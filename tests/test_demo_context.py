@@ -275,3 +275,14 @@ def test_pair_kinds_draws_only_the_kinds_named(tmp_path, capsys):
             main(["demo", "--root", tmp_path, "--images", 8, *argv])
         assert e.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+    # the manifest takes it too, and both ways write the same build
+    assert main(["demo", "--root", tmp_path / "a", "--images", 16, "--scenes", "context", "--pair-kinds",
+                 "relation", "--pair-fraction", 1, "--quiet"]) == 0
+    assert main(["ingest", "--manifest", "demo", "--root", tmp_path / "b", "--set", "demo.images=16",
+                 "--set", "demo.scenes=context", "--set", "demo.pair_kinds=relation", "--set",
+                 "demo.pair_fraction=1", "--set", "expected=null", "--quiet"]) == 0
+    by_demo, by_ingest = Layout(tmp_path / "a", "demo"), Layout(tmp_path / "b", "demo")
+    assert by_demo.captions.read_bytes() == by_ingest.captions.read_bytes()
+    pairs = shards.read_table(by_demo.hard_negatives, "hard_negatives").to_pylist()
+    assert pairs == shards.read_table(by_ingest.hard_negatives, "hard_negatives").to_pylist()
+    assert pairs and {r["kind"] for r in pairs} == {"relation"}
