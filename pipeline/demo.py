@@ -77,6 +77,9 @@ class DemoConfig:
     scenes: str = "flat"         # "flat" (shapes on grey) or "context" (pipeline/demo_context.py)
     pair_kinds: str = ""         # context scenes: the partner kinds drawn (comma-separated); "" = all
 
+    def __post_init__(self):
+        self.pair_fraction = float(self.pair_fraction)   # a manifest's 1 and --pair-fraction 1: one hash
+
     def record(self) -> dict:
         """The settings hashed and written into the tables. A flat build records what it did
         before scenes had a choice, so its tables, hashes and PNG tags stay byte-identical; the
