@@ -15,6 +15,11 @@ cimn   FRR's potential-relation attention, per tower and layer: its entropy agai
        an anchor: masses and force weights of easy anchors (no negative within the margin) and
        hard ones: the mass, the share of it on the closest negative, the effective number of
        negatives (m² / Σ w²) and the anchor's loss.
+resg   VReG's refinement rounds: where each region's attention goes (itself, overlapping and
+       nearby boxes, against uniform attention), how large the update is against the node, and
+       how alike the nodes are before and after: two regions of one image, and one box in an
+       image and in its attribute-swapped partner (the demo's hard-negative pairs in the split),
+       whose nodes differ only by the swapped colour or texture before the rounds.
 
 Diagnostics, not tuning: the default split is val.
 """
@@ -29,11 +34,13 @@ import sys
 import torch
 from torchvision import ops
 
+from pipeline import shards
 from pipeline.config import HelpFormatter
 from pipeline.shards import ShardError
 from training import losses
 from training.checkpoint import CheckpointError
 from training.data import eval_loaders
+from training.models.layers import masked_softmax
 from training.run import load_run
 
 
@@ -233,7 +240,70 @@ def gravitation(run, images, texts, args) -> list[str]:
 
 
 # model -> its mechanisms' diagnostics
-DIAGNOSTICS = {"dsrln": [dif_gate], "cimn": [frr_attention, gravitation]}
+# ---------------------------------------------------------------------------------------------
+# resg
+
+def _real_cosines(x: torch.Tensor) -> list[float]:
+    """Cosines of every pair of distinct rows of ``x`` [N, D]."""
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    c = xn @ xn.T
+    return c[~torch.eye(len(x), dtype=torch.bool)].tolist()
+
+
+def vreg_mixing(run, images, texts, args) -> list[str]:
+    model = run.model
+    if not model.cfg.vreg or not len(model.v_refine):
+        return ["VReG: not in this run (vreg=false)"]
+    captured = []   # (layer, input nodes, mask, output nodes) of each refinement round
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append((m, i[0], i[1], o)))
+             for layer in model.v_refine]
+    acc, ratios = [[] for _ in model.v_refine], [[] for _ in model.v_refine]
+    before, after = {}, {}   # image id -> its real region nodes before the first round, after the last
+    try:
+        with torch.no_grad():
+            for img in images:
+                captured.clear()
+                model.encode_image(img)
+                centres = (img.boxes[..., :2] + img.boxes[..., 2:]) / 2
+                groups = {"overlapping": box_iou(img.boxes) > 0, "near": torch.cdist(centres, centres) <= 0.3}
+                for k, (layer, x, mask, out) in enumerate(captured):
+                    logits = layer.query(x) @ layer.key(x).transpose(1, 2) / x.shape[-1] ** 0.5
+                    acc[k].append(attention_stats(masked_softmax(logits, mask[:, None, :]), mask, groups))
+                    ratios[k] += ((out - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-6))[mask].tolist()
+                first, last = captured[0][1], captured[-1][3]
+                for i, (iid, m) in enumerate(zip(img.image_ids.tolist(), img.region_mask)):
+                    before[iid], after[iid] = first[i][m], last[i][m]
+    finally:
+        for h in hooks:
+            h.remove()
+    lines = ["VReG's refinement rounds (ContextRefine): attention over the image's regions, mean over "
+             "real regions; (uniform) = equal attention; update = |x_out - x_in| / |x_in|", "",
+             "| round | regions | entropy | (uniform) | self | overlapping (uniform) | near (uniform) | update |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, parts in enumerate(acc):
+        st = _merge(parts)
+        share = lambda g: f"{st[g][0]:.3f} ({st[g][1]:.3f})"  # noqa: E731
+        lines.append(f"| {k + 1} | {st['rows']} | {st['entropy']:.3f} | {st['uniform']:.3f} | {st['self']:.3f} | "
+                     f"{share('overlapping')} | {share('near')} | {_mean(ratios[k]):.3f} |")
+    within = lambda nodes: _mean(c for v in nodes.values() if len(v) > 1 for c in _real_cosines(v))  # noqa: E731
+    lines += ["", "| cosine | before VReG | after VReG |", "|---|---|---|",
+              f"| two regions of one image (mean over pairs) | {within(before):.3f} | {within(after):.3f} |"]
+    layout = run.data.layout
+    if layout.hard_negatives.exists():   # the same box in an image and its attribute-swapped partner
+        pairs = [r for r in shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
+                 if r["kind"] == "attribute"
+                 and r["image_id"] in before and r["partner_id"] in before
+                 and len(before[r["image_id"]]) == len(before[r["partner_id"]])]
+        same_box = lambda nodes: _mean(  # noqa: E731
+            c for r in pairs for c in torch.nn.functional.cosine_similarity(
+                nodes[r["image_id"]], nodes[r["partner_id"]], dim=-1).tolist())
+        if pairs:
+            lines.append(f"| one box in an image and in its attribute-swapped partner ({len(pairs)} pairs) | "
+                         f"{same_box(before):.3f} | {same_box(after):.3f} |")
+    return lines
+
+
+DIAGNOSTICS = {"dsrln": [dif_gate], "cimn": [frr_attention, gravitation], "resg": [vreg_mixing]}
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,12 @@ def test_attention_stats_by_hand():
     assert merged["rows"] == 8 and merged["self"] == pytest.approx((2 * 0.25 + 6 * 0.5) / 8)
 
 
+def test_real_cosines_by_hand():
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    r = 2 ** -0.5
+    assert mechanisms._real_cosines(x) == pytest.approx([r, 0.0, r, r, 0.0, r])
+
+
 def test_box_iou():
     boxes = torch.tensor([[[0, 0, .5, .5], [.25, .25, .75, .75], [.6, .6, 1, 1]]])
     iou = mechanisms.box_iou(boxes)
@@ -102,7 +108,20 @@ def test_cimn_and_dsrln_runs(tmp_path, capsys, monkeypatch):
     assert sum(int(r[1]) for r in captions) == 6 * 5 and all(int(r[1]) for r in captions)
     assert sum(int(r[1]) for r in images) == 6
 
+    assert train.main(["--model", "resg", "--dataset", "synth", "--root", str(root),
+                       "--out", str(tmp_path / "resg"), *small]) == 0
+    capsys.readouterr()
+    assert mechanisms.main([str(tmp_path / "resg"), "--root", str(root), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    rounds = table_rows(out, "1")
+    assert len(rounds) == 1 and int(rounds[0][1]) == 6 * 6     # every real region of the 6 test images
+    entropy, uniform, self_share, update = (float(rounds[0][i]) for i in (2, 3, 4, 7))
+    assert 0 <= entropy <= uniform + 1e-6 and 0 <= self_share <= 1 and update > 0
+    cosines = table_rows(out, "two regions") + table_rows(out, "one box")
+    assert len(cosines) == 2 and "(3 pairs)" in cosines[1][0]    # the synthetic test split's attribute pairs
+    assert all(-1 <= float(c) <= 1 for r in cosines for c in r[1:])
+
     assert train.main(["--model", "vsepp", "--dataset", "synth", "--root", str(root),
                        "--out", str(tmp_path / "vsepp"), *small]) == 0
-    with pytest.raises(SystemExit, match=re.escape("no diagnostics for model 'vsepp'; models with some: cimn, dsrln")):
+    with pytest.raises(SystemExit, match=re.escape("no diagnostics for model 'vsepp'; models with some: cimn, dsrln, resg")):
         mechanisms.main([str(tmp_path / "vsepp"), "--root", str(root)])
