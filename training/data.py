@@ -451,6 +451,7 @@ def make_loader(dataset: Dataset, collate, batch_size: int, *, shuffle: bool = F
                       persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 
+
 class PairedBatchSampler(torch.utils.data.Sampler):
     """The caption indices of ``PairDataset`` in an order whose every run of ``batch_size`` holds,
     for each image pair in ``pairs`` (indices into the split's images), a caption of each image
@@ -465,7 +466,7 @@ class PairedBatchSampler(torch.utils.data.Sampler):
     def __init__(self, n_images: int, captions_per_image: int, pairs, batch_size: int, *, seed: int = 0,
                  rank: int = 0, world: int = 1, drop_last: bool = True):
         if batch_size < 2:
-            raise ValueError(f"pair_batches needs a batch of at least 2 pairs per process, not {batch_size}")
+            raise ValueError(f"pair_batches needs batches of at least 2 captions per process, not {batch_size}")
         self.n_images, self.k, self.batch_size = n_images, captions_per_image, batch_size
         self.seed, self.rank, self.world, self.drop_last, self.epoch = seed, rank, world, drop_last, 0
         seen: set[int] = set()
