@@ -14,7 +14,8 @@ cimn   FRR's potential-relation attention, per tower and layer: its entropy agai
        The Gravitation Loss on batches of (image, first caption) pairs, every image and caption
        an anchor: masses and force weights of easy anchors (no negative within the margin) and
        hard ones: the mass, the share of it on the closest negative, the effective number of
-       negatives (m² / Σ w²) and the anchor's loss.
+       negatives (m² / Σ w²) and the anchor's loss. The cosine of the image embeddings of
+       the two images of each hard-negative pair, per kind, beside random pairs of images.
 resg   VReG's refinement rounds: where each region's attention goes (itself, overlapping and
        nearby boxes, against uniform attention), how large the update is against the node, and
        how alike the nodes are before and after: two regions of one image, and one box in an
@@ -240,6 +241,30 @@ def gravitation(run, images, texts, args) -> list[str]:
 
 
 # model -> its mechanisms' diagnostics
+def pair_embeddings(run, images, texts, args) -> list[str]:
+    """How alike a two-tower model makes the two images of each hard-negative pair: the cosine
+    of their embeddings, per kind, beside that of images drawn at random. A pair at cosine 1 is one
+    point for the model, and no caption can score it apart."""
+    model = run.model
+    layout = run.data.layout
+    if not layout.hard_negatives.exists():
+        return ["image embeddings of hard-negative pairs: the dataset has none"]
+    with torch.no_grad():
+        v = torch.nn.functional.normalize(torch.cat([model.encode_image(b) for b in images]), dim=-1)
+    row = {iid: k for k, iid in enumerate(torch.cat([b.image_ids for b in images]).tolist())}
+    by_kind: dict[str, list[float]] = {}
+    for r in shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist():
+        if r["image_id"] in row and r["partner_id"] in row:
+            by_kind.setdefault(r["kind"], []).append((v[row[r["image_id"]]] @ v[row[r["partner_id"]]]).item())
+    shuffled = torch.randperm(len(v), generator=torch.Generator().manual_seed(0))
+    random = (v * v[shuffled]).sum(-1)[shuffled != torch.arange(len(v))].tolist()
+    lines = ["image embeddings: cosine of the two images of each hard-negative pair (1 = one point "
+             "for the model)", "", "| pairs | n | mean cosine | min | max |", "|---|---|---|---|---|"]
+    for kind, c in sorted(by_kind.items()) + [("random images", random)]:
+        lines.append(f"| {kind} | {len(c)} | {_mean(c):.4f} | {min(c):.4f} | {max(c):.4f} |")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------
 # resg
 
@@ -303,7 +328,8 @@ def vreg_mixing(run, images, texts, args) -> list[str]:
     return lines
 
 
-DIAGNOSTICS = {"dsrln": [dif_gate], "cimn": [frr_attention, gravitation], "resg": [vreg_mixing]}
+DIAGNOSTICS = {"dsrln": [dif_gate], "cimn": [frr_attention, gravitation, pair_embeddings],
+               "resg": [vreg_mixing]}
 
 
 def main(argv=None) -> int:

@@ -93,6 +93,13 @@ def test_cimn_and_dsrln_runs(tmp_path, capsys, monkeypatch):
             assert 0 < float(r[4]) <= 1 and 1 <= float(r[5]) <= 2  # 2 negatives per anchor in a batch of 3
     if int(gl["easy"][1]):
         assert float(gl["easy"][6]) == 0                       # no negative within the margin: no loss
+    assert mechanisms.main([str(tmp_path / "cimn"), "--root", str(root), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    pairs = {r[0]: r for r in table_rows(out, "attribute") + table_rows(out, "random images")}
+    assert int(pairs["attribute"][1]) == 3 and 1 <= int(pairs["random images"][1]) <= 6
+    for r in pairs.values():
+        lo, mean, hi = float(r[3]), float(r[2]), float(r[4])
+        assert -1 - 1e-6 <= lo <= mean <= hi <= 1 + 1e-6
 
     assert mechanisms.main([str(tmp_path / "dsrln"), "--root", str(root)]) == 0
     out = capsys.readouterr().out
