@@ -309,3 +309,20 @@ def test_runs_saved_before_grid_norm_read_the_grid_raw():
     saved = {k: v for k, v in dataclasses.asdict(cls()).items() if k not in cls.SAVED_BEFORE}
     assert models.make_config(cls, saved, saved=True).grid_norm is False
     assert models.default_config("dsrln").grid_norm is True
+
+
+def test_signed_geometry_tells_left_from_right(data, items):
+    """GISA's geometry (relation networks' log |dx|) is the same for "A left of B" and "A right of
+    B"; signed_geometry embeds the signed offsets, which differ."""
+    img = batch_of(items[:1]).image
+    img = dataclasses.replace(img, regions=img.regions[:, :2], region_mask=img.region_mask[:, :2],
+                              boxes=torch.tensor([[[0.1, 0.4, 0.3, 0.6], [0.6, 0.4, 0.8, 0.6]]]))
+    swapped = dataclasses.replace(img, boxes=img.boxes.flip(1))   # A and B trade places
+    enc = lambda m, i: m.encode_image(i).local  # noqa: E731
+    with torch.no_grad():
+        blind = make_model(data[1], grid_fusion=False)
+        torch.testing.assert_close(enc(blind, img), enc(blind, swapped))
+        signed = make_model(data[1], grid_fusion=False, signed_geometry=True)
+        assert (enc(signed, img) - enc(signed, swapped)).abs().max() > 1e-3
+        off = make_model(data[1], grid_fusion=False, box_geometry=False, signed_geometry=True)
+        torch.testing.assert_close(enc(off, img), enc(off, swapped))   # box_geometry=False: no geometry

@@ -32,7 +32,8 @@ from torch import nn
 
 from training.models import ITMModel, ModelConfig, register
 from training.models.layers import (FeatureNorm, LocalGlobal, attended_cosine, bigru_states,
-                                    masked_mean, masked_softmax, relative_geometry)
+                                    masked_mean, masked_softmax, relative_geometry,
+                                    relative_offsets)
 
 
 @dataclass
@@ -45,6 +46,10 @@ class DSRLNConfig(ModelConfig):
     attn_lambda: float = 9.0       # inverse temperature of the word-to-region attention (SCAN)
     global_weight: float = 0.5     # score = (1 - w) * local + w * global
     box_geometry: bool = True      # ablation: False drops GISA's geometry and interaction terms
+    # GISA's geometry is relation networks' (log |dx| / w, ...): it drops the sign of the offset,
+    # so it cannot tell "A left of B" from "A right of B"; True embeds the signed offsets
+    # (relative_offsets) instead (docs/models.md, "dsrln")
+    signed_geometry: bool = False
     grid_fusion: bool = True       # ablation: False drops DIF (regions only; grid shards unused)
     # standardise the grid cells per channel, as the regions are (feature_norm): raw grid cells
     # share one large common component (mean pairwise cosine 0.94 on the context demo), so the
@@ -201,7 +206,9 @@ class DSRLN(ITMModel):
         # image, so the geometry stays finite and such regions may read every grid cell
         real = (mask & known[:, None]).unsqueeze(-1)
         boxes = torch.where(real, img.boxes, img.boxes.new_tensor([0., 0., 1., 1.]))
-        geo = sinusoid(relative_geometry(boxes), self.cfg.geo_dim)
+        pair = (relative_offsets(boxes[:, :, None], boxes[:, None, :]) if self.cfg.signed_geometry
+                else relative_geometry(boxes))
+        geo = sinusoid(pair, self.cfg.geo_dim)
         x = self.img_fc(self.regions(img))
         for layer in self.gisa:
             x = layer(x, mask, geo, geometry)
