@@ -6,7 +6,8 @@ dsrln  DIF's gate g (the share of the region kept against its grid context, per 
        ``fused = g x + (1 - g) c``), averaged over the channels and real regions of each image,
        for the captions that name the image's background and for those that do not, and per
        image (some caption names its background, or none does); the demo's context build names
-       backdrops; on other builds all captions form one group.
+       backdrops; on other builds all captions form one group. How alike two regions of one
+       image are before GISA's first layer and after its last.
 cimn   FRR's potential-relation attention, per tower and layer: its entropy against that of
        uniform attention over the same nodes, the share on the node itself, on overlapping boxes
        (IoU > 0) and on nearby boxes (centres at most ``box_sigma`` apart), each beside the share
@@ -275,6 +276,40 @@ def _real_cosines(x: torch.Tensor) -> list[float]:
     return c[~torch.eye(len(x), dtype=torch.bool)].tolist()
 
 
+def _within(nodes: dict) -> float:
+    """Mean cosine of two regions of one image, over every image's pairs."""
+    return _mean(c for v in nodes.values() if len(v) > 1 for c in _real_cosines(v))
+
+
+def _layer_ends(model, layers, images) -> tuple[dict, dict]:
+    """Each image's real region nodes entering the first of ``layers`` and leaving the last."""
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append((i[0], i[1], o))) for layer in layers]
+    before, after = {}, {}
+    try:
+        with torch.no_grad():
+            for img in images:
+                captured.clear()
+                model.encode_image(img)
+                first, last, mask = captured[0][0], captured[-1][2], img.region_mask
+                for i, iid in enumerate(img.image_ids.tolist()):
+                    before[iid], after[iid] = first[i][mask[i]], last[i][mask[i]]
+    finally:
+        for h in hooks:
+            h.remove()
+    return before, after
+
+
+def gisa_mixing(run, images, texts, args) -> list[str]:
+    model = run.model
+    if not len(model.gisa):
+        return ["GISA: no layers in this run"]
+    before, after = _layer_ends(model, model.gisa, images)
+    return ["GISA: how alike two regions of one image are before its first layer and after its "
+            "last", "", "| cosine | before GISA | after GISA |", "|---|---|---|",
+            f"| two regions of one image (mean over pairs) | {_within(before):.3f} | {_within(after):.3f} |"]
+
+
 def vreg_mixing(run, images, texts, args) -> list[str]:
     model = run.model
     if not model.cfg.vreg or not len(model.v_refine):
@@ -310,9 +345,8 @@ def vreg_mixing(run, images, texts, args) -> list[str]:
         share = lambda g: f"{st[g][0]:.3f} ({st[g][1]:.3f})"  # noqa: E731
         lines.append(f"| {k + 1} | {st['rows']} | {st['entropy']:.3f} | {st['uniform']:.3f} | {st['self']:.3f} | "
                      f"{share('overlapping')} | {share('near')} | {_mean(ratios[k]):.3f} |")
-    within = lambda nodes: _mean(c for v in nodes.values() if len(v) > 1 for c in _real_cosines(v))  # noqa: E731
     lines += ["", "| cosine | before VReG | after VReG |", "|---|---|---|",
-              f"| two regions of one image (mean over pairs) | {within(before):.3f} | {within(after):.3f} |"]
+              f"| two regions of one image (mean over pairs) | {_within(before):.3f} | {_within(after):.3f} |"]
     layout = run.data.layout
     if layout.hard_negatives.exists():   # the same box in an image and its attribute-swapped partner
         pairs = [r for r in shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
@@ -328,7 +362,7 @@ def vreg_mixing(run, images, texts, args) -> list[str]:
     return lines
 
 
-DIAGNOSTICS = {"dsrln": [dif_gate], "cimn": [frr_attention, gravitation, pair_embeddings],
+DIAGNOSTICS = {"dsrln": [dif_gate, gisa_mixing], "cimn": [frr_attention, gravitation, pair_embeddings],
                "resg": [vreg_mixing]}
 
 

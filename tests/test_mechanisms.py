@@ -114,6 +114,8 @@ def test_cimn_and_dsrln_runs(tmp_path, capsys, monkeypatch):
     images = table_rows(out, "images: some caption") + table_rows(out, "images: no caption")
     assert sum(int(r[1]) for r in captions) == 6 * 5 and all(int(r[1]) for r in captions)
     assert sum(int(r[1]) for r in images) == 6
+    gisa = table_rows(out, "two regions")
+    assert len(gisa) == 1 and all(-1 <= float(c) <= 1 for c in gisa[0][1:])
 
     assert train.main(["--model", "resg", "--dataset", "synth", "--root", str(root),
                        "--out", str(tmp_path / "resg"), *small]) == 0
