@@ -326,3 +326,16 @@ def test_signed_geometry_tells_left_from_right(data, items):
         assert (enc(signed, img) - enc(signed, swapped)).abs().max() > 1e-3
         off = make_model(data[1], grid_fusion=False, box_geometry=False, signed_geometry=True)
         torch.testing.assert_close(enc(off, img), enc(off, swapped))   # box_geometry=False: no geometry
+
+
+def test_without_the_geometry_weight_only_the_interaction_term_is_left(data, items):
+    img = batch_of(items[:3]).image
+    moved = dataclasses.replace(img, boxes=torch.rand(img.boxes.shape).sort(-1).values)
+    enc = lambda m, i: m.encode_image(i).local  # noqa: E731
+    with torch.no_grad():
+        inter = make_model(data[1], grid_fusion=False, geometry_weight=False)
+        assert all(layer.geo_weight is None for layer in inter.gisa)
+        assert (enc(inter, img) - enc(inter, moved)).abs().max() > 1e-4   # the interaction still sees boxes
+        for layer in inter.gisa:
+            layer.geo_query.zero_()                                      # ... and is all that does
+        torch.testing.assert_close(enc(inter, img), enc(inter, moved))
