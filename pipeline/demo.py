@@ -482,9 +482,9 @@ def generate(root, cfg: DemoConfig, force: bool = False, progress: bool = True,
         raise ValueError(f"--images must be at least 4 (one train, val and test image), got {cfg.images}")
     if not 96 <= cfg.image_size <= 1024:
         raise ValueError(f"--image-size must be in [96, 1024], got {cfg.image_size}")
-    if cfg.pair_kinds and cfg.scenes != "context":
-        raise ValueError("--pair-kinds chooses among the partners of context scenes; add --scenes context")
-    if cfg.pair_kinds:   # an unknown kind is said before anything is written
+    if cfg.pair_kinds:   # checked before anything is written
+        if cfg.scenes != "context":
+            raise ValueError("--pair-kinds chooses among the partners of context scenes; add --scenes context")
         from pipeline import demo_context
         demo_context.partner_kinds(cfg.pair_kinds)
     layout = Layout(Path(root), NAME)
