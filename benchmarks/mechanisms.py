@@ -36,12 +36,11 @@ import sys
 import torch
 from torchvision import ops
 
-from pipeline import shards
 from pipeline.config import HelpFormatter
 from pipeline.shards import ShardError
 from training import losses
 from training.checkpoint import CheckpointError
-from training.data import eval_loaders
+from training.data import eval_loaders, hard_negative_pairs
 from training.models.layers import masked_softmax
 from training.run import load_run
 
@@ -247,14 +246,14 @@ def pair_embeddings(run, images, texts, args) -> list[str]:
     of their embeddings, per kind, beside that of images drawn at random. A pair at cosine 1 is one
     point for the model, and no caption can score it apart."""
     model = run.model
-    layout = run.data.layout
-    if not layout.hard_negatives.exists():
+    table = hard_negative_pairs(run.data.layout)
+    if not table:
         return ["image embeddings of hard-negative pairs: the dataset has none"]
     with torch.no_grad():
         v = torch.nn.functional.normalize(torch.cat([model.encode_image(b) for b in images]), dim=-1)
     row = {iid: k for k, iid in enumerate(torch.cat([b.image_ids for b in images]).tolist())}
     by_kind: dict[str, list[float]] = {}
-    for r in shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist():
+    for r in table:
         if r["image_id"] in row and r["partner_id"] in row:
             by_kind.setdefault(r["kind"], []).append((v[row[r["image_id"]]] @ v[row[r["partner_id"]]]).item())
     shuffled = torch.randperm(len(v), generator=torch.Generator().manual_seed(0))
@@ -281,17 +280,20 @@ def _within(nodes: dict) -> float:
     return _mean(c for v in nodes.values() if len(v) > 1 for c in _real_cosines(v))
 
 
-def _layer_ends(model, layers, images) -> tuple[dict, dict]:
-    """Each image's real region nodes entering the first of ``layers`` and leaving the last."""
-    captured = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append((i[0], i[1], o))) for layer in layers]
+def _layer_ends(model, layers, images, each=None) -> tuple[dict, dict]:
+    """Each image's real region nodes entering the first of ``layers`` and leaving the last.
+    ``each(img, rounds)``, when given, sees every batch's (layer, input, mask, output) per layer."""
+    rounds = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: rounds.append((m, i[0], i[1], o))) for layer in layers]
     before, after = {}, {}
     try:
         with torch.no_grad():
             for img in images:
-                captured.clear()
+                rounds.clear()
                 model.encode_image(img)
-                first, last, mask = captured[0][0], captured[-1][2], img.region_mask
+                if each is not None:
+                    each(img, rounds)
+                first, last, mask = rounds[0][1], rounds[-1][3], img.region_mask
                 for i, iid in enumerate(img.image_ids.tolist()):
                     before[iid], after[iid] = first[i][mask[i]], last[i][mask[i]]
     finally:
@@ -314,28 +316,17 @@ def vreg_mixing(run, images, texts, args) -> list[str]:
     model = run.model
     if not model.cfg.vreg or not len(model.v_refine):
         return ["VReG: not in this run (vreg=false)"]
-    captured = []   # (layer, input nodes, mask, output nodes) of each refinement round
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append((m, i[0], i[1], o)))
-             for layer in model.v_refine]
     acc, ratios = [[] for _ in model.v_refine], [[] for _ in model.v_refine]
-    before, after = {}, {}   # image id -> its real region nodes before the first round, after the last
-    try:
-        with torch.no_grad():
-            for img in images:
-                captured.clear()
-                model.encode_image(img)
-                centres = (img.boxes[..., :2] + img.boxes[..., 2:]) / 2
-                groups = {"overlapping": box_iou(img.boxes) > 0, "near": torch.cdist(centres, centres) <= 0.3}
-                for k, (layer, x, mask, out) in enumerate(captured):
-                    logits = layer.query(x) @ layer.key(x).transpose(1, 2) / x.shape[-1] ** 0.5
-                    acc[k].append(attention_stats(masked_softmax(logits, mask[:, None, :]), mask, groups))
-                    ratios[k] += ((out - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-6))[mask].tolist()
-                first, last = captured[0][1], captured[-1][3]
-                for i, (iid, m) in enumerate(zip(img.image_ids.tolist(), img.region_mask)):
-                    before[iid], after[iid] = first[i][m], last[i][m]
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def round_stats(img, rounds):
+        centres = (img.boxes[..., :2] + img.boxes[..., 2:]) / 2
+        groups = {"overlapping": box_iou(img.boxes) > 0, "near": torch.cdist(centres, centres) <= 0.3}
+        for k, (layer, x, mask, out) in enumerate(rounds):
+            logits = layer.query(x) @ layer.key(x).transpose(1, 2) / x.shape[-1] ** 0.5
+            acc[k].append(attention_stats(masked_softmax(logits, mask[:, None, :]), mask, groups))
+            ratios[k] += ((out - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-6))[mask].tolist()
+
+    before, after = _layer_ends(model, model.v_refine, images, round_stats)
     lines = ["VReG's refinement rounds (ContextRefine): attention over the image's regions, mean over "
              "real regions; (uniform) = equal attention; update = |x_out - x_in| / |x_in|", "",
              "| round | regions | entropy | (uniform) | self | overlapping (uniform) | near (uniform) | update |",
@@ -347,18 +338,16 @@ def vreg_mixing(run, images, texts, args) -> list[str]:
                      f"{share('overlapping')} | {share('near')} | {_mean(ratios[k]):.3f} |")
     lines += ["", "| cosine | before VReG | after VReG |", "|---|---|---|",
               f"| two regions of one image (mean over pairs) | {_within(before):.3f} | {_within(after):.3f} |"]
-    layout = run.data.layout
-    if layout.hard_negatives.exists():   # the same box in an image and its attribute-swapped partner
-        pairs = [r for r in shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
-                 if r["kind"] == "attribute"
-                 and r["image_id"] in before and r["partner_id"] in before
-                 and len(before[r["image_id"]]) == len(before[r["partner_id"]])]
-        same_box = lambda nodes: _mean(  # noqa: E731
-            c for r in pairs for c in torch.nn.functional.cosine_similarity(
-                nodes[r["image_id"]], nodes[r["partner_id"]], dim=-1).tolist())
-        if pairs:
-            lines.append(f"| one box in an image and in its attribute-swapped partner ({len(pairs)} pairs) | "
-                         f"{same_box(before):.3f} | {same_box(after):.3f} |")
+    # the same box in an image and in its attribute-swapped partner
+    pairs = [r for r in hard_negative_pairs(run.data.layout) if r["kind"] == "attribute"
+             and r["image_id"] in before and r["partner_id"] in before
+             and len(before[r["image_id"]]) == len(before[r["partner_id"]])]
+    same_box = lambda nodes: _mean(  # noqa: E731
+        c for r in pairs for c in torch.nn.functional.cosine_similarity(
+            nodes[r["image_id"]], nodes[r["partner_id"]], dim=-1).tolist())
+    if pairs:
+        lines.append(f"| one box in an image and in its attribute-swapped partner ({len(pairs)} pairs) | "
+                     f"{same_box(before):.3f} | {same_box(after):.3f} |")
     return lines
 
 

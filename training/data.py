@@ -517,6 +517,14 @@ class PairedBatchSampler(torch.utils.data.Sampler):
         return len(self.order)
 
 
+def hard_negative_pairs(layout: Layout) -> list[dict]:
+    """The rows (image_id, partner_id, kind) of a dataset's ``hard_negatives.parquet``; none
+    when the dataset has no such file."""
+    if not layout.hard_negatives.exists():
+        return []
+    return shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
+
+
 def image_pairs(layout: Layout, image_ids, kinds: str) -> list[tuple[int, int]]:
     """The dataset's hard-negative pairs (``hard_negatives.parquet``) of the kinds named in
     ``kinds`` (comma-separated, or ``all``) whose two images are both in ``image_ids``, as index
@@ -524,7 +532,7 @@ def image_pairs(layout: Layout, image_ids, kinds: str) -> list[tuple[int, int]]:
     if not layout.hard_negatives.exists():
         raise ShardError(f"pair_batches={kinds}: dataset '{layout.name}' has no hard-negative pairs "
                          f"({layout.hard_negatives} does not exist)")
-    table = shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
+    table = hard_negative_pairs(layout)
     present = sorted({r["kind"] for r in table})
     wanted = set(present) if kinds == "all" else {k.strip() for k in kinds.split(",") if k.strip()}
     if not wanted or wanted - set(present):

@@ -44,7 +44,7 @@ from pipeline.shards import Layout, ShardError
 from training import models
 from training.checkpoint import CheckpointError
 from training.config import RunConfig
-from training.data import eval_loaders
+from training.data import eval_loaders, hard_negative_pairs
 from training.evaluation import (PROTOCOLS, compute_sims, hard_negative_accuracy, protocol_result,
                                  small_split_warning)
 from training.run import add_run_arguments, data_root, load_run, training_now
@@ -320,7 +320,7 @@ def hard_negative_results(scored: Scored, args, outcome: Outcome) -> dict:
         outcome.skip("--hard-negatives", f"the dataset has no hard-negative pairs ({layout.hard_negatives} "
                     "does not exist)")
         return {}
-    pairs = shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
+    pairs = hard_negative_pairs(layout)
     hn = hard_negative_accuracy(scored.sims, scored.image_ids, pairs, t2i_sims=scored.t2i_sims)
     for kind, r in hn.items():
         if isinstance(r, dict):

@@ -45,7 +45,7 @@ from pipeline.manifest import dataset_defaults
 from pipeline.shards import Layout, ShardError
 from training import plot
 from training.checkpoint import CheckpointError
-from training.data import ShardData, eval_loaders
+from training.data import ShardData, eval_loaders, hard_negative_pairs
 from training.evaluate import load_sims, sims_path
 from training.evaluation import (chance_metrics, compute_sims, hard_negative_accuracy, i2t_ranks,
                                  protocol_result, t2i_ranks)
@@ -351,12 +351,6 @@ def chance_size(entry: dict) -> int:
     return lo
 
 
-def hard_negatives(layout: Layout) -> list[dict]:
-    if not layout.hard_negatives.exists():
-        return []
-    return shards.read_table(layout.hard_negatives, "hard_negatives").to_pylist()
-
-
 def provenance(run: LoadedRun) -> dict:
     """Where the run's data comes from: per kind of shard it read, the config hash it recorded
     and what shards.json holds now; the extractor's weights and settings from the region shards'
@@ -418,7 +412,7 @@ def collect(run_dir, args) -> RunReport:
     run = load_run(run_dir, args.root, which=args.checkpoint, device=args.device, split=args.split)
     sims, sims_source = split_sims(run, args.split, args.batch_size, args.workers, args.device,
                                    progress=not getattr(args, "quiet", False))
-    pairs = hard_negatives(Layout(run.root, run.config.dataset))
+    pairs = hard_negative_pairs(Layout(run.root, run.config.dataset))
     ev, ev_source = evaluation(run, args.split, sims, pairs)
     metrics = run.dir / "metrics.csv"
     epochs = len(plot.read_metrics(run.dir)["epoch"]) if metrics.exists() else 0
