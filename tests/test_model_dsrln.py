@@ -339,3 +339,17 @@ def test_without_the_geometry_weight_only_the_interaction_term_is_left(data, ite
         for layer in inter.gisa:
             layer.geo_query.zero_()                                      # ... and is all that does
         torch.testing.assert_close(enc(inter, img), enc(inter, moved))
+
+
+def test_without_the_interaction_only_the_geometry_weight_is_left(data, items):
+    img = batch_of(items[:3]).image
+    moved = dataclasses.replace(img, boxes=torch.rand(img.boxes.shape).sort(-1).values)
+    enc = lambda m, i: m.encode_image(i).local  # noqa: E731
+    with torch.no_grad():
+        weight = make_model(data[1], grid_fusion=False, geometry_interaction=False)
+        assert all(layer.geo_query is None for layer in weight.gisa)
+        assert (enc(weight, img) - enc(weight, moved)).abs().max() > 1e-4   # the weight still sees boxes
+        for layer in weight.gisa:
+            layer.geo_weight.weight.zero_()                              # ... and is all that does:
+            layer.geo_weight.bias.fill_(1.0)                             # log relu(1) = 0 for every pair
+        torch.testing.assert_close(enc(weight, img), enc(weight, moved))

@@ -51,6 +51,7 @@ class DSRLNConfig(ModelConfig):
     # (relative_offsets) instead (docs/models.md, "dsrln")
     signed_geometry: bool = False
     geometry_weight: bool = True   # ablation: False keeps GISA's interaction term, drops log max(relu(w.E), eps)
+    geometry_interaction: bool = True  # ablation: False keeps GISA's geometry weight, drops q_i . U E_ij
     grid_fusion: bool = True       # ablation: False drops DIF (regions only; grid shards unused)
     # standardise the grid cells per channel, as the regions are (feature_norm): raw grid cells
     # share one large common component (mean pairwise cosine 0.94 on the context demo), so the
@@ -83,7 +84,8 @@ class GISALayer(nn.Module):
     with E_ij the sinusoidal embedding of the relative geometry of boxes i and j. Images whose
     boxes are unknown (``known`` False) get neither geometry term: plain self-attention."""
 
-    def __init__(self, dim: int, heads: int, geo_dim: int, dropout: float, weight: bool = True):
+    def __init__(self, dim: int, heads: int, geo_dim: int, dropout: float, weight: bool = True,
+                 interaction: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"embed_dim {dim} is not divisible by heads {heads}")
@@ -93,7 +95,8 @@ class GISALayer(nn.Module):
         self.geo_weight = nn.Linear(geo_dim, heads) if weight else None
         # U_h maps the geometry embedding into head h's query space; applied to q instead
         # (q_i . U_h E = (U_h^T q_i) . E) so that no [B, R, R, dim] tensor is ever built
-        self.geo_query = nn.Parameter(torch.randn(heads, self.dh, geo_dim) / math.sqrt(geo_dim))
+        self.geo_query = (nn.Parameter(torch.randn(heads, self.dh, geo_dim) / math.sqrt(geo_dim))
+                          if interaction else None)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(2 * dim, dim))
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -103,8 +106,10 @@ class GISALayer(nn.Module):
         b, r, d = x.shape
         q, k, v = (t.view(b, r, self.heads, self.dh).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
         logits = q @ k.transpose(-1, -2) / math.sqrt(self.dh)                       # [B, H, R, R]
-        qg = torch.einsum("bhid,hdg->bhig", q, self.geo_query)
-        geo_term = torch.einsum("bhig,bijg->bhij", qg, geo) / math.sqrt(self.dh)   # interaction
+        geo_term = torch.zeros_like(logits)
+        if self.geo_query is not None:                                             # interaction
+            qg = torch.einsum("bhid,hdg->bhig", q, self.geo_query)
+            geo_term = torch.einsum("bhig,bijg->bhij", qg, geo) / math.sqrt(self.dh)
         if self.geo_weight is not None:
             geo_w = F.relu(self.geo_weight(geo)).permute(0, 3, 1, 2)              # [B, H, R, R]
             geo_term = geo_term + torch.log(geo_w.clamp(min=1e-6))
@@ -186,7 +191,8 @@ class DSRLN(ITMModel):
         super().__init__(cfg, vocab)
         d = cfg.embed_dim
         self.img_fc = nn.Linear(cfg.feature_dim, d)
-        self.gisa = nn.ModuleList(GISALayer(d, cfg.heads, cfg.geo_dim, cfg.dropout, cfg.geometry_weight)
+        self.gisa = nn.ModuleList(GISALayer(d, cfg.heads, cfg.geo_dim, cfg.dropout, cfg.geometry_weight,
+                                            cfg.geometry_interaction)
                                   for _ in range(cfg.gisa_layers))
         self.grid_fc = nn.Linear(cfg.grid_dim, d) if cfg.grid_fusion else None
         self.dif = DIF(d, cfg.heads, cfg.dropout) if cfg.grid_fusion else None
