@@ -7,7 +7,10 @@ dsrln  DIF's gate g (the share of the region kept against its grid context, per 
        for the captions that name the image's background and for those that do not, and per
        image (some caption names its background, or none does); the demo's context build names
        backdrops; on other builds all captions form one group. How alike two regions of one
-       image are before GISA's first layer and after its last.
+       image are before GISA's first layer, after its last and leaving the encoder, and a region
+       whose box moves in an image and in its relation-swapped partner (the demo's hard-negative
+       pairs in the split). Per GISA layer: the share of region pairs relation networks' weight
+       masks (relu(w.E) <= 1e-6), and the attention's entropy with and without the geometry.
 cimn   FRR's potential-relation attention, per tower and layer: its entropy against that of
        uniform attention over the same nodes, the share on the node itself, on overlapping boxes
        (IoU > 0) and on nearby boxes (centres at most ``box_sigma`` apart), each beside the share
@@ -41,6 +44,7 @@ from pipeline.shards import ShardError
 from training import losses
 from training.checkpoint import CheckpointError
 from training.data import eval_loaders, hard_negative_pairs
+from training.models.dsrln import GEO_EPS
 from training.models.layers import masked_softmax
 from training.run import load_run
 
@@ -282,9 +286,9 @@ def _within(nodes: dict) -> float:
 
 def _layer_ends(model, layers, images, each=None) -> tuple[dict, dict]:
     """Each image's real region nodes entering the first of ``layers`` and leaving the last.
-    ``each(img, rounds)``, when given, sees every batch's (layer, input, mask, output) per layer."""
+    ``each(img, rounds)``, when given, sees every batch's (layer, inputs, output) per layer."""
     rounds = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: rounds.append((m, i[0], i[1], o))) for layer in layers]
+    hooks = [layer.register_forward_hook(lambda m, i, o: rounds.append((m, i, o))) for layer in layers]
     before, after = {}, {}
     try:
         with torch.no_grad():
@@ -293,7 +297,7 @@ def _layer_ends(model, layers, images, each=None) -> tuple[dict, dict]:
                 model.encode_image(img)
                 if each is not None:
                     each(img, rounds)
-                first, last, mask = rounds[0][1], rounds[-1][3], img.region_mask
+                first, last, mask = rounds[0][1][0], rounds[-1][2], img.region_mask
                 for i, iid in enumerate(img.image_ids.tolist()):
                     before[iid], after[iid] = first[i][mask[i]], last[i][mask[i]]
     finally:
@@ -302,14 +306,96 @@ def _layer_ends(model, layers, images, each=None) -> tuple[dict, dict]:
     return before, after
 
 
+def partner_cosines(run, kind: str, stages: list[dict], boxes: dict | None = None) -> tuple[int, list[float]]:
+    """Mean cosine of a region in an image and the same region in its ``kind`` partner (the
+    split's hard-negative pairs whose two images have as many regions), for each stage's nodes
+    (image id -> [regions, D]); with ``boxes`` (image id -> [regions, 4]), only the regions whose
+    box moved between the two images. Returns the number of pairs and a cosine per stage."""
+    first = stages[0]
+    pairs = [r for r in hard_negative_pairs(run.data.layout) if r["kind"] == kind
+             and r["image_id"] in first and r["partner_id"] in first
+             and len(first[r["image_id"]]) == len(first[r["partner_id"]])]
+    cosines = [[] for _ in stages]
+    for r in pairs:
+        a, b = r["image_id"], r["partner_id"]
+        keep = (boxes[a] - boxes[b]).abs().amax(-1) > 1e-3 if boxes is not None else slice(None)
+        for out, nodes in zip(cosines, stages):
+            out += torch.nn.functional.cosine_similarity(nodes[a][keep], nodes[b][keep], dim=-1).tolist()
+    return len(pairs), [_mean(c) for c in cosines]
+
+
 def gisa_mixing(run, images, texts, args) -> list[str]:
     model = run.model
     if not len(model.gisa):
         return ["GISA: no layers in this run"]
     before, after = _layer_ends(model, model.gisa, images)
-    return ["GISA: how alike two regions of one image are before its first layer and after its "
-            "last", "", "| cosine | before GISA | after GISA |", "|---|---|---|",
-            f"| two regions of one image (mean over pairs) | {_within(before):.3f} | {_within(after):.3f} |"]
+    encoded, boxes = {}, {}
+    with torch.no_grad():
+        for img in images:
+            local = model.encode_image(img).local
+            for i, iid in enumerate(img.image_ids.tolist()):
+                encoded[iid], boxes[iid] = local[i][img.region_mask[i]], img.boxes[i][img.region_mask[i]]
+    lines = ["GISA: how alike two regions of one image are before its first layer and after its "
+             "last; a region whose box moves, in an image and in its relation-swapped partner, "
+             "before GISA, after it and leaving the image encoder (after DIF)", "",
+             "| cosine | before GISA | after GISA | encoder output |", "|---|---|---|---|",
+             f"| two regions of one image (mean over pairs) | {_within(before):.3f} | {_within(after):.3f} "
+             f"| {_within(encoded):.3f} |"]
+    n, cos = partner_cosines(run, "relation", [before, after, encoded], boxes)
+    if n:
+        lines.append(f"| a moved box, image and relation-swapped partner ({n} pairs) | "
+                     + " | ".join(f"{c:.3f}" for c in cos) + " |")
+    return lines
+
+
+def gisa_attention(run, images, texts, args) -> list[str]:
+    """Per GISA layer, over its heads: where relation networks' weight masks a region pair
+    (relu(w . E) at or under the floor: log 1e-6 = -13.8 on the logit), and how spread the
+    attention is with the geometry terms and with the appearance logits alone."""
+    model = run.model
+    if not len(model.gisa) or not model.cfg.box_geometry:
+        return ["GISA's geometry: not in this run (no layers, or box_geometry=false)"]
+    att = [{"full": [], "appearance": []} for _ in model.gisa]
+    counts = [dict.fromkeys(("pairs", "masked", "rows", "self", "alone"), 0) for _ in model.gisa]
+
+    def layer_stats(img, rounds):
+        for k, (layer, (x, mask, geo, known), _) in enumerate(rounds):
+            b, r, _ = x.shape
+            q, key, _ = layer.heads_of(x)
+            known = known.to(torch.bool) & model.cfg.box_geometry
+            appearance, geo_term = layer.logits(q, key, geo, known)
+            rows = (mask & known[:, None]).unsqueeze(1).expand(b, layer.heads, r).reshape(-1, r)
+            for name, logits in (("full", appearance + geo_term), ("appearance", appearance)):
+                a = masked_softmax(logits, mask[:, None, None, :]).reshape(-1, r, r)
+                att[k][name].append(attention_stats(a, rows, {}))
+            if layer.geo_weight is None:
+                continue
+            masked = (layer.geometry_weight(geo) <= GEO_EPS).reshape(-1, r, r)[rows]     # [rows, R]
+            real = mask[:, None, None, :].expand(b, layer.heads, r, r).reshape(-1, r, r)[rows]
+            eye = torch.eye(r, dtype=torch.bool).expand(b * layer.heads, r, r)[rows]
+            others = real & ~eye
+            c = counts[k]
+            c["pairs"] += int(others.sum())
+            c["masked"] += int((masked & others).sum())
+            c["rows"] += len(real)
+            c["self"] += int((masked & eye).any(-1).sum())
+            c["alone"] += int(((masked | ~others).all(-1) & others.any(-1)).sum())
+
+    _layer_ends(model, model.gisa, images, layer_stats)
+    lines = ["GISA's attention per layer, over heads and real regions: relation networks' weight "
+             "relu(w.E) masks a pair where it is at most 1e-6 (logit -13.8); the attention's entropy "
+             "and share on the region itself, with the geometry terms and with the appearance logits "
+             "alone", "",
+             "| layer | pairs of two regions masked | self masked | rows that see no other region "
+             "| entropy | appearance alone | (uniform) | self | appearance alone |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k, (a, c) in enumerate(zip(att, counts)):
+        full, app = _merge(a["full"]), _merge(a["appearance"])
+        weight = ([f"{c['masked'] / max(c['pairs'], 1):.3f}", f"{c['self'] / max(c['rows'], 1):.3f}",
+                   f"{c['alone'] / max(c['rows'], 1):.3f}"] if c["rows"] else ["no weight"] * 3)
+        lines.append(f"| {k + 1} | {' | '.join(weight)} | {full['entropy']:.3f} | {app['entropy']:.3f} | "
+                     f"{full['uniform']:.3f} | {full['self']:.3f} | {app['self']:.3f} |")
+    return lines
 
 
 def vreg_mixing(run, images, texts, args) -> list[str]:
@@ -321,7 +407,7 @@ def vreg_mixing(run, images, texts, args) -> list[str]:
     def round_stats(img, rounds):
         centres = (img.boxes[..., :2] + img.boxes[..., 2:]) / 2
         groups = {"overlapping": box_iou(img.boxes) > 0, "near": torch.cdist(centres, centres) <= 0.3}
-        for k, (layer, x, mask, out) in enumerate(rounds):
+        for k, (layer, (x, mask), out) in enumerate(rounds):
             logits = layer.query(x) @ layer.key(x).transpose(1, 2) / x.shape[-1] ** 0.5
             acc[k].append(attention_stats(masked_softmax(logits, mask[:, None, :]), mask, groups))
             ratios[k] += ((out - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-6))[mask].tolist()
@@ -338,20 +424,14 @@ def vreg_mixing(run, images, texts, args) -> list[str]:
                      f"{share('overlapping')} | {share('near')} | {_mean(ratios[k]):.3f} |")
     lines += ["", "| cosine | before VReG | after VReG |", "|---|---|---|",
               f"| two regions of one image (mean over pairs) | {_within(before):.3f} | {_within(after):.3f} |"]
-    # the same box in an image and in its attribute-swapped partner
-    pairs = [r for r in hard_negative_pairs(run.data.layout) if r["kind"] == "attribute"
-             and r["image_id"] in before and r["partner_id"] in before
-             and len(before[r["image_id"]]) == len(before[r["partner_id"]])]
-    same_box = lambda nodes: _mean(  # noqa: E731
-        c for r in pairs for c in torch.nn.functional.cosine_similarity(
-            nodes[r["image_id"]], nodes[r["partner_id"]], dim=-1).tolist())
-    if pairs:
-        lines.append(f"| one box in an image and in its attribute-swapped partner ({len(pairs)} pairs) | "
-                     f"{same_box(before):.3f} | {same_box(after):.3f} |")
+    n, (cos_before, cos_after) = partner_cosines(run, "attribute", [before, after])
+    if n:
+        lines.append(f"| one box in an image and in its attribute-swapped partner ({n} pairs) | "
+                     f"{cos_before:.3f} | {cos_after:.3f} |")
     return lines
 
 
-DIAGNOSTICS = {"dsrln": [dif_gate, gisa_mixing], "cimn": [frr_attention, gravitation, pair_embeddings],
+DIAGNOSTICS = {"dsrln": [dif_gate, gisa_mixing, gisa_attention], "cimn": [frr_attention, gravitation, pair_embeddings],
                "resg": [vreg_mixing]}
 
 

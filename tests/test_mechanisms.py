@@ -4,6 +4,7 @@ the diagnostics of tiny trained cimn and dsrln runs."""
 import math
 import re
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 
 from pipeline.shards import VOCAB_SPECIALS, Vocabulary
 from training import train
+from training.data import eval_loaders
+from training.run import load_run
 from training.data import collate_text
 from training.synthetic import make_dataset
 
@@ -60,6 +63,21 @@ def test_captions_split_by_naming_the_background():
     assert groups == {"names the background": [(0, 0), (3, 1)], "does not": [(1, 0), (2, 1)]}
     flat = mechanisms.caption_groups(vocab, texts, set())
     assert list(flat) == ["all captions (none names a background)"] and len(flat[next(iter(flat))]) == 4
+
+
+def test_partner_cosines_by_hand(monkeypatch):
+    monkeypatch.setattr(mechanisms, "hard_negative_pairs", lambda layout: [
+        {"image_id": 0, "partner_id": 1, "kind": "relation"},
+        {"image_id": 0, "partner_id": 9, "kind": "relation"},      # partner not in the split: skipped
+        {"image_id": 2, "partner_id": 3, "kind": "attribute"}])
+    run = SimpleNamespace(data=SimpleNamespace(layout=None))
+    nodes = {0: torch.tensor([[1., 0.], [0., 1.]]), 1: torch.tensor([[0., 2.], [0., 1.]]),
+             2: torch.tensor([[1., 1.]]), 3: torch.tensor([[1., -1.]])}
+    boxes = {0: torch.tensor([[0., 0., .1, .1], [.5, .5, .6, .6]]),
+             1: torch.tensor([[.3, 0., .4, .1], [.5, .5, .6, .6]])}     # box 0 moved, box 1 did not
+    assert mechanisms.partner_cosines(run, "relation", [nodes]) == (1, [pytest.approx(0.5)])
+    assert mechanisms.partner_cosines(run, "relation", [nodes, nodes], boxes) == (1, [0.0, 0.0])
+    assert mechanisms.partner_cosines(run, "attribute", [nodes]) == (1, [0.0])
 
 
 def table_rows(text: str, first: str) -> list[list[str]]:
@@ -115,7 +133,27 @@ def test_cimn_and_dsrln_runs(tmp_path, capsys, monkeypatch):
     assert sum(int(r[1]) for r in captions) == 6 * 5 and all(int(r[1]) for r in captions)
     assert sum(int(r[1]) for r in images) == 6
     gisa = table_rows(out, "two regions")
-    assert len(gisa) == 1 and all(-1 <= float(c) <= 1 for c in gisa[0][1:])
+    assert len(gisa) == 1 and len(gisa[0]) == 4 and all(-1 <= float(c) <= 1 for c in gisa[0][1:])
+    layer = table_rows(out, "1")
+    assert len(layer) == 1
+    masked, self_masked, alone, entropy, appearance, uniform = (float(c) for c in layer[0][1:7])
+    assert 0 <= masked <= 1 and 0 <= self_masked <= 1 and 0 <= alone <= 1
+    assert 0 <= entropy <= uniform + 1e-6 and 0 <= appearance <= uniform + 1e-6
+    # relation networks' weight at its extremes: every pair masked, or none
+    run = load_run(str(tmp_path / "dsrln"), str(root), split="val")
+    images = [b.to("cpu") for b in eval_loaders(run.data, 32)[0]]
+    for bias, share in ((-100.0, 1.0), (100.0, 0.0)):
+        with torch.no_grad():
+            for gisa_layer in run.model.gisa:
+                gisa_layer.geo_weight.weight.zero_()
+                gisa_layer.geo_weight.bias.fill_(bias)
+        row = table_rows("\n".join(mechanisms.gisa_attention(run, images, None, None)), "1")[0]
+        assert [float(c) for c in row[1:4]] == [share] * 3
+    with torch.no_grad():
+        for gisa_layer in run.model.gisa:
+            gisa_layer.geo_query.zero_()    # no interaction either: the appearance logits alone
+    row = table_rows("\n".join(mechanisms.gisa_attention(run, images, None, None)), "1")[0]
+    assert row[4] == row[5] and row[7] == row[8]
 
     assert train.main(["--model", "resg", "--dataset", "synth", "--root", str(root),
                        "--out", str(tmp_path / "resg"), *small]) == 0

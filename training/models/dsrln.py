@@ -74,6 +74,9 @@ def sinusoid(x: torch.Tensor, dim: int, wave: float = 1000.0) -> torch.Tensor:
     return torch.cat([arg.sin(), arg.cos()], -1).flatten(-2)      # [..., 8 n]
 
 
+GEO_EPS = 1e-6   # relation networks' floor of the geometry weight: log 1e-6 = -13.8 masks a pair
+
+
 class GISALayer(nn.Module):
     """One transformer layer over regions whose attention logits add, per head h,
 
@@ -102,19 +105,32 @@ class GISALayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask, geo, known):
-        b, r, d = x.shape
-        q, k, v = (t.view(b, r, self.heads, self.dh).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
-        logits = q @ k.transpose(-1, -2) / math.sqrt(self.dh)                       # [B, H, R, R]
-        geo_term = torch.zeros_like(logits)
+    def heads_of(self, x):
+        """q, k, v [B, H, R, d_h] of the regions x [B, R, D]."""
+        b, r, _ = x.shape
+        return (t.view(b, r, self.heads, self.dh).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+
+    def geometry_weight(self, geo):
+        """relu(w_h . E_ij) [B, H, R, R]: relation networks' weight, entering as log max(., eps)."""
+        return F.relu(self.geo_weight(geo)).permute(0, 3, 1, 2)
+
+    def logits(self, q, k, geo, known):
+        """The appearance logits and the geometry terms (weight + interaction, 0 for images
+        whose boxes are unknown), [B, H, R, R] each."""
+        appearance = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
+        geo_term = torch.zeros_like(appearance)
         if self.geo_query is not None:                                             # interaction
             qg = torch.einsum("bhid,hdg->bhig", q, self.geo_query)
             geo_term = torch.einsum("bhig,bijg->bhij", qg, geo) / math.sqrt(self.dh)
         if self.geo_weight is not None:
-            geo_w = F.relu(self.geo_weight(geo)).permute(0, 3, 1, 2)              # [B, H, R, R]
-            geo_term = geo_term + torch.log(geo_w.clamp(min=1e-6))
-        logits = logits + torch.where(known[:, None, None, None], geo_term, 0)
-        att = self.drop(masked_softmax(logits, mask[:, None, None, :]))
+            geo_term = geo_term + torch.log(self.geometry_weight(geo).clamp(min=GEO_EPS))
+        return appearance, torch.where(known[:, None, None, None], geo_term, 0)
+
+    def forward(self, x, mask, geo, known):
+        b, r, d = x.shape
+        q, k, v = self.heads_of(x)
+        appearance, geo_term = self.logits(q, k, geo, known)
+        att = self.drop(masked_softmax(appearance + geo_term, mask[:, None, None, :]))
         y = (att @ v).transpose(1, 2).reshape(b, r, d)
         x = self.norm1(x + self.drop(self.out(y)))
         return self.norm2(x + self.drop(self.ffn(x)))
