@@ -10,7 +10,8 @@ dsrln  DIF's gate g (the share of the region kept against its grid context, per 
        image are before GISA's first layer, after its last and leaving the encoder, and a region
        whose box moves in an image and in its relation-swapped partner (the demo's hard-negative
        pairs in the split). Per GISA layer: the share of region pairs relation networks' weight
-       masks (relu(w.E) <= 1e-6), and the attention's entropy with and without the geometry.
+       masks (relu(w.E) at most its floor, 1e-6 by default), and the attention's entropy with and
+       without the geometry.
 cimn   FRR's potential-relation attention, per tower and layer: its entropy against that of
        uniform attention over the same nodes, the share on the node itself, on overlapping boxes
        (IoU > 0) and on nearby boxes (centres at most ``box_sigma`` apart), each beside the share
@@ -44,7 +45,6 @@ from pipeline.shards import ShardError
 from training import losses
 from training.checkpoint import CheckpointError
 from training.data import eval_loaders, hard_negative_pairs
-from training.models.dsrln import GEO_EPS
 from training.models.layers import masked_softmax
 from training.run import load_run
 
@@ -350,7 +350,7 @@ def gisa_mixing(run, images, texts, args) -> list[str]:
 
 def gisa_attention(run, images, texts, args) -> list[str]:
     """Per GISA layer, over its heads: where relation networks' weight masks a region pair
-    (relu(w . E) at or under the floor: log 1e-6 = -13.8 on the logit), and how spread the
+    (relu(w . E) at or under its floor: log 1e-6 = -13.8 on the logit), and how spread the
     attention is with the geometry terms and with the appearance logits alone."""
     model = run.model
     if not len(model.gisa) or not model.cfg.box_geometry:
@@ -370,7 +370,7 @@ def gisa_attention(run, images, texts, args) -> list[str]:
                 att[k][name].append(attention_stats(a, rows, {}))
             if layer.geo_weight is None:
                 continue
-            masked = (layer.geometry_weight(geo) <= GEO_EPS).reshape(-1, r, r)[rows]     # [rows, R]
+            masked = (layer.geometry_weight(geo) <= layer.floor).reshape(-1, r, r)[rows]     # [rows, R]
             real = mask[:, None, None, :].expand(b, layer.heads, r, r).reshape(-1, r, r)[rows]
             eye = torch.eye(r, dtype=torch.bool).expand(b * layer.heads, r, r)[rows]
             others = real & ~eye
@@ -383,7 +383,8 @@ def gisa_attention(run, images, texts, args) -> list[str]:
 
     _layer_ends(model, model.gisa, images, layer_stats)
     lines = ["GISA's attention per layer, over heads and real regions: relation networks' weight "
-             "relu(w.E) masks a pair where it is at most 1e-6 (logit -13.8); the attention's entropy "
+             f"relu(w.E) masks a pair where it is at most geometry_floor = {model.cfg.geometry_floor:g} "
+             f"(logit {math.log(model.cfg.geometry_floor):.1f}); the attention's entropy "
              "and share on the region itself, with the geometry terms and with the appearance logits "
              "alone", "",
              "| layer | pairs of two regions masked | self masked | rows that see no other region "

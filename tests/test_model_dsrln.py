@@ -353,3 +353,20 @@ def test_without_the_interaction_only_the_geometry_weight_is_left(data, items):
             layer.geo_weight.weight.zero_()                              # ... and is all that does:
             layer.geo_weight.bias.fill_(1.0)                             # log relu(1) = 0 for every pair
         torch.testing.assert_close(enc(weight, img), enc(weight, moved))
+
+
+def test_the_geometry_floor_is_the_logit_of_a_masked_pair(data, items):
+    img = batch_of(items[:2]).image
+    for floor in (1e-6, 0.1):
+        model = make_model(data[1], grid_fusion=False, geometry_floor=floor, geometry_interaction=False)
+        layer = model.gisa[0]
+        with torch.no_grad():
+            layer.geo_weight.weight.zero_()
+            layer.geo_weight.bias.fill_(-1.0)                            # relu(w.E) = 0: every pair masked
+            x = model.img_fc(model.regions(img))
+            q, k, _ = layer.heads_of(x)
+            geo = torch.zeros(*x.shape[:2], x.shape[1], model.cfg.geo_dim)
+            appearance, geo_term = layer.logits(q, k, geo, torch.ones(len(x), dtype=torch.bool))
+        torch.testing.assert_close(geo_term, torch.full_like(geo_term, math.log(floor)))
+    with pytest.raises(ValueError, match="geometry_floor"):
+        make_model(data[1], geometry_floor=0.0)

@@ -52,6 +52,9 @@ class DSRLNConfig(ModelConfig):
     signed_geometry: bool = False
     geometry_weight: bool = True   # ablation: False keeps GISA's interaction term, drops log max(relu(w.E), eps)
     geometry_interaction: bool = True  # ablation: False keeps GISA's geometry weight, drops q_i . U E_ij
+    # relation networks' floor of the weight: a pair whose relu(w.E) is under it gets the logit
+    # log(floor), -13.8 at 1e-6, which takes it out of the head (docs/models.md, "dsrln")
+    geometry_floor: float = 1e-6
     grid_fusion: bool = True       # ablation: False drops DIF (regions only; grid shards unused)
     # standardise the grid cells per channel, as the regions are (feature_norm): raw grid cells
     # share one large common component (mean pairwise cosine 0.94 on the context demo), so the
@@ -74,24 +77,24 @@ def sinusoid(x: torch.Tensor, dim: int, wave: float = 1000.0) -> torch.Tensor:
     return torch.cat([arg.sin(), arg.cos()], -1).flatten(-2)      # [..., 8 n]
 
 
-GEO_EPS = 1e-6   # relation networks' floor of the geometry weight: log 1e-6 = -13.8 masks a pair
-
-
 class GISALayer(nn.Module):
     """One transformer layer over regions whose attention logits add, per head h,
 
         appearance   q_i . k_j / sqrt(d_h)
-        geometry     log max(relu(w_h . E_ij), eps)          (relation networks)
+        geometry     log max(relu(w_h . E_ij), floor)        (relation networks; floor 1e-6)
         interaction  q_i . (U_h E_ij) / sqrt(d_h)            (appearance query x geometry)
 
     with E_ij the sinusoidal embedding of the relative geometry of boxes i and j. Images whose
     boxes are unknown (``known`` False) get neither geometry term: plain self-attention."""
 
     def __init__(self, dim: int, heads: int, geo_dim: int, dropout: float, weight: bool = True,
-                 interaction: bool = True):
+                 interaction: bool = True, floor: float = 1e-6):
         super().__init__()
         if dim % heads:
             raise ValueError(f"embed_dim {dim} is not divisible by heads {heads}")
+        if not floor > 0:
+            raise ValueError(f"geometry_floor {floor} must be > 0: its log is the logit of a masked pair")
+        self.floor = floor
         self.heads, self.dh = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -123,7 +126,7 @@ class GISALayer(nn.Module):
             qg = torch.einsum("bhid,hdg->bhig", q, self.geo_query)
             geo_term = torch.einsum("bhig,bijg->bhij", qg, geo) / math.sqrt(self.dh)
         if self.geo_weight is not None:
-            geo_term = geo_term + torch.log(self.geometry_weight(geo).clamp(min=GEO_EPS))
+            geo_term = geo_term + torch.log(self.geometry_weight(geo).clamp(min=self.floor))
         return appearance, torch.where(known[:, None, None, None], geo_term, 0)
 
     def forward(self, x, mask, geo, known):
@@ -208,7 +211,7 @@ class DSRLN(ITMModel):
         d = cfg.embed_dim
         self.img_fc = nn.Linear(cfg.feature_dim, d)
         self.gisa = nn.ModuleList(GISALayer(d, cfg.heads, cfg.geo_dim, cfg.dropout, cfg.geometry_weight,
-                                            cfg.geometry_interaction)
+                                            cfg.geometry_interaction, cfg.geometry_floor)
                                   for _ in range(cfg.gisa_layers))
         self.grid_fc = nn.Linear(cfg.grid_dim, d) if cfg.grid_fusion else None
         self.dif = DIF(d, cfg.heads, cfg.dropout) if cfg.grid_fusion else None
