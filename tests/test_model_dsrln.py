@@ -328,31 +328,29 @@ def test_signed_geometry_tells_left_from_right(data, items):
         torch.testing.assert_close(enc(off, img), enc(off, swapped))   # box_geometry=False: no geometry
 
 
-def test_without_the_geometry_weight_only_the_interaction_term_is_left(data, items):
+def _silence_interaction(layer):
+    layer.geo_query.zero_()
+
+
+def _silence_weight(layer):
+    layer.geo_weight.weight.zero_()
+    layer.geo_weight.bias.fill_(1.0)                                     # log relu(1) = 0 for every pair
+
+
+@pytest.mark.parametrize("switch, dropped, silence", [
+    ({"geometry_weight": False}, "geo_weight", _silence_interaction),        # the interaction term alone
+    ({"geometry_interaction": False}, "geo_query", _silence_weight)])       # the weight alone
+def test_each_geometry_term_alone(data, items, switch, dropped, silence):
     img = batch_of(items[:3]).image
     moved = dataclasses.replace(img, boxes=torch.rand(img.boxes.shape).sort(-1).values)
     enc = lambda m, i: m.encode_image(i).local  # noqa: E731
     with torch.no_grad():
-        inter = make_model(data[1], grid_fusion=False, geometry_weight=False)
-        assert all(layer.geo_weight is None for layer in inter.gisa)
-        assert (enc(inter, img) - enc(inter, moved)).abs().max() > 1e-4   # the interaction still sees boxes
-        for layer in inter.gisa:
-            layer.geo_query.zero_()                                      # ... and is all that does
-        torch.testing.assert_close(enc(inter, img), enc(inter, moved))
-
-
-def test_without_the_interaction_only_the_geometry_weight_is_left(data, items):
-    img = batch_of(items[:3]).image
-    moved = dataclasses.replace(img, boxes=torch.rand(img.boxes.shape).sort(-1).values)
-    enc = lambda m, i: m.encode_image(i).local  # noqa: E731
-    with torch.no_grad():
-        weight = make_model(data[1], grid_fusion=False, geometry_interaction=False)
-        assert all(layer.geo_query is None for layer in weight.gisa)
-        assert (enc(weight, img) - enc(weight, moved)).abs().max() > 1e-4   # the weight still sees boxes
-        for layer in weight.gisa:
-            layer.geo_weight.weight.zero_()                              # ... and is all that does:
-            layer.geo_weight.bias.fill_(1.0)                             # log relu(1) = 0 for every pair
-        torch.testing.assert_close(enc(weight, img), enc(weight, moved))
+        model = make_model(data[1], grid_fusion=False, **switch)
+        assert all(getattr(layer, dropped) is None for layer in model.gisa)
+        assert (enc(model, img) - enc(model, moved)).abs().max() > 1e-4   # the term left still sees boxes
+        for layer in model.gisa:
+            silence(layer)                                               # ... and is all that does
+        torch.testing.assert_close(enc(model, img), enc(model, moved))
 
 
 def test_the_geometry_floor_is_the_logit_of_a_masked_pair(data, items):
