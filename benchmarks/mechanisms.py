@@ -306,6 +306,11 @@ def _layer_ends(model, layers, images, each=None) -> tuple[dict, dict]:
     return before, after
 
 
+def moved(boxes: dict, a: int, b: int) -> torch.Tensor:
+    """Which regions' boxes differ between images ``a`` and ``b`` (as many regions in each)."""
+    return (boxes[a] - boxes[b]).abs().amax(-1) > 1e-3
+
+
 def partner_cosines(run, kind: str, stages: list[dict], boxes: dict | None = None) -> tuple[int, list[float]]:
     """Mean cosine of a region in an image and the same region in its ``kind`` partner (the
     split's hard-negative pairs whose two images have as many regions), for each stage's nodes
@@ -318,7 +323,7 @@ def partner_cosines(run, kind: str, stages: list[dict], boxes: dict | None = Non
     cosines = [[] for _ in stages]
     for r in pairs:
         a, b = r["image_id"], r["partner_id"]
-        keep = (boxes[a] - boxes[b]).abs().amax(-1) > 1e-3 if boxes is not None else slice(None)
+        keep = moved(boxes, a, b) if boxes is not None else slice(None)
         for out, nodes in zip(cosines, stages):
             out += torch.nn.functional.cosine_similarity(nodes[a][keep], nodes[b][keep], dim=-1).tolist()
     return len(pairs), [_mean(c) for c in cosines]
@@ -350,13 +355,16 @@ def gisa_mixing(run, images, texts, args) -> list[str]:
 
 def gisa_attention(run, images, texts, args) -> list[str]:
     """Per GISA layer, over its heads: where relation networks' weight masks a region pair
-    (relu(w . E) at or under its floor: log 1e-6 = -13.8 on the logit), and how spread the
-    attention is with the geometry terms and with the appearance logits alone."""
+    (relu(w . E) at or under its floor: log 1e-6 = -13.8 on the logit), how spread the attention
+    is with the geometry terms and with the appearance logits alone, and in relation-swapped
+    pairs, how much of a moved box's attention goes to the other moved box."""
     model = run.model
-    if not len(model.gisa) or not model.cfg.box_geometry:
-        return ["GISA's geometry: not in this run (no layers, or box_geometry=false)"]
+    if not len(model.gisa):
+        return ["GISA: no layers in this run"]
     att = [{"full": [], "appearance": []} for _ in model.gisa]
     counts = [dict.fromkeys(("pairs", "masked", "rows", "self", "alone"), 0) for _ in model.gisa]
+    per_image = [{} for _ in model.gisa]      # image id -> (attention, share of heads masking) [R, R]
+    boxes = {}
 
     def layer_stats(img, rounds):
         for k, (layer, (x, mask, geo, known), _) in enumerate(rounds):
@@ -364,13 +372,22 @@ def gisa_attention(run, images, texts, args) -> list[str]:
             q, key, _ = layer.heads_of(x)
             known = known.to(torch.bool) & model.cfg.box_geometry
             appearance, geo_term = layer.logits(q, key, geo, known)
-            rows = (mask & known[:, None]).unsqueeze(1).expand(b, layer.heads, r).reshape(-1, r)
-            for name, logits in (("full", appearance + geo_term), ("appearance", appearance)):
-                a = masked_softmax(logits, mask[:, None, None, :]).reshape(-1, r, r)
-                att[k][name].append(attention_stats(a, rows, {}))
-            if layer.geo_weight is None:
+            rows = mask.unsqueeze(1).expand(b, layer.heads, r).reshape(-1, r)
+            full = masked_softmax(appearance + geo_term, mask[:, None, None, :])               # [B, H, R, R]
+            att[k]["full"].append(attention_stats(full.reshape(-1, r, r), rows, {}))
+            att[k]["appearance"].append(attention_stats(
+                masked_softmax(appearance, mask[:, None, None, :]).reshape(-1, r, r), rows, {}))
+            weighed = layer.geo_weight is not None and bool(known.any())
+            masked = ((layer.geometry_weight(geo) <= layer.floor) & known[:, None, None, None] if weighed
+                      else torch.zeros_like(full, dtype=torch.bool))
+            for i, iid in enumerate(img.image_ids.tolist()):
+                m = mask[i]
+                per_image[k][iid] = (full[i].mean(0)[m][:, m], masked[i].float().mean(0)[m][:, m])
+                boxes[iid] = img.boxes[i][m]
+            if not weighed:
                 continue
-            masked = (layer.geometry_weight(geo) <= layer.floor).reshape(-1, r, r)[rows]     # [rows, R]
+            rows = (rows.view(b, layer.heads, r) & known[:, None, None]).reshape(-1, r)
+            masked = masked.reshape(-1, r, r)[rows]                                              # [rows, R]
             real = mask[:, None, None, :].expand(b, layer.heads, r, r).reshape(-1, r, r)[rows]
             eye = torch.eye(r, dtype=torch.bool).expand(b * layer.heads, r, r)[rows]
             others = real & ~eye
@@ -396,6 +413,25 @@ def gisa_attention(run, images, texts, args) -> list[str]:
                    f"{c['alone'] / max(c['rows'], 1):.3f}"] if c["rows"] else ["no weight"] * 3)
         lines.append(f"| {k + 1} | {' | '.join(weight)} | {full['entropy']:.3f} | {app['entropy']:.3f} | "
                      f"{full['uniform']:.3f} | {full['self']:.3f} | {app['self']:.3f} |")
+    # the two objects that trade places in a relation swap: does one attend to the other?
+    pairs = [(r["image_id"], r["partner_id"]) for r in hard_negative_pairs(run.data.layout)
+             if r["kind"] == "relation" and r["image_id"] in boxes and r["partner_id"] in boxes
+             and len(boxes[r["image_id"]]) == len(boxes[r["partner_id"]])]
+    focus = [(iid, *moved(boxes, a, b).nonzero().flatten().tolist()) for a, b in pairs for iid in (a, b)]
+    focus = [f for f in focus if len(f) == 3]
+    if focus:
+        lines += ["", f"A moved box of a relation-swapped pair ({len(focus)} images, two moved boxes each), "
+                  "mean over heads", "",
+                  "| layer | attention on the other moved box | on itself | heads masking the two |",
+                  "|---|---|---|---|"]
+        for k, images_k in enumerate(per_image):
+            other, own, mask_share = [], [], []
+            for iid, i, j in focus:
+                a, m = images_k[iid]
+                other += [a[i, j].item(), a[j, i].item()]
+                own += [a[i, i].item(), a[j, j].item()]
+                mask_share += [m[i, j].item(), m[j, i].item()]
+            lines.append(f"| {k + 1} | {_mean(other):.3f} | {_mean(own):.3f} | {_mean(mask_share):.3f} |")
     return lines
 
 

@@ -1,6 +1,7 @@
 """benchmarks/mechanisms.py: the attention statistics on a hand-made graph, the caption split, and
 the diagnostics of tiny trained cimn and dsrln runs."""
 
+import dataclasses
 import math
 import re
 import sys
@@ -139,21 +140,33 @@ def test_cimn_and_dsrln_runs(tmp_path, capsys, monkeypatch):
     masked, self_masked, alone, entropy, appearance, uniform = (float(c) for c in layer[0][1:7])
     assert 0 <= masked <= 1 and 0 <= self_masked <= 1 and 0 <= alone <= 1
     assert 0 <= entropy <= uniform + 1e-6 and 0 <= appearance <= uniform + 1e-6
-    # relation networks' weight at its extremes: every pair masked, or none
+    # relation networks' weight at its extremes: every pair masked, or none; image 1 made the
+    # relation-swapped partner of image 0 (its first two boxes trade places)
     run = load_run(str(tmp_path / "dsrln"), str(root), split="val")
     images = [b.to("cpu") for b in eval_loaders(run.data, 32)[0]]
-    for bias, share in ((-100.0, 1.0), (100.0, 0.0)):
+    first = images[0]
+    boxes, mask = first.boxes.clone(), first.region_mask.clone()
+    mask[1] = mask[0] = True                                          # as many regions in both
+    boxes[1] = boxes[0][[1, 0, *range(2, boxes.shape[1])]]
+    images[0] = dataclasses.replace(first, boxes=boxes, region_mask=mask)
+    ids = first.image_ids.tolist()
+    with monkeypatch.context() as patch:
+        patch.setattr(mechanisms, "hard_negative_pairs",
+                      lambda layout: [{"image_id": ids[0], "partner_id": ids[1], "kind": "relation"}])
+        for bias, share in ((-100.0, 1.0), (100.0, 0.0)):
+            with torch.no_grad():
+                for gisa_layer in run.model.gisa:
+                    gisa_layer.geo_weight.weight.zero_()
+                    gisa_layer.geo_weight.bias.fill_(bias)
+            layer, focus = table_rows("\n".join(mechanisms.gisa_attention(run, images, None, None)), "1")
+            assert [float(c) for c in layer[1:4]] == [share] * 3
+            other, own, masked = (float(c) for c in focus[1:4])
+            assert masked == share and 0 < other and 0 < own and other + own <= 1 + 1e-6
         with torch.no_grad():
             for gisa_layer in run.model.gisa:
-                gisa_layer.geo_weight.weight.zero_()
-                gisa_layer.geo_weight.bias.fill_(bias)
+                gisa_layer.geo_query.zero_()    # no interaction either: the appearance logits alone
         row = table_rows("\n".join(mechanisms.gisa_attention(run, images, None, None)), "1")[0]
-        assert [float(c) for c in row[1:4]] == [share] * 3
-    with torch.no_grad():
-        for gisa_layer in run.model.gisa:
-            gisa_layer.geo_query.zero_()    # no interaction either: the appearance logits alone
-    row = table_rows("\n".join(mechanisms.gisa_attention(run, images, None, None)), "1")[0]
-    assert row[4] == row[5] and row[7] == row[8]
+        assert row[4] == row[5] and row[7] == row[8]
 
     assert train.main(["--model", "resg", "--dataset", "synth", "--root", str(root),
                        "--out", str(tmp_path / "resg"), *small]) == 0
