@@ -50,7 +50,7 @@ class DSRLNConfig(ModelConfig):
     # so it cannot tell "A left of B" from "A right of B"; True embeds the signed offsets
     # (relative_offsets) instead (docs/models.md, "dsrln")
     signed_geometry: bool = False
-    geometry_weight: bool = True   # ablation: False keeps GISA's interaction term, drops log max(relu(w.E), eps)
+    geometry_weight: bool = True   # ablation: False keeps GISA's interaction term, drops log max(relu(w.E), floor)
     geometry_interaction: bool = True  # ablation: False keeps GISA's geometry weight, drops q_i . U E_ij
     # relation networks' floor of the weight: a pair whose relu(w.E) is under it gets the logit
     # log(floor), -13.8 at 1e-6, which takes it out of the head (docs/models.md, "dsrln")
@@ -114,7 +114,7 @@ class GISALayer(nn.Module):
         return (t.view(b, r, self.heads, self.dh).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
 
     def geometry_weight(self, geo):
-        """relu(w_h . E_ij) [B, H, R, R]: relation networks' weight, entering as log max(., eps)."""
+        """relu(w_h . E_ij) [B, H, R, R]: relation networks' weight, entering as log max(., floor)."""
         return F.relu(self.geo_weight(geo)).permute(0, 3, 1, 2)
 
     def logits(self, q, k, geo, known):
