@@ -413,25 +413,33 @@ def gisa_attention(run, images, texts, args) -> list[str]:
                    f"{c['alone'] / max(c['rows'], 1):.3f}"] if c["rows"] else ["no weight"] * 3)
         lines.append(f"| {k + 1} | {' | '.join(weight)} | {full['entropy']:.3f} | {app['entropy']:.3f} | "
                      f"{full['uniform']:.3f} | {full['self']:.3f} | {app['self']:.3f} |")
-    # the two objects that trade places in a relation swap: does one attend to the other?
+    return lines + moved_pair_attention(run, per_image, boxes)
+
+
+def moved_pair_attention(run, per_image: list[dict], boxes: dict) -> list[str]:
+    """In each relation-swapped pair of the split, the two boxes that trade places: how much of
+    one's attention (mean over heads) goes to the other and to itself, and the share of heads
+    whose weight masks the two; ``per_image`` holds each layer's (attention, masked share)
+    [R, R] per image id."""
     pairs = [(r["image_id"], r["partner_id"]) for r in hard_negative_pairs(run.data.layout)
              if r["kind"] == "relation" and r["image_id"] in boxes and r["partner_id"] in boxes
              and len(boxes[r["image_id"]]) == len(boxes[r["partner_id"]])]
     focus = [(iid, *moved(boxes, a, b).nonzero().flatten().tolist()) for a, b in pairs for iid in (a, b)]
     focus = [f for f in focus if len(f) == 3]
-    if focus:
-        lines += ["", f"A moved box of a relation-swapped pair ({len(focus)} images, two moved boxes each), "
-                  "mean over heads", "",
-                  "| layer | attention on the other moved box | on itself | heads masking the two |",
-                  "|---|---|---|---|"]
-        for k, images_k in enumerate(per_image):
-            other, own, mask_share = [], [], []
-            for iid, i, j in focus:
-                a, m = images_k[iid]
-                other += [a[i, j].item(), a[j, i].item()]
-                own += [a[i, i].item(), a[j, j].item()]
-                mask_share += [m[i, j].item(), m[j, i].item()]
-            lines.append(f"| {k + 1} | {_mean(other):.3f} | {_mean(own):.3f} | {_mean(mask_share):.3f} |")
+    if not focus:
+        return []
+    lines = ["", f"A moved box of a relation-swapped pair ({len(focus)} images, two moved boxes each), "
+             "mean over heads", "",
+             "| layer | attention on the other moved box | on itself | heads masking the two |",
+             "|---|---|---|---|"]
+    for k, images_k in enumerate(per_image):
+        other, own, mask_share = [], [], []
+        for iid, i, j in focus:
+            a, m = images_k[iid]
+            other += [a[i, j].item(), a[j, i].item()]
+            own += [a[i, i].item(), a[j, j].item()]
+            mask_share += [m[i, j].item(), m[j, i].item()]
+        lines.append(f"| {k + 1} | {_mean(other):.3f} | {_mean(own):.3f} | {_mean(mask_share):.3f} |")
     return lines
 
 

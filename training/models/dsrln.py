@@ -6,8 +6,9 @@ abstract is silent and which published module it follows):
 1. ``GISA``, geometry-sensitive interactive self-attention over the regions: per head, the
    attention logit of region i on region j is the sum of an appearance term (q_i . k_j), a
    geometry term (relation networks' relative box geometry, embedded and mapped to a weight,
-   added as log max(w, eps)) and an interactive term (the appearance query of i read against the
-   geometry embedding of the pair (i, j), as the content-position term of relative attention).
+   added as log max(w, floor), floor 1e-6) and an interactive term (the appearance query of i
+   read against the geometry embedding of the pair (i, j), as the content-position term of
+   relative attention).
 2. ``DIF``, dual information fusion: each region attends to the grid cells its box covers or is
    near (``grid_mask``: at most ``near_cells`` cells away from the covered cells, see there),
    and an adaptive gate mixes the region with this grid context, channel by channel.
