@@ -286,7 +286,8 @@ def _within(nodes: dict) -> float:
 
 def _layer_ends(model, layers, images, each=None) -> tuple[dict, dict]:
     """Each image's real region nodes entering the first of ``layers`` and leaving the last.
-    ``each(img, rounds)``, when given, sees every batch's (layer, inputs, output) per layer."""
+    ``each(img, rounds, encoded)``, when given, sees every batch's (layer, inputs, output) per
+    layer and what ``encode_image`` returned."""
     rounds = []
     hooks = [layer.register_forward_hook(lambda m, i, o: rounds.append((m, i, o))) for layer in layers]
     before, after = {}, {}
@@ -294,9 +295,9 @@ def _layer_ends(model, layers, images, each=None) -> tuple[dict, dict]:
         with torch.no_grad():
             for img in images:
                 rounds.clear()
-                model.encode_image(img)
+                encoded = model.encode_image(img)
                 if each is not None:
-                    each(img, rounds)
+                    each(img, rounds, encoded)
                 first, last, mask = rounds[0][1][0], rounds[-1][2], img.region_mask
                 for i, iid in enumerate(img.image_ids.tolist()):
                     before[iid], after[iid] = first[i][mask[i]], last[i][mask[i]]
@@ -311,18 +312,22 @@ def moved(boxes: dict, a: int, b: int) -> torch.Tensor:
     return (boxes[a] - boxes[b]).abs().amax(-1) > 1e-3
 
 
+def split_pairs(run, kind: str, regions: dict) -> list[tuple[int, int]]:
+    """The dataset's ``kind`` hard-negative pairs (image id, partner id) whose two images are both
+    in ``regions`` (image id -> [regions, ...]) with as many regions each."""
+    return [(r["image_id"], r["partner_id"]) for r in hard_negative_pairs(run.data.layout)
+            if r["kind"] == kind and r["image_id"] in regions and r["partner_id"] in regions
+            and len(regions[r["image_id"]]) == len(regions[r["partner_id"]])]
+
+
 def partner_cosines(run, kind: str, stages: list[dict], boxes: dict | None = None) -> tuple[int, list[float]]:
     """Mean cosine of a region in an image and the same region in its ``kind`` partner (the
     split's hard-negative pairs whose two images have as many regions), for each stage's nodes
     (image id -> [regions, D]); with ``boxes`` (image id -> [regions, 4]), only the regions whose
     box moved between the two images. Returns the number of pairs and a cosine per stage."""
-    first = stages[0]
-    pairs = [r for r in hard_negative_pairs(run.data.layout) if r["kind"] == kind
-             and r["image_id"] in first and r["partner_id"] in first
-             and len(first[r["image_id"]]) == len(first[r["partner_id"]])]
+    pairs = split_pairs(run, kind, stages[0])
     cosines = [[] for _ in stages]
-    for r in pairs:
-        a, b = r["image_id"], r["partner_id"]
+    for a, b in pairs:
         keep = moved(boxes, a, b) if boxes is not None else slice(None)
         for out, nodes in zip(cosines, stages):
             out += torch.nn.functional.cosine_similarity(nodes[a][keep], nodes[b][keep], dim=-1).tolist()
@@ -333,13 +338,13 @@ def gisa_mixing(run, images, texts, args) -> list[str]:
     model = run.model
     if not len(model.gisa):
         return ["GISA: no layers in this run"]
-    before, after = _layer_ends(model, model.gisa, images)
     encoded, boxes = {}, {}
-    with torch.no_grad():
-        for img in images:
-            local = model.encode_image(img).local
-            for i, iid in enumerate(img.image_ids.tolist()):
-                encoded[iid], boxes[iid] = local[i][img.region_mask[i]], img.boxes[i][img.region_mask[i]]
+
+    def outputs(img, rounds, enc):
+        for i, iid in enumerate(img.image_ids.tolist()):
+            encoded[iid], boxes[iid] = enc.local[i][img.region_mask[i]], img.boxes[i][img.region_mask[i]]
+
+    before, after = _layer_ends(model, model.gisa, images, outputs)
     lines = ["GISA: how alike two regions of one image are before its first layer and after its "
              "last; a region whose box moves, in an image and in its relation-swapped partner, "
              "before GISA, after it and leaving the image encoder (after DIF)", "",
@@ -366,11 +371,10 @@ def gisa_attention(run, images, texts, args) -> list[str]:
     per_image = [{} for _ in model.gisa]      # image id -> (attention, share of heads masking) [R, R]
     boxes = {}
 
-    def layer_stats(img, rounds):
-        for k, (layer, (x, mask, geo, known), _) in enumerate(rounds):
+    def layer_stats(img, rounds, encoded):
+        for k, (layer, (x, mask, geo, known), _) in enumerate(rounds):   # known: boxes known & box_geometry
             b, r, _ = x.shape
             q, key, _ = layer.heads_of(x)
-            known = known.to(torch.bool) & model.cfg.box_geometry
             appearance, geo_term = layer.logits(q, key, geo, known)
             rows = mask.unsqueeze(1).expand(b, layer.heads, r).reshape(-1, r)
             full = masked_softmax(appearance + geo_term, mask[:, None, None, :])               # [B, H, R, R]
@@ -421,9 +425,7 @@ def moved_pair_attention(run, per_image: list[dict], boxes: dict) -> list[str]:
     one's attention (mean over heads) goes to the other and to itself, and the share of heads
     whose weight masks the two; ``per_image`` holds each layer's (attention, masked share)
     [R, R] per image id."""
-    pairs = [(r["image_id"], r["partner_id"]) for r in hard_negative_pairs(run.data.layout)
-             if r["kind"] == "relation" and r["image_id"] in boxes and r["partner_id"] in boxes
-             and len(boxes[r["image_id"]]) == len(boxes[r["partner_id"]])]
+    pairs = split_pairs(run, "relation", boxes)
     focus = [(iid, *moved(boxes, a, b).nonzero().flatten().tolist()) for a, b in pairs for iid in (a, b)]
     focus = [f for f in focus if len(f) == 3]
     if not focus:
@@ -449,7 +451,7 @@ def vreg_mixing(run, images, texts, args) -> list[str]:
         return ["VReG: not in this run (vreg=false)"]
     acc, ratios = [[] for _ in model.v_refine], [[] for _ in model.v_refine]
 
-    def round_stats(img, rounds):
+    def round_stats(img, rounds, encoded):
         centres = (img.boxes[..., :2] + img.boxes[..., 2:]) / 2
         groups = {"overlapping": box_iou(img.boxes) > 0, "near": torch.cdist(centres, centres) <= 0.3}
         for k, (layer, (x, mask), out) in enumerate(rounds):
